@@ -1,0 +1,129 @@
+"""The built-in model catalog: limits, prices and default rate limits, each with its source.
+
+The data lives in ``data/models.json`` and is read on first use. A job spec or the
+emulator may add models or override figures (the service changes them); ``Catalog.with_models``
+returns a new catalog with those entries merged in.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+CATALOG_PATH = Path(__file__).with_name("data") / "models.json"
+CURRENCY = "CNY"
+
+
+@dataclass(frozen=True, slots=True)
+class PriceTier:
+    """Prices per million tokens for requests with at most ``up_to_input_tokens`` input tokens."""
+
+    up_to_input_tokens: int | None
+    input_per_million: float
+    output_per_million: float
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """A model's price table; the request's input size picks one tier for all its tokens."""
+
+    tiers: tuple[PriceTier, ...]
+    currency: str = CURRENCY
+    source: str = ""
+
+    def tier_for(self, input_tokens: int) -> PriceTier:
+        for tier in self.tiers:
+            if tier.up_to_input_tokens is None or input_tokens <= tier.up_to_input_tokens:
+                return tier
+        return self.tiers[-1]
+
+    @classmethod
+    def flat(cls, input_per_1k: float, output_per_1k: float, currency: str, source: str) -> Price:
+        return cls((PriceTier(None, input_per_1k * 1000, output_per_1k * 1000),), currency, source)
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimits:
+    """The service's documented default limits for a model."""
+
+    requests_per_minute: int | None
+    tokens_per_minute: int | None
+    source: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What the catalog knows of one model."""
+
+    name: str
+    context_tokens: int | None
+    max_input_tokens: int | None
+    max_output_tokens: int | None
+    default_max_tokens: int | None
+    default_result_format: str = "text"
+    limits_source: str = ""
+    price: Price | None = None
+    rate_limits: RateLimits | None = None
+
+    def with_overrides(self, **changes: Any) -> ModelInfo:
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def model_from_dict(name: str, data: Mapping[str, Any]) -> ModelInfo:
+    """Build a ModelInfo from the JSON shape of ``data/models.json`` (missing keys are unknown)."""
+    price = None
+    if data.get("price"):
+        price = Price(
+            tiers=tuple(
+                PriceTier(t.get("up_to_input_tokens"), float(t["input"]), float(t["output"]))
+                for t in data["price"]["tiers"]
+            ),
+            currency=data["price"].get("currency", CURRENCY),
+            source=data["price"].get("source", ""),
+        )
+    limits = None
+    if data.get("rate_limits"):
+        raw = data["rate_limits"]
+        limits = RateLimits(raw.get("requests_per_minute"), raw.get("tokens_per_minute"), raw.get("source", ""))
+    return ModelInfo(
+        name=name,
+        context_tokens=data.get("context_tokens"),
+        max_input_tokens=data.get("max_input_tokens"),
+        max_output_tokens=data.get("max_output_tokens"),
+        default_max_tokens=data.get("default_max_tokens", data.get("max_output_tokens")),
+        default_result_format=data.get("default_result_format", "text"),
+        limits_source=data.get("limits_source", ""),
+        price=price,
+        rate_limits=limits,
+    )
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Models by name."""
+
+    models: Mapping[str, ModelInfo]
+
+    def get(self, name: str) -> ModelInfo | None:
+        return self.models.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self.models)
+
+    def with_models(self, extra: Mapping[str, ModelInfo]) -> Catalog:
+        return Catalog({**self.models, **extra})
+
+    @classmethod
+    def from_json(cls, text: str) -> Catalog:
+        data = json.loads(text)
+        return cls({name: model_from_dict(name, entry) for name, entry in data["models"].items()})
+
+
+@functools.cache
+def builtin() -> Catalog:
+    """The catalog shipped with qwen-batch, read once."""
+    return Catalog.from_json(CATALOG_PATH.read_text(encoding="utf-8"))

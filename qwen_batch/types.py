@@ -1,0 +1,84 @@
+"""Frozen value types that every layer shares: Request, Reply, Outcome."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Status = Literal["ok", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One row rendered into the exact DashScope request that will be sent.
+
+    ``body`` is the native JSON body (model, input.messages, parameters); ``fingerprint``
+    is a hash of it, so two requests with equal fingerprints are the same request.
+    ``input_tokens`` is the exact count DashScope will bill; ``max_tokens`` bounds the reply.
+    """
+
+    index: int
+    row_id: str
+    body: dict[str, Any]
+    fingerprint: str
+    input_tokens: int
+    max_tokens: int
+
+    @property
+    def model(self) -> str:
+        return self.body["model"]
+
+    @property
+    def worst_case_tokens(self) -> int:
+        return self.input_tokens + self.max_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What the service answered to one request."""
+
+    text: str
+    finish_reason: str
+    input_tokens: int
+    output_tokens: int
+    request_id: str | None = None
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The final word on one row, ok or error; errors are data, not exceptions.
+
+    ``retryable`` says whether an error may pass if the row is sent again (a resume
+    retries those). ``cached`` is true when the reply came from the response cache
+    and cost nothing this time.
+    """
+
+    index: int
+    fingerprint: str
+    status: Status
+    request_id: str | None = None
+    output_text: str | None = None
+    finish_reason: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cost: float | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    retryable: bool = False
+    attempts: int = 0
+    latency_s: float | None = None
+    cached: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def total_tokens(self) -> int | None:
+        if self.input_tokens is None or self.output_tokens is None:
+            return None
+        return self.input_tokens + self.output_tokens
