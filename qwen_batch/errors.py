@@ -65,6 +65,7 @@ class BackendError(QwenBatchError):
     """One request failed. ``code`` and ``message`` are the service's own when it sent them."""
 
     retryable = False
+    attempts = 1  # set by the retry policy to how many times the request was sent
 
     def __init__(
         self,

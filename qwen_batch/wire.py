@@ -103,7 +103,7 @@ def parse_native_reply(body: Any) -> Reply:
             finish_reason = output["finish_reason"]
         input_tokens = int(usage["input_tokens"])
         output_tokens = int(usage["output_tokens"])
-    except (KeyError, IndexError, TypeError, ValueError) as exc:
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
         raise MalformedReply(f"not a generation result: missing or wrong {exc!s}") from None
     if not isinstance(text, str) or not isinstance(finish_reason, str):
         raise MalformedReply("not a generation result: text or finish_reason is not a string")

@@ -1,0 +1,327 @@
+"""The worker pool: producer -> bounded stream -> N workers -> one group-committing writer.
+
+Every seam is an argument (backend, limits, retry policy, sink, budget, clock), so tests
+drive it exactly and instantly. Durability is part of the flow: a worker hands its finished
+row to the writer and does not take another request until that row is on disk, so a kill at
+any instant loses at most ``concurrency`` paid requests (shared/NOTES.md, "Crash safety").
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import anyio
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
+from . import pricing
+from .budget import Budget
+from .catalog import Price
+from .errors import AuthError, BackendError, RateLimited
+from .limits import Limits
+from .retry import RetryPolicy, call_with_retries
+from .types import Outcome, Reply, Request
+
+WorkItem = Request | Outcome
+"""A row to send, or a row already decided without sending (row problem, cache hit, over-long)."""
+
+STOP_BUDGET = "budget"
+STOP_AUTH = "auth"
+STOP_INTERRUPTED = "interrupted"
+
+
+class Backend(Protocol):
+    async def generate(self, request: Request) -> Reply: ...
+
+
+class OutcomeSink(Protocol):
+    """Makes outcomes durable; blocking, called from a worker thread, one call per group."""
+
+    def write(self, outcomes: Sequence[Outcome]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RunStatistics:
+    """A snapshot of a run for progress lines and the summary."""
+
+    rows_total: int
+    rows_done: int
+    ok: int
+    errors: int
+    errors_by_code: dict[str, int]
+    cached: int
+    cache_saved_cost: float
+    input_tokens: int
+    output_tokens: int
+    cost: float
+    retries: int
+    throttled: int
+    in_flight: int
+    elapsed_s: float
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows_done / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+@dataclass
+class _Counters:
+    rows_done: int = 0
+    ok: int = 0
+    errors: int = 0
+    errors_by_code: Counter[str] = field(default_factory=Counter)
+    cached: int = 0
+    cache_saved_cost: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: float = 0.0
+    retries: int = 0
+    throttled: int = 0
+    in_flight: int = 0
+
+
+class Runner:
+    """Sends every request of a job once, within the limits, and makes each outcome durable."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        sink: OutcomeSink,
+        *,
+        concurrency: int,
+        limits: Limits,
+        retry_policy: RetryPolicy,
+        price: Price | None,
+        rows_total: int,
+        budget: Budget | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        drain_timeout_s: float = 5.0,
+    ) -> None:
+        self._backend = backend
+        self._sink = sink
+        self._concurrency = concurrency
+        self._limits = limits
+        self._retry_policy = retry_policy
+        self._price = price
+        self._budget = budget
+        self._clock = clock
+        self._drain_timeout_s = drain_timeout_s
+        self._rows_total = rows_total
+        self._counters = _Counters()
+        self._started = clock()
+        self._stopping = False
+        self.stop_reason: str | None = None
+        self.stop_detail: str | None = None
+        self._send_scope: anyio.CancelScope | None = None
+
+    # -- control ---------------------------------------------------------------
+
+    def request_stop(self, reason: str, detail: str | None = None) -> None:
+        """Stop taking new rows; rows in flight finish (within the drain timeout for an interrupt)."""
+        if self.stop_reason is None:
+            self.stop_reason, self.stop_detail = reason, detail
+        self._stopping = True
+        if reason == STOP_INTERRUPTED and self._send_scope is not None:
+            self._send_scope.deadline = min(self._send_scope.deadline, anyio.current_time() + self._drain_timeout_s)
+
+    def cancel_now(self) -> None:
+        """Stop at once: requests in flight are abandoned, finished rows are still written."""
+        self._stopping = True
+        if self._send_scope is not None:
+            self._send_scope.cancel()
+
+    def statistics(self) -> RunStatistics:
+        c = self._counters
+        return RunStatistics(
+            rows_total=self._rows_total,
+            rows_done=c.rows_done,
+            ok=c.ok,
+            errors=c.errors,
+            errors_by_code=dict(c.errors_by_code),
+            cached=c.cached,
+            cache_saved_cost=c.cache_saved_cost,
+            input_tokens=c.input_tokens,
+            output_tokens=c.output_tokens,
+            cost=c.cost,
+            retries=c.retries,
+            throttled=c.throttled,
+            in_flight=c.in_flight,
+            elapsed_s=self._clock() - self._started,
+        )
+
+    # -- the pool --------------------------------------------------------------
+
+    async def run(self, batches: Iterator[Sequence[WorkItem]]) -> RunStatistics:
+        """Send every work item of ``batches`` (read in a thread) and return the final statistics."""
+        self._started = self._clock()
+        work_send, work_receive = anyio.create_memory_object_stream[WorkItem](self._concurrency * 2)
+        done_send, done_receive = anyio.create_memory_object_stream[tuple[Outcome, anyio.Event]](
+            self._concurrency * 2
+        )
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(self._write_outcomes, done_receive)
+            with anyio.CancelScope() as self._send_scope:
+                async with anyio.create_task_group() as pool, done_send, work_receive:
+                    pool.start_soon(self._produce, batches, work_send)
+                    for _ in range(self._concurrency):
+                        pool.start_soon(self._work, work_receive.clone(), done_send.clone())
+        return self.statistics()
+
+    async def _produce(self, batches: Iterator[Sequence[WorkItem]], send: ObjectSendStream[WorkItem]) -> None:
+        async with send:
+            while not self._stopping:
+                batch = await anyio.to_thread.run_sync(next, batches, None)
+                if batch is None:
+                    return
+                for item in batch:
+                    if self._stopping:
+                        return
+                    try:
+                        await send.send(item)
+                    except anyio.BrokenResourceError:
+                        return
+
+    async def _work(
+        self,
+        receive: ObjectReceiveStream[WorkItem],
+        done: ObjectSendStream[tuple[Outcome, anyio.Event]],
+    ) -> None:
+        async with receive, done:
+            async for item in receive:
+                if self._stopping:
+                    return
+                if isinstance(item, Outcome):
+                    outcome = item
+                else:
+                    outcome = await self._send_within_budget(item)
+                    if outcome is None:
+                        return
+                durable = anyio.Event()
+                await done.send((outcome, durable))
+                await durable.wait()
+
+    async def _send_within_budget(self, request: Request) -> Outcome | None:
+        worst = 0.0
+        if self._budget is not None:
+            worst = pricing.worst_case_cost(self._price, request.input_tokens, request.max_tokens) or 0.0
+            if not self._budget.try_reserve(worst):
+                self.request_stop(STOP_BUDGET)
+                return None
+        outcome = await self._send(request)
+        if self._budget is not None:
+            self._budget.settle(worst, (outcome.cost or 0.0) if outcome else 0.0)
+        return outcome
+
+    async def _send(self, request: Request) -> Outcome | None:
+        """Send one request with retries; None when the key was refused and the run aborts."""
+        counters = self._counters
+        limits = self._limits
+        charge = request.worst_case_tokens
+
+        async def before_attempt() -> None:
+            await limits.wait_to_send(charge)
+
+        def on_error(error: BackendError, attempt: int) -> None:
+            limits.settle(charge, 0)
+            if isinstance(error, RateLimited):
+                counters.throttled += 1
+                limits.on_throttled(error)
+
+        started = self._clock()
+        counters.in_flight += 1
+        try:
+            reply, attempts = await call_with_retries(
+                lambda: self._backend.generate(request),
+                self._retry_policy,
+                before_attempt=before_attempt,
+                on_error=on_error,
+            )
+        except AuthError as error:
+            self.request_stop(STOP_AUTH, f"{error.code}: {error.message}")
+            self.cancel_now()
+            return None
+        except BackendError as error:
+            attempts = error.attempts
+            counters.retries += attempts - 1
+            return Outcome(
+                index=request.index,
+                fingerprint=request.fingerprint,
+                status="error",
+                request_id=error.request_id,
+                error_code=error.code,
+                error_message=error.message,
+                retryable=error.retryable,
+                attempts=attempts,
+                latency_s=self._clock() - started,
+            )
+        finally:
+            counters.in_flight -= 1
+        counters.retries += attempts - 1
+        limits.settle(charge, reply.total_tokens)
+        limits.on_success()
+        return Outcome(
+            index=request.index,
+            fingerprint=request.fingerprint,
+            status="ok",
+            request_id=reply.request_id,
+            output_text=reply.text,
+            finish_reason=reply.finish_reason,
+            input_tokens=reply.input_tokens,
+            output_tokens=reply.output_tokens,
+            cost=pricing.cost(self._price, reply.input_tokens, reply.output_tokens),
+            attempts=attempts,
+            latency_s=self._clock() - started,
+        )
+
+    async def _write_outcomes(self, receive: ObjectReceiveStream[tuple[Outcome, anyio.Event]]) -> None:
+        """Group commit: write every outcome waiting, once, then release their workers."""
+        async with receive:
+            try:
+                async for first in receive:
+                    group = [first]
+                    while True:
+                        try:
+                            group.append(receive.receive_nowait())
+                        except (anyio.WouldBlock, anyio.EndOfStream):
+                            break
+                    await self._commit(group)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    leftovers = []
+                    while True:
+                        try:
+                            leftovers.append(receive.receive_nowait())
+                        except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                            break
+                    if leftovers:
+                        await self._commit(leftovers)
+
+    async def _commit(self, group: list[tuple[Outcome, anyio.Event]]) -> None:
+        outcomes = [outcome for outcome, _ in group]
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._sink.write, outcomes)
+        self._count(outcomes)
+        for _, durable in group:
+            durable.set()
+
+    def _count(self, outcomes: Sequence[Outcome]) -> None:
+        c = self._counters
+        for outcome in outcomes:
+            c.rows_done += 1
+            if outcome.status == "ok":
+                c.ok += 1
+                c.input_tokens += outcome.input_tokens or 0
+                c.output_tokens += outcome.output_tokens or 0
+                if outcome.cached:
+                    c.cached += 1
+                    c.cache_saved_cost += (
+                        pricing.cost(self._price, outcome.input_tokens or 0, outcome.output_tokens or 0) or 0.0
+                    )
+                else:
+                    c.cost += outcome.cost or 0.0
+            else:
+                c.errors += 1
+                c.errors_by_code[outcome.error_code or "Unknown"] += 1
