@@ -1,0 +1,181 @@
+"""The response cache: replies already paid for, shared by every job and process of a user.
+
+Keyed by the request fingerprint (a hash of the exact request body), so a row whose request
+was answered before -- by this job or another -- is answered from disk at no cost. It lives
+in one SQLite file (stdlib ``sqlite3``) in WAL mode with a busy timeout, so several runs can
+read and write it at once.
+
+The cache is a convenience, not the durable record: the checkpoint is. So the cache commits
+with ``synchronous=NORMAL`` (a power cut may lose its last transactions, never corrupt it),
+and a damaged or unreadable cache file stops a run with a StorageError that says how to go
+on (``--no-cache``, or delete the file) instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import StorageError
+from .types import Reply
+
+CACHE_DIR_ENV = "QWEN_BATCH_CACHE_DIR"
+CACHE_FILE_NAME = "responses.sqlite3"
+BUSY_TIMEOUT_S = 30.0
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+# SQLite builds before 3.32 allow at most 999 parameters in one statement.
+_MAX_PARAMETERS = 900
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS replies (
+    fingerprint   TEXT PRIMARY KEY,
+    text          TEXT NOT NULL,
+    finish_reason TEXT NOT NULL,
+    input_tokens  INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    request_id    TEXT,
+    created_at    REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0)
+) WITHOUT ROWID
+"""
+
+
+def default_cache_path() -> Path:
+    """Where the cache lives: ``$QWEN_BATCH_CACHE_DIR``, else the XDG cache folder, else ``~/.cache``.
+
+    Reads the environment when called, so tests and callers can point it elsewhere.
+    """
+    directory = os.environ.get(CACHE_DIR_ENV)
+    if directory:
+        return Path(directory).expanduser() / CACHE_FILE_NAME
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "qwen-batch" / CACHE_FILE_NAME
+
+
+class ResponseCache:
+    """Replies by request fingerprint, in one SQLite file; safe for one writer thread plus readers.
+
+    Raises StorageError (naming the file and the way out) if the file cannot be opened, is not
+    a cache, or a read or write fails.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        try:
+            self._prepare_files()
+        except OSError as exc:
+            raise self._error(f"cannot create it ({exc.strerror or exc})") from None
+        try:
+            # isolation_level=None: transactions are the explicit BEGIN/COMMIT below, not
+            # the sqlite3 module's implicit ones.
+            self._db = sqlite3.connect(
+                self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise self._error(f"cannot open it ({exc})") from None
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(_SCHEMA)
+            self._check_columns()
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise self._error(f"it is not a usable cache ({exc})") from None
+
+    def _prepare_files(self) -> None:
+        directory = self.path.parent
+        if not directory.exists():
+            directory.mkdir(mode=DIR_MODE, parents=True)
+            directory.chmod(DIR_MODE)
+        # Create the file ourselves so it is 0600 from the start; SQLite gives its -wal and
+        # -shm files the database file's permissions.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        os.close(fd)
+
+    def _check_columns(self) -> None:
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(replies)")}
+        expected = {"fingerprint", "text", "finish_reason", "input_tokens", "output_tokens", "request_id"}
+        if not expected <= columns:
+            raise sqlite3.DatabaseError(f"table replies lacks {sorted(expected - columns)}")
+
+    def _error(self, problem: str) -> StorageError:
+        return StorageError(
+            f"{self.path}: response cache unusable: {problem}; "
+            "re-run with --no-cache, or delete the file to start a new cache"
+        )
+
+    def __repr__(self) -> str:
+        return f"ResponseCache({str(self.path)!r})"
+
+    def get_many(self, fingerprints: Sequence[str]) -> dict[str, Reply]:
+        """The cached replies among ``fingerprints``; those not cached are absent from the dict."""
+        found: dict[str, Reply] = {}
+        unique = list(dict.fromkeys(fingerprints))
+        with self._lock:
+            try:
+                for start in range(0, len(unique), _MAX_PARAMETERS):
+                    chunk = unique[start : start + _MAX_PARAMETERS]
+                    marks = ",".join("?" * len(chunk))
+                    rows = self._db.execute(
+                        "SELECT fingerprint, text, finish_reason, input_tokens, output_tokens, request_id "
+                        f"FROM replies WHERE fingerprint IN ({marks})",
+                        chunk,
+                    )
+                    for fingerprint, text, finish_reason, input_tokens, output_tokens, request_id in rows:
+                        found[fingerprint] = Reply(text, finish_reason, input_tokens, output_tokens, request_id)
+            except sqlite3.Error as exc:
+                raise self._error(f"read failed ({exc})") from None
+        return found
+
+    def put_many(self, items: Sequence[tuple[str, Reply]]) -> None:
+        """Store replies in one transaction; a fingerprint already cached keeps its first reply.
+
+        First wins so that every job reading the cache sees the same answer for a request.
+        """
+        if not items:
+            return
+        rows = [
+            (fp, r.text, r.finish_reason, r.input_tokens, r.output_tokens, r.request_id) for fp, r in items
+        ]
+        with self._lock:
+            try:
+                # IMMEDIATE takes the write lock up front, so a busy peer makes us wait
+                # (busy timeout) instead of failing halfway through the transaction.
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.executemany(
+                        "INSERT INTO replies (fingerprint, text, finish_reason, input_tokens, "
+                        "output_tokens, request_id) VALUES (?, ?, ?, ?, ?, ?) "
+                        "ON CONFLICT(fingerprint) DO NOTHING",
+                        rows,
+                    )
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise self._error(f"write failed ({exc})") from None
+
+    def __len__(self) -> int:
+        with self._lock:
+            try:
+                return self._db.execute("SELECT count(*) FROM replies").fetchone()[0]
+            except sqlite3.Error as exc:
+                raise self._error(f"read failed ({exc})") from None
+
+    def close(self) -> None:
+        """Close the database; idempotent."""
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> ResponseCache:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,289 @@
+"""The final Parquet: every input row, in input order, followed by its result columns.
+
+The result is joined from the input table and the checkpoint's records on the row position.
+The records are first copied (streaming) into a temporary Parquet file whose row groups cover
+narrow index ranges; then each batch of input rows is joined with just the records of its
+range and handed to a pyarrow ``ParquetWriter``. Neither the input, the records nor the
+output is ever whole in memory. The output is written to a temporary file in the output's folder that is fsynced and then
+``os.replace``'d over the output: a kill during the write leaves the previous file or the
+complete new one, never a torn one.
+
+The result columns have fixed Arrow types (:data:`RESULT_SCHEMA`) whatever the data, so a
+column that is null in every row is still ``string`` or ``int64``, and readers can rely on
+them; polars would otherwise write ``large_string`` and, for an all-null column, ``null``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .checkpoint import RECORD_SCHEMA, write_file_atomically
+from .errors import InputError, StorageError
+
+RESULT_SCHEMA = pa.schema(
+    [
+        pa.field("request_id", pa.string()),
+        pa.field("output_text", pa.string()),
+        pa.field("finish_reason", pa.string()),
+        pa.field("input_tokens", pa.int64()),
+        pa.field("output_tokens", pa.int64()),
+        pa.field("total_tokens", pa.int64()),
+        pa.field("cost", pa.float64()),
+        pa.field("status", pa.string()),
+        pa.field("error_code", pa.string()),
+        pa.field("error_message", pa.string()),
+        pa.field("attempts", pa.int64()),
+        pa.field("latency_s", pa.float64()),
+        pa.field("model", pa.string()),
+        pa.field("seed", pa.int64()),
+    ]
+)
+RESULT_COLUMNS: tuple[str, ...] = tuple(RESULT_SCHEMA.names)
+# Rows per batch pulled from the query and per Parquet row group: large enough for good
+# compression and fast scans, small enough that a batch of long texts stays a few MB.
+BATCH_ROWS = 50_000
+COMPRESSION = "zstd"
+# Row group size of the staged records: small, so a window's range filter reads little.
+STAGE_ROW_GROUP = 20_000
+
+_ROW = "__qwen_batch_row__"
+_MISSING = "__qwen_batch_missing__"
+_SEQ = "__qwen_batch_seq__"
+_PREFIX = "__qwen_batch_rec_"
+_RECORD_COLUMNS = (
+    "request_id",
+    "output_text",
+    "finish_reason",
+    "input_tokens",
+    "output_tokens",
+    "cost",
+    "status",
+    "error_code",
+    "error_message",
+    "attempts",
+    "latency_s",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class WriteStats:
+    """What ``write_results`` wrote: rows in total, ok, error, and how many had no record."""
+
+    path: Path
+    rows: int
+    ok: int
+    errors: int
+    missing: int
+    bytes: int
+
+
+def check_input_columns(names: Iterable[str]) -> None:
+    """Refuse an input whose column names clash with the result columns (InputError).
+
+    Call it before sending anything: ``write_results`` would otherwise fail at the very end.
+    """
+    clashes = [name for name in names if name in RESULT_COLUMNS or name.startswith("__qwen_batch_")]
+    if clashes:
+        raise InputError(
+            f"input column(s) {', '.join(repr(c) for c in clashes)} clash with the result columns "
+            f"qwen-batch adds ({', '.join(RESULT_COLUMNS)}); rename them in the input"
+        )
+
+
+def _plain_type(dtype: pa.DataType) -> pa.DataType:
+    """The common Arrow type for what polars exports as large/view variants.
+
+    polars has one string type and exports it as ``large_string``; Parquet files made by
+    pandas, pyarrow, DuckDB or Spark say ``string``. Batches are bounded, so 32-bit offsets
+    always suffice.
+    """
+    if pa.types.is_large_string(dtype) or pa.types.is_string_view(dtype):
+        return pa.string()
+    if pa.types.is_large_binary(dtype) or pa.types.is_binary_view(dtype):
+        return pa.binary()
+    if pa.types.is_large_list(dtype) or pa.types.is_list_view(dtype) or pa.types.is_large_list_view(dtype):
+        return pa.list_(_plain_field(dtype.value_field))
+    if pa.types.is_list(dtype):
+        return pa.list_(_plain_field(dtype.value_field))
+    if pa.types.is_fixed_size_list(dtype):
+        return pa.list_(_plain_field(dtype.value_field), dtype.list_size)
+    if pa.types.is_struct(dtype):
+        return pa.struct([_plain_field(dtype.field(i)) for i in range(dtype.num_fields)])
+    if pa.types.is_dictionary(dtype):
+        return pa.dictionary(dtype.index_type, _plain_type(dtype.value_type), dtype.ordered)
+    return dtype
+
+
+def _plain_field(field: pa.Field) -> pa.Field:
+    return field.with_type(_plain_type(field.type))
+
+
+def output_schema(input_schema: pl.Schema) -> pa.Schema:
+    """The Arrow schema of the output: the input's columns as they are, then RESULT_SCHEMA."""
+    exported = pl.DataFrame(schema=input_schema).to_arrow().schema
+    return pa.schema([_plain_field(f) for f in exported] + list(RESULT_SCHEMA))
+
+
+def _stage_records(records: pl.LazyFrame, staged: Path) -> pl.LazyFrame:
+    """Copy the records, streaming, into a Parquet file that can be read by index range.
+
+    The checkpoint log is in finishing order, which is input order give or take the
+    concurrency (and a resume's retries, appended in input order at the end), so the row
+    groups of this file each span a narrow range of indexes and a range filter reads only
+    the one or two that overlap it. That is what keeps memory flat: neither the records nor
+    a hash table over all of them are ever whole in memory.
+    """
+    records.select(
+        pl.col("index").cast(pl.Int64).alias(_ROW),
+        *(pl.col(name).cast(RECORD_SCHEMA[name]).alias(_PREFIX + name) for name in _RECORD_COLUMNS),
+    ).with_row_index(_SEQ).sink_parquet(
+        staged, compression="lz4", row_group_size=STAGE_ROW_GROUP, statistics=True
+    )
+    return pl.scan_parquet(staged)
+
+
+def _window(staged: pl.LazyFrame, start: int, end: int) -> pl.LazyFrame:
+    """The latest record of each index in ``[start, end)``: the one written last wins."""
+    return (
+        staged.filter(pl.col(_ROW).is_between(start, end - 1))
+        .sort(_SEQ)
+        .unique(subset=_ROW, keep="last")
+        .drop(_SEQ)
+    )
+
+
+def _result_columns(
+    input_columns: list[str], *, model: str, seed: int | None, missing: tuple[str, str] | None
+) -> list[pl.Expr]:
+    def rec_col(name: str) -> pl.Expr:
+        return pl.col(_PREFIX + name)
+
+    is_missing = rec_col("status").is_null()
+    code, message = missing if missing is not None else (None, None)
+    return [
+        *(pl.col(name) for name in input_columns),
+        rec_col("request_id").alias("request_id"),
+        rec_col("output_text").alias("output_text"),
+        rec_col("finish_reason").alias("finish_reason"),
+        rec_col("input_tokens").alias("input_tokens"),
+        rec_col("output_tokens").alias("output_tokens"),
+        (rec_col("input_tokens") + rec_col("output_tokens")).alias("total_tokens"),
+        rec_col("cost").alias("cost"),
+        pl.when(is_missing).then(pl.lit("error")).otherwise(rec_col("status")).alias("status"),
+        pl.when(is_missing).then(pl.lit(code, dtype=pl.String)).otherwise(rec_col("error_code")).alias("error_code"),
+        pl.when(is_missing)
+        .then(pl.lit(message, dtype=pl.String))
+        .otherwise(rec_col("error_message"))
+        .alias("error_message"),
+        pl.when(is_missing).then(pl.lit(0, dtype=pl.Int64)).otherwise(rec_col("attempts")).alias("attempts"),
+        rec_col("latency_s").alias("latency_s"),
+        pl.lit(model, dtype=pl.String).alias("model"),
+        pl.lit(seed, dtype=pl.Int64).alias("seed"),
+        is_missing.alias(_MISSING),
+    ]
+
+
+def write_results(
+    input_frame: pl.LazyFrame,
+    records: pl.LazyFrame,
+    out_path: Path,
+    *,
+    model: str,
+    seed: int | None,
+    missing: tuple[str, str] | None = None,
+    batch_rows: int = BATCH_ROWS,
+) -> WriteStats:
+    """Write one output row per input row, in input order, atomically replacing ``out_path``.
+
+    ``records`` holds Outcome fields by ``index`` (the row position); when an index has
+    several records, the last one in frame order wins, so both ``Checkpoint.log_lazy()``
+    (the raw log; memory stays flat) and ``Checkpoint.records_lazy()`` (already deduplicated)
+    work. A row with no record gets status "error" with ``missing=(code, message)``; without
+    ``missing`` it raises ValueError and the previous output is left as it was. Raises
+    InputError if an input column is named like a result column, StorageError if the disk
+    refuses.
+    """
+    out_path = Path(out_path)
+    input_columns = input_frame.collect_schema().names()
+    check_input_columns(input_columns)
+    schema = output_schema(input_frame.collect_schema())
+    columns = _result_columns(input_columns, model=model, seed=seed, missing=missing)
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"{out_path.parent}: cannot create the output folder ({exc.strerror})") from None
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    staged_path = out_path.with_name(f".{out_path.name}.records-{os.getpid()}.parquet")
+    rows = ok = missing_rows = 0
+    try:
+        staged = _stage_records(records, staged_path)
+        with open(tmp, "wb") as f:
+            with pq.ParquetWriter(f, schema, compression=COMPRESSION) as writer:
+                for batch in input_frame.collect_batches(chunk_size=batch_rows, maintain_order=True):
+                    start, end = rows, rows + batch.height
+                    joined = (
+                        batch.lazy()
+                        .with_row_index(_ROW, offset=start)
+                        .with_columns(pl.col(_ROW).cast(pl.Int64))
+                        # maintain_order="left" keeps the input order: a hash join may not.
+                        .join(_window(staged, start, end), on=_ROW, how="left", maintain_order="left", validate="m:1")
+                        .select(columns)
+                        .collect()
+                    )
+                    batch_missing = int(joined[_MISSING].sum())
+                    if batch_missing and missing is None:
+                        first = start + int(joined[_MISSING].arg_true()[0])
+                        raise ValueError(
+                            f"{batch_missing} row(s) from row {first} on have no result in the "
+                            "checkpoint, and no 'missing' status was given for them"
+                        )
+                    table = joined.drop(_MISSING).to_arrow().cast(schema)
+                    writer.write_table(table, row_group_size=max(batch_rows, table.num_rows))
+                    rows = end
+                    ok += int((joined["status"] == "ok").sum())
+                    missing_rows += batch_missing
+            f.flush()
+            os.fsync(f.fileno())
+        size = tmp.stat().st_size
+        os.replace(tmp, out_path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StorageError(f"{out_path}: cannot write the results ({exc.strerror or exc})") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        staged_path.unlink(missing_ok=True)
+    _fsync_dir(out_path.parent)
+    return WriteStats(path=out_path, rows=rows, ok=ok, errors=rows - ok, missing=missing_rows, bytes=size)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_summary_json(path: Path, summary: dict[str, Any]) -> None:
+    """Write the run summary as indented JSON, atomically (temporary file, fsync, replace).
+
+    Raises StorageError if the disk refuses.
+    """
+    path = Path(path)
+    data = (json.dumps(summary, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_file_atomically(path, data, mode=0o666)
+    except OSError as exc:
+        raise StorageError(f"{path}: cannot write the summary ({exc.strerror or exc})") from None

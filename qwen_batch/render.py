@@ -1,0 +1,235 @@
+"""(row, spec) -> the exact DashScope request, or a row problem. Pure: no I/O, no clock.
+
+The body is the native one and nothing else::
+
+    {"model": ..., "input": {"messages": [...]}, "parameters": {...}}
+
+``parameters`` always carries ``seed`` (reproducibility must not depend on the service's
+default), ``max_tokens`` (the spec's, else the model's default: it bounds cost and rate
+budgeting) and ``result_format`` (the spec's, else the model's default); every other
+parameter is sent only when the spec sets it.
+
+Messages:
+
+* ``template``: one user message, the template with each ``{column}`` replaced by the cell's
+  ``str()``. Rendering is concatenation of the parts parsed once at spec load, so cell text
+  is never itself a template: braces, ``{x}`` look-alikes and ``%s`` are sent literally.
+* ``prompt_column``: one user message, the cell as it is.
+* ``messages_column``: the cell's list of ``{role, content}`` (a list, or a JSON string of
+  one, as CSV can only hold text), checked by the service's role rules (§5). Only ``role``
+  and ``content`` are sent; other keys are ignored.
+* ``prompt.system`` becomes the first message; for a ``messages_column`` row that has its own
+  system message, the row's wins (the row is the more specific instruction).
+
+A row that cannot become a valid request is a ``RowProblem`` carrying the service's own
+code and message, so it lands in the output as that row's error and the rest of the run goes on.
+
+``fingerprint`` is the sha256 of the body's canonical JSON (sorted keys, compact, UTF-8):
+model, messages and every parameter (seed included), never the row's position.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from json.encoder import encode_basestring  # the C string encoder json.dumps(ensure_ascii=False) uses
+from typing import Any
+
+from .catalog import ModelInfo
+from .errors import SpecError
+from .spec import JobSpec, check_against_model, max_output_tokens
+from .tokens import GENERATION_PROMPT_TOKENS, count_messages
+from .types import Request
+
+INVALID_PARAMETER = "InvalidParameter"
+DEFAULT_RESULT_FORMAT = "text"  # DashScope's default for models the catalog does not know
+
+# The service's own texts (dashscope-protocol.md §1.3, §5.1).
+MSG_ROLE_OR_EMPTY = "Role must be user or assistant and Content length must be greater than 0"
+MSG_ALTERNATE = "User and assistant need to appear alternately in the message"
+MSG_NO_USER = "The input messages do not contain elements with the role of user."
+MSG_CONTENT_REQUIRED = "The content field is a required field."
+MSG_CONTENT_STRING = "input content must be a string."
+MSG_LAST_NOT_USER = "list index out of range"  # what the service answers (500) when the last message is not user
+MSG_EMPTY_MESSAGES = "[] is too short"
+
+_ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True, slots=True)
+class RowProblem:
+    """A row that cannot be sent as it is; recorded as that row's error, never sent."""
+
+    index: int
+    row_id: str
+    code: str
+    message: str
+
+
+class _Problem(Exception):
+    """Internal: a row's content is unusable. Never escapes ``Renderer.render``."""
+
+
+class Renderer:
+    """Renders rows of one job; build once per run, then call ``render`` per row.
+
+    Raises SpecError when ``max_tokens`` exceeds the model's output limit, or when the model
+    is unknown and neither ``parameters.max_tokens`` nor ``model_limits.max_output_tokens`` is set.
+    """
+
+    def __init__(self, spec: JobSpec, model_info: ModelInfo | None) -> None:
+        check_against_model(spec, model_info)
+        params = spec.parameters.to_wire()
+        max_tokens = spec.parameters.max_tokens
+        if max_tokens is None and model_info is not None:
+            max_tokens = model_info.default_max_tokens
+        if max_tokens is None:
+            max_tokens = max_output_tokens(spec, model_info)
+        if max_tokens is None:
+            raise SpecError(
+                f"{spec.where}: parameters.max_tokens: model {spec.model!r} is not in the catalog, so its "
+                "default is unknown; set parameters.max_tokens (or model_limits.max_output_tokens)"
+            )
+        params["max_tokens"] = max_tokens
+        if "result_format" not in params:
+            params["result_format"] = model_info.default_result_format if model_info else DEFAULT_RESULT_FORMAT
+        self.model = spec.model
+        self.max_tokens = max_tokens
+        self._parameters = params
+        prompt = spec.prompt
+        self._system = prompt.system
+        self._parts = prompt.template_parts
+        self._prompt_column = prompt.prompt_column
+        self._messages_column = prompt.messages_column
+        self._id_column = spec.input.id_column
+        # Canonical JSON is {"input":{"messages":M},"model":...,"parameters":...} with sorted keys,
+        # so everything but M is fixed per run: dump it once. M is built by hand from
+        # {"content":...,"role":...} pieces (sorted keys), exactly as json.dumps would write it.
+        dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+        self._head = '{"input":{"messages":['
+        self._tail = ']},"model":' + dumps(self.model) + ',"parameters":' + dumps(params) + "}"
+        # The system prompt is the same on every template/prompt_column row: count its tokens once
+        # (count_messages is a sum over messages plus the generation prompt).
+        self._system_message = {"role": "system", "content": self._system} if self._system else None
+        self._system_json = _message_json("system", self._system) + "," if self._system else ""
+        self._system_tokens = (
+            count_messages([self._system_message], self.model) - GENERATION_PROMPT_TOKENS
+            if self._system_message
+            else 0
+        )
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        """The parameters every request of this run carries (a copy)."""
+        return dict(self._parameters)
+
+    def render(self, index: int, row: Mapping[str, Any]) -> Request | RowProblem:
+        """One row -> its Request, or a RowProblem; never raises on cell contents."""
+        id_column = self._id_column
+        row_id = str(index) if id_column is None else str(row.get(id_column))
+        model = self.model
+        try:
+            if self._messages_column is not None:
+                messages = self._conversation(row.get(self._messages_column))
+                inner = ",".join([_message_json(m["role"], m["content"]) for m in messages])
+                input_tokens = -1
+            else:
+                content = self._content(row)
+                user = {"role": "user", "content": content}
+                inner = self._system_json + _message_json("user", content)
+                messages = [dict(self._system_message), user] if self._system_message else [user]
+                input_tokens = self._system_tokens
+            canonical = (self._head + inner + self._tail).encode("utf-8")
+        except _Problem as problem:
+            return RowProblem(index, row_id, INVALID_PARAMETER, str(problem))
+        except UnicodeEncodeError:
+            return RowProblem(index, row_id, INVALID_PARAMETER, "the row's text is not valid Unicode (lone surrogate)")
+        if input_tokens < 0:
+            input_tokens = count_messages(messages, model)
+        else:
+            input_tokens += count_messages([messages[-1]], model)
+        return Request(
+            index=index,
+            row_id=row_id,
+            body={"model": model, "input": {"messages": messages}, "parameters": dict(self._parameters)},
+            fingerprint=hashlib.sha256(canonical).hexdigest(),
+            input_tokens=input_tokens,
+            max_tokens=self.max_tokens,
+        )
+
+    def _content(self, row: Mapping[str, Any]) -> str:
+        if self._prompt_column is not None:
+            content = _cell_text(row, self._prompt_column)
+        else:
+            pieces: list[str] = []
+            for literal, column in self._parts:
+                pieces.append(literal)
+                if column is not None:
+                    pieces.append(_cell_text(row, column))
+            content = "".join(pieces)
+        if not content:
+            raise _Problem(f"{MSG_ROLE_OR_EMPTY} (the prompt of this row is empty)")
+        return content
+
+    def _conversation(self, cell: Any) -> list[dict[str, str]]:
+        messages = check_messages(cell, self._messages_column or "")
+        if self._system_message and messages[0]["role"] != "system":
+            messages.insert(0, dict(self._system_message))
+        return messages
+
+
+def _message_json(role: str, content: str) -> str:
+    """One message as canonical JSON (keys sorted: content, role); roles are plain ASCII words."""
+    return '{"content":' + encode_basestring(content) + ',"role":"' + role + '"}'
+
+
+def _cell_text(row: Mapping[str, Any], column: str) -> str:
+    value = row.get(column)
+    if value is None:
+        raise _Problem(f"column {column!r} is null in this row")
+    return value if type(value) is str else str(value)
+
+
+def check_messages(cell: Any, column: str = "messages") -> list[dict[str, str]]:
+    """A messages cell as ``[{role, content}]``, checked by the service's rules; raises _Problem.
+
+    The rules (§5.1, strict early-2024 form): roles are system, user, assistant; system only
+    first; user and assistant alternate; there is a user message and the last one is user;
+    content is a non-empty string.
+    """
+    if cell is None:
+        raise _Problem(f"column {column!r} is null in this row")
+    if isinstance(cell, str):
+        try:
+            cell = json.loads(cell)
+        except ValueError:
+            raise _Problem(f"column {column!r} is not a list of {{role, content}} messages (not JSON)") from None
+    if not isinstance(cell, (list, tuple)):
+        raise _Problem(f"column {column!r} is not a list of {{role, content}} messages")
+    if not cell:
+        raise _Problem(MSG_EMPTY_MESSAGES)
+    messages: list[dict[str, str]] = []
+    previous: str | None = None
+    for position, item in enumerate(cell):
+        if not isinstance(item, Mapping):
+            raise _Problem(f"column {column!r}: message {position} is not a {{role, content}} mapping")
+        role = item.get("role")
+        if "content" not in item or item.get("content") is None:
+            raise _Problem(MSG_CONTENT_REQUIRED)
+        content = item["content"]
+        if not isinstance(content, str):
+            raise _Problem(MSG_CONTENT_STRING)
+        if role not in _ROLES or not content or (role == "system" and position != 0):
+            raise _Problem(MSG_ROLE_OR_EMPTY)
+        if role != "system":
+            if role == previous:
+                raise _Problem(MSG_ALTERNATE)
+            previous = role
+        messages.append({"role": role, "content": content})
+    if previous is None:
+        raise _Problem(MSG_NO_USER)
+    if previous != "user":
+        raise _Problem(f"{MSG_LAST_NOT_USER} (the last message must have role user)")
+    return messages

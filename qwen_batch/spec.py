@@ -1,0 +1,643 @@
+"""Job spec: YAML text -> a validated, immutable ``JobSpec``.
+
+The spec is the user's interface, so every mistake in it becomes ONE line that names the
+file, the dotted key and the fix (``jobs/x.yaml: parameters.top_p: must be in (0, 1], got
+1.5``). Unknown keys are errors at every level (``extra="forbid"``), with a close-match
+suggestion, because a misspelt key silently ignored is a run with the wrong settings.
+
+Parameter names and ranges are DashScope's own (dashscope-protocol.md §1.3) and are sent
+as written; nothing is passed through unchecked. ``max_tokens`` is checked against the
+model's output limit only when the model is known (see ``check_against_model``).
+
+Paths in a spec loaded by ``load_spec`` are absolute: relative ones are taken from the job
+file's folder, not from the working directory, so a job runs the same from anywhere.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import string
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from .catalog import Catalog, ModelInfo, Price
+from .errors import ConfigError, SpecError
+from .wire import DEFAULT_BASE_URL
+
+# --- defaults (named so docs, CLI help and tests can refer to them) -------------------------
+
+DEFAULT_SEED = 1234  # DashScope's own default; always sent so a run is reproducible
+SEED_MAX = 9_223_372_036_854_775_807  # the service's `Range of seed should be [0, 9223372036854775807]`
+DEFAULT_CONCURRENCY = 16
+MAX_CONCURRENCY = 4096
+DEFAULT_MAX_RETRIES = 8
+MAX_RETRIES_LIMIT = 100
+DEFAULT_REQUEST_TIMEOUT_S = 120.0
+MAX_REQUEST_TIMEOUT_S = 3600.0
+DEFAULT_OUTPUT_DIR = "out"
+DEFAULT_OUTPUT_SUFFIX = ".parquet"
+DEFAULT_CURRENCY = "CNY"
+DEFAULT_OVER_LONG = "fail"
+PRICING_SOURCE = "job spec"
+LOOPBACK_NAMES = frozenset({"localhost"})
+
+ResultFormat = Literal["text", "message"]
+OverLong = Literal["fail", "error"]
+StopValue = Union[str, list[str], list[int], list[list[int]]]
+
+_CONFIG = ConfigDict(
+    extra="forbid",
+    frozen=True,
+    strict=True,  # YAML `"yes"` must not become True, nor `"16"` an int
+    protected_namespaces=(),  # `model` and `model_limits` are the issue's key names
+)
+
+
+# --- range checks with the messages users read ------------------------------------------
+
+
+def _fmt(value: float) -> str:
+    return repr(value) if not isinstance(value, float) or not value.is_integer() else str(int(value))
+
+
+def _in_range(
+    low: float | None, high: float | None, *, low_open: bool = False, high_open: bool = False
+) -> AfterValidator:
+    """A bound check whose error reads like the docs: ``must be in (0, 1], got 1.5``."""
+    if low is not None and high is not None:
+        text = f"{'(' if low_open else '['}{_fmt(low)}, {_fmt(high)}{')' if high_open else ']'}"
+    elif low is not None:
+        text = f"{'>' if low_open else '>='} {_fmt(low)}"
+    else:
+        text = f"{'<' if high_open else '<='} {_fmt(high)}"  # type: ignore[arg-type]
+    phrase = f"must be in {text}" if low is not None and high is not None else f"must be {text}"
+
+    def check(value: float) -> float:
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            raise PydanticCustomError("out_of_range", "{phrase}, got {got}", {"phrase": phrase, "got": _fmt(value)})
+        return value
+
+    return AfterValidator(check)
+
+
+def _check_stop(value: Any) -> StopValue:
+    """DashScope's rule: a str, or a non-empty list whose elements are all str, all int, or all list[int]."""
+
+    def is_int(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and value:
+        if all(isinstance(x, str) for x in value):
+            return value
+        if all(is_int(x) for x in value):
+            return value
+        if all(isinstance(x, list) and x and all(is_int(y) for y in x) for x in value):
+            return value
+    raise PydanticCustomError(
+        "stop_type",
+        'must be a str, list[str], list[int] or list[list[int]] with all elements of the same type '
+        '(DashScope: The "stop" parameter must be of type "str", "list[str]", "list[int]", or '
+        '"list[list[int]]", and all elements within the list must be of the same type.)',
+    )
+
+
+def _check_name(value: str) -> str:
+    if not value.strip() or any(c in value for c in "/\\\0") or value in {".", ".."}:
+        raise PydanticCustomError("bad_name", "must be a plain file name (no '/' or '\\'), got {got}", {"got": repr(value)})
+    return value
+
+
+# --- template parsing (once, at load) ----------------------------------------------------
+
+
+
+def parse_template(template: str) -> tuple[tuple[str, str | None], ...]:
+    """Split a template into literal text and plain ``{column}`` fields.
+
+    Only plain fields are accepted: attribute/index access (``{a.b}``, ``{a[0]}``), format specs
+    (``{a:>10}``) and conversions (``{a!r}``) would run Python formatting on cell data, and a
+    positional ``{}`` names no column. ``{{``/``}}`` are literal braces. Raises ValueError.
+    """
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"{exc} (write literal braces as {{{{ and }}}})") from None
+    parts: list[tuple[str, str | None]] = []
+    pending = ""  # escaped braces split the literal text; join it back so rendering does less
+    for literal, field, spec, conversion in parsed:
+        if field is None:
+            pending += literal
+            continue
+        shown = "{" + field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        if field == "":
+            raise ValueError(f"field {shown} names no column; write {{column_name}}")
+        if "." in field or "[" in field:
+            raise ValueError(f"field {shown}: attribute or index access is not supported; use a plain {{column}}")
+        if conversion:
+            raise ValueError(f"field {shown}: conversions (!r, !s, !a) are not supported; use a plain {{{field}}}")
+        if spec:
+            raise ValueError(f"field {shown}: format specs are not supported; use a plain {{{field}}}")
+        parts.append((pending + literal, field))
+        pending = ""
+    if pending:
+        parts.append((pending, None))
+    return tuple(parts)
+
+
+def _check_template(value: str) -> str:
+    try:
+        parse_template(value)
+    except ValueError as exc:
+        raise PydanticCustomError("bad_template", "{why}", {"why": str(exc)}) from None
+    return value
+
+
+# --- the models --------------------------------------------------------------------------
+
+PathStr = Annotated[Path, Field(strict=False)]  # YAML gives str; a Path is what callers want
+ColumnName = Annotated[str, Field(min_length=1)]
+PositiveInt = Annotated[int, _in_range(1, None)]
+
+
+class InputSpec(BaseModel):
+    """The input table: its path (Parquet, CSV, JSONL/NDJSON) and optional id column."""
+
+    model_config = _CONFIG
+
+    path: PathStr
+    id_column: ColumnName | None = None
+
+
+class PromptSpec(BaseModel):
+    """How a row becomes messages: exactly one of template / prompt_column / messages_column."""
+
+    model_config = _CONFIG
+
+    system: str | None = None
+    template: Annotated[str, AfterValidator(_check_template)] | None = None
+    prompt_column: ColumnName | None = None
+    messages_column: ColumnName | None = None
+
+    _parts: tuple[tuple[str, str | None], ...] = PrivateAttr(default=())
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> PromptSpec:
+        given = [k for k in ("template", "prompt_column", "messages_column") if getattr(self, k) is not None]
+        if len(given) != 1:
+            got = f"got {', '.join(given)}" if given else "got none"
+            raise PydanticCustomError(
+                "prompt_source", "give exactly one of template, prompt_column, messages_column ({got})", {"got": got}
+            )
+        if self.template is not None:
+            self._parts = parse_template(self.template)
+        return self
+
+    @property
+    def template_parts(self) -> tuple[tuple[str, str | None], ...]:
+        """The template parsed once: (literal, column or None) pairs, rendered by concatenation."""
+        return self._parts
+
+    @property
+    def template_columns(self) -> list[str]:
+        """Columns the template refers to, in first-use order, without repeats."""
+        return list(dict.fromkeys(column for _, column in self._parts if column is not None))
+
+    @property
+    def columns(self) -> list[str]:
+        """Every input column this prompt reads."""
+        if self.prompt_column is not None:
+            return [self.prompt_column]
+        if self.messages_column is not None:
+            return [self.messages_column]
+        return self.template_columns
+
+
+class Parameters(BaseModel):
+    """DashScope generation parameters, names and ranges as documented; unset ones are not sent."""
+
+    model_config = _CONFIG
+
+    seed: Annotated[int, _in_range(0, SEED_MAX)] = DEFAULT_SEED
+    max_tokens: PositiveInt | None = None
+    temperature: Annotated[float, _in_range(0, 2, high_open=True)] | None = None
+    top_p: Annotated[float, _in_range(0, 1, low_open=True)] | None = None
+    top_k: Annotated[int, _in_range(0, None)] | None = None
+    repetition_penalty: Annotated[float, _in_range(0, None, low_open=True)] | None = None
+    presence_penalty: Annotated[float, _in_range(-2, 2)] | None = None
+    stop: Annotated[Any, AfterValidator(_check_stop)] = None
+    enable_search: bool | None = None
+    result_format: ResultFormat | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        """The parameters that are set, as DashScope names them (seed always)."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class ExecutionSpec(BaseModel):
+    """How hard to push: concurrency, client-side rate limits, retries, timeout."""
+
+    model_config = _CONFIG
+
+    concurrency: Annotated[int, _in_range(1, MAX_CONCURRENCY)] = DEFAULT_CONCURRENCY
+    requests_per_minute: Annotated[float, _in_range(0, None, low_open=True)] | None = None
+    tokens_per_minute: Annotated[float, _in_range(0, None, low_open=True)] | None = None
+    max_retries: Annotated[int, _in_range(0, MAX_RETRIES_LIMIT)] = DEFAULT_MAX_RETRIES
+    request_timeout_s: Annotated[float, _in_range(0, MAX_REQUEST_TIMEOUT_S, low_open=True)] = (
+        DEFAULT_REQUEST_TIMEOUT_S
+    )
+
+
+class OutputSpec(BaseModel):
+    """Where results go; ``load_spec`` fills the default ``out/<name>.parquet`` next to the job file."""
+
+    model_config = _CONFIG
+
+    path: PathStr | None = None
+
+
+class ApiSpec(BaseModel):
+    """The endpoint. ``DASHSCOPE_HTTP_BASE_URL`` overrides ``base_url`` (the caller reads it)."""
+
+    model_config = _CONFIG
+
+    base_url: Annotated[str, Field(min_length=1)] = DEFAULT_BASE_URL
+    allow_insecure_http: bool = False
+
+    @model_validator(mode="after")
+    def _safe_url(self) -> ApiSpec:
+        problem = base_url_problem(self.base_url, self.allow_insecure_http)
+        if problem is not None:
+            raise PydanticCustomError("bad_url", "{why}", {"why": problem, "key": "base_url"})
+        return self
+
+
+class PricingSpec(BaseModel):
+    """A flat price that replaces the built-in table for this job."""
+
+    model_config = _CONFIG
+
+    currency: Annotated[str, Field(min_length=1)] = DEFAULT_CURRENCY
+    input_per_1k: Annotated[float, _in_range(0, None)]
+    output_per_1k: Annotated[float, _in_range(0, None)]
+
+
+class CacheSpec(BaseModel):
+    """Response cache across runs; ``path`` None means the caller's per-user default."""
+
+    model_config = _CONFIG
+
+    enabled: bool = True
+    path: PathStr | None = None
+
+
+class BudgetSpec(BaseModel):
+    """Stop before the cost (in the price currency) would exceed ``max_cost``."""
+
+    model_config = _CONFIG
+
+    max_cost: Annotated[float, _in_range(0, None, low_open=True)] | None = None
+
+
+class PreflightSpec(BaseModel):
+    """What to do with rows longer than the model's input limit: fail the run, or record row errors."""
+
+    model_config = _CONFIG
+
+    over_long: OverLong = DEFAULT_OVER_LONG
+
+
+class ModelLimitsSpec(BaseModel):
+    """Overrides of the catalog's limits for this model (the service changes them)."""
+
+    model_config = _CONFIG
+
+    max_input_tokens: PositiveInt | None = None
+    max_output_tokens: PositiveInt | None = None
+
+
+class JobSpec(BaseModel):
+    """A whole job. Build it with ``load_spec`` so paths are resolved and defaults filled.
+
+    ``path`` is the job file (None for a spec built in code), used in messages.
+    """
+
+    model_config = _CONFIG
+
+    name: Annotated[str, AfterValidator(_check_name)] | None = None
+    model: Annotated[str, Field(min_length=1)]
+    input: InputSpec
+    prompt: PromptSpec
+    parameters: Parameters = Field(default_factory=Parameters)
+    execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    api: ApiSpec = Field(default_factory=ApiSpec)
+    pricing: PricingSpec | None = None
+    cache: CacheSpec = Field(default_factory=CacheSpec)
+    budget: BudgetSpec = Field(default_factory=BudgetSpec)
+    preflight: PreflightSpec = Field(default_factory=PreflightSpec)
+    model_limits: ModelLimitsSpec = Field(default_factory=ModelLimitsSpec)
+
+    _path: Path | None = PrivateAttr(default=None)
+
+    @property
+    def path(self) -> Path | None:
+        """The job file this spec was read from."""
+        return self._path
+
+    @property
+    def where(self) -> str:
+        """How messages name this spec: its file, or ``job spec`` when built in code."""
+        return str(self._path) if self._path is not None else "job spec"
+
+
+# --- base URL safety ---------------------------------------------------------------------
+
+
+def is_loopback_host(host: str) -> bool:
+    """127.0.0.0/8, ::1 or ``localhost``: traffic that never leaves the machine."""
+    host = host.strip("[]").rstrip(".").lower()
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def base_url_problem(url: str, allow_insecure_http: bool) -> str | None:
+    """Why ``url`` may not carry the API key, or None when it may."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError as exc:
+        return f"{url!r} is not a valid URL ({exc})"
+    if parts.scheme not in ("http", "https") or not host:
+        return f"{url!r} is not an http(s) URL; write e.g. {DEFAULT_BASE_URL}"
+    if parts.scheme == "http" and not allow_insecure_http and not is_loopback_host(host):
+        return (
+            f"{url!r} would send the API key unencrypted; use https, "
+            "or set api.allow_insecure_http: true if you really mean it"
+        )
+    return None
+
+
+def check_base_url(url: str, allow_insecure_http: bool) -> None:
+    """Refuse a base URL that would send the key over plain http to a non-loopback host.
+
+    Raises ConfigError (the URL may come from ``DASHSCOPE_HTTP_BASE_URL``, not the spec).
+    """
+    problem = base_url_problem(url, allow_insecure_http)
+    if problem is not None:
+        raise ConfigError(f"base URL {problem}")
+
+
+# --- model and price ----------------------------------------------------------------------
+
+
+def resolve_model(spec: JobSpec, catalog: Catalog) -> ModelInfo | None:
+    """The catalog's entry for ``spec.model`` with ``model_limits`` applied; None if unknown."""
+    info = catalog.get(spec.model)
+    if info is None:
+        return None
+    limits = spec.model_limits
+    info = info.with_overrides(max_input_tokens=limits.max_input_tokens, max_output_tokens=limits.max_output_tokens)
+    if (
+        info.max_output_tokens is not None
+        and info.default_max_tokens is not None
+        and info.default_max_tokens > info.max_output_tokens
+    ):
+        info = info.with_overrides(default_max_tokens=info.max_output_tokens)
+    return info
+
+
+def price_for(spec: JobSpec, model_info: ModelInfo | None) -> Price | None:
+    """The spec's pricing override if any, else the catalog's price, else None (cost unknown)."""
+    if spec.pricing is not None:
+        p = spec.pricing
+        return Price.flat(p.input_per_1k, p.output_per_1k, p.currency, PRICING_SOURCE)
+    return model_info.price if model_info is not None else None
+
+
+def max_output_tokens(spec: JobSpec, model_info: ModelInfo | None) -> int | None:
+    """The largest max_tokens this job may send: the model's limit, else model_limits, else unknown."""
+    if model_info is not None and model_info.max_output_tokens is not None:
+        return model_info.max_output_tokens
+    return spec.model_limits.max_output_tokens
+
+
+def check_against_model(spec: JobSpec, model_info: ModelInfo | None) -> None:
+    """Checks that need the model: ``max_tokens`` within the output limit. Raises SpecError."""
+    limit = max_output_tokens(spec, model_info)
+    asked = spec.parameters.max_tokens
+    if limit is not None and asked is not None and asked > limit:
+        raise SpecError(
+            f"{spec.where}: parameters.max_tokens: Range of max_tokens should be [1, {limit}] for {spec.model}, "
+            f"got {asked}; lower it (or set model_limits.max_output_tokens if the service now allows more)"
+        )
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def load_spec(path: Path, catalog: Catalog | None = None) -> JobSpec:
+    """Read, validate and resolve a job file. Every problem is a one-line SpecError.
+
+    ``catalog`` (default: the built-in one) is used only to check ``max_tokens`` against the
+    model's output limit; an unknown model is not an error here (callers warn).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{path}: job file not found; check the path") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path}: is a folder, not a job file; give the .yaml file") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not UTF-8 text (byte {exc.start}); save the job file as UTF-8") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read the job file ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {_yaml_reason(exc)}") from None
+    if not isinstance(data, dict):
+        kind = "empty" if data is None else f"a {type(data).__name__}, not a mapping of keys"
+        raise SpecError(f"{path}: the job file is {kind}; it must be a YAML mapping with model, input and prompt")
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(f"{path}: {describe_validation_error(exc)}") from None
+    spec = _resolved(spec, path)
+    from . import catalog as catalog_module  # the built-in catalog is read on first use, not at import
+
+    check_against_model(spec, resolve_model(spec, catalog or catalog_module.builtin()))
+    return spec
+
+
+def _resolved(spec: JobSpec, path: Path) -> JobSpec:
+    """Fill defaults that depend on the job file and make every path absolute."""
+    base = path.resolve().parent
+    name = spec.name if spec.name is not None else path.stem
+    input_path = (base / spec.input.path).resolve()
+    output_path = (
+        (base / spec.output.path).resolve()
+        if spec.output.path is not None
+        else base / DEFAULT_OUTPUT_DIR / f"{name}{DEFAULT_OUTPUT_SUFFIX}"
+    )
+    if output_path == input_path:
+        raise SpecError(f"{path}: output.path is the input file ({input_path}); choose another output path")
+    cache = spec.cache
+    if cache.path is not None:
+        cache = cache.model_copy(update={"path": (base / cache.path).resolve()})
+    resolved = spec.model_copy(
+        update={
+            "name": name,
+            "input": spec.input.model_copy(update={"path": input_path}),
+            "output": spec.output.model_copy(update={"path": output_path}),
+            "cache": cache,
+        }
+    )
+    resolved._path = path
+    return resolved
+
+
+def _yaml_reason(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}; fix the syntax (quote strings that contain ': ' or start with {{ [ * & ! | >)"
+
+
+# --- ValidationError -> one line -------------------------------------------------------------
+
+_MISSING_HINTS = {
+    "model": " (e.g. model: qwen-turbo)",
+    "input": " (e.g. input: {path: data/rows.csv})",
+    "input.path": " (the input table: .parquet, .csv, .jsonl or .ndjson)",
+    "prompt": " (e.g. prompt: {template: \"Translate: {text}\"})",
+}
+
+_TYPE_WORDS = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "a whole number",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "string_type": "a string",
+    "path_type": "a path string",
+    "model_type": "a mapping of keys",
+    "model_attributes_type": "a mapping of keys",
+    "dict_type": "a mapping of keys",
+    "list_type": "a list",
+}
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """The first error as ``key: what is wrong, what to do``; later ones are counted, not listed."""
+    errors = exc.errors(include_url=False)
+    # A misspelt key also makes the real one "missing": report the typo, it is the cause.
+    errors.sort(key=lambda error: error["type"] != "extra_forbidden")
+    line = _describe(errors[0])
+    if len(errors) > 1:
+        line += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return line
+
+
+def _describe(error: Any) -> str:
+    raw = error["loc"]
+    # The offending key of an unknown-key error is the user's text, whatever it looks like.
+    loc = _clean_loc(raw[:-1]) + (str(raw[-1]),) if error["type"] == "extra_forbidden" and raw else _clean_loc(raw)
+    if "key" in error.get("ctx", {}):  # a section-level check about one of its keys
+        loc = (*loc, error["ctx"]["key"])
+    kind = error["type"]
+    value = error.get("input")
+    if kind == "extra_forbidden":
+        parent, key = loc[:-1], str(loc[-1])
+        valid = _keys_at(parent)
+        close = difflib.get_close_matches(key, valid, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
+        prefix = f"{'.'.join(parent)}: " if parent else ""
+        return f"{prefix}unknown key {key!r} ({hint})"
+    dotted = ".".join(loc)
+    prefix = f"{dotted}: " if dotted else ""
+    if kind == "missing":
+        return f"missing key {dotted!r}; add it{_MISSING_HINTS.get(dotted, '')}"
+    if kind in _TYPE_WORDS:
+        return f"{prefix}must be {_TYPE_WORDS[kind]}, got {_show(value)}"
+    if kind == "literal_error":
+        expected = error.get("ctx", {}).get("expected", "")
+        return f"{prefix}must be one of {expected}, got {_show(value)}"
+    if kind in ("string_too_short", "too_short"):
+        return f"{prefix}must not be empty"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return f"{prefix}{error['msg'].lower().replace('input should be', 'must be')}, got {_show(value)}"
+    msg = error["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    return f"{prefix}{msg}"
+
+
+def _clean_loc(loc: tuple[Any, ...]) -> tuple[str, ...]:
+    """Drop pydantic's union/validator branch names so the path reads like the YAML keys."""
+    out: list[str] = []
+    for part in loc:
+        if isinstance(part, int):
+            out.append(str(part))
+        elif part in _BRANCH_LABELS or part.startswith(("function-", "lax-", "strict-")) or "[" in part:
+            continue
+        else:
+            out.append(part)
+    return tuple(out)
+
+
+_BRANCH_LABELS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "is-instance[Path]"})
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({type(value).__name__})" if not isinstance(value, (dict, list)) else type(value).__name__
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _model_of(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _keys_at(loc: tuple[str, ...]) -> list[str]:
+    """The valid keys of the section at ``loc`` (for did-you-mean suggestions)."""
+    model: type[BaseModel] | None = JobSpec
+    for part in loc:
+        field = model.model_fields.get(part) if model is not None else None
+        model = _model_of(field.annotation) if field is not None else None
+    return list(model.model_fields) if model is not None else []
