@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -136,18 +135,6 @@ def test_a_folder_is_not_an_input_file(tmp_path: Path) -> None:
     folder.mkdir()
     with pytest.raises(InputError, match="is a folder"):
         open_table(job(folder))
-
-
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads anything")
-def test_an_unreadable_file_is_an_input_error(tmp_path: Path) -> None:
-    """A file without read permission names the fix."""
-    path = _csv(tmp_path, "id,text\n1,a\n")
-    path.chmod(0)
-    try:
-        with pytest.raises(InputError, match="permission denied"):
-            open_table(job(path))
-    finally:
-        path.chmod(0o600)
 
 
 def test_an_empty_parquet_file_is_an_input_error(tmp_path: Path) -> None:

@@ -1,0 +1,232 @@
+"""The ``qwen-batch`` command: parse, call the library, render, return an exit code.
+
+Exit codes: 0 every row ok; 1 finished with failed rows; 2 bad spec, input, arguments or
+configuration (nothing sent, nothing overwritten); 3 aborted (key refused, budget reached);
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .errors import QwenBatchError, UsageError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run a job: every input row becomes one result row in Parquet.
+
+    example: qwen-batch run jobs/translate.yaml --emulate
+    """
+    import anyio
+
+    from .job import JobOptions, execute_job, prepare_job, resolve_api
+    from .report import Reporter
+
+    options = JobOptions(
+        emulate=args.emulate,
+        limit=args.limit,
+        concurrency=args.concurrency,
+        output=Path(args.output) if args.output else None,
+        fresh=args.fresh,
+        retry_errors=args.retry_errors,
+        no_cache=args.no_cache,
+        max_cost=args.max_cost,
+    )
+    reporter = Reporter(quiet=args.quiet)
+    prepared = prepare_job(Path(args.job), options)
+    if not options.emulate:
+        resolve_api(prepared)
+    result = anyio.run(execute_job, prepared, reporter, backend="asyncio")
+    reporter.finish(result, prepared, _resume_command(args))
+    return result.exit_code
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    argv = ["qwen-batch", "run", args.job]
+    if args.emulate:
+        argv.append("--emulate")
+    if args.output:
+        argv += ["--output", args.output]
+    if args.limit:
+        argv += ["--limit", str(args.limit)]
+    return shlex.join(argv)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Check the spec and the whole input table; send nothing.
+
+    example: qwen-batch validate jobs/translate.yaml
+    """
+    from .job import JobOptions, prepare_job
+
+    prepared = prepare_job(Path(args.job), JobOptions(limit=args.limit))
+    for warning in prepared.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    report = prepared.preflight
+    print(
+        f"{prepared.spec.path}: ok: {report.rows} rows, {report.requests} requests, "
+        f"{report.input_tokens} input tokens, {report.row_problems} rows with problems"
+    )
+    if report.over_long:
+        ids = ", ".join(row.row_id for row in report.over_long)
+        print(
+            f"warning: {len(report.over_long)} over-long row(s) will be recorded as row errors "
+            f"(preflight.over_long: error): {ids}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    """Estimate tokens, cost and time before running; sends nothing.
+
+    Input tokens are exact; output tokens and cost are given as min / expected / max.
+    example: qwen-batch estimate jobs/translate.yaml --json
+    """
+    import json
+
+    from .cache import ResponseCache, default_cache_path
+    from .estimate import build_estimate
+    from .job import JobOptions, checkpoint_status, effective_rate_limits, prepare_job
+    from .spec import load_spec
+
+    options = JobOptions(limit=args.limit, output=Path(args.output) if args.output else None, no_cache=args.no_cache)
+    spec = load_spec(Path(args.job))
+    cache = None
+    if spec.cache.enabled and not args.no_cache:
+        path = spec.cache.path or default_cache_path()
+        cache = ResponseCache(path) if path.exists() else None
+    try:
+        prepared = prepare_job(Path(args.job), options, cache=cache)
+    finally:
+        if cache is not None:
+            cache.close()
+    done = checkpoint_status(prepared)
+    mean_output = done.output_tokens / done.ok if done is not None and done.ok else None
+    rpm, tpm = effective_rate_limits(prepared)
+    estimate = build_estimate(
+        prepared,
+        done_mean_output=mean_output,
+        done_rows=done.ok if done is not None else 0,
+        requests_per_minute=rpm,
+        tokens_per_minute=tpm,
+    )
+    if args.json:
+        print(json.dumps(estimate, ensure_ascii=False, indent=2))
+    else:
+        from .report import render_estimate
+
+        render_estimate(estimate, sys.stdout)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Show how far a job got (done, errors, remaining, cost so far); sends nothing.
+
+    example: qwen-batch status jobs/translate.yaml
+    """
+    from .job import JobOptions, job_status
+
+    status = job_status(Path(args.job), JobOptions(output=Path(args.output) if args.output else None))
+    from .report import render_status
+
+    render_status(status, sys.stdout)
+    return 0
+
+
+def cmd_emulate(args: argparse.Namespace) -> int:
+    """Serve the offline DashScope emulator on loopback until Ctrl-C.
+
+    example: qwen-batch emulate --port 8089 --p-rate-quota 0.1
+    """
+    from .emulator import cli as emulator_cli
+
+    return emulator_cli.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qwen-batch",
+        description="Run bulk prompt jobs on Qwen models through DashScope.",
+        epilog="Exit codes: 0 all rows ok, 1 some rows failed, 2 bad input, 3 aborted, 130 interrupted.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+        doc = (handler.__doc__ or "").strip()
+        summary = doc.splitlines()[0]
+        sub = commands.add_parser(
+            name, help=summary, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        sub.set_defaults(handler=handler)
+        return sub
+
+    run = add("run", cmd_run)
+    run.add_argument("job", help="the job spec (YAML)")
+    run.add_argument("--emulate", action="store_true", help="run against the built-in emulator (no key needed)")
+    run.add_argument("--limit", type=_positive_int, help="only the first N rows")
+    run.add_argument("--concurrency", type=_positive_int, help="requests in flight (overrides execution.concurrency)")
+    run.add_argument("--output", help="output Parquet path (overrides output.path)")
+    run.add_argument("--quiet", action="store_true", help="no progress or notes")
+    run.add_argument("--fresh", action="store_true", help="start over; earlier results are moved aside, not deleted")
+    run.add_argument("--retry-errors", action="store_true", help="on resume, send rows that failed permanently again")
+    run.add_argument("--no-cache", action="store_true", help="neither read nor write the response cache")
+    run.add_argument("--max-cost", type=_positive_float, help="budget cap in the price currency (overrides budget.max_cost)")
+
+    validate = add("validate", cmd_validate)
+    validate.add_argument("job", help="the job spec (YAML)")
+    validate.add_argument("--limit", type=_positive_int, help="only the first N rows")
+
+    estimate = add("estimate", cmd_estimate)
+    estimate.add_argument("job", help="the job spec (YAML)")
+    estimate.add_argument("--json", action="store_true", help="print JSON for scripts")
+    estimate.add_argument("--limit", type=_positive_int, help="only the first N rows")
+    estimate.add_argument("--output", help="output Parquet path (overrides output.path)")
+    estimate.add_argument("--no-cache", action="store_true", help="do not count rows the cache would answer")
+
+    status = add("status", cmd_status)
+    status.add_argument("job", help="the job spec (YAML)")
+    status.add_argument("--output", help="output Parquet path (overrides output.path)")
+
+    emulate = add("emulate", cmd_emulate)
+    from .emulator import cli as emulator_cli
+
+    emulator_cli.add_arguments(emulate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except QwenBatchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return getattr(error, "exit_code", 1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,0 +1,137 @@
+"""The ``emulate`` command: flags → EmulatorConfig → serve until Ctrl-C.
+
+``add_arguments(parser)`` declares the flags on any argparse parser (the ``qwen-batch
+emulate`` subcommand and ``python -m qwen_batch.emulator`` share them); ``run(args)``
+serves and returns the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from pathlib import Path
+
+from .config import DEFAULT_API_KEY, DEFAULT_RATE_WINDOW_S, EmulatorConfig, FaultRates
+from .server import open_emulator
+
+# flag suffix → FaultRates field; each takes a probability per attempt.
+FAULT_FLAGS = {
+    "rate-quota": ("rate_quota", "429 Throttling.RateQuota"),
+    "allocation-quota": ("allocation_quota", "429 Throttling.AllocationQuota"),
+    "burst-rate": ("burst_rate", "429 Throttling.BurstRate"),
+    "500": ("internal_error", "500 InternalError"),
+    "503": ("unavailable", "503 ModelUnavailable"),
+    "reset": ("reset", "connection reset without an answer"),
+    "hang": ("hang", "never answer"),
+    "malformed": ("malformed", "200 with a body that is not JSON"),
+    "truncated": ("truncated", "200 cut short of its Content-Length"),
+}
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a probability in [0, 1]")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare every emulator option (see docs/emulator.md)."""
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: loopback only)")
+    server.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
+    server.add_argument("--api-key", default=DEFAULT_API_KEY,
+                        help=f"the accepted bearer key (default {DEFAULT_API_KEY})")
+    server.add_argument("--any-key", action="store_true", help="accept any non-empty bearer key")
+    server.add_argument("--models", type=Path, metavar="PATH",
+                        help="JSON file shaped like qwen_batch/data/models.json; its models are added")
+    server.add_argument("--ledger", type=Path, metavar="PATH", help="append the billing ledger (JSON lines) here")
+
+    protocol = parser.add_argument_group("protocol")
+    protocol.add_argument("--usage-mode", choices=("chatml", "raw-2024q1"), default="chatml",
+                          help="input token counting (default chatml: with the chat template)")
+    protocol.add_argument("--roles", choices=("strict", "lenient"), default="strict",
+                          help="message role rules (default strict: the 2024 rules)")
+    protocol.add_argument("--stream-errors", choices=("status", "http200"), default="status",
+                          help="status of a streaming request refused before generation (default status)")
+    protocol.add_argument("--no-sse-via-accept", action="store_true",
+                          help="stream only on X-DashScope-SSE: enable, not on Accept: text/event-stream")
+    protocol.add_argument("--reply-median-tokens", type=int, default=80, help="median natural reply length (default 80)")
+    protocol.add_argument("--reply-max-tokens", type=int, default=600, help="longest natural reply (default 600)")
+    protocol.add_argument("--stream-chunk-tokens", type=int, default=4, help="tokens per stream event (default 4)")
+
+    faults = parser.add_argument_group("faults (probabilities per attempt, reproducible from --fault-seed)")
+    faults.add_argument("--fault-seed", type=int, default=0, help="seed of every random fault decision (default 0)")
+    for suffix, (_, meaning) in FAULT_FLAGS.items():
+        faults.add_argument(f"--p-{suffix}", type=_probability, default=0.0, metavar="P", help=f"{meaning} (default 0)")
+    faults.add_argument("--retry-after", type=float, metavar="SECONDS",
+                        help="send Retry-After with 429s (default: none, as the real service)")
+    faults.add_argument("--rpm", type=int, help="requests per window per model (default: unlimited)")
+    faults.add_argument("--tpm", type=int, help="input+output tokens per window per model (default: unlimited)")
+    faults.add_argument("--rate-window", type=float, default=DEFAULT_RATE_WINDOW_S, metavar="SECONDS",
+                        help=f"length of the sliding RPM/TPM window (default {DEFAULT_RATE_WINDOW_S:g})")
+    faults.add_argument("--latency", type=float, default=0.0, metavar="SECONDS", help="fixed delay per request (default 0)")
+    faults.add_argument("--latency-jitter", type=float, default=0.0, metavar="SECONDS",
+                        help="extra seeded delay, uniform in [0, SECONDS] (default 0)")
+    faults.add_argument("--latency-per-token", type=float, default=0.0, metavar="SECONDS",
+                        help="delay per output token (default 0)")
+    faults.add_argument("--no-directives", action="store_true", help="ignore [[emu: ...]] directives in prompts")
+
+
+def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
+    """The EmulatorConfig the flags describe."""
+    rates = FaultRates(**{field: getattr(args, "p_" + suffix.replace("-", "_")) for suffix, (field, _) in FAULT_FLAGS.items()})
+    return EmulatorConfig(
+        api_key=None if args.any_key else args.api_key,
+        models_path=args.models,
+        usage_mode=args.usage_mode,
+        role_rules=args.roles,
+        stream_error_mode=args.stream_errors,
+        sse_via_accept=not args.no_sse_via_accept,
+        reply_median_tokens=args.reply_median_tokens,
+        reply_max_tokens=args.reply_max_tokens,
+        stream_chunk_tokens=args.stream_chunk_tokens,
+        fault_seed=args.fault_seed,
+        faults=rates,
+        retry_after=args.retry_after,
+        rpm_limit=args.rpm,
+        tpm_limit=args.tpm,
+        rate_window_s=args.rate_window,
+        latency_s=args.latency,
+        latency_jitter_s=args.latency_jitter,
+        latency_per_token_s=args.latency_per_token,
+        directives=not args.no_directives,
+        ledger_path=args.ledger,
+    )
+
+
+async def _serve(config: EmulatorConfig, host: str, port: int) -> None:
+    async with open_emulator(config, host=host, port=port) as emu:
+        print(f"qwen-batch emulator listening on {emu.root_url}", flush=True)
+        print(f"  native base URL:     {emu.base_url}", flush=True)
+        print(f"  compatible base URL: {emu.compatible_base_url}", flush=True)
+        print(f"  API key:             {config.api_key if config.api_key is not None else '(any)'}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve the offline DashScope emulator until Ctrl-C.
+
+    Example: qwen-batch emulate --port 8000 --p-rate-quota 0.1 --rpm 600 --ledger ledger.jsonl
+    """
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(config, args.host, args.port))
+    return 0

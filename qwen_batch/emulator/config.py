@@ -1,0 +1,150 @@
+"""Every option of the emulator, in one frozen value with documented defaults.
+
+The defaults describe a well-behaved service (no faults, no limits, no latency) that
+answers the way the real one did from late 2024 on: ChatML token counts, strict 2024
+role rules, and streaming errors before generation sent with their own HTTP status.
+Each default that follows an UNCONFIRMED point of the protocol reference says so.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Literal
+
+from ..catalog import Catalog, ModelInfo, builtin
+
+UsageMode = Literal["chatml", "raw-2024q1"]
+RoleRules = Literal["strict", "lenient"]
+StreamErrorMode = Literal["status", "http200"]
+
+DEFAULT_API_KEY = "sk-emulator"
+# The gateway refuses bodies over 16 MiB (reference section 1.2).
+MAX_BODY_BYTES = 16 * 1024 * 1024
+# The documented rate-limit window is one minute (reference section 8.3).
+DEFAULT_RATE_WINDOW_S = 60.0
+
+
+@dataclass(frozen=True)
+class FaultRates:
+    """Probability per attempt of each injected fault; they are exclusive and must sum to <= 1."""
+
+    rate_quota: float = 0.0
+    allocation_quota: float = 0.0
+    burst_rate: float = 0.0
+    internal_error: float = 0.0
+    unavailable: float = 0.0
+    reset: float = 0.0
+    hang: float = 0.0
+    malformed: float = 0.0
+    truncated: float = 0.0
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"fault probability {item.name}={value} is outside [0, 1]")
+        if self.total() > 1.0 + 1e-9:
+            raise ValueError(f"fault probabilities sum to {self.total():.3f}, more than 1")
+
+    def total(self) -> float:
+        return sum(getattr(self, item.name) for item in fields(self))
+
+    def __repr__(self) -> str:
+        set_ = [f"{item.name}={getattr(self, item.name)}" for item in fields(self) if getattr(self, item.name)]
+        return f"FaultRates({', '.join(set_)})"
+
+
+@dataclass(frozen=True)
+class EmulatorConfig:
+    """How the emulator behaves. All fields have defaults; ``EmulatorConfig()`` is a clean service.
+
+    Authentication
+      api_key: the one accepted bearer key; ``None`` accepts any non-empty key.
+    Models
+      models_path: a JSON file shaped like ``qwen_batch/data/models.json`` whose models are
+        added to (or override) the built-in catalog.
+      extra_models: the same, for Python callers.
+    Protocol choices (see docs/emulator.md for why each default)
+      usage_mode: "chatml" counts the chat template (since Nov 2024); "raw-2024q1" content only.
+      role_rules: "strict" enforces the 2024 role order; "lenient" only checks roles and content.
+      stream_error_mode: a streaming request refused before generation gets its error status
+        ("status") or HTTP 200 ("http200"); the body is an SSE ``event:error`` either way.
+      sse_via_accept: ``Accept: text/event-stream`` alone also turns on streaming.
+    Replies
+      reply_median_tokens, reply_max_tokens: the spread of natural reply lengths.
+      stream_chunk_tokens: tokens per streamed event.
+    Faults (all off by default; reproducible from ``fault_seed``)
+      faults: probabilities per attempt; retry_after: seconds sent in ``Retry-After`` with
+      injected or limit 429s (``None``: no header, as the real service).
+      rpm_limit, tpm_limit, rate_window_s: sliding-window limits per model.
+      latency_s, latency_jitter_s, latency_per_token_s: added delay.
+      directives: obey ``[[emu: ...]]`` directives in prompts.
+    Records
+      ledger_path: also append every ledger line to this file.
+    """
+
+    api_key: str | None = DEFAULT_API_KEY
+    models_path: Path | None = None
+    extra_models: Mapping[str, ModelInfo] = field(default_factory=dict)
+    usage_mode: UsageMode = "chatml"
+    role_rules: RoleRules = "strict"
+    stream_error_mode: StreamErrorMode = "status"
+    sse_via_accept: bool = True
+    reply_median_tokens: int = 80
+    reply_max_tokens: int = 600
+    stream_chunk_tokens: int = 4
+    fault_seed: int = 0
+    faults: FaultRates = field(default_factory=FaultRates)
+    retry_after: float | None = None
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+    rate_window_s: float = DEFAULT_RATE_WINDOW_S
+    latency_s: float = 0.0
+    latency_jitter_s: float = 0.0
+    latency_per_token_s: float = 0.0
+    directives: bool = True
+    ledger_path: Path | None = None
+    max_body_bytes: int = MAX_BODY_BYTES
+
+    def __post_init__(self) -> None:
+        if self.usage_mode not in ("chatml", "raw-2024q1"):
+            raise ValueError(f"usage_mode must be 'chatml' or 'raw-2024q1', not {self.usage_mode!r}")
+        if self.role_rules not in ("strict", "lenient"):
+            raise ValueError(f"role_rules must be 'strict' or 'lenient', not {self.role_rules!r}")
+        if self.stream_error_mode not in ("status", "http200"):
+            raise ValueError(f"stream_error_mode must be 'status' or 'http200', not {self.stream_error_mode!r}")
+        if self.rate_window_s <= 0:
+            raise ValueError("rate_window_s must be positive")
+        if self.stream_chunk_tokens < 1 or self.reply_median_tokens < 1 or self.reply_max_tokens < 1:
+            raise ValueError("stream_chunk_tokens, reply_median_tokens and reply_max_tokens must be >= 1")
+        for name in ("latency_s", "latency_jitter_s", "latency_per_token_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+
+    def catalog(self) -> Catalog:
+        """The built-in models plus those of ``models_path`` and ``extra_models``; reads the file."""
+        catalog = builtin()
+        if self.models_path is not None:
+            extra = Catalog.from_json(Path(self.models_path).read_text(encoding="utf-8"))
+            catalog = catalog.with_models(extra.models)
+        if self.extra_models:
+            catalog = catalog.with_models(self.extra_models)
+        return catalog
+
+    def __repr__(self) -> str:
+        # Only what differs from the defaults, so a test failure shows the interesting part.
+        default = _default_config()
+        changed = [
+            f"{item.name}={getattr(self, item.name)!r}"
+            for item in fields(self)
+            if getattr(self, item.name) != getattr(default, item.name)
+        ]
+        return f"EmulatorConfig({', '.join(changed)})"
+
+
+@functools.cache
+def _default_config() -> EmulatorConfig:
+    return EmulatorConfig()

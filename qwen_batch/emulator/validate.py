@@ -1,0 +1,322 @@
+"""Request validation with the service's own error codes, HTTP statuses and message texts.
+
+A body either becomes a ``ChatRequest`` (messages with the prompt folded in, checked
+parameters, the effective ``max_tokens`` and the billed input tokens) or raises
+``ApiError``. Texts are those of the protocol reference sections 1.3, 5 and 6; the few
+the reference does not give are marked "not documented" and listed in docs/emulator.md.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..catalog import Catalog, ModelInfo
+from ..wire import ERRORS
+from .usage import input_tokens as count_input
+
+SEED_MAX_NATIVE = 2**63 - 1
+SEED_MAX_COMPATIBLE = 2**31 - 1
+ALLOWED_ROLES = frozenset({"system", "user", "assistant", "tool", "plugin", "function"})
+
+BODY_INVALID = "Required body invalid, please check the request body format."
+EITHER_PROMPT_OR_MESSAGES = 'Either "prompt" or "messages" must exist and cannot both be none'
+ROLE_OR_EMPTY = "Role must be user or assistant and Content length must be greater than 0"
+NOT_ALTERNATING = "User and assistant need to appear alternately in the message"
+NO_USER = "The input messages do not contain elements with the role of user."
+CONTENT_REQUIRED = "The content field is a required field."
+CONTENT_NOT_STRING = "input content must be a string."
+TOOL_WITHOUT_CALL = 'messages with role "tool" must be a response to a preceeding message with "tool_calls"'
+LAST_NOT_USER = "list index out of range"
+MODEL_NOT_EXIST = "Model not exist."
+STOP_TYPES = (
+    'The "stop" parameter must be of type "str", "list[str]", "list[int]", or "list[list[int]]", '
+    "and all elements within the list must be of the same type."
+)
+# Not documented: the reference gives no text for these two.
+RESULT_FORMAT_INVALID = 'The result_format parameter must be "text" or "message".'
+TOP_K_NOT_INTEGER = "'top_k' must be Integer"
+
+
+class ApiError(Exception):
+    """A refusal the emulator sends as the service would: status, code, message.
+
+    ``compatible_code`` overrides the OpenAI-style ``error.code`` (default: wire.ERRORS').
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str | None = None,
+        status: int | None = None,
+        *,
+        compatible_code: str | None = None,
+    ) -> None:
+        spec = ERRORS.get(code)
+        self.code = code
+        self.message = message if message is not None else (spec.message if spec else code)
+        self.status = status if status is not None else (spec.status if spec else 500)
+        self.compatible_code = compatible_code or (spec.compatible_code if spec else code)
+        super().__init__(f"{self.status} {code}: {self.message}")
+
+
+def invalid(message: str) -> ApiError:
+    return ApiError("InvalidParameter", message)
+
+
+@dataclass(slots=True)
+class ChatRequest:
+    """A validated request, the same for both endpoints."""
+
+    model: ModelInfo
+    messages: list[dict[str, Any]]
+    parameters: dict[str, Any]
+    max_tokens: int
+    result_format: str
+    incremental_output: bool
+    input_tokens: int
+    stream: bool = False
+    include_usage: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """The JSON object of a body, or the service's "body invalid" error."""
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise invalid(BODY_INVALID) from None
+    if not isinstance(body, dict):
+        raise invalid(BODY_INVALID)
+    return body
+
+
+def _model(catalog: Catalog, body: dict[str, Any], *, compatible: bool) -> ModelInfo:
+    name = body.get("model")
+    if not name:
+        raise ApiError("BadRequest.EmptyModel")
+    info = catalog.get(name) if isinstance(name, str) else None
+    if info is None:
+        if compatible:
+            # Compatible mode answers an unknown model with 404 model_not_found (reference section 6).
+            raise ApiError("ModelNotFound", MODEL_NOT_EXIST, 404, compatible_code="model_not_found")
+        raise invalid(MODEL_NOT_EXIST)
+    return info
+
+
+def _content(message: dict[str, Any], *, compatible: bool) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if content is None:
+        if message.get("role") == "assistant" and message.get("tool_calls"):
+            return ""
+        raise invalid(CONTENT_REQUIRED)
+    if compatible and isinstance(content, list):
+        # OpenAI-style content parts; a text model reads their text.
+        texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        if len(texts) == len(content) and all(isinstance(t, str) for t in texts):
+            return "".join(texts)  # type: ignore[arg-type]
+    raise invalid(CONTENT_NOT_STRING)
+
+
+def check_messages(raw: Any, rules: str, *, compatible: bool) -> list[dict[str, Any]]:
+    """Messages with string content, checked against the role rules (reference section 5.1)."""
+    if not isinstance(raw, list):
+        raise invalid(EITHER_PROMPT_OR_MESSAGES if not compatible else ERRORS["InvalidParameter"].message)
+    if not raw:
+        raise invalid("[] is too short")
+    messages: list[dict[str, Any]] = []
+    for message in raw:
+        if not isinstance(message, dict) or message.get("role") not in ALLOWED_ROLES:
+            raise invalid(ROLE_OR_EMPTY)
+        content = _content(message, compatible=compatible)
+        if not content and message["role"] in ("user", "system"):
+            raise invalid(ROLE_OR_EMPTY)
+        if content is message.get("content"):
+            messages.append(message)
+        else:
+            messages.append({**message, "content": content})
+    if not any(m["role"] == "user" for m in messages):
+        raise invalid(NO_USER)
+    if rules == "strict":
+        _check_strict_order(messages)
+    return messages
+
+
+def _check_strict_order(messages: list[dict[str, Any]]) -> None:
+    """The 2024 rules: system only first, user/assistant alternate, the last is user (or partial)."""
+    turns: list[str] = []
+    previous: dict[str, Any] | None = None
+    for index, message in enumerate(messages):
+        role = message["role"]
+        if role == "system":
+            if index != 0:
+                raise invalid(ROLE_OR_EMPTY)
+        elif role == "tool":
+            if previous is None or not (previous["role"] == "tool" or previous.get("tool_calls")):
+                raise invalid(TOOL_WITHOUT_CALL)
+        elif role == "assistant" and message.get("tool_calls"):
+            # A tool-calling turn and its tool results stand in for one assistant turn.
+            pass
+        elif role in ("user", "assistant"):
+            turns.append(role)
+        previous = message
+    for position, role in enumerate(turns):
+        if role != ("user" if position % 2 == 0 else "assistant"):
+            raise invalid(NOT_ALTERNATING)
+    last = messages[-1]
+    if last["role"] in ("user", "tool", "function", "plugin"):
+        return
+    if last["role"] == "assistant" and last.get("partial") is True:
+        return
+    # The service fails this in the model, not the gateway (reference section 5.1).
+    raise ApiError("InternalError.Algo", LAST_NOT_USER, 500)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_stop(stop: Any) -> None:
+    if stop is None or isinstance(stop, str):
+        return
+    if not isinstance(stop, list):
+        raise invalid(STOP_TYPES)
+    if not stop:
+        return
+    if all(isinstance(s, str) for s in stop) or all(_integer(s) for s in stop):
+        return
+    if all(isinstance(s, list) and all(_integer(i) for i in s) for s in stop):
+        return
+    raise invalid(STOP_TYPES)
+
+
+def check_parameters(params: dict[str, Any], model: ModelInfo, *, compatible: bool) -> int:
+    """Range checks with the documented texts; returns the effective ``max_tokens``."""
+    seed = params.get("seed")
+    if seed is not None:
+        if compatible:
+            if not _integer(seed) or seed < 0:
+                raise invalid(f"{seed} is lesser than the minimum of 0 - 'seed'")
+            if seed > SEED_MAX_COMPATIBLE:
+                raise invalid(f"{seed} is greater than the maximum of {SEED_MAX_COMPATIBLE} - 'seed'")
+        elif not _integer(seed) or not 0 <= seed <= SEED_MAX_NATIVE:
+            raise invalid(f"Range of seed should be [0, {SEED_MAX_NATIVE}]")
+    top_p = params.get("top_p")
+    if top_p is not None:
+        if not _number(top_p):
+            raise invalid("'top_p' must be Float")
+        if not 0.0 < top_p <= 1.0:
+            raise invalid("Range of top_p should be (0.0, 1.0]")
+    temperature = params.get("temperature")
+    if temperature is not None:
+        if not _number(temperature):
+            raise invalid("'temperature' must be Float")
+        if not 0.0 <= temperature < 2.0:
+            raise invalid("Temperature should be in [0.0, 2.0)")
+    top_k = params.get("top_k")
+    if top_k is not None:
+        if not _integer(top_k):
+            raise invalid(TOP_K_NOT_INTEGER)
+        if top_k < 0:
+            raise invalid("Parameter top_k be greater than or equal to 0")
+    penalty = params.get("repetition_penalty")
+    if penalty is not None and (not _number(penalty) or penalty <= 0):
+        raise invalid("Repetition_penalty should be greater than 0.0")
+    presence = params.get("presence_penalty")
+    if presence is not None and (not _number(presence) or not -2.0 <= presence <= 2.0):
+        raise invalid("Presence_penalty should be in [-2.0, 2.0]")
+    n = params.get("n")
+    if n is not None and (not _integer(n) or not 1 <= n <= 4):
+        raise invalid("Range of n should be [1, 4]")
+    _check_stop(params.get("stop"))
+    ceiling = model.max_output_tokens
+    max_tokens = params.get("max_tokens")
+    if max_tokens is None:
+        return model.default_max_tokens or ceiling or 2048
+    if not _integer(max_tokens) or max_tokens < 1 or (ceiling is not None and max_tokens > ceiling):
+        raise invalid(f"Range of max_tokens should be [1, {ceiling}]")
+    return max_tokens
+
+
+def _check_input_length(messages: list[dict[str, Any]], model: ModelInfo, usage_mode: str) -> int:
+    count = count_input(messages, model.name, usage_mode)
+    limit = model.max_input_tokens
+    if limit is not None and count > limit:
+        raise invalid(f"Range of input length should be [1, {limit}]")
+    return count
+
+
+def _native_messages(inp: dict[str, Any], rules: str) -> list[dict[str, Any]]:
+    prompt = inp.get("prompt")
+    raw = inp.get("messages")
+    history = inp.get("history")
+    if raw is None and prompt is None:
+        raise invalid(EITHER_PROMPT_OR_MESSAGES)
+    if prompt is not None and not isinstance(prompt, str):
+        raise invalid(CONTENT_NOT_STRING)
+    combined: list[Any] = list(raw) if isinstance(raw, list) else ([] if raw is None else raw)
+    if not isinstance(combined, list):
+        raise invalid(EITHER_PROMPT_OR_MESSAGES)
+    if isinstance(history, list):
+        # The legacy {"user", "bot"} pairs come before the prompt.
+        for turn in history:
+            if isinstance(turn, dict):
+                combined += [{"role": "user", "content": turn.get("user")}, {"role": "assistant", "content": turn.get("bot")}]
+    if prompt is not None:
+        # The prompt is appended as the last user message (reference section 1.3).
+        combined.append({"role": "user", "content": prompt})
+    return check_messages(combined, rules, compatible=False)
+
+
+def validate_native(body: dict[str, Any], catalog: Catalog, *, rules: str, usage_mode: str) -> ChatRequest:
+    """A native body → ChatRequest, or ApiError in the service's order of checks."""
+    model = _model(catalog, body, compatible=False)
+    if "input" not in body or body["input"] is None:
+        raise ApiError("BadRequest.EmptyInput")
+    inp = body["input"]
+    if not isinstance(inp, dict):
+        raise ApiError("BadRequest.IllegalInput")
+    params = body.get("parameters")
+    if params is None:
+        # Whether omission is refused is UNCONFIRMED; accepted, as public examples never test it.
+        params = {}
+    if not isinstance(params, dict):
+        raise invalid(BODY_INVALID)
+    messages = _native_messages(inp, rules)
+    max_tokens = check_parameters(params, model, compatible=False)
+    result_format = params.get("result_format") or model.default_result_format
+    if result_format not in ("text", "message"):
+        raise invalid(RESULT_FORMAT_INVALID)
+    incremental = params.get("incremental_output")
+    count = _check_input_length(messages, model, usage_mode)
+    return ChatRequest(model, messages, params, max_tokens, result_format, bool(incremental), count)
+
+
+COMPATIBLE_SAMPLING_KEYS = (
+    "seed", "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty",
+    "frequency_penalty", "n", "stop", "max_tokens", "enable_search", "response_format",
+)
+
+
+def validate_compatible(body: dict[str, Any], catalog: Catalog, *, rules: str, usage_mode: str) -> ChatRequest:
+    """An OpenAI-compatible body → ChatRequest (parameters under their native names)."""
+    model = _model(catalog, body, compatible=True)
+    if "messages" not in body:
+        raise invalid(ERRORS["InvalidParameter"].message)
+    messages = check_messages(body["messages"], rules, compatible=True)
+    params = {key: body[key] for key in COMPATIBLE_SAMPLING_KEYS if body.get(key) is not None}
+    if "max_tokens" not in params and body.get("max_completion_tokens") is not None:
+        params["max_tokens"] = body["max_completion_tokens"]
+    max_tokens = check_parameters(params, model, compatible=True)
+    stream = body.get("stream") is True
+    options = body.get("stream_options")
+    include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
+    count = _check_input_length(messages, model, usage_mode)
+    return ChatRequest(model, messages, params, max_tokens, "message", True, count, stream, include_usage)

@@ -1,0 +1,84 @@
+"""What a job will cost and how long it will take, before sending anything.
+
+Input tokens are exact (the preflight counts them with the Qwen tokenizer). Output tokens
+are a range, 0 to ``max_tokens`` per row, plus an expected figure: the mean reply length of
+the rows this job already finished when there are at least ``MIN_DONE_FOR_MEAN`` of them,
+otherwise the documented assumption that a reply is as long as its prompt, capped at
+``max_tokens`` (right for translation, generous for summaries).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .job import PreparedJob
+
+MIN_DONE_FOR_MEAN = 20
+
+
+def expected_output_per_row(prepared: PreparedJob, done_mean: float | None, done_rows: int) -> tuple[float, str]:
+    """Expected reply tokens per row and where the figure comes from."""
+    report = prepared.preflight
+    if done_mean is not None and done_rows >= MIN_DONE_FOR_MEAN:
+        return done_mean, f"mean reply length of the {done_rows} rows already done"
+    if report.to_send == 0:
+        return 0.0, "nothing left to send"
+    mean_input = report.to_send_input_tokens / report.to_send
+    mean_max = report.to_send_max_output_tokens / report.to_send
+    return min(mean_input, mean_max), "assumption: a reply as long as its prompt, capped at max_tokens"
+
+
+def build_estimate(
+    prepared: PreparedJob,
+    *,
+    done_mean_output: float | None,
+    done_rows: int,
+    requests_per_minute: float | None,
+    tokens_per_minute: float | None,
+) -> dict[str, Any]:
+    """The ``qwen-batch estimate`` figures as one JSON-ready dict."""
+    report = prepared.preflight
+    to_send = report.to_send
+    expected_per_row, basis = expected_output_per_row(prepared, done_mean_output, done_rows)
+    expected_output = expected_per_row * to_send
+    cost: dict[str, Any] = {"currency": prepared.price.currency if prepared.price else None}
+    if report.to_send_cost_min is not None and report.to_send_output_price is not None:
+        mean_output_price = report.to_send_output_price / to_send if to_send else 0.0
+        cost.update(
+            min=round(report.to_send_cost_min, 6),
+            expected=round(report.to_send_cost_min + expected_output * mean_output_price, 6),
+            max=round(report.to_send_cost_max or 0.0, 6),
+            source=prepared.price.source if prepared.price else None,
+        )
+    else:
+        cost.update(min=None, expected=None, max=None, source="unknown: no price for this model")
+    minutes = []
+    if requests_per_minute:
+        minutes.append(to_send / requests_per_minute)
+    if tokens_per_minute:
+        minutes.append((report.to_send_input_tokens + expected_output) / tokens_per_minute)
+    return {
+        "job": prepared.spec.name,
+        "model": prepared.spec.model,
+        "rows": prepared.rows,
+        "rows_done": prepared.resume.count(),
+        "rows_cached": report.cached,
+        "rows_with_problems": report.row_problems,
+        "rows_over_long": len(report.over_long),
+        "requests_to_send": to_send,
+        "input_tokens": {"all_rows": report.input_tokens, "to_send": report.to_send_input_tokens},
+        "output_tokens": {
+            "min": 0,
+            "expected": round(expected_output),
+            "max": report.to_send_max_output_tokens,
+            "expected_basis": basis,
+        },
+        "cost": cost,
+        "time": {
+            "requests_per_minute": requests_per_minute,
+            "tokens_per_minute": tokens_per_minute,
+            "minutes_at_limits": round(max(minutes), 2) if minutes else None,
+            "note": None if minutes else "no rate limits: bound by concurrency and the service's latency",
+        },
+    }

@@ -1,0 +1,166 @@
+"""Check every row before anything is sent: exact input tokens, over-long rows, resume consistency.
+
+Preflight renders the whole table (streamed) once. It answers, without sending anything:
+how many requests there are, their exact input tokens, which rows exceed the model's input
+limit, and whether rows already in a checkpoint still render to the same request.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .catalog import Price
+from .render import Renderer, RowProblem
+from .types import Request
+
+if TYPE_CHECKING:
+    from .cache import ResponseCache
+
+MAX_LISTED_MISMATCHES = 5
+
+
+@dataclass(frozen=True, slots=True)
+class OverLongRow:
+    index: int
+    row_id: str
+    input_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class PreflightReport:
+    """What a job will send, known before sending."""
+
+    rows: int
+    requests: int
+    row_problems: int
+    input_tokens: int
+    max_output_tokens: int
+    max_input_tokens: int | None
+    over_long: tuple[OverLongRow, ...]
+    cached: int
+    to_send: int
+    to_send_input_tokens: int
+    to_send_max_output_tokens: int
+    to_send_cost_min: float | None
+    to_send_cost_max: float | None
+    to_send_output_price: float | None
+    mismatched_row_ids: tuple[str, ...]
+
+
+class ResumeIndex:
+    """Which rows an earlier run finished, and the fingerprint each was sent with.
+
+    A bytearray and an array of 64-bit fingerprint prefixes: a few MB for a million rows.
+    """
+
+    def __init__(self, rows: int) -> None:
+        self.finished = bytearray(rows)
+        self.fingerprints = array("Q", bytes(8 * rows))
+
+    def mark(self, index: int, fingerprint: str) -> None:
+        if 0 <= index < len(self.finished):
+            self.finished[index] = 1
+            self.fingerprints[index] = fingerprint_prefix(fingerprint)
+
+    def is_finished(self, index: int) -> bool:
+        return bool(self.finished[index])
+
+    def matches(self, request: Request) -> bool:
+        return self.fingerprints[request.index] == fingerprint_prefix(request.fingerprint)
+
+    def count(self) -> int:
+        return self.finished.count(1)
+
+
+def fingerprint_prefix(fingerprint: str) -> int:
+    """The first 64 bits of a fingerprint; 0 for rows that never rendered to a request."""
+    return int(fingerprint[:16], 16) if fingerprint else 0
+
+
+def rendered(renderer: Renderer, batches: Iterator[Sequence[dict]]) -> Iterator[list[Request | RowProblem]]:
+    """Render each batch of rows; the index is the row's position in the table."""
+    index = 0
+    render = renderer.render
+    for batch in batches:
+        out = []
+        for row in batch:
+            out.append(render(index, row))
+            index += 1
+        yield out
+
+
+def run_preflight(
+    batches: Iterator[list[Request | RowProblem]],
+    *,
+    max_input_tokens: int | None,
+    resume: ResumeIndex | None = None,
+    over_long_is_error: bool = True,
+    price: Price | None = None,
+    cache: ResponseCache | None = None,
+) -> PreflightReport:
+    """Count and check every rendered row; see PreflightReport.
+
+    With a price, also the cost bounds of the rows to send: ``to_send_cost_min`` (empty
+    replies), ``to_send_cost_max`` (every reply ``max_tokens`` long) and
+    ``to_send_output_price`` (the price of one output token summed over those rows, each at
+    its own tier), from which an expected cost follows for any expected reply length.
+    With a cache, rows it would answer count as ``cached``, not as rows to send.
+    """
+    rows = requests = problems = tokens = max_out = cached = 0
+    to_send = to_send_tokens = to_send_max_out = 0
+    cost_min = cost_max = output_price = 0.0
+    over_long: list[OverLongRow] = []
+    mismatched: list[str] = []
+    for batch in batches:
+        candidates: list[Request] = []
+        for item in batch:
+            rows += 1
+            if isinstance(item, RowProblem):
+                problems += 1
+                continue
+            requests += 1
+            tokens += item.input_tokens
+            max_out += item.max_tokens
+            too_long = max_input_tokens is not None and item.input_tokens > max_input_tokens
+            if too_long:
+                over_long.append(OverLongRow(item.index, item.row_id, item.input_tokens))
+            if resume is not None and resume.is_finished(item.index):
+                if not resume.matches(item) and len(mismatched) < MAX_LISTED_MISMATCHES:
+                    mismatched.append(item.row_id)
+                continue
+            if not (too_long and over_long_is_error):
+                candidates.append(item)
+        if cache is not None and candidates:
+            hits = cache.get_many([item.fingerprint for item in candidates])
+            cached += sum(1 for item in candidates if item.fingerprint in hits)
+            candidates = [item for item in candidates if item.fingerprint not in hits]
+        for item in candidates:
+            to_send += 1
+            to_send_tokens += item.input_tokens
+            to_send_max_out += item.max_tokens
+            if price is not None:
+                tier = price.tier_for(item.input_tokens)
+                input_cost = item.input_tokens * tier.input_per_million / 1_000_000
+                cost_min += input_cost
+                cost_max += input_cost + item.max_tokens * tier.output_per_million / 1_000_000
+                output_price += tier.output_per_million / 1_000_000
+    return PreflightReport(
+        rows=rows,
+        requests=requests,
+        row_problems=problems,
+        input_tokens=tokens,
+        max_output_tokens=max_out,
+        max_input_tokens=max_input_tokens,
+        over_long=tuple(over_long),
+        cached=cached,
+        to_send=to_send,
+        to_send_input_tokens=to_send_tokens,
+        to_send_max_output_tokens=to_send_max_out,
+        to_send_cost_min=cost_min if price is not None else None,
+        to_send_cost_max=cost_max if price is not None else None,
+        to_send_output_price=output_price if price is not None else None,
+        mismatched_row_ids=tuple(mismatched),
+    )

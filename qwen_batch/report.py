@@ -1,0 +1,182 @@
+"""What a person sees: start lines, progress, the closing summary table. Display only.
+
+Progress is rendered from ``Runner.statistics()`` snapshots: a live line on a terminal,
+a plain line every few seconds otherwise (cron logs), nothing with ``--quiet``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any, TextIO
+
+import anyio
+
+if TYPE_CHECKING:
+    from .job import JobResult, PreparedJob
+    from .runner import Runner, RunStatistics
+
+TTY_REFRESH_S = 0.5
+PLAIN_REFRESH_S = 10.0
+
+
+def _money(value: float | None, currency: str) -> str:
+    return "unknown" if value is None else f"{value:.4f} {currency}"
+
+
+def progress_line(stats: RunStatistics, currency: str) -> str:
+    """One line of progress, the same for the terminal and for logs."""
+    errors = f", {stats.errors} errors" if stats.errors else ""
+    cached = f", {stats.cached} cached" if stats.cached else ""
+    return (
+        f"{stats.rows_done}/{stats.rows_total} rows{errors}{cached} | {stats.rows_per_second:.1f} rows/s | "
+        f"{stats.input_tokens + stats.output_tokens} tokens | {stats.cost:.4f} {currency}"
+        + (f" | {stats.throttled} throttled" if stats.throttled else "")
+    )
+
+
+class Reporter:
+    """Writes to stderr; ``quiet`` silences progress and notes, not errors or the summary."""
+
+    def __init__(self, *, quiet: bool = False, stream: TextIO | None = None, out: TextIO | None = None) -> None:
+        self.quiet = quiet
+        self.stream = stream or sys.stderr
+        self.out = out or sys.stdout
+        self.interactive = self.stream.isatty()
+        self.currency = "CNY"
+
+    def note(self, message: str) -> None:
+        if not self.quiet:
+            print(message, file=self.stream, flush=True)
+
+    def warn(self, message: str) -> None:
+        print(f"warning: {message}", file=self.stream, flush=True)
+
+    def start(self, prepared: PreparedJob, runner: Runner, rpm: float | None, tpm: float | None) -> None:
+        for warning in prepared.warnings:
+            self.warn(warning)
+        if prepared.price is not None:
+            self.currency = prepared.price.currency
+        execution = prepared.spec.execution
+        info = prepared.model_info
+        if info is not None and info.rate_limits is not None:
+            if execution.requests_per_minute is None and rpm is not None:
+                self.note(f"requests_per_minute not set: using {rpm:g}, {info.name}'s documented default ({info.rate_limits.source})")
+            if execution.tokens_per_minute is None and tpm is not None:
+                self.note(f"tokens_per_minute not set: using {tpm:g}, {info.name}'s documented default ({info.rate_limits.source})")
+        elif rpm is None and tpm is None:
+            self.note("no rate limits known for this model: running with the concurrency limit alone")
+        report = prepared.preflight
+        done = prepared.resume.count()
+        resumed = f", {done} already done (resuming)" if done else ""
+        self.note(
+            f"{prepared.spec.name}: {prepared.rows} rows{resumed}, {report.to_send} to send, "
+            f"{report.to_send_input_tokens} input tokens -> {prepared.output_path}"
+        )
+
+    async def follow(self, runner: Runner) -> None:
+        """Show progress until cancelled."""
+        if self.quiet:
+            return
+        interval = TTY_REFRESH_S if self.interactive else PLAIN_REFRESH_S
+        while True:
+            await anyio.sleep(interval)
+            line = progress_line(runner.statistics(), self.currency)
+            if self.interactive:
+                print(f"\r\x1b[2K{line}", end="", file=self.stream, flush=True)
+            else:
+                print(line, file=self.stream, flush=True)
+
+    def stopping(self, message: str) -> None:
+        print(f"\n{message}", file=self.stream, flush=True)
+
+    def finish(self, result: JobResult, prepared: PreparedJob, command: str) -> None:
+        if self.interactive and not self.quiet:
+            print(file=self.stream)
+        if result.stop_reason == "interrupted":
+            print(f"interrupted: finished rows are saved; resume with: {command}", file=self.stream, flush=True)
+        elif result.stop_reason == "auth":
+            print(f"aborted: the API key was refused ({result.stop_detail}); nothing more was sent", file=self.stream)
+        elif result.stop_reason == "budget":
+            print(
+                f"stopped: the budget of {prepared.max_cost} would be exceeded; "
+                f"raise budget.max_cost or --max-cost and re-run to continue: {command}",
+                file=self.stream,
+            )
+        if not self.quiet or result.stop_reason:
+            render_summary(result.summary, self.out)
+
+
+def render_summary(summary: dict[str, Any], out: TextIO) -> None:
+    """The closing summary as a table (rich), the same figures as summary.json."""
+    from rich.console import Console
+    from rich.table import Table
+
+    cost = summary["cost"]
+    currency = cost["currency"]
+    table = Table(title=f"qwen-batch summary: {summary['job']}", show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    rows = summary["rows"]
+    table.add_row("model", summary["model"])
+    table.add_row("rows", f"{rows['total']} total, {rows['ok']} ok, {rows['error']} error, {rows['not_done']} not done")
+    for code, count in summary["errors_by_code"].items():
+        table.add_row(f"  error {code}", str(count))
+    tokens = summary["tokens"]
+    table.add_row("tokens", f"{tokens['input']} in, {tokens['output']} out, {tokens['total']} total")
+    table.add_row("cost", _money(cost["total"], currency))
+    table.add_row("price source", cost["price_source"])
+    cache = summary["cache"]
+    if cache["hits"]:
+        table.add_row("cache hits", f"{cache['hits']} (saved {_money(cache['saved_cost'], currency)})")
+    table.add_row("retries", str(summary["retries"]))
+    table.add_row("wall time", f"{summary['wall_time_s']:.1f} s ({summary['rows_per_second']:.1f} rows/s)")
+    table.add_row("output", summary["output"])
+    Console(file=out, width=max(100, len(summary["output"]) + 20)).print(table)
+
+
+def render_status(status: Any, out: TextIO) -> None:
+    """``qwen-batch status``: how far the job got."""
+    done = status.done
+    print(f"{status.name}: {status.rows} rows in the input", file=out)
+    if done is None:
+        print("  not started: no checkpoint yet", file=out)
+        return
+    print(f"  done:      {done.rows_done} ({done.ok} ok, {done.errors} error, {done.cached} from cache)", file=out)
+    for code, count in done.errors_by_code.items():
+        print(f"    error {code}: {count}", file=out)
+    if done.retryable_errors:
+        print(f"    {done.retryable_errors} of the errors are retried on resume", file=out)
+    print(f"  remaining: {status.remaining}", file=out)
+    print(f"  tokens:    {done.input_tokens} in, {done.output_tokens} out", file=out)
+    print(f"  cost:      {done.cost:.4f} {status.currency} so far", file=out)
+    print(f"  output:    {status.output_path} ({'written' if status.output_written else 'not written yet'})", file=out)
+    if status.spec_changed:
+        print("  the spec changed since this checkpoint (a run will refuse; --fresh starts over):", file=out)
+        for change in status.spec_changed:
+            print(f"    {change}", file=out)
+
+
+def render_estimate(estimate: dict[str, Any], out: TextIO) -> None:
+    """``qwen-batch estimate`` as a table; ``--json`` prints the same dict."""
+    from rich.console import Console
+    from rich.table import Table
+
+    cost, tokens, time = estimate["cost"], estimate["output_tokens"], estimate["time"]
+    currency = cost["currency"] or ""
+    table = Table(title=f"qwen-batch estimate: {estimate['job']} ({estimate['model']})", show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    table.add_row("rows", f"{estimate['rows']} ({estimate['rows_done']} done, {estimate['rows_cached']} cached)")
+    table.add_row("requests to send", str(estimate["requests_to_send"]))
+    if estimate["rows_over_long"] or estimate["rows_with_problems"]:
+        table.add_row("rows not sent", f"{estimate['rows_over_long']} over-long, {estimate['rows_with_problems']} with problems")
+    table.add_row("input tokens (exact)", str(estimate["input_tokens"]["to_send"]))
+    table.add_row("output tokens", f"0 .. {tokens['max']} (expected {tokens['expected']})")
+    table.add_row("  expected from", tokens["expected_basis"])
+    if cost["min"] is None:
+        table.add_row("cost", "unknown (no price for this model)")
+    else:
+        table.add_row("cost", f"{cost['min']:.4f} .. {cost['max']:.4f} {currency} (expected {cost['expected']:.4f})")
+    minutes = time["minutes_at_limits"]
+    table.add_row("time at the limits", f"{minutes:.1f} min" if minutes is not None else time["note"])
+    Console(file=out, width=100).print(table)

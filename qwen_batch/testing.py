@@ -1,0 +1,71 @@
+"""Public test seams of qwen-batch.
+
+``EmulatorThread`` runs the offline DashScope emulator on its own event loop in a
+background thread, for synchronous code: the official ``dashscope`` SDK, the ``openai``
+package, or ``qwen-batch`` run as a subprocess. Async code should use
+``qwen_batch.emulator.open_emulator`` directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from types import TracebackType
+
+from .emulator import EmulatorConfig, RunningEmulator, open_emulator
+
+# Starting loads the tokenizer vocabulary (about 0.3 s); give it ample room on a busy machine.
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+
+
+class EmulatorThread:
+    """``with EmulatorThread(config) as emu:`` — a running emulator for synchronous code.
+
+    ``emu`` is the same ``RunningEmulator`` that ``open_emulator`` yields (``base_url``,
+    ``compatible_base_url``, ``api_key``, ``ledger``, ``stats()``).
+    """
+
+    def __init__(self, config: EmulatorConfig | None = None, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.config = config
+        self.host = host
+        self.port = port
+        self._ready = threading.Event()
+        self._running: RunningEmulator | None = None
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> RunningEmulator:
+        self._thread = threading.Thread(target=self._main, name="qwen-batch-emulator", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(START_TIMEOUT_S):
+            raise RuntimeError("the emulator did not start in time")
+        if self._error is not None:
+            raise RuntimeError("the emulator failed to start") from self._error
+        assert self._running is not None
+        return self._running
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(STOP_TIMEOUT_S)
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as exc:  # noqa: BLE001 - handed to the starting thread
+            self._error = exc
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        async with open_emulator(self.config, host=self.host, port=self.port) as running:
+            self._running = running
+            self._ready.set()
+            await self._stop.wait()
