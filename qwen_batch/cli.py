@@ -78,12 +78,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     example: qwen-batch validate jobs/translate.yaml
     """
-    from .job import JobOptions, prepare_job
+    from .job import JobOptions, over_long_message, prepare_job
 
-    prepared = prepare_job(Path(args.job), JobOptions(limit=args.limit))
+    prepared = prepare_job(Path(args.job), JobOptions(limit=args.limit), check_over_long=False)
     for warning in prepared.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     report = prepared.preflight
+    if report.over_long and prepared.spec.preflight.over_long == "fail":
+        print(f"error: {over_long_message(prepared.spec, report)}", file=sys.stderr)
+        return EXIT_USAGE
     print(
         f"{prepared.spec.path}: ok: {report.rows} rows, {report.requests} requests, "
         f"{report.input_tokens} input tokens, {report.row_problems} rows with problems"
@@ -92,7 +95,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         ids = ", ".join(row.row_id for row in report.over_long)
         print(
             f"warning: {len(report.over_long)} over-long row(s) will be recorded as row errors "
-            f"(preflight.over_long: error): {ids}",
+            f"without being sent (preflight.over_long: error): {ids}",
             file=sys.stderr,
         )
     return 0

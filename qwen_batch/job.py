@@ -113,10 +113,18 @@ def request_manifest(spec: JobSpec, renderer: Renderer) -> dict[str, Any]:
     }
 
 
-def prepare_job(spec_path: Path, options: JobOptions, cache: ResponseCache | None = None) -> PreparedJob:
+def prepare_job(
+    spec_path: Path,
+    options: JobOptions,
+    cache: ResponseCache | None = None,
+    *,
+    check_over_long: bool = True,
+) -> PreparedJob:
     """Load and check the spec and the whole input; read the checkpoint. Sends nothing.
 
     With ``cache``, the preflight also counts the rows the response cache would answer.
+    Over-long rows raise InputError when the spec's policy is ``fail``, unless
+    ``check_over_long`` is false (``validate`` lists them itself).
     """
     spec = load_spec(spec_path)
     catalog = catalog_module.builtin()
@@ -154,14 +162,8 @@ def prepare_job(spec_path: Path, options: JobOptions, cache: ResponseCache | Non
             f"(row ids {', '.join(report.mismatched_row_ids)}): the input changed; "
             "re-run with --fresh to start over (old results are kept aside)"
         )
-    if report.over_long and spec.preflight.over_long == "fail":
-        listed = ", ".join(f"{row.row_id} ({row.input_tokens} tokens)" for row in report.over_long[:20])
-        more = f" and {len(report.over_long) - 20} more" if len(report.over_long) > 20 else ""
-        raise InputError(
-            f"{spec.input.path}: {len(report.over_long)} row(s) exceed {spec.model}'s input limit of "
-            f"{report.max_input_tokens} tokens: {listed}{more}; shorten them, or set "
-            "preflight.over_long: error to record them as row errors"
-        )
+    if report.over_long and spec.preflight.over_long == "fail" and check_over_long:
+        raise InputError(over_long_message(spec, report, listed=20))
     return PreparedJob(
         spec=spec,
         options=options,
@@ -177,6 +179,18 @@ def prepare_job(spec_path: Path, options: JobOptions, cache: ResponseCache | Non
         resume=resume,
         previous_cost=previous_cost,
         warnings=warnings,
+    )
+
+
+def over_long_message(spec: JobSpec, report: PreflightReport, listed: int | None = None) -> str:
+    """One line naming the over-long rows by id (the first ``listed``, or all) and the fix."""
+    rows = report.over_long if listed is None else report.over_long[:listed]
+    names = ", ".join(f"{row.row_id} ({row.input_tokens} tokens)" for row in rows)
+    more = f" and {len(report.over_long) - len(rows)} more" if len(rows) < len(report.over_long) else ""
+    return (
+        f"{spec.input.path}: {len(report.over_long)} row(s) exceed {spec.model}'s input limit of "
+        f"{report.max_input_tokens} tokens: {names}{more}; shorten them, or set "
+        "preflight.over_long: error to record them as row errors without sending them"
     )
 
 
