@@ -111,20 +111,30 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
     from .cache import ResponseCache, default_cache_path
     from .estimate import build_estimate
-    from .job import JobOptions, checkpoint_status, effective_rate_limits, prepare_job
+    from .job import (
+        EMULATOR_SERVICE,
+        JobOptions,
+        ServiceCache,
+        checkpoint_status,
+        configured_base_url,
+        effective_rate_limits,
+        prepare_job,
+    )
     from .spec import load_spec
 
     options = JobOptions(limit=args.limit, output=Path(args.output) if args.output else None, no_cache=args.no_cache)
     spec = load_spec(Path(args.job))
-    cache = None
+    shared = None
     if spec.cache.enabled and not args.no_cache:
         path = spec.cache.path or default_cache_path()
-        cache = ResponseCache(path) if path.exists() else None
+        shared = ResponseCache(path) if path.exists() else None
     try:
+        service = EMULATOR_SERVICE if args.emulate else configured_base_url(spec)
+        cache = ServiceCache(shared, service) if shared is not None else None
         prepared = prepare_job(Path(args.job), options, cache=cache)
     finally:
-        if cache is not None:
-            cache.close()
+        if shared is not None:
+            shared.close()
     done = checkpoint_status(prepared)
     mean_output = done.output_tokens / done.ok if done is not None and done.ok else None
     rpm, tpm = effective_rate_limits(prepared)
@@ -204,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     estimate = add("estimate", cmd_estimate)
     estimate.add_argument("job", help="the job spec (YAML)")
     estimate.add_argument("--json", action="store_true", help="print JSON for scripts")
+    estimate.add_argument("--emulate", action="store_true", help="count cached replies of the built-in emulator")
     estimate.add_argument("--limit", type=_positive_int, help="only the first N rows")
     estimate.add_argument("--output", help="output Parquet path (overrides output.path)")
     estimate.add_argument("--no-cache", action="store_true", help="do not count rows the cache would answer")

@@ -6,6 +6,7 @@ overwritten (exit 2); ``execute_job`` sends, and always leaves a consistent chec
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import AsyncExitStack
@@ -116,7 +117,7 @@ def request_manifest(spec: JobSpec, renderer: Renderer) -> dict[str, Any]:
 def prepare_job(
     spec_path: Path,
     options: JobOptions,
-    cache: ResponseCache | None = None,
+    cache: ServiceCache | None = None,
     *,
     check_over_long: bool = True,
 ) -> PreparedJob:
@@ -220,7 +221,7 @@ def _resume_state(
 def resolve_api(prepared: PreparedJob) -> tuple[str, str]:
     """Base URL and key for a real run; a missing key is exit 2 with how to set it."""
     spec = prepared.spec
-    base_url = os.environ.get(BASE_URL_ENV) or spec.api.base_url or DEFAULT_BASE_URL
+    base_url = configured_base_url(spec)
     check_base_url(base_url, spec.api.allow_insecure_http)
     key = os.environ.get(API_KEY_ENV, "").strip()
     key_file = os.environ.get(API_KEY_FILE_ENV)
@@ -237,7 +238,37 @@ def resolve_api(prepared: PreparedJob) -> tuple[str, str]:
     return base_url, key
 
 
-def work_items(prepared: PreparedJob, cache: ResponseCache | None) -> Iterator[list[WorkItem]]:
+EMULATOR_SERVICE = "qwen-batch built-in emulator"
+
+
+class ServiceCache:
+    """The shared response cache seen from one service (a base URL, or the built-in emulator).
+
+    A reply is reused only for the same request sent to the same service: the emulator's
+    text must never answer a real run, nor one region's endpoint another's.
+    """
+
+    def __init__(self, cache: ResponseCache, service: str) -> None:
+        self._cache = cache
+        self._prefix = f"{service.rstrip('/')}\n".encode()
+
+    def _key(self, fingerprint: str) -> str:
+        return hashlib.sha256(self._prefix + fingerprint.encode()).hexdigest()
+
+    def get_many(self, fingerprints: Sequence[str]) -> dict[str, Reply]:
+        keys = {self._key(fingerprint): fingerprint for fingerprint in fingerprints}
+        return {keys[key]: reply for key, reply in self._cache.get_many(list(keys)).items()}
+
+    def put_many(self, items: Sequence[tuple[str, Reply]]) -> None:
+        self._cache.put_many([(self._key(fingerprint), reply) for fingerprint, reply in items])
+
+
+def configured_base_url(spec: JobSpec) -> str:
+    """Where a real run sends: DASHSCOPE_HTTP_BASE_URL, else the spec's api.base_url."""
+    return os.environ.get(BASE_URL_ENV) or spec.api.base_url or DEFAULT_BASE_URL
+
+
+def work_items(prepared: PreparedJob, cache: ServiceCache | None) -> Iterator[list[WorkItem]]:
     """Rows to send, in input order, with rows decided without sending turned into outcomes."""
     resume = prepared.resume
     over_long_limit = prepared.preflight.max_input_tokens
@@ -280,7 +311,7 @@ def _over_long_outcome(request: Request, limit: int) -> Outcome:
     )
 
 
-def _answer_from_cache(items: list[WorkItem], cache: ResponseCache) -> list[WorkItem]:
+def _answer_from_cache(items: list[WorkItem], cache: ServiceCache) -> list[WorkItem]:
     requests = [item for item in items if isinstance(item, Request)]
     if not requests:
         return items
@@ -315,7 +346,7 @@ def _cached_outcome(request: Request, reply: Reply) -> Outcome:
 class CheckpointAndCacheSink:
     """Group commit target: the checkpoint (durable first), then the shared cache."""
 
-    def __init__(self, checkpoint: Checkpoint, cache: ResponseCache | None) -> None:
+    def __init__(self, checkpoint: Checkpoint, cache: ServiceCache | None) -> None:
         self._checkpoint = checkpoint
         self._cache = cache
 
@@ -360,8 +391,9 @@ async def execute_job(prepared: PreparedJob, reporter: Any) -> JobResult:
         stack.callback(checkpoint.close)
         cache = None
         if spec.cache.enabled and not options.no_cache:
-            cache = ResponseCache(spec.cache.path or default_cache_path())
-            stack.callback(cache.close)
+            shared = ResponseCache(spec.cache.path or default_cache_path())
+            stack.callback(shared.close)
+            cache = ServiceCache(shared, EMULATOR_SERVICE if options.emulate else base_url)
         concurrency = options.concurrency or spec.execution.concurrency
         backend = await stack.enter_async_context(
             DashScopeBackend(

@@ -17,7 +17,7 @@ from .render import Renderer, RowProblem
 from .types import Request
 
 if TYPE_CHECKING:
-    from .cache import ResponseCache
+    from .job import ServiceCache
 
 MAX_LISTED_MISMATCHES = 5
 
@@ -99,7 +99,7 @@ def run_preflight(
     resume: ResumeIndex | None = None,
     over_long_is_error: bool = True,
     price: Price | None = None,
-    cache: ResponseCache | None = None,
+    cache: ServiceCache | None = None,
 ) -> PreflightReport:
     """Count and check every rendered row; see PreflightReport.
 

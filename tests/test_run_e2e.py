@@ -249,3 +249,12 @@ def test_the_sample_jobs_run_on_the_emulator(tmp_path: Path, monkeypatch: pytest
     assert main(["run", str(repo_jobs / job_name), "--emulate", "--quiet", "--output", str(output)]) == 0
     source = pl.read_parquet(output)
     assert source.height > 0 and (source["status"] == "ok").all()
+
+
+def test_replies_of_the_built_in_emulator_never_answer_a_real_run(tmp_path: Path, job_env: dict, emulator: Any) -> None:
+    """The cache is shared across jobs but kept per service: --emulate text must not leak into a real run."""
+    job = sentences_job(tmp_path, TEXTS[:2])
+    assert main(["run", str(job), "--emulate", "--quiet", "--output", str(tmp_path / "emulated.parquet")]) == 0
+    assert main(["run", str(job), "--quiet"]) == 0
+    assert len(billable(emulator)) == 2
+    assert read_summary(tmp_path / "out" / "result.parquet")["cache"]["hits"] == 0
