@@ -188,3 +188,63 @@ def test_no_cache_flag_sends_again(tmp_path: Path) -> None:
             job = sentences_job(tmp_path / folder, texts)
             assert run_subprocess(["run", str(job), "--quiet", "--no-cache"], env).returncode == 0
         assert len(emu.ledger) == 2 * len(texts)
+
+
+def test_resume_retries_retryable_errors_and_keeps_permanent_ones_unless_asked(tmp_path: Path) -> None:
+    texts = ["fine", "blocked [[emu: always=DataInspectionFailed]]", "busy [[emu: fail=ModelUnavailable times=2]]"]
+    job = sentences_job(tmp_path, texts, execution={"max_retries": 1, "concurrency": 1})
+    with EmulatorThread(EmulatorConfig()) as emu:
+        env = _env(emu, tmp_path, "errors")
+        first = run_subprocess(["run", str(job), "--quiet"], env)
+        assert first.returncode == 1
+        frame = pl.read_parquet(tmp_path / "out" / "result.parquet")
+        assert frame["error_code"].to_list() == [None, "DataInspectionFailed", "ModelUnavailable"]
+        sent = len(emu.ledger)
+        second = run_subprocess(["run", str(job), "--quiet"], env)
+        # Only the retryable row went again (its third attempt succeeds); the permanent one stays.
+        assert second.returncode == 1
+        assert len(emu.ledger) == sent + 1
+        frame = pl.read_parquet(tmp_path / "out" / "result.parquet")
+        assert frame["status"].to_list() == ["ok", "error", "ok"]
+        third = run_subprocess(["run", str(job), "--quiet", "--retry-errors"], env)
+        assert third.returncode == 1
+        assert len(emu.ledger) == sent + 2
+        assert emu.ledger[-1]["code"] == "DataInspectionFailed"
+
+
+def test_a_second_sigint_stops_at_once_and_the_run_still_resumes(tmp_path: Path) -> None:
+    job = sentences_job(tmp_path, _texts(40), execution={"concurrency": 4})
+    with EmulatorThread(EmulatorConfig(latency_s=30)) as emu:
+        env = _env(emu, tmp_path, "twice")
+        process = _start(job, env)
+        assert emu.wait_for_in_flight(4, timeout=20)
+        process.send_signal(signal.SIGINT)
+        assert process.stderr is not None
+        assert "finishing the requests in flight" in process.stderr.readline() + process.stderr.readline()
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=15)
+        assert process.returncode == 130, stderr
+        # The first Ctrl-C alone would wait up to 5 s for the 30 s requests; the second does not.
+        assert time.monotonic() - started < 4
+    with EmulatorThread(EmulatorConfig()) as emu:
+        resumed = run_subprocess(["run", str(job), "--quiet"], _env(emu, tmp_path, "twice"))
+        assert resumed.returncode == 0, resumed.stderr
+    assert pl.read_parquet(tmp_path / "out" / "result.parquet")["status"].to_list() == ["ok"] * 40
+
+
+def test_status_shows_how_far_a_run_got_without_sending(tmp_path: Path) -> None:
+    job = sentences_job(tmp_path, _texts(10) + ["bad [[emu: always=DataInspectionFailed]]"])
+    with EmulatorThread(EmulatorConfig()) as emu:
+        env = _env(emu, tmp_path, "status")
+        before = run_subprocess(["status", str(job)], env)
+        assert before.returncode == 0 and "not started" in before.stdout
+        assert run_subprocess(["run", str(job), "--quiet", "--limit", "6"], env).returncode == 0
+        sent = len(emu.ledger)
+        partial = run_subprocess(["status", str(job)], env)
+        assert partial.returncode == 0
+        assert "done:      6 (6 ok, 0 error" in partial.stdout
+        assert "remaining: 5" in partial.stdout
+        assert len(emu.ledger) == sent
+        summary = read_summary(tmp_path / "out" / "result.parquet")
+        assert f"{summary['cost']['total']:.4f} CNY so far" in partial.stdout

@@ -59,6 +59,8 @@ class Ledger:
         self.in_flight += 1
         if self.in_flight > self.peak_in_flight:
             self.peak_in_flight = self.in_flight
+        with self._changed:
+            self._changed.notify_all()
 
     def finished(self) -> None:
         self.in_flight -= 1
@@ -115,6 +117,11 @@ class Ledger:
         """Block (a thread other than the server's) until at least ``count`` lines exist."""
         with self._changed:
             return self._changed.wait_for(lambda: len(self._entries) >= count, timeout)
+
+    def wait_for_in_flight(self, count: int, timeout: float | None = None) -> bool:
+        """Block (a thread other than the server's) until ``count`` requests are being answered."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.in_flight >= count, timeout)
 
     def entries(self) -> list[dict[str, Any]]:
         """A copy of every line so far, oldest first."""

@@ -628,6 +628,10 @@ class RunningEmulator:
         ledger = self.emulator.ledger
         return ledger.wait_for_entries(len(ledger) + 1, timeout)
 
+    def wait_for_in_flight(self, count: int, timeout: float | None = None) -> bool:
+        """Block until ``count`` requests are in flight at once; False on timeout (other threads only)."""
+        return self.emulator.ledger.wait_for_in_flight(count, timeout)
+
 
 @contextlib.asynccontextmanager
 async def open_emulator(
