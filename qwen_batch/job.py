@@ -21,7 +21,7 @@ from .budget import Budget
 from .cache import ResponseCache, default_cache_path
 from .catalog import ModelInfo, Price
 from .checkpoint import Checkpoint, CheckpointSummary, manifest_changes, set_aside
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, QwenBatchError
 from .output import check_input_columns
 from .preflight import PreflightReport, ResumeIndex, rendered, run_preflight
 from .render import Renderer, RowProblem
@@ -416,11 +416,14 @@ async def execute_job(prepared: PreparedJob, reporter: Any) -> JobResult:
             budget=Budget(max_cost, spent=prepared.previous_cost) if max_cost is not None else None,
         )
         reporter.start(prepared, runner, rpm, tpm)
-        async with anyio.create_task_group() as watchers:
-            watchers.start_soon(_stop_on_signals, runner, reporter)
-            watchers.start_soon(reporter.follow, runner)
-            statistics = await runner.run(work_items(prepared, cache))
-            watchers.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as watchers:
+                watchers.start_soon(_stop_on_signals, runner, reporter)
+                watchers.start_soon(reporter.follow, runner)
+                statistics = await runner.run(work_items(prepared, cache))
+                watchers.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise sole_error(group) from None
         wrote_output = False
         log = checkpoint.log_lazy()
         if runner.stop_reason in (None, STOP_BUDGET):
@@ -445,6 +448,23 @@ async def execute_job(prepared: PreparedJob, reporter: Any) -> JobResult:
         summary = build_summary(prepared, log, statistics, runner.stop_reason)
         write_summary_json(prepared.summary_path, summary)
     return JobResult(statistics, summary, runner.stop_reason, runner.stop_detail, wrote_output)
+
+
+def sole_error(group: BaseExceptionGroup) -> BaseException:
+    """The qwen-batch error a task group failed with (a full disk, say), else the group itself.
+
+    Task groups wrap what their tasks raise; the user should see the error, not the wrapping.
+    """
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        error = pending.pop()
+        if isinstance(error, BaseExceptionGroup):
+            pending.extend(error.exceptions)
+        else:
+            leaves.append(error)
+    ours = [leaf for leaf in leaves if isinstance(leaf, QwenBatchError)]
+    return ours[0] if ours and len(ours) == len(leaves) else group
 
 
 def effective_rate_limits(prepared: PreparedJob) -> tuple[float | None, float | None]:

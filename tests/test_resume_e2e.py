@@ -248,3 +248,34 @@ def test_status_shows_how_far_a_run_got_without_sending(tmp_path: Path) -> None:
         assert len(emu.ledger) == sent
         summary = read_summary(tmp_path / "out" / "result.parquet")
         assert f"{summary['cost']['total']:.4f} CNY so far" in partial.stdout
+
+
+def _limit_file_size(limit: int) -> None:
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def test_a_full_disk_stops_the_run_cleanly_and_keeps_what_was_written(tmp_path: Path) -> None:
+    """Files may not grow past 40 KB (RLIMIT_FSIZE): the checkpoint write fails like on a full disk."""
+    job = sentences_job(tmp_path, _texts(ROWS), execution={"concurrency": CONCURRENCY})
+    with EmulatorThread(EmulatorConfig()) as emu:
+        env = _env(emu, tmp_path, "full")
+        full = subprocess.run(
+            [sys.executable, "-m", "qwen_batch", "run", str(job), "--quiet", "--no-cache"],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            preexec_fn=lambda: _limit_file_size(40_000),
+        )
+        assert full.returncode == 2, full.stderr
+        assert "Traceback" not in full.stderr
+        assert "rows.jsonl" in full.stderr
+        billed_before = emu.stats()["billable"]
+        assert 0 < billed_before < ROWS
+        resumed = run_subprocess(["run", str(job), "--quiet", "--no-cache"], env)
+        assert resumed.returncode == 0, resumed.stderr
+        _assert_paid_at_most_once_plus_in_flight(emu, kills=1)
+    assert pl.read_parquet(tmp_path / "out" / "result.parquet").height == ROWS
