@@ -2,6 +2,7 @@
 
 Exit codes: 0 every row ok; 1 finished with failed rows; 2 bad spec, input, arguments or
 configuration (nothing sent, nothing overwritten); 3 aborted (key refused, budget reached);
+70 internal error (a bug; ``QWEN_BATCH_DEBUG=1`` prints its traceback, key scrubbed);
 130 interrupted.
 """
 
@@ -16,7 +17,9 @@ from pathlib import Path
 from .errors import QwenBatchError, UsageError
 
 EXIT_USAGE = 2
+EXIT_INTERNAL = 70  # sysexits EX_SOFTWARE: a bug, not the user's input nor the service
 EXIT_INTERRUPTED = 130
+DEBUG_ENV = "QWEN_BATCH_DEBUG"  # read by main() when it runs, never at import
 
 
 def _positive_int(text: str) -> int:
@@ -182,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qwen-batch",
         description="Run bulk prompt jobs on Qwen models through DashScope.",
-        epilog="Exit codes: 0 all rows ok, 1 some rows failed, 2 bad input, 3 aborted, 130 interrupted.",
+        epilog="Exit codes: 0 all rows ok, 1 some rows failed, 2 bad input, 3 aborted, 70 internal error, 130 interrupted.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -236,11 +239,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_scrubbed(str(error))}", file=sys.stderr)
         return EXIT_USAGE
     except QwenBatchError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_scrubbed(str(error))}", file=sys.stderr)
         return getattr(error, "exit_code", 1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as error:  # noqa: BLE001 - the one place a bug becomes a message, not a key leak
+        return _internal_error(error)
+
+
+def _internal_error(error: BaseException) -> int:
+    """A bug: one line (or, with QWEN_BATCH_DEBUG=1, the whole traceback), the API key scrubbed.
+
+    The traceback is printed here rather than re-raised, because Python's own hook would
+    print exception texts (which may quote a request and its key) unscrubbed.
+    """
+    import os
+    import traceback
+
+    if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
+        text = "".join(traceback.format_exception(error))
+        print(_scrubbed(text), end="", file=sys.stderr)
+    else:
+        first = (str(error).strip().splitlines() or [""])[0][:300]
+        print(
+            f"error: internal error ({type(error).__name__}: {_scrubbed(first)}); this is a bug in qwen-batch: "
+            f"re-run with {DEBUG_ENV}=1 for the traceback and report it",
+            file=sys.stderr,
+        )
+    return EXIT_INTERNAL
+
+
+def _scrubbed(text: str) -> str:
+    """``text`` without the API key of the environment (or key file), whatever quoted it."""
+    import os
+
+    keys = [os.environ.get("DASHSCOPE_API_KEY", "").strip()]
+    key_file = os.environ.get("DASHSCOPE_API_KEY_FILE_PATH")
+    if key_file:
+        try:
+            keys.append(Path(key_file).read_text(encoding="utf-8").strip())
+        except (OSError, UnicodeDecodeError):
+            pass
+    for key in keys:
+        if len(key) >= 8 and key in text:
+            text = text.replace(key, "sk-***")
+    return text

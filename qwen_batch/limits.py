@@ -33,6 +33,8 @@ DEFAULT_MARGIN = 0.005
 BURST_S = 0.05
 # The token bucket holds this fraction of a minute's tokens, so one ordinary request fits.
 DEFAULT_TOKEN_BURST_FRACTION = 0.05
+# The adaptive throttle's ramp-up never slows below this fraction of its largest cut.
+MIN_STEP_FRACTION = 0.25
 
 
 def _bucket_rate(limit: float, bucket: float, window_s: float, margin: float) -> float:
@@ -151,10 +153,17 @@ class AdaptiveThrottle:
       request rate; "tokens" 429s cut the token rate; "burst" 429s cut the request rate
       and halve the speed of the next ramp-up (smoother).
     * Each success after the cool-down raises the rate linearly in time (additive
-      increase): the cut is regained over ``ramp_s`` seconds, never above the ceiling.
+      increase): the largest cut so far is regained per ``ramp_s`` seconds, never above
+      the ceiling.
     * The throttle does not pace at all until the first 429 (the fixed limiters do);
       that 429 starts its rate from the rate observed just before it (at most the
       ceiling, ``request_rate``/``token_rate``), then cuts it.
+    * A later 429 cuts only if the pool was really sending near the current rate
+      (at least ``busy_fraction`` of it, measured over the time it was not cooling
+      down). A 429 that comes while the pool sends far below its rate (few rows left,
+      workers waiting out retry backoff) says the service refused for another reason
+      (a burst, an overloaded node); cutting on each such 429 would ratchet the rate
+      down to the floor under a steady share of 429s that do not depend on the rate.
 
     ``clock`` and ``sleep`` are seams: tests pass a fake clock and a sleep that advances it.
     """
@@ -169,12 +178,15 @@ class AdaptiveThrottle:
         decrease: float = 0.7,
         ramp_s: float = 30.0,
         default_cooldown_s: float = 1.0,
-        max_cooldown_s: float = 30.0,
+        max_cooldown_s: float = 10.0,
         min_request_rate: float = 0.05,
         observe_window_s: float = 2.0,
+        busy_fraction: float = 0.5,
     ) -> None:
         if not 0.0 < decrease < 1.0:
             raise ValueError("decrease must be in (0, 1)")
+        if not 0.0 <= busy_fraction <= 1.0:
+            raise ValueError("busy_fraction must be in [0, 1]")
         self._clock = clock
         self._sleep = sleep
         self._decrease = decrease
@@ -183,10 +195,16 @@ class AdaptiveThrottle:
         self._max_cooldown_s = max_cooldown_s
         self._min_request_rate = min_request_rate
         self._observe_window_s = observe_window_s
+        self._busy_fraction = busy_fraction
         now = clock()
         self._requests = _AimdRate(request_rate, now)
         self._tokens = _AimdRate(token_rate, now)
         self._cooldown_until = -math.inf
+        # Time spent cooling down, so observed rates count only the time the pool could
+        # send: finished cool-downs add up in ``_paused_before``; the current one runs
+        # from ``_pause_start`` to ``_cooldown_until``.
+        self._pause_start = 0.0
+        self._paused_before = 0.0
         self._epoch = 0
         self._throttled = 0
         self._throttled_by_kind: dict[str, int] = {}
@@ -196,6 +214,7 @@ class AdaptiveThrottle:
         self._backoff = default_cooldown_s
         # Sends counted in the current and the last finished observation window.
         self._window_start = now
+        self._window_paused_at = 0.0
         self._window_sent = 0
         self._window_tokens = 0
         self._last_sent_rate: float | None = None
@@ -203,6 +222,16 @@ class AdaptiveThrottle:
 
     def __repr__(self) -> str:
         return f"AdaptiveThrottle(request_rate={self._requests.rate}, token_rate={self._tokens.rate})"
+
+    @property
+    def epoch(self) -> int:
+        """Changes whenever a cool-down starts or grows: a slot granted before it is stale."""
+        return self._epoch
+
+    def _paused(self, now: float) -> float:
+        """Seconds spent cooling down up to ``now``."""
+        current = min(now, self._cooldown_until) - self._pause_start
+        return self._paused_before + (current if current > 0 else 0.0)
 
     async def wait_turn(self, tokens: int = 0) -> None:
         """Wait out any cool-down and this request's slot at the current rates."""
@@ -227,21 +256,28 @@ class AdaptiveThrottle:
             # A 429 arrived while we waited: our slot was planned at the old rate.
         self._observe(now, tokens)
 
+    def _active(self, now: float) -> float:
+        """Seconds of the current observation window not spent cooling down."""
+        return (now - self._window_start) - (self._paused(now) - self._window_paused_at)
+
     def _observe(self, now: float, tokens: int) -> None:
-        elapsed = now - self._window_start
-        if elapsed >= self._observe_window_s:
-            self._last_sent_rate = self._window_sent / elapsed
-            self._last_token_rate = self._window_tokens / elapsed
+        if now - self._window_start >= self._observe_window_s:
+            active = self._active(now)
+            if active > 0.05 * self._observe_window_s:  # a window spent cooling down says nothing
+                self._last_sent_rate = self._window_sent / active
+                self._last_token_rate = self._window_tokens / active
             self._window_start, self._window_sent, self._window_tokens = now, 0, 0
+            self._window_paused_at = self._paused(now)
         self._window_sent += 1
         self._window_tokens += tokens
 
     def _observed_rates(self, now: float) -> tuple[float, float]:
+        """Sends and tokens per second of sending time (cool-downs excluded)."""
         elapsed = now - self._window_start
         if self._last_sent_rate is not None and elapsed < self._observe_window_s / 2:
             return self._last_sent_rate, self._last_token_rate or 0.0
-        elapsed = max(elapsed, 1e-3)
-        return self._window_sent / elapsed, self._window_tokens / elapsed
+        active = max(self._active(now), 1e-3)
+        return self._window_sent / active, self._window_tokens / active
 
     def on_success(self) -> None:
         """A request went through: ramp the rates up (after any cool-down)."""
@@ -266,6 +302,9 @@ class AdaptiveThrottle:
             self._backoff = min(self._backoff * 2, self._max_cooldown_s) if probing else self._default_cooldown_s
         pause = error.retry_after if error.retry_after is not None else self._backoff
         if now + pause > self._cooldown_until:
+            if not cooling:
+                self._paused_before = self._paused(now)
+                self._pause_start = now
             self._cooldown_until = now + pause
             self._epoch += 1
             # Every waiter queues again behind the cool-down (see wait_turn).
@@ -275,9 +314,13 @@ class AdaptiveThrottle:
         self._cooldowns += 1
         if probing:
             return
+        sent_rate, token_rate = self._observed_rates(now)
+        limited = self._tokens if kind == "tokens" else self._requests
+        observed = token_rate if kind == "tokens" else sent_rate
+        if limited.rate is not None and observed < self._busy_fraction * limited.rate:
+            return  # not sending near the rate: this 429 is not about the rate
         self._decreases += 1
         self._successes_since_cut = 0
-        sent_rate, token_rate = self._observed_rates(now)
         if kind == "tokens":
             self._tokens.decrease(now, self._decrease, observed=token_rate, floor=1.0)
         else:
@@ -302,7 +345,7 @@ class AdaptiveThrottle:
 class _AimdRate:
     """One AIMD-controlled rate (per second) with its next free slot (GCRA)."""
 
-    __slots__ = ("ceiling", "rate", "next_slot", "_last_increase", "_step", "_ramp_factor")
+    __slots__ = ("ceiling", "rate", "next_slot", "_last_increase", "_step", "_largest_cut", "_ramp_factor")
 
     def __init__(self, ceiling: float | None, now: float) -> None:
         self.ceiling = ceiling if ceiling is not None else math.inf
@@ -311,6 +354,7 @@ class _AimdRate:
         self.next_slot = -math.inf
         self._last_increase = now
         self._step = 0.0
+        self._largest_cut = 0.0
         self._ramp_factor = 1.0
 
     def decrease(
@@ -320,8 +364,13 @@ class _AimdRate:
         if observed > 0:
             base = min(base, max(observed, floor))
         self.rate = max(floor, base * factor)
-        # Regain the cut over the ramp: step (per second of time) = cut / ramp.
-        self._step = (base - self.rate)
+        # Regain the cut over the ramp: step (per second of time) = cut / ramp, but
+        # never less than a quarter of the largest cut so far. A step that shrank with
+        # every cut would let a steady share of 429s that do not depend on the rate (a
+        # node refusing at random) ratchet the rate down to the floor; with a floor on
+        # the step, cuts and ramp balance well above it.
+        self._largest_cut = max(self._largest_cut, base - self.rate)
+        self._step = max(base - self.rate, self._largest_cut * MIN_STEP_FRACTION)
         self._ramp_factor = ramp_factor
         self._last_increase = now
 
@@ -384,12 +433,20 @@ class Limits:
     async def wait_to_send(self, tokens: int) -> None:
         """Wait until one request worth ``tokens`` may be sent, and charge it."""
         # The throttle first, the fixed limits last: a fixed limit's guarantee holds only
-        # if the request goes out right after it granted the slot.
-        await self.throttle.wait_turn(tokens)
-        if self.requests is not None:
-            await self.requests.wait()
-        if self.tokens is not None:
-            await self.tokens.acquire(tokens)
+        # if the request goes out right after it granted the slot. A 429 that arrives
+        # while we wait for a fixed slot starts a cool-down this request must honour too
+        # (else every worker already queued there would still go out into the 429s): it
+        # gives its slot back where it can and queues again behind the cool-down.
+        while True:
+            epoch = self.throttle.epoch
+            await self.throttle.wait_turn(tokens)
+            if self.requests is not None:
+                await self.requests.wait()
+            charged = await self.tokens.acquire(tokens) if self.tokens is not None else 0.0
+            if self.throttle.epoch == epoch or self.throttle.statistics().cooling_down_s <= 0:
+                return
+            if self.tokens is not None:
+                self.tokens.refund(charged)
 
     def settle(self, charged: int, used: int) -> None:
         """The request charged ``charged`` tokens and used ``used``: refund the rest."""

@@ -295,3 +295,48 @@ async def test_against_a_server_with_a_lower_limit_the_rate_converges_near_it_wi
     admitted_rate = sum(second_half) / (duration / 2)
     assert 0.75 * limit / window_s <= admitted_rate <= limit / window_s
     assert second_half.count(False) / len(second_half) < 0.02
+
+
+@pytest.mark.anyio
+async def test_429s_while_the_pool_sends_far_below_its_rate_pause_it_but_do_not_cut_it() -> None:
+    """After a cut from 100/s, the pool sends only 10/s (its workers wait out retry backoff)
+    and every 5th answer is a 429 anyway: those pause the pool but do not ratchet the rate
+    down, since the pool was nowhere near it; the rate ramps back instead."""
+    throttle, clock = fake_throttle(request_rate=100.0, default_cooldown_s=0.2, decrease=0.5)
+    for _ in range(200):
+        await throttle.wait_turn()
+        clock.now += 0.01
+    throttle.on_throttled(throttle_429())
+    cut = throttle.statistics().request_rate
+    for n in range(500):
+        await throttle.wait_turn()
+        clock.now += 0.1
+        if n % 5 == 4:
+            throttle.on_throttled(throttle_429())
+        else:
+            throttle.on_success()
+    stats = throttle.statistics()
+    # The observation window still remembers 100/s for one more 429; then the cuts stop.
+    assert stats.decreases <= 2 and stats.cooldowns == 101
+    assert stats.request_rate > cut
+
+
+@pytest.mark.anyio
+async def test_a_429_that_arrives_while_others_wait_for_a_fixed_slot_holds_them_back_too() -> None:
+    """Workers already past the throttle, queued at the fixed limiter, queue again behind a new cool-down."""
+    limits = Limits(requests=RequestRateLimiter(100, window_s=1.0))  # 10 ms apart after 5
+    sent: list[float] = []
+
+    async def worker() -> None:
+        await limits.wait_to_send(0)
+        sent.append(anyio.current_time())
+
+    start = anyio.current_time()
+    async with anyio.create_task_group() as group:
+        for _ in range(20):
+            group.start_soon(worker)
+        await anyio.sleep(0.02)
+        limits.on_throttled(RateLimited("Throttling", "m", retry_after=0.5))
+    pause_end = start + 0.02 + 0.5
+    late = [t for t in sent if t > start + 0.06]
+    assert late and min(late) >= pause_end - 0.01

@@ -197,7 +197,7 @@ class DashScopeBackend:
                 status=status,
                 request_id=request_id,
                 retry_after=_retry_after(headers),
-                kind=THROTTLING_KINDS.get(code, "requests"),
+                kind=throttling_kind(code, message),
             )
         if status in (401, 403):
             return AuthError(code, message, status=status, request_id=request_id)
@@ -229,6 +229,34 @@ class DashScopeBackend:
     def _scrub(self, text: str) -> str:
         """Remove the API key from text that came from outside (a server may echo it)."""
         return text.replace(self._api_key, _REDACTED) if self._api_key in text else text
+
+
+# Words of the service's 429 messages that name the limit (protocol reference section 4.2),
+# for codes that do not: the generic "Throttling" and anything new.
+_TOKEN_WORDS = ("quota", "token")
+_BURST_WORDS = ("too quickly", "burst", "smoothly")
+
+
+def throttling_kind(code: str, message: str) -> str:
+    """Which limit a transient 429 reports: "requests", "tokens" or "burst".
+
+    The specific codes decide (``Throttling.RateQuota``, ``Throttling.AllocationQuota``,
+    ``Throttling.BurstRate`` and their compatible-mode names); for a generic code the
+    message does ("Allocated quota exceeded" is tokens per minute, "Request rate
+    increased too quickly" a burst); anything else counts as requests per minute.
+    """
+    kind = THROTTLING_KINDS.get(code)
+    if kind is not None and code not in _GENERIC_THROTTLING_CODES:
+        return kind
+    text = message.lower()
+    if any(word in text for word in _BURST_WORDS):
+        return "burst"
+    if any(word in text for word in _TOKEN_WORDS):
+        return "tokens"
+    return kind or "requests"
+
+
+_GENERIC_THROTTLING_CODES = frozenset({"Throttling", "LimitRequests", "limit_requests"})
 
 
 def _error_fields(content: bytes) -> tuple[str | None, str | None, str | None]:
