@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import io
 import json
 import math
 import os
@@ -48,6 +49,8 @@ FILE_MODE = 0o600
 # How far back from the end ``open`` looks for the last newline before giving up and
 # scanning in further chunks; one record is rarely larger than this.
 _TAIL_CHUNK = 1 << 16
+# Bytes of log parsed at once when copying it to Parquet: bounds that copy's memory.
+_READ_CHUNK = 8 << 20
 # Longest rendering of one value in a mismatch message; prompts can be pages long.
 _MAX_VALUE_CHARS = 80
 
@@ -117,14 +120,12 @@ def outcome_to_record(outcome: Outcome) -> dict[str, Any]:
     Non-finite floats (NaN, inf) become null: JSON has no spelling for them, and a cost or a
     latency that is not a number carries no information worth a corrupt log.
     """
-    record: dict[str, Any] = {}
-    for name in _OUTCOME_FIELDS:
-        value = getattr(outcome, name)
-        if name in _FLOAT_FIELDS and value is not None:
+    record = {name: getattr(outcome, name) for name in _OUTCOME_FIELDS}
+    for name in _FLOAT_FIELDS:
+        value = record[name]
+        if value is not None:
             value = float(value)
-            if not math.isfinite(value):
-                value = None
-        record[name] = value
+            record[name] = value if math.isfinite(value) else None
     return record
 
 
@@ -137,12 +138,13 @@ def record_to_outcome(record: dict[str, Any]) -> Outcome:
     return Outcome(**values)
 
 
+# One encoder for every record: ``json.dumps`` with options builds a new one per call.
+_encode_record = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
 def encode_records(outcomes: Sequence[Outcome]) -> bytes:
     """The log lines for ``outcomes``: compact UTF-8 JSON, one per line, each ending in a newline."""
-    return "".join(
-        json.dumps(outcome_to_record(o), ensure_ascii=False, separators=(",", ":"), allow_nan=False) + "\n"
-        for o in outcomes
-    ).encode("utf-8")
+    return "".join([_encode_record(outcome_to_record(o)) + "\n" for o in outcomes]).encode("utf-8")
 
 
 def _is_record_line(line: bytes) -> bool:
@@ -463,13 +465,13 @@ class Checkpoint:
                 "re-run with --fresh to start over (old results are kept aside)"
             ) from None
 
-    def done_frame(self) -> pl.DataFrame:
+    def done_frame(self, extra_columns: Sequence[str] = ()) -> pl.DataFrame:
         """The latest record of each finished row, sorted by index.
 
         Columns: index (Int64), fingerprint (Utf8), status (Utf8), retryable (Boolean),
-        cost (Float64), cached (Boolean).
+        cost (Float64), cached (Boolean), then any ``extra_columns`` (record fields).
         """
-        return self._collect(self._latest(self._scan(DONE_COLUMNS)))
+        return self._collect(self._latest(self._scan((*DONE_COLUMNS, *extra_columns))))
 
     def records_lazy(self) -> pl.LazyFrame:
         """Every Outcome field of the latest record of each row, sorted by index (lazy).
@@ -485,6 +487,49 @@ class Checkpoint:
         index is its current one.
         """
         return self._scan(tuple(RECORD_SCHEMA))
+
+    def log_to_parquet(self, path: Path, *, chunk_bytes: int = _READ_CHUNK) -> pl.LazyFrame:
+        """Copy every record, in log order, into a Parquet file at ``path``; scan that file.
+
+        The same frame as :meth:`log_lazy`, but read from the log in bounded byte slices cut
+        at line ends: polars' ndjson scan holds the whole log's bytes (600 MB for a million
+        rows), and every later pass over the records (the output join, the summary) then
+        reads compact, column-projected Parquet instead. The caller deletes ``path``.
+        Raises StorageError if the log cannot be read or parsed, or the file not written.
+        """
+        import pyarrow.parquet as pq
+
+        schema = dict(RECORD_SCHEMA)
+        writer: pq.ParquetWriter | None = None
+        try:
+            with open(self.rows_path, "rb") as f:
+                remaining = self._size
+                rest = b""
+                while remaining > 0 or rest:
+                    chunk = f.read(min(chunk_bytes, remaining)) if remaining > 0 else b""
+                    remaining -= len(chunk)
+                    data = rest + chunk
+                    cut = data.rfind(b"\n") + 1 if remaining > 0 and chunk else len(data)
+                    rest, data = data[cut:], data[:cut]
+                    if not data:
+                        continue
+                    table = pl.read_ndjson(io.BytesIO(data), schema=schema).to_arrow()
+                    if writer is None:
+                        writer = pq.ParquetWriter(path, table.schema, compression="lz4")
+                    writer.write_table(table)
+            if writer is None:
+                pl.DataFrame(schema=schema).write_parquet(path)
+        except OSError as exc:
+            raise _storage_error("copy the checkpoint log", path, exc) from None
+        except pl.exceptions.ComputeError as exc:
+            raise StorageError(
+                f"{self.rows_path}: the checkpoint log is damaged ({str(exc).splitlines()[0]}); "
+                "re-run with --fresh to start over (old results are kept aside)"
+            ) from None
+        finally:
+            if writer is not None:
+                writer.close()
+        return pl.scan_parquet(path)
 
     def outcomes(self) -> list[Outcome]:
         """The latest outcome of each row as Python objects; for tests and small checkpoints."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from array import array
 from collections.abc import Iterator, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -150,7 +151,7 @@ def prepare_job(
     checkpoint_dir = checkpoint_dir_for(output_path)
     resume, previous_cost = _resume_state(checkpoint_dir, manifest, rows, options)
     report = run_preflight(
-        rendered(renderer, table.iter_batches(batch_size=BATCH_ROWS, limit=rows)),
+        rendered(renderer, table.iter_batches(batch_size=BATCH_ROWS, limit=rows), resume),
         max_input_tokens=model_info.max_input_tokens if model_info else None,
         resume=resume,
         over_long_is_error=spec.preflight.over_long == "error",
@@ -204,7 +205,7 @@ def _resume_state(
         return resume, 0.0
     checkpoint = Checkpoint.open(checkpoint_dir, manifest)
     try:
-        done = checkpoint.done_frame()
+        done = checkpoint.done_frame(extra_columns=("input_tokens",))
     finally:
         checkpoint.close()
     import polars as pl
@@ -212,10 +213,22 @@ def _resume_state(
     keep = pl.col("status") == "ok"
     if not options.retry_errors:
         keep = keep | ~pl.col("retryable")
-    finished = done.filter(keep & (pl.col("index") < rows))
-    for index, fingerprint in zip(finished["index"].to_list(), finished["fingerprint"].to_list()):
-        resume.mark(index, fingerprint)
-    return resume, float(done["cost"].fill_null(0.0).sum())
+    finished = done.filter(keep & pl.col("index").is_between(0, rows - 1))
+    previous_cost = float(done["cost"].fill_null(0.0).sum())
+    if finished.height == 0:
+        return resume, previous_cost
+    # Vectorised: a Python call per finished row took seconds on a million-row resume.
+    positions = finished["index"]
+    prefixes = finished["fingerprint"].str.slice(0, 16).str.to_integer(base=16, dtype=pl.UInt64, strict=False)
+    counts = finished["input_tokens"].fill_null(0).clip(0, (1 << 32) - 1).cast(pl.UInt32)
+
+    def spread(values: pl.Series, dtype: pl.DataType) -> list[int]:
+        return pl.zeros(rows, dtype=dtype, eager=True).scatter(positions, values.fill_null(0).cast(dtype)).to_list()
+
+    resume.finished[:] = bytes(spread(pl.repeat(1, finished.height, dtype=pl.UInt8, eager=True), pl.UInt8()))
+    resume.fingerprints[:] = array("Q", spread(prefixes, pl.UInt64()))
+    resume.input_tokens[:] = array("I", spread(counts, pl.UInt32()))
+    return resume, previous_cost
 
 
 def resolve_api(prepared: PreparedJob) -> tuple[str, str]:
@@ -269,15 +282,21 @@ def configured_base_url(spec: JobSpec) -> str:
 
 
 def work_items(prepared: PreparedJob, cache: ServiceCache | None) -> Iterator[list[WorkItem]]:
-    """Rows to send, in input order, with rows decided without sending turned into outcomes."""
-    resume = prepared.resume
+    """Rows to send, in input order, with rows decided without sending turned into outcomes.
+
+    Rows an earlier run finished are skipped before rendering, and the token counts the
+    preflight made are reused, so this second pass over the table is cheap.
+    """
     over_long_limit = prepared.preflight.max_input_tokens
-    batches = rendered(prepared.renderer, prepared.table.iter_batches(batch_size=BATCH_ROWS, limit=prepared.rows))
+    batches = rendered(
+        prepared.renderer,
+        prepared.table.iter_batches(batch_size=BATCH_ROWS, limit=prepared.rows),
+        prepared.resume,
+        skip_finished=True,
+    )
     for batch in batches:
         items: list[WorkItem] = []
         for item in batch:
-            if resume.is_finished(item.index):
-                continue
             if isinstance(item, RowProblem):
                 items.append(_problem_outcome(item))
             elif over_long_limit is not None and item.input_tokens > over_long_limit:
@@ -425,7 +444,10 @@ async def execute_job(prepared: PreparedJob, reporter: Any) -> JobResult:
         except BaseExceptionGroup as group:
             raise sole_error(group) from None
         wrote_output = False
-        log = checkpoint.log_lazy()
+        # One bounded copy of the log to Parquet serves both the output and the summary.
+        log_path = prepared.output_path.with_name(f".{prepared.output_path.name}.log-{os.getpid()}.parquet")
+        stack.callback(log_path.unlink, missing_ok=True)
+        log = await anyio.to_thread.run_sync(checkpoint.log_to_parquet, log_path)
         if runner.stop_reason in (None, STOP_BUDGET):
             missing = None
             if runner.stop_reason == STOP_BUDGET:

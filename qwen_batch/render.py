@@ -40,7 +40,7 @@ from typing import Any
 from .catalog import ModelInfo
 from .errors import SpecError
 from .spec import JobSpec, check_against_model, max_output_tokens
-from .tokens import GENERATION_PROMPT_TOKENS, count_messages
+from .tokens import GENERATION_PROMPT_TOKENS, count_messages, message_counter
 from .types import Request
 
 INVALID_PARAMETER = "InvalidParameter"
@@ -54,6 +54,8 @@ MSG_CONTENT_REQUIRED = "The content field is a required field."
 MSG_CONTENT_STRING = "input content must be a string."
 MSG_LAST_NOT_USER = "list index out of range"  # what the service answers (500) when the last message is not user
 MSG_EMPTY_MESSAGES = "[] is too short"
+
+_MSG_SURROGATE = "the row's text is not valid Unicode (lone surrogate)"
 
 _ROLES = ("system", "user", "assistant")
 
@@ -119,37 +121,32 @@ class Renderer:
             if self._system_message
             else 0
         )
+        self._count_message = message_counter(self.model)
 
     @property
     def parameters(self) -> dict[str, Any]:
         """The parameters every request of this run carries (a copy)."""
         return dict(self._parameters)
 
-    def render(self, index: int, row: Mapping[str, Any]) -> Request | RowProblem:
-        """One row -> its Request, or a RowProblem; never raises on cell contents."""
-        id_column = self._id_column
-        row_id = str(index) if id_column is None else str(row.get(id_column))
-        model = self.model
+    def render(self, index: int, row: Mapping[str, Any], input_tokens: int | None = None) -> Request | RowProblem:
+        """One row -> its Request, or a RowProblem; never raises on cell contents.
+
+        ``input_tokens``, when given, is the row's count from an earlier rendering of the same
+        request (the preflight's): it is used as it is instead of counting again.
+        """
+        row_id = self._row_id(index, row)
         try:
-            if self._messages_column is not None:
-                messages = self._conversation(row.get(self._messages_column))
-                inner = ",".join([_message_json(m["role"], m["content"]) for m in messages])
-                input_tokens = -1
-            else:
-                content = self._content(row)
-                user = {"role": "user", "content": content}
-                inner = self._system_json + _message_json("user", content)
-                messages = [dict(self._system_message), user] if self._system_message else [user]
-                input_tokens = self._system_tokens
-            canonical = (self._head + inner + self._tail).encode("utf-8")
+            canonical, messages, content = self._canonical(row)
         except _Problem as problem:
             return RowProblem(index, row_id, INVALID_PARAMETER, str(problem))
         except UnicodeEncodeError:
-            return RowProblem(index, row_id, INVALID_PARAMETER, "the row's text is not valid Unicode (lone surrogate)")
-        if input_tokens < 0:
-            input_tokens = count_messages(messages, model)
-        else:
-            input_tokens += count_messages([messages[-1]], model)
+            return RowProblem(index, row_id, INVALID_PARAMETER, _MSG_SURROGATE)
+        model = self.model
+        if input_tokens is None:
+            if content is None:
+                input_tokens = count_messages(messages, model)
+            else:
+                input_tokens = self._system_tokens + GENERATION_PROMPT_TOKENS + self._count_message("user", content)
         return Request(
             index=index,
             row_id=row_id,
@@ -158,6 +155,36 @@ class Renderer:
             input_tokens=input_tokens,
             max_tokens=self.max_tokens,
         )
+
+    def fingerprint(self, index: int, row: Mapping[str, Any]) -> tuple[str, str] | RowProblem:
+        """``(row_id, fingerprint)`` of the row's request, or its RowProblem, as ``render`` would
+        give them, without building the request or counting its tokens (for checking rows an
+        earlier run finished)."""
+        row_id = self._row_id(index, row)
+        try:
+            canonical = self._canonical(row)[0]
+        except _Problem as problem:
+            return RowProblem(index, row_id, INVALID_PARAMETER, str(problem))
+        except UnicodeEncodeError:
+            return RowProblem(index, row_id, INVALID_PARAMETER, _MSG_SURROGATE)
+        return row_id, hashlib.sha256(canonical).hexdigest()
+
+    def _row_id(self, index: int, row: Mapping[str, Any]) -> str:
+        return str(index) if self._id_column is None else str(row.get(self._id_column))
+
+    def _canonical(self, row: Mapping[str, Any]) -> tuple[bytes, list[dict[str, str]], str | None]:
+        """The body's canonical JSON, its messages, and the user content of a single-prompt row
+        (None for a messages_column row); raises _Problem or UnicodeEncodeError."""
+        if self._messages_column is not None:
+            messages = self._conversation(row.get(self._messages_column))
+            inner = ",".join([_message_json(m["role"], m["content"]) for m in messages])
+            content = None
+        else:
+            content = self._content(row)
+            user = {"role": "user", "content": content}
+            inner = self._system_json + _message_json("user", content)
+            messages = [dict(self._system_message), user] if self._system_message else [user]
+        return (self._head + inner + self._tail).encode("utf-8"), messages, content
 
     def _content(self, row: Mapping[str, Any]) -> str:
         if self._prompt_column is not None:

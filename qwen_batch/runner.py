@@ -157,41 +157,40 @@ class Runner:
     async def run(self, batches: Iterator[Sequence[WorkItem]]) -> RunStatistics:
         """Send every work item of ``batches`` (read in a thread) and return the final statistics."""
         self._started = self._clock()
-        work_send, work_receive = anyio.create_memory_object_stream[WorkItem](self._concurrency * 2)
-        done_send, done_receive = anyio.create_memory_object_stream[tuple[Outcome, anyio.Event]](
-            self._concurrency * 2
-        )
+        # The stream carries whole batches (at most one waiting, one being taken apart by the
+        # workers, one being read), so the per-row cost is a ``next()``, not a stream hand-off.
+        batch_send, batch_receive = anyio.create_memory_object_stream[Sequence[WorkItem]](1)
+        feed = _Feed(batch_receive, workers=self._concurrency)
+        commits = _GroupCommit()
         async with anyio.create_task_group() as outer:
-            outer.start_soon(self._write_outcomes, done_receive)
-            with anyio.CancelScope() as self._send_scope:
-                async with anyio.create_task_group() as pool, done_send, work_receive:
-                    pool.start_soon(self._produce, batches, work_send)
-                    for _ in range(self._concurrency):
-                        pool.start_soon(self._work, work_receive.clone(), done_send.clone())
+            outer.start_soon(self._write_outcomes, commits)
+            try:
+                with anyio.CancelScope() as self._send_scope:
+                    async with anyio.create_task_group() as pool:
+                        pool.start_soon(self._produce, batches, batch_send)
+                        for _ in range(self._concurrency):
+                            pool.start_soon(self._work, feed, commits)
+            finally:
+                feed.close()
+                commits.close()
         return self.statistics()
 
-    async def _produce(self, batches: Iterator[Sequence[WorkItem]], send: ObjectSendStream[WorkItem]) -> None:
+    async def _produce(self, batches: Iterator[Sequence[WorkItem]], send: ObjectSendStream[Sequence[WorkItem]]) -> None:
         async with send:
             while not self._stopping:
                 batch = await anyio.to_thread.run_sync(next, batches, None)
                 if batch is None:
                     return
-                for item in batch:
-                    if self._stopping:
-                        return
-                    try:
-                        await send.send(item)
-                    except anyio.BrokenResourceError:
-                        return
+                try:
+                    await send.send(batch)
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    return
 
-    async def _work(
-        self,
-        receive: ObjectReceiveStream[WorkItem],
-        done: ObjectSendStream[tuple[Outcome, anyio.Event]],
-    ) -> None:
-        async with receive, done:
-            async for item in receive:
-                if self._stopping:
+    async def _work(self, feed: _Feed, commits: _GroupCommit) -> None:
+        try:
+            while not self._stopping:
+                item = await feed.next()
+                if item is None or self._stopping:
                     return
                 if isinstance(item, Outcome):
                     outcome = item
@@ -199,9 +198,10 @@ class Runner:
                     outcome = await self._send_within_budget(item)
                     if outcome is None:
                         return
-                durable = anyio.Event()
-                await done.send((outcome, durable))
-                await durable.wait()
+                # Not a new request until this row is on disk (shared/NOTES.md, "Crash safety").
+                await commits.wait_durable(outcome)
+        finally:
+            feed.worker_done()
 
     async def _send_within_budget(self, request: Request) -> Outcome | None:
         worst = 0.0
@@ -276,36 +276,29 @@ class Runner:
             latency_s=self._clock() - started,
         )
 
-    async def _write_outcomes(self, receive: ObjectReceiveStream[tuple[Outcome, anyio.Event]]) -> None:
+    async def _write_outcomes(self, commits: _GroupCommit) -> None:
         """Group commit: write every outcome waiting, once, then release their workers."""
-        async with receive:
-            try:
-                async for first in receive:
-                    group = [first]
-                    while True:
-                        try:
-                            group.append(receive.receive_nowait())
-                        except (anyio.WouldBlock, anyio.EndOfStream):
-                            break
+        try:
+            while True:
+                if not commits.pending:
+                    if commits.closed:
+                        return
+                    await commits.wait_for_work()
+                    continue
+                group, durable = commits.take()
+                await self._commit(group)
+                durable.set()
+        finally:
+            with anyio.CancelScope(shield=True):
+                if commits.pending:
+                    group, durable = commits.take()
                     await self._commit(group)
-            finally:
-                with anyio.CancelScope(shield=True):
-                    leftovers = []
-                    while True:
-                        try:
-                            leftovers.append(receive.receive_nowait())
-                        except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-                            break
-                    if leftovers:
-                        await self._commit(leftovers)
+                    durable.set()
 
-    async def _commit(self, group: list[tuple[Outcome, anyio.Event]]) -> None:
-        outcomes = [outcome for outcome, _ in group]
+    async def _commit(self, outcomes: list[Outcome]) -> None:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(self._sink.write, outcomes)
         self._count(outcomes)
-        for _, durable in group:
-            durable.set()
 
     def _count(self, outcomes: Sequence[Outcome]) -> None:
         c = self._counters
@@ -325,3 +318,82 @@ class Runner:
             else:
                 c.errors += 1
                 c.errors_by_code[outcome.error_code or "Unknown"] += 1
+
+
+class _Feed:
+    """The workers' shared view of the batch stream: one item at a time, in input order.
+
+    Taking the next item is a plain ``next()`` on the current batch; only at a batch's end
+    does a worker (one at a time, under the lock) wait for the next batch. When the last
+    worker leaves, the stream is closed so a producer blocked on a full stream stops.
+    """
+
+    def __init__(self, receive: ObjectReceiveStream[Sequence[WorkItem]], *, workers: int) -> None:
+        self._receive = receive
+        self._items: Iterator[WorkItem] = iter(())
+        self._lock = anyio.Lock()
+        self._exhausted = False
+        self._workers = workers
+
+    async def next(self) -> WorkItem | None:
+        """The next item, or None when there are no more."""
+        item = next(self._items, None)
+        if item is not None:
+            return item
+        async with self._lock:
+            while not self._exhausted:
+                item = next(self._items, None)
+                if item is not None:
+                    return item
+                try:
+                    self._items = iter(await self._receive.receive())
+                except (anyio.EndOfStream, anyio.ClosedResourceError):
+                    self._exhausted = True
+        return None
+
+    def worker_done(self) -> None:
+        self._workers -= 1
+        if self._workers == 0:
+            self.close()
+
+    def close(self) -> None:
+        self._exhausted = True
+        self._receive.close()
+
+
+class _GroupCommit:
+    """Outcomes waiting to be made durable, and one Event per group that says they are.
+
+    Workers add an outcome and wait for the Event of the group it joined; the writer takes
+    every pending outcome at once, writes them, and sets that group's Event. One Event per
+    group, not per row, and no stream hand-off per row.
+    """
+
+    def __init__(self) -> None:
+        self.pending: list[Outcome] = []
+        self.closed = False
+        self._durable = anyio.Event()
+        self._work = anyio.Event()
+
+    async def wait_durable(self, outcome: Outcome) -> None:
+        """Add ``outcome`` to the next group and return once that group is on disk."""
+        self.pending.append(outcome)
+        durable = self._durable
+        self._work.set()
+        await durable.wait()
+
+    async def wait_for_work(self) -> None:
+        """(Writer) wait until an outcome is pending or the pool has finished."""
+        await self._work.wait()
+        self._work = anyio.Event()
+
+    def take(self) -> tuple[list[Outcome], anyio.Event]:
+        """(Writer) every pending outcome, and the Event to set once they are durable."""
+        group, durable = self.pending, self._durable
+        self.pending, self._durable = [], anyio.Event()
+        return group, durable
+
+    def close(self) -> None:
+        """No more outcomes will come: the writer finishes what is pending and returns."""
+        self.closed = True
+        self._work.set()
