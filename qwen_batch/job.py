@@ -143,6 +143,7 @@ def prepare_job(
     output_path = (options.output or spec.output.path).resolve()
     if output_path == spec.input.path.resolve():
         raise ConfigError(f"--output {output_path} is the input file; choose another output path")
+    check_output_folder(output_path)
     table = open_table(spec)
     check_input_columns(table.columns)
     rows = table.num_rows if options.limit is None else min(options.limit, table.num_rows)
@@ -164,6 +165,12 @@ def prepare_job(
             f"(row ids {', '.join(report.mismatched_row_ids)}): the input changed; "
             "re-run with --fresh to start over (old results are kept aside)"
         )
+    if report.first_problem is not None and report.row_problems == report.rows:
+        problem = report.first_problem
+        raise InputError(
+            f"{spec.input.path}: no row can be sent (row {problem.row_id}: {problem.message}); "
+            f"fix the {_prompt_source(spec)} or the prompt section of {spec.path}"
+        )
     if report.over_long and spec.preflight.over_long == "fail" and check_over_long:
         raise InputError(over_long_message(spec, report, listed=20))
     return PreparedJob(
@@ -182,6 +189,23 @@ def prepare_job(
         previous_cost=previous_cost,
         warnings=warnings,
     )
+
+
+def check_output_folder(output_path: Path) -> None:
+    """The output's folder exists or can be made, and is writable; else exit 2 before sending."""
+    folder = output_path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{output_path}: cannot write there ({folder} is not a writable folder); choose another output path"
+        )
+
+
+def _prompt_source(spec: JobSpec) -> str:
+    prompt = spec.prompt
+    column = prompt.messages_column or prompt.prompt_column
+    return f"column {column!r}" if column else "template's columns"
 
 
 def over_long_message(spec: JobSpec, report: PreflightReport, listed: int | None = None) -> str:

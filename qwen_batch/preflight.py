@@ -36,6 +36,7 @@ class PreflightReport:
     rows: int
     requests: int
     row_problems: int
+    first_problem: RowProblem | None
     input_tokens: int
     max_output_tokens: int
     max_input_tokens: int | None
@@ -170,6 +171,7 @@ def run_preflight(
     cost_min = cost_max = output_price = 0.0
     over_long: list[OverLongRow] = []
     mismatched: list[str] = []
+    first_problem: RowProblem | None = None
     known = resume.input_tokens if resume is not None else None
     for batch in batches:
         candidates: list[Request] = []
@@ -177,6 +179,7 @@ def run_preflight(
             rows += 1
             if isinstance(item, RowProblem):
                 problems += 1
+                first_problem = first_problem or item
                 continue
             if known is not None and type(item) is Request and item.input_tokens < 1 << 32:
                 known[item.index] = item.input_tokens
@@ -210,6 +213,7 @@ def run_preflight(
         rows=rows,
         requests=requests,
         row_problems=problems,
+        first_problem=first_problem,
         input_tokens=tokens,
         max_output_tokens=max_out,
         max_input_tokens=max_input_tokens,

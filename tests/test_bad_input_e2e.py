@@ -128,17 +128,8 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-# Known gaps, fixed in qwen_batch/job.py (prepare_job), which this change does not own:
-# a messages column none of whose rows can be sent is a user error, and validate checks
-# that the output folder can be written. Remove the marks with the fix.
-_GAPS = {
-    ("run", "messages-break-role-rules"): "prepare_job: every row a RowProblem -> InputError",
-    ("validate", "messages-break-role-rules"): "prepare_job: every row a RowProblem -> InputError",
-    ("validate", "output-in-unwritable-folder"): "prepare_job: check the output folder is writable",
-}
 _PARAMS = [
-    pytest.param(command, *case, id=f"{command}-{case[0]}",
-                 marks=[pytest.mark.xfail(reason=_GAPS[(command, case[0])], strict=True)] if (command, case[0]) in _GAPS else [])
+    pytest.param(command, *case, id=f"{command}-{case[0]}")
     for command in ("run", "validate")
     for case in CASES
 ]
