@@ -230,7 +230,7 @@ def manifest_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 # -- files ---------------------------------------------------------------------------------
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -260,7 +260,7 @@ def write_file_atomically(path: Path, data: bytes, *, mode: int = FILE_MODE) -> 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _storage_error(action: str, path: Path, exc: OSError) -> StorageError:
@@ -322,7 +322,7 @@ class Checkpoint:
             if not directory.exists():
                 directory.mkdir(mode=DIR_MODE, parents=True)
                 directory.chmod(DIR_MODE)
-                _fsync_dir(directory.parent)
+                fsync_dir(directory.parent)
         except OSError as exc:
             raise _storage_error("create the checkpoint folder", directory, exc) from None
         stored = _read_manifest(manifest_path)
@@ -361,7 +361,7 @@ class Checkpoint:
             if keep != size:
                 os.ftruncate(fd, keep)
                 os.fsync(fd)
-            _fsync_dir(directory)
+            fsync_dir(directory)
         except OSError as exc:
             os.close(fd)
             raise _storage_error("repair the checkpoint log", rows_path, exc) from None
@@ -628,8 +628,8 @@ def set_aside(paths: Iterable[Path], *, output: Path | None = None) -> Path | No
         except OSError as exc:
             raise _storage_error(f"move {path.name} aside into {folder}", path, exc) from None
     try:
-        _fsync_dir(folder)
-        _fsync_dir(folder.parent)
+        fsync_dir(folder)
+        fsync_dir(folder.parent)
     except OSError as exc:
         raise _storage_error("sync the folder for the old results", folder, exc) from None
     return folder

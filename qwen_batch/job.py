@@ -370,20 +370,8 @@ def _answer_from_cache(items: list[WorkItem], cache: ServiceCache) -> list[WorkI
 
 
 def _cached_outcome(request: Request, reply: Reply) -> Outcome:
-    return Outcome(
-        index=request.index,
-        fingerprint=request.fingerprint,
-        status="ok",
-        request_id=reply.request_id,
-        output_text=reply.text,
-        finish_reason=reply.finish_reason,
-        input_tokens=reply.input_tokens,
-        output_tokens=reply.output_tokens,
-        cost=0.0,
-        attempts=0,
-        latency_s=0.0,
-        cached=True,
-    )
+    """A cache hit: the stored reply, at no cost this time."""
+    return Outcome.answered(request, reply, cost=0.0, attempts=0, latency_s=0.0, cached=True)
 
 
 class CheckpointAndCacheSink:

@@ -26,7 +26,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .checkpoint import RECORD_SCHEMA, write_file_atomically
+from .checkpoint import RECORD_SCHEMA, fsync_dir, write_file_atomically
 from .errors import InputError, StorageError
 
 RESULT_SCHEMA = pa.schema(
@@ -265,16 +265,8 @@ def write_results(
         raise
     finally:
         staged_path.unlink(missing_ok=True)
-    _fsync_dir(out_path.parent)
+    fsync_dir(out_path.parent)
     return WriteStats(path=out_path, rows=rows, ok=ok, errors=rows - ok, missing=missing_rows, bytes=size)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_summary_json(path: Path, summary: dict[str, Any]) -> None:

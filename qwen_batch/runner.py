@@ -262,15 +262,9 @@ class Runner:
         counters.retries += attempts - 1
         limits.settle(charge, reply.total_tokens)
         limits.on_success()
-        return Outcome(
-            index=request.index,
-            fingerprint=request.fingerprint,
-            status="ok",
-            request_id=reply.request_id,
-            output_text=reply.text,
-            finish_reason=reply.finish_reason,
-            input_tokens=reply.input_tokens,
-            output_tokens=reply.output_tokens,
+        return Outcome.answered(
+            request,
+            reply,
             cost=pricing.cost(self._price, reply.input_tokens, reply.output_tokens),
             attempts=attempts,
             latency_s=self._clock() - started,

@@ -73,6 +73,33 @@ class Outcome:
     latency_s: float | None = None
     cached: bool = False
 
+    @classmethod
+    def answered(
+        cls,
+        request: Request,
+        reply: Reply,
+        *,
+        cost: float | None,
+        attempts: int,
+        latency_s: float,
+        cached: bool = False,
+    ) -> Outcome:
+        """The ok outcome of ``request`` answered by ``reply`` (sent now, or from the cache)."""
+        return cls(
+            index=request.index,
+            fingerprint=request.fingerprint,
+            status="ok",
+            request_id=reply.request_id,
+            output_text=reply.text,
+            finish_reason=reply.finish_reason,
+            input_tokens=reply.input_tokens,
+            output_tokens=reply.output_tokens,
+            cost=cost,
+            attempts=attempts,
+            latency_s=latency_s,
+            cached=cached,
+        )
+
     @property
     def ok(self) -> bool:
         return self.status == "ok"
