@@ -7,6 +7,7 @@ overwritten (exit 2); ``execute_job`` sends, and always leaves a consistent chec
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from array import array
 from collections.abc import Iterator, Sequence
@@ -21,8 +22,8 @@ from . import catalog as catalog_module
 from .budget import Budget
 from .cache import ResponseCache, default_cache_path
 from .catalog import ModelInfo, Price
-from .checkpoint import Checkpoint, CheckpointSummary, manifest_changes, set_aside
-from .errors import ConfigError, InputError, QwenBatchError
+from .checkpoint import Checkpoint, CheckpointSummary, manifest_changes, set_aside, write_file_atomically
+from .errors import ConfigError, InputError, QwenBatchError, StorageError
 from .output import check_input_columns
 from .preflight import PreflightReport, ResumeIndex, rendered, run_preflight
 from .render import Renderer, RowProblem
@@ -70,6 +71,7 @@ class PreparedJob:
     preflight: PreflightReport
     resume: ResumeIndex
     previous_cost: float
+    input_identity: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -150,7 +152,8 @@ def prepare_job(
     renderer = Renderer(spec, model_info)
     manifest = request_manifest(spec, renderer)
     checkpoint_dir = checkpoint_dir_for(output_path)
-    resume, previous_cost = _resume_state(checkpoint_dir, manifest, rows, options)
+    identity = input_identity(spec.input.path)
+    resume, previous_cost = _resume_state(checkpoint_dir, manifest, rows, options, identity)
     report = run_preflight(
         rendered(renderer, table.iter_batches(batch_size=BATCH_ROWS, limit=rows), resume),
         max_input_tokens=model_info.max_input_tokens if model_info else None,
@@ -187,6 +190,7 @@ def prepare_job(
         preflight=report,
         resume=resume,
         previous_cost=previous_cost,
+        input_identity=identity,
         warnings=warnings,
     )
 
@@ -220,13 +224,44 @@ def over_long_message(spec: JobSpec, report: PreflightReport, listed: int | None
     )
 
 
+INPUT_IDENTITY_FILE = "input.json"
+
+
+def input_identity(input_path: Path) -> dict[str, Any]:
+    """What the finished rows of a checkpoint were rendered from: the input's bytes and qwen-batch."""
+    from . import __version__
+
+    try:
+        with input_path.open("rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError as exc:
+        raise InputError(f"{input_path}: cannot read the input ({exc.strerror})") from None
+    return {"input_sha256": digest, "qwen_batch": __version__}
+
+
+def record_input_identity(checkpoint_dir: Path, identity: dict[str, Any]) -> None:
+    """Remember what this run's rows are rendered from, so a resume can trust them unchecked."""
+    try:
+        write_file_atomically(checkpoint_dir / INPUT_IDENTITY_FILE, json.dumps(identity).encode())
+    except OSError as exc:
+        raise StorageError(f"{checkpoint_dir / INPUT_IDENTITY_FILE}: cannot write ({exc.strerror})") from None
+
+
+def _same_input_as_before(checkpoint_dir: Path, identity: dict[str, Any]) -> bool:
+    try:
+        return json.loads((checkpoint_dir / INPUT_IDENTITY_FILE).read_text(encoding="utf-8")) == identity
+    except (OSError, ValueError):
+        return False
+
+
 def _resume_state(
-    checkpoint_dir: Path, manifest: dict[str, Any], rows: int, options: JobOptions
+    checkpoint_dir: Path, manifest: dict[str, Any], rows: int, options: JobOptions, identity: dict[str, Any]
 ) -> tuple[ResumeIndex, float]:
     """Rows an earlier run finished (and will not be sent again), and what they cost."""
     resume = ResumeIndex(rows)
     if options.fresh or not checkpoint_dir.exists():
         return resume, 0.0
+    resume.verified = _same_input_as_before(checkpoint_dir, identity)
     checkpoint = Checkpoint.open(checkpoint_dir, manifest)
     try:
         done = checkpoint.done_frame(extra_columns=("input_tokens",))
@@ -419,6 +454,7 @@ async def execute_job(prepared: PreparedJob, reporter: Any) -> JobResult:
         else:
             base_url, api_key = resolve_api(prepared)
         checkpoint = Checkpoint.open(prepared.checkpoint_dir, prepared.manifest)
+        record_input_identity(prepared.checkpoint_dir, prepared.input_identity)
         stack.callback(checkpoint.close)
         cache = None
         if spec.cache.enabled and not options.no_cache:

@@ -134,7 +134,7 @@ class Renderer:
         ``input_tokens``, when given, is the row's count from an earlier rendering of the same
         request (the preflight's): it is used as it is instead of counting again.
         """
-        row_id = self._row_id(index, row)
+        row_id = self.row_id(index, row)
         try:
             canonical, messages, content = self._canonical(row)
         except _Problem as problem:
@@ -160,7 +160,7 @@ class Renderer:
         """``(row_id, fingerprint)`` of the row's request, or its RowProblem, as ``render`` would
         give them, without building the request or counting its tokens (for checking rows an
         earlier run finished)."""
-        row_id = self._row_id(index, row)
+        row_id = self.row_id(index, row)
         try:
             canonical = self._canonical(row)[0]
         except _Problem as problem:
@@ -169,7 +169,8 @@ class Renderer:
             return RowProblem(index, row_id, INVALID_PARAMETER, _MSG_SURROGATE)
         return row_id, hashlib.sha256(canonical).hexdigest()
 
-    def _row_id(self, index: int, row: Mapping[str, Any]) -> str:
+    def row_id(self, index: int, row: Mapping[str, Any]) -> str:
+        """The id a row is named by in messages: its id column, else its position."""
         return str(index) if self._id_column is None else str(row.get(self._id_column))
 
     def _canonical(self, row: Mapping[str, Any]) -> tuple[bytes, list[dict[str, str]], str | None]:

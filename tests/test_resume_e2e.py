@@ -279,3 +279,40 @@ def test_a_full_disk_stops_the_run_cleanly_and_keeps_what_was_written(tmp_path: 
         assert resumed.returncode == 0, resumed.stderr
         _assert_paid_at_most_once_plus_in_flight(emu, kills=1)
     assert pl.read_parquet(tmp_path / "out" / "result.parquet").height == ROWS
+
+
+def test_a_changed_input_row_refuses_to_resume_and_names_the_row(tmp_path: Path) -> None:
+    texts = _texts(8)
+    job = sentences_job(tmp_path, texts)
+    with EmulatorThread(EmulatorConfig()) as emu:
+        env = _env(emu, tmp_path, "input")
+        assert run_subprocess(["run", str(job), "--quiet", "--limit", "5"], env).returncode == 0
+        sent = len(emu.ledger)
+        edited = list(texts)
+        edited[3] = "a different sentence"
+        sentences_job(tmp_path, edited)
+        refused = run_subprocess(["run", str(job), "--quiet"], env)
+        assert refused.returncode == 2
+        assert "r003" in refused.stderr and "--fresh" in refused.stderr
+        assert len(emu.ledger) == sent
+        # Rows appended after the finished ones are not a change: the job resumes.
+        sentences_job(tmp_path, texts + ["one more row"])
+        grown = run_subprocess(["run", str(job), "--quiet"], env)
+        assert grown.returncode == 0, grown.stderr
+        assert len(emu.ledger) == sent + 4
+
+
+def test_finished_rows_are_trusted_only_while_the_input_is_byte_identical(tmp_path: Path) -> None:
+    from qwen_batch.job import JobOptions, prepare_job
+
+    texts = _texts(6)
+    job = sentences_job(tmp_path, texts)
+    with EmulatorThread(EmulatorConfig()) as emu:
+        assert run_subprocess(["run", str(job), "--quiet", "--limit", "4"], _env(emu, tmp_path, "trust")).returncode == 0
+    unchanged = prepare_job(job, JobOptions())
+    assert unchanged.resume.verified and unchanged.resume.count() == 4
+    assert unchanged.preflight.to_send == 2
+    sentences_job(tmp_path, texts + ["appended"])
+    grown = prepare_job(job, JobOptions())
+    assert not grown.resume.verified and grown.resume.count() == 4
+    assert grown.preflight.to_send == 3 and grown.preflight.mismatched_row_ids == ()
