@@ -259,10 +259,10 @@ def startup(rows: int = 1_000_000, runs: int = 3, concurrency: int = 64) -> Resu
 
 
 def _build_checkpoint(job: Path, rows_done: int) -> Path:
-    """A real checkpoint for ``job`` with rows ``0 .. rows_done-1`` done (ok), in chunks."""
+    """A checkpoint for ``job`` with rows ``0 .. rows_done-1`` done (ok), as a killed run leaves it."""
     from qwen_batch import catalog
     from qwen_batch.checkpoint import Checkpoint
-    from qwen_batch.job import checkpoint_dir_for, request_manifest
+    from qwen_batch.resume import checkpoint_dir_for, input_identity, record_input_identity, request_manifest
     from qwen_batch.preflight import rendered
     from qwen_batch.render import Renderer
     from qwen_batch.spec import load_spec, resolve_model
@@ -281,6 +281,8 @@ def _build_checkpoint(job: Path, rows_done: int) -> Path:
                         output_tokens=4, cost=0.0, attempts=1, latency_s=0.01)
                 for r in batch
             ])
+    # As a real run does at its start: what the finished rows were rendered from.
+    record_input_identity(directory, input_identity(spec.input.path))
     return directory
 
 

@@ -6,11 +6,7 @@ overwritten (exit 2); ``execute_job`` sends, and always leaves a consistent chec
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from array import array
-from collections.abc import Iterator, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,22 +18,21 @@ from . import catalog as catalog_module
 from .budget import Budget
 from .cache import ResponseCache, default_cache_path
 from .catalog import ModelInfo, Price
-from .checkpoint import Checkpoint, CheckpointSummary, manifest_changes, set_aside, write_file_atomically
-from .errors import ConfigError, InputError, QwenBatchError, StorageError
+from .checkpoint import Checkpoint, CheckpointSummary, manifest_changes, set_aside
+from .errors import ConfigError, InputError, QwenBatchError
 from .output import check_input_columns
 from .preflight import PreflightReport, ResumeIndex, rendered, run_preflight
-from .render import Renderer, RowProblem
-from .runner import STOP_AUTH, STOP_BUDGET, STOP_INTERRUPTED, Runner, RunStatistics, WorkItem
+from .resume import checkpoint_dir_for, input_identity, record_input_identity, request_manifest, resume_state
+from .render import Renderer
+from .runner import STOP_AUTH, STOP_BUDGET, STOP_INTERRUPTED, Runner, RunStatistics
 from .spec import JobSpec, check_base_url, load_spec, price_for, resolve_model
 from .table import Table, open_table
-from .types import Outcome, Reply, Request
 from .wire import DEFAULT_BASE_URL
+from .work import BATCH_ROWS, EMULATOR_SERVICE, CheckpointAndCacheSink, ServiceCache, work_items
 
 API_KEY_ENV = "DASHSCOPE_API_KEY"
 API_KEY_FILE_ENV = "DASHSCOPE_API_KEY_FILE_PATH"
 BASE_URL_ENV = "DASHSCOPE_HTTP_BASE_URL"
-BATCH_ROWS = 2_000
-OVER_LONG_CODE = "InvalidParameter"
 
 
 @dataclass(frozen=True)
@@ -102,21 +97,6 @@ class JobResult:
         return 1 if self.summary["rows"]["error"] else 0
 
 
-def checkpoint_dir_for(output_path: Path) -> Path:
-    return output_path.with_name(output_path.name + ".checkpoint")
-
-
-def request_manifest(spec: JobSpec, renderer: Renderer) -> dict[str, Any]:
-    """The parts of a job that decide its requests; a resume refuses when they change."""
-    return {
-        "format": 1,
-        "model": spec.model,
-        "prompt": spec.prompt.model_dump(mode="json"),
-        "parameters": renderer.parameters,
-        "id_column": spec.input.id_column,
-    }
-
-
 def prepare_job(
     spec_path: Path,
     options: JobOptions,
@@ -153,7 +133,9 @@ def prepare_job(
     manifest = request_manifest(spec, renderer)
     checkpoint_dir = checkpoint_dir_for(output_path)
     identity = input_identity(spec.input.path)
-    resume, previous_cost = _resume_state(checkpoint_dir, manifest, rows, options, identity)
+    resume, previous_cost = resume_state(
+        checkpoint_dir, manifest, rows, identity, fresh=options.fresh, retry_errors=options.retry_errors
+    )
     report = run_preflight(
         rendered(renderer, table.iter_batches(batch_size=BATCH_ROWS, limit=rows), resume),
         max_input_tokens=model_info.max_input_tokens if model_info else None,
@@ -224,72 +206,6 @@ def over_long_message(spec: JobSpec, report: PreflightReport, listed: int | None
     )
 
 
-INPUT_IDENTITY_FILE = "input.json"
-
-
-def input_identity(input_path: Path) -> dict[str, Any]:
-    """What the finished rows of a checkpoint were rendered from: the input's bytes and qwen-batch."""
-    from . import __version__
-
-    try:
-        with input_path.open("rb") as handle:
-            digest = hashlib.file_digest(handle, "sha256").hexdigest()
-    except OSError as exc:
-        raise InputError(f"{input_path}: cannot read the input ({exc.strerror})") from None
-    return {"input_sha256": digest, "qwen_batch": __version__}
-
-
-def record_input_identity(checkpoint_dir: Path, identity: dict[str, Any]) -> None:
-    """Remember what this run's rows are rendered from, so a resume can trust them unchecked."""
-    try:
-        write_file_atomically(checkpoint_dir / INPUT_IDENTITY_FILE, json.dumps(identity).encode())
-    except OSError as exc:
-        raise StorageError(f"{checkpoint_dir / INPUT_IDENTITY_FILE}: cannot write ({exc.strerror})") from None
-
-
-def _same_input_as_before(checkpoint_dir: Path, identity: dict[str, Any]) -> bool:
-    try:
-        return json.loads((checkpoint_dir / INPUT_IDENTITY_FILE).read_text(encoding="utf-8")) == identity
-    except (OSError, ValueError):
-        return False
-
-
-def _resume_state(
-    checkpoint_dir: Path, manifest: dict[str, Any], rows: int, options: JobOptions, identity: dict[str, Any]
-) -> tuple[ResumeIndex, float]:
-    """Rows an earlier run finished (and will not be sent again), and what they cost."""
-    resume = ResumeIndex(rows)
-    if options.fresh or not checkpoint_dir.exists():
-        return resume, 0.0
-    resume.verified = _same_input_as_before(checkpoint_dir, identity)
-    checkpoint = Checkpoint.open(checkpoint_dir, manifest)
-    try:
-        done = checkpoint.done_frame(extra_columns=("input_tokens",))
-    finally:
-        checkpoint.close()
-    import polars as pl
-
-    keep = pl.col("status") == "ok"
-    if not options.retry_errors:
-        keep = keep | ~pl.col("retryable")
-    finished = done.filter(keep & pl.col("index").is_between(0, rows - 1))
-    previous_cost = float(done["cost"].fill_null(0.0).sum())
-    if finished.height == 0:
-        return resume, previous_cost
-    # Vectorised: a Python call per finished row took seconds on a million-row resume.
-    positions = finished["index"]
-    prefixes = finished["fingerprint"].str.slice(0, 16).str.to_integer(base=16, dtype=pl.UInt64, strict=False)
-    counts = finished["input_tokens"].fill_null(0).clip(0, (1 << 32) - 1).cast(pl.UInt32)
-
-    def spread(values: pl.Series, dtype: pl.DataType) -> list[int]:
-        return pl.zeros(rows, dtype=dtype, eager=True).scatter(positions, values.fill_null(0).cast(dtype)).to_list()
-
-    resume.finished[:] = bytes(spread(pl.repeat(1, finished.height, dtype=pl.UInt8, eager=True), pl.UInt8()))
-    resume.fingerprints[:] = array("Q", spread(prefixes, pl.UInt64()))
-    resume.input_tokens[:] = array("I", spread(counts, pl.UInt32()))
-    return resume, previous_cost
-
-
 def resolve_api(prepared: PreparedJob) -> tuple[str, str]:
     """Base URL and key for a real run; a missing key is exit 2 with how to set it."""
     spec = prepared.spec
@@ -310,123 +226,9 @@ def resolve_api(prepared: PreparedJob) -> tuple[str, str]:
     return base_url, key
 
 
-EMULATOR_SERVICE = "qwen-batch built-in emulator"
-
-
-class ServiceCache:
-    """The shared response cache seen from one service (a base URL, or the built-in emulator).
-
-    A reply is reused only for the same request sent to the same service: the emulator's
-    text must never answer a real run, nor one region's endpoint another's.
-    """
-
-    def __init__(self, cache: ResponseCache, service: str) -> None:
-        self._cache = cache
-        self._prefix = f"{service.rstrip('/')}\n".encode()
-
-    def _key(self, fingerprint: str) -> str:
-        return hashlib.sha256(self._prefix + fingerprint.encode()).hexdigest()
-
-    def get_many(self, fingerprints: Sequence[str]) -> dict[str, Reply]:
-        keys = {self._key(fingerprint): fingerprint for fingerprint in fingerprints}
-        return {keys[key]: reply for key, reply in self._cache.get_many(list(keys)).items()}
-
-    def put_many(self, items: Sequence[tuple[str, Reply]]) -> None:
-        self._cache.put_many([(self._key(fingerprint), reply) for fingerprint, reply in items])
-
-
 def configured_base_url(spec: JobSpec) -> str:
     """Where a real run sends: DASHSCOPE_HTTP_BASE_URL, else the spec's api.base_url."""
     return os.environ.get(BASE_URL_ENV) or spec.api.base_url or DEFAULT_BASE_URL
-
-
-def work_items(prepared: PreparedJob, cache: ServiceCache | None) -> Iterator[list[WorkItem]]:
-    """Rows to send, in input order, with rows decided without sending turned into outcomes.
-
-    Rows an earlier run finished are skipped before rendering, and the token counts the
-    preflight made are reused, so this second pass over the table is cheap.
-    """
-    over_long_limit = prepared.preflight.max_input_tokens
-    batches = rendered(
-        prepared.renderer,
-        prepared.table.iter_batches(batch_size=BATCH_ROWS, limit=prepared.rows),
-        prepared.resume,
-        skip_finished=True,
-    )
-    for batch in batches:
-        items: list[WorkItem] = []
-        for item in batch:
-            if isinstance(item, RowProblem):
-                items.append(_problem_outcome(item))
-            elif over_long_limit is not None and item.input_tokens > over_long_limit:
-                items.append(_over_long_outcome(item, over_long_limit))
-            else:
-                items.append(item)
-        if cache is not None:
-            items = _answer_from_cache(items, cache)
-        if items:
-            yield items
-
-
-def _problem_outcome(problem: RowProblem) -> Outcome:
-    return Outcome(
-        index=problem.index,
-        fingerprint="",
-        status="error",
-        error_code=problem.code,
-        error_message=problem.message,
-    )
-
-
-def _over_long_outcome(request: Request, limit: int) -> Outcome:
-    return Outcome(
-        index=request.index,
-        fingerprint=request.fingerprint,
-        status="error",
-        input_tokens=request.input_tokens,
-        error_code=OVER_LONG_CODE,
-        error_message=f"Range of input length should be [1, {limit}] (not sent: {request.input_tokens} tokens)",
-    )
-
-
-def _answer_from_cache(items: list[WorkItem], cache: ServiceCache) -> list[WorkItem]:
-    requests = [item for item in items if isinstance(item, Request)]
-    if not requests:
-        return items
-    hits = cache.get_many([request.fingerprint for request in requests])
-    if not hits:
-        return items
-    return [
-        _cached_outcome(item, hits[item.fingerprint])
-        if isinstance(item, Request) and item.fingerprint in hits
-        else item
-        for item in items
-    ]
-
-
-def _cached_outcome(request: Request, reply: Reply) -> Outcome:
-    """A cache hit: the stored reply, at no cost this time."""
-    return Outcome.answered(request, reply, cost=0.0, attempts=0, latency_s=0.0, cached=True)
-
-
-class CheckpointAndCacheSink:
-    """Group commit target: the checkpoint (durable first), then the shared cache."""
-
-    def __init__(self, checkpoint: Checkpoint, cache: ServiceCache | None) -> None:
-        self._checkpoint = checkpoint
-        self._cache = cache
-
-    def write(self, outcomes: Sequence[Outcome]) -> None:
-        self._checkpoint.append(outcomes)
-        if self._cache is None:
-            return
-        fresh = [
-            (o.fingerprint, Reply(o.output_text or "", o.finish_reason or "", o.input_tokens or 0, o.output_tokens or 0, o.request_id))
-            for o in outcomes
-            if o.status == "ok" and not o.cached
-        ]
-        if fresh:
-            self._cache.put_many(fresh)
 
 
 async def execute_job(prepared: PreparedJob, reporter: Any) -> JobResult:

@@ -17,7 +17,7 @@ from .render import Renderer, RowProblem
 from .types import Request
 
 if TYPE_CHECKING:
-    from .job import ServiceCache
+    from .work import ServiceCache
 
 MAX_LISTED_MISMATCHES = 5
 

@@ -4,7 +4,6 @@ nothing sent to the emulator, nothing overwritten. Row-level problems are row er
 from __future__ import annotations
 
 import json
-import os
 import string
 from collections.abc import Callable
 from pathlib import Path

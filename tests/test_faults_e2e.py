@@ -16,7 +16,7 @@ from qwen_batch.cli import main
 from qwen_batch.emulator import EmulatorConfig, FaultRates
 from qwen_batch.testing import EmulatorThread
 
-from .conftest import read_summary, run_subprocess, sentences_job
+from .conftest import read_summary, sentences_job
 
 RETRYABLE_CODES = {
     "Throttling.RateQuota", "Throttling.AllocationQuota", "Throttling.BurstRate", "InternalError",

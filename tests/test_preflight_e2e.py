@@ -15,7 +15,7 @@ from qwen_batch.job import JobOptions, prepare_job
 from qwen_batch.preflight import rendered
 from qwen_batch.types import Request
 
-from .conftest import read_summary, sentences_job, write_job
+from .conftest import read_summary, sentences_job
 
 REPO_JOBS = Path(__file__).resolve().parent.parent / "jobs"
 # qwen-turbo's input limit in the seed's era is 6,000 tokens; one "数据" is one token.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +11,8 @@ import pytest
 
 from qwen_batch import tokens
 from qwen_batch.cli import main
-from qwen_batch.emulator import EmulatorConfig
-from qwen_batch.testing import EmulatorThread
 
-from .conftest import read_summary, sentences_job, write_csv, write_job
+from .conftest import read_summary, sentences_job, write_job
 
 RESULT_COLUMNS = [
     "request_id", "output_text", "finish_reason", "input_tokens", "output_tokens", "total_tokens",

@@ -1,0 +1,110 @@
+"""What an earlier run of the same job left behind, and whether it may be trusted.
+
+The checkpoint's manifest records what decides the requests (model, prompt, parameters);
+``input.json`` records the input's bytes and the qwen-batch version the finished rows were
+rendered with. A resume skips the rows already finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from array import array
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from .checkpoint import Checkpoint, write_file_atomically
+from .errors import InputError, StorageError
+from .preflight import ResumeIndex
+from .render import Renderer
+from .spec import JobSpec
+
+
+def checkpoint_dir_for(output_path: Path) -> Path:
+    return output_path.with_name(output_path.name + ".checkpoint")
+
+
+def request_manifest(spec: JobSpec, renderer: Renderer) -> dict[str, Any]:
+    """The parts of a job that decide its requests; a resume refuses when they change."""
+    return {
+        "format": 1,
+        "model": spec.model,
+        "prompt": spec.prompt.model_dump(mode="json"),
+        "parameters": renderer.parameters,
+        "id_column": spec.input.id_column,
+    }
+
+
+INPUT_IDENTITY_FILE = "input.json"
+
+
+def input_identity(input_path: Path) -> dict[str, Any]:
+    """What the finished rows of a checkpoint were rendered from: the input's bytes and qwen-batch."""
+    from . import __version__
+
+    try:
+        with input_path.open("rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError as exc:
+        raise InputError(f"{input_path}: cannot read the input ({exc.strerror})") from None
+    return {"input_sha256": digest, "qwen_batch": __version__}
+
+
+def record_input_identity(checkpoint_dir: Path, identity: dict[str, Any]) -> None:
+    """Remember what this run's rows are rendered from, so a resume can trust them unchecked."""
+    try:
+        write_file_atomically(checkpoint_dir / INPUT_IDENTITY_FILE, json.dumps(identity).encode())
+    except OSError as exc:
+        raise StorageError(f"{checkpoint_dir / INPUT_IDENTITY_FILE}: cannot write ({exc.strerror})") from None
+
+
+def _same_input_as_before(checkpoint_dir: Path, identity: dict[str, Any]) -> bool:
+    try:
+        return json.loads((checkpoint_dir / INPUT_IDENTITY_FILE).read_text(encoding="utf-8")) == identity
+    except (OSError, ValueError):
+        return False
+
+
+def resume_state(
+    checkpoint_dir: Path,
+    manifest: dict[str, Any],
+    rows: int,
+    identity: dict[str, Any],
+    *,
+    fresh: bool,
+    retry_errors: bool,
+) -> tuple[ResumeIndex, float]:
+    """Rows an earlier run finished (and will not be sent again), and what they cost.
+
+    Finished means ok, or failed for good unless ``retry_errors``; ``fresh`` ignores them all.
+    """
+    resume = ResumeIndex(rows)
+    if fresh or not checkpoint_dir.exists():
+        return resume, 0.0
+    resume.verified = _same_input_as_before(checkpoint_dir, identity)
+    checkpoint = Checkpoint.open(checkpoint_dir, manifest)
+    try:
+        done = checkpoint.done_frame(extra_columns=("input_tokens",))
+    finally:
+        checkpoint.close()
+    keep = pl.col("status") == "ok"
+    if not retry_errors:
+        keep = keep | ~pl.col("retryable")
+    finished = done.filter(keep & pl.col("index").is_between(0, rows - 1))
+    previous_cost = float(done["cost"].fill_null(0.0).sum())
+    if finished.height == 0:
+        return resume, previous_cost
+    # Vectorised: a Python call per finished row took seconds on a million-row resume.
+    positions = finished["index"]
+    prefixes = finished["fingerprint"].str.slice(0, 16).str.to_integer(base=16, dtype=pl.UInt64, strict=False)
+    counts = finished["input_tokens"].fill_null(0).clip(0, (1 << 32) - 1).cast(pl.UInt32)
+
+    def spread(values: pl.Series, dtype: pl.DataType) -> list[int]:
+        return pl.zeros(rows, dtype=dtype, eager=True).scatter(positions, values.fill_null(0).cast(dtype)).to_list()
+
+    resume.finished[:] = bytes(spread(pl.repeat(1, finished.height, dtype=pl.UInt8, eager=True), pl.UInt8()))
+    resume.fingerprints[:] = array("Q", spread(prefixes, pl.UInt64()))
+    resume.input_tokens[:] = array("I", spread(counts, pl.UInt32()))
+    return resume, previous_cost

@@ -1,0 +1,139 @@
+"""The rows to send, in input order; rows settled without sending become outcomes here.
+
+Row problems, over-long rows (under ``preflight.over_long: error``) and cache hits never
+reach the worker pool as requests; finished rows of an earlier run are skipped. The sink
+makes each group of outcomes durable, then shares the new replies through the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+from .cache import ResponseCache
+from .checkpoint import Checkpoint
+from .preflight import rendered
+from .render import RowProblem
+from .runner import WorkItem
+from .types import Outcome, Reply, Request
+
+if TYPE_CHECKING:
+    from .job import PreparedJob
+
+BATCH_ROWS = 2_000
+OVER_LONG_CODE = "InvalidParameter"
+
+
+EMULATOR_SERVICE = "qwen-batch built-in emulator"
+
+
+class ServiceCache:
+    """The shared response cache seen from one service (a base URL, or the built-in emulator).
+
+    A reply is reused only for the same request sent to the same service: the emulator's
+    text must never answer a real run, nor one region's endpoint another's.
+    """
+
+    def __init__(self, cache: ResponseCache, service: str) -> None:
+        self._cache = cache
+        self._prefix = f"{service.rstrip('/')}\n".encode()
+
+    def _key(self, fingerprint: str) -> str:
+        return hashlib.sha256(self._prefix + fingerprint.encode()).hexdigest()
+
+    def get_many(self, fingerprints: Sequence[str]) -> dict[str, Reply]:
+        keys = {self._key(fingerprint): fingerprint for fingerprint in fingerprints}
+        return {keys[key]: reply for key, reply in self._cache.get_many(list(keys)).items()}
+
+    def put_many(self, items: Sequence[tuple[str, Reply]]) -> None:
+        self._cache.put_many([(self._key(fingerprint), reply) for fingerprint, reply in items])
+
+
+def work_items(prepared: PreparedJob, cache: ServiceCache | None) -> Iterator[list[WorkItem]]:
+    """Rows to send, in input order, with rows decided without sending turned into outcomes.
+
+    Rows an earlier run finished are skipped before rendering, and the token counts the
+    preflight made are reused, so this second pass over the table is cheap.
+    """
+    over_long_limit = prepared.preflight.max_input_tokens
+    batches = rendered(
+        prepared.renderer,
+        prepared.table.iter_batches(batch_size=BATCH_ROWS, limit=prepared.rows),
+        prepared.resume,
+        skip_finished=True,
+    )
+    for batch in batches:
+        items: list[WorkItem] = []
+        for item in batch:
+            if isinstance(item, RowProblem):
+                items.append(_problem_outcome(item))
+            elif over_long_limit is not None and item.input_tokens > over_long_limit:
+                items.append(_over_long_outcome(item, over_long_limit))
+            else:
+                items.append(item)
+        if cache is not None:
+            items = _answer_from_cache(items, cache)
+        if items:
+            yield items
+
+
+def _problem_outcome(problem: RowProblem) -> Outcome:
+    return Outcome(
+        index=problem.index,
+        fingerprint="",
+        status="error",
+        error_code=problem.code,
+        error_message=problem.message,
+    )
+
+
+def _over_long_outcome(request: Request, limit: int) -> Outcome:
+    return Outcome(
+        index=request.index,
+        fingerprint=request.fingerprint,
+        status="error",
+        input_tokens=request.input_tokens,
+        error_code=OVER_LONG_CODE,
+        error_message=f"Range of input length should be [1, {limit}] (not sent: {request.input_tokens} tokens)",
+    )
+
+
+def _answer_from_cache(items: list[WorkItem], cache: ServiceCache) -> list[WorkItem]:
+    requests = [item for item in items if isinstance(item, Request)]
+    if not requests:
+        return items
+    hits = cache.get_many([request.fingerprint for request in requests])
+    if not hits:
+        return items
+    return [
+        _cached_outcome(item, hits[item.fingerprint])
+        if isinstance(item, Request) and item.fingerprint in hits
+        else item
+        for item in items
+    ]
+
+
+def _cached_outcome(request: Request, reply: Reply) -> Outcome:
+    """A cache hit: the stored reply, at no cost this time."""
+    return Outcome.answered(request, reply, cost=0.0, attempts=0, latency_s=0.0, cached=True)
+
+
+class CheckpointAndCacheSink:
+    """Group commit target: the checkpoint (durable first), then the shared cache."""
+
+    def __init__(self, checkpoint: Checkpoint, cache: ServiceCache | None) -> None:
+        self._checkpoint = checkpoint
+        self._cache = cache
+
+    def write(self, outcomes: Sequence[Outcome]) -> None:
+        self._checkpoint.append(outcomes)
+        if self._cache is None:
+            return
+        fresh = [
+            (o.fingerprint, Reply(o.output_text or "", o.finish_reason or "", o.input_tokens or 0, o.output_tokens or 0, o.request_id))
+            for o in outcomes
+            if o.status == "ok" and not o.cached
+        ]
+        if fresh:
+            self._cache.put_many(fresh)
