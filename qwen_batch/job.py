@@ -136,13 +136,15 @@ def prepare_job(
     resume, previous_cost = resume_state(
         checkpoint_dir, manifest, rows, identity, fresh=options.fresh, retry_errors=options.retry_errors
     )
+    batches = table.iter_batches(batch_size=BATCH_ROWS, limit=rows)
     report = run_preflight(
-        rendered(renderer, table.iter_batches(batch_size=BATCH_ROWS, limit=rows), resume),
+        rendered(renderer, batches, resume, skip_finished=resume.verified),
         max_input_tokens=model_info.max_input_tokens if model_info else None,
         resume=resume,
         over_long_is_error=spec.preflight.over_long == "error",
         price=price,
         cache=cache,
+        max_tokens=renderer.max_tokens,
     )
     if report.mismatched_row_ids:
         raise InputError(

@@ -84,6 +84,7 @@ class ResumeIndex:
         # sent (the spec is checked by the manifest): their requests cannot differ, so they
         # need not be rebuilt to be checked. Most of a million-row resume's start-up otherwise.
         self.verified = False
+        self.finished_input_tokens = 0
 
     def mark(self, index: int, fingerprint: str, input_tokens: int | None = None) -> None:
         if 0 <= index < len(self.finished):
@@ -130,8 +131,8 @@ def rendered(
                 index += 1
             yield out
         return
-    finished, known, verified = resume.finished, resume.input_tokens, resume.verified
-    fingerprint, row_id, max_tokens = renderer.fingerprint, renderer.row_id, renderer.max_tokens
+    finished, known = resume.finished, resume.input_tokens
+    fingerprint, max_tokens = renderer.fingerprint, renderer.max_tokens
     for batch in batches:
         out: list[Request | RowProblem | DoneRow] = []
         for row in batch:
@@ -140,10 +141,6 @@ def rendered(
                     index += 1
                     continue
                 tokens = known[index]
-                if tokens and verified:
-                    out.append(DoneRow(index, row_id(index, row), "", tokens, max_tokens))
-                    index += 1
-                    continue
                 if tokens:
                     checked = fingerprint(index, row)
                     if isinstance(checked, RowProblem):
@@ -165,6 +162,7 @@ def run_preflight(
     over_long_is_error: bool = True,
     price: Price | None = None,
     cache: ServiceCache | None = None,
+    max_tokens: int = 0,
 ) -> PreflightReport:
     """Count and check every rendered row; see PreflightReport.
 
@@ -173,6 +171,8 @@ def run_preflight(
     ``to_send_output_price`` (the price of one output token summed over those rows, each at
     its own tier), from which an expected cost follows for any expected reply length.
     With a cache, rows it would answer count as ``cached``, not as rows to send.
+    When ``resume.verified``, the finished rows are not in ``batches`` at all: they are
+    counted from the resume index (each with ``max_tokens``), and not listed as over-long.
     """
     rows = requests = problems = tokens = max_out = cached = 0
     to_send = to_send_tokens = to_send_max_out = 0
@@ -217,6 +217,12 @@ def run_preflight(
                 cost_min += input_cost
                 cost_max += input_cost + item.max_tokens * tier.output_per_million / 1_000_000
                 output_price += tier.output_per_million / 1_000_000
+    if resume is not None and resume.verified:
+        finished = resume.count()
+        rows += finished
+        requests += finished
+        tokens += resume.finished_input_tokens
+        max_out += finished * max_tokens
     return PreflightReport(
         rows=rows,
         requests=requests,

@@ -107,4 +107,5 @@ def resume_state(
     resume.finished[:] = bytes(spread(pl.repeat(1, finished.height, dtype=pl.UInt8, eager=True), pl.UInt8()))
     resume.fingerprints[:] = array("Q", spread(prefixes, pl.UInt64()))
     resume.input_tokens[:] = array("I", spread(counts, pl.UInt32()))
+    resume.finished_input_tokens = int(counts.sum())
     return resume, previous_cost
