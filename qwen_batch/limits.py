@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -35,6 +36,19 @@ BURST_S = 0.05
 DEFAULT_TOKEN_BURST_FRACTION = 0.05
 # The adaptive throttle's ramp-up never slows below this fraction of its largest cut.
 MIN_STEP_FRACTION = 0.25
+# After the first cut, a 429 sets the rate this fraction under the admitted rate.
+ESTIMATE_MARGIN = 0.03
+# A cut made from the admitted rate is never deeper than this factor at once.
+MAX_ESTIMATE_CUT = 0.5
+# A cut made from the admitted rate, when that rate is at least NEAR_LIMIT of the rate the
+# pool was sending at (it was pacing just over the limit), pauses the pool only this
+# fraction of the usual cool-down.
+ESTIMATE_COOLDOWN_FRACTION = 0.25
+NEAR_LIMIT = 0.85
+# Near the estimated server limit, the ramp-up probes by this fraction of it per ramp.
+PROBE_FRACTION = 0.02
+# The admitted rate is measured over at most this many seconds (two of the service's windows).
+ADMITTED_HORIZON_S = 2 * DEFAULT_WINDOW_S
 
 
 def _bucket_rate(limit: float, bucket: float, window_s: float, margin: float) -> float:
@@ -135,6 +149,7 @@ class ThrottleStatistics:
 
     request_rate: float | None
     token_rate: float | None
+    request_limit_estimate: float | None
     throttled: int
     throttled_by_kind: dict[str, int]
     cooldowns: int
@@ -152,12 +167,25 @@ class AdaptiveThrottle:
       the burst of 429s that answers one overshoot counts once. "requests" 429s cut the
       request rate; "tokens" 429s cut the token rate; "burst" 429s cut the request rate
       and halve the speed of the next ramp-up (smoother).
-    * Each success after the cool-down raises the rate linearly in time (additive
-      increase): the largest cut so far is regained per ``ramp_s`` seconds, never above
-      the ceiling.
     * The throttle does not pace at all until the first 429 (the fixed limiters do);
       that 429 starts its rate from the rate observed just before it (at most the
-      ceiling, ``request_rate``/``token_rate``), then cuts it.
+      ceiling, ``request_rate``/``token_rate``), then cuts it by ``decrease``: the pool
+      has usually burst into an empty server window, so what it got admitted so far
+      says little about the server's steady limit.
+    * A later "requests" 429 estimates the server's limit instead of cutting blindly:
+      the rate of answers the server admitted (all answers but 429s, see ``on_answer``)
+      over the last ``admitted_horizon_s`` seconds, wall time. A sliding-window server
+      admits at most its limit per window, so over a horizon of a few windows that rate
+      is the limit. The rate is set ``ESTIMATE_MARGIN`` under it (never below half the
+      current rate at once: an idle spell in the horizon makes the estimate low). When
+      the admitted rate is close to the sending rate (``NEAR_LIMIT``) the pool was pacing
+      just over the limit, and the cool-down (without ``Retry-After``) is shortened to
+      ``ESTIMATE_COOLDOWN_FRACTION`` of itself.
+    * Each success after the cool-down raises the rate linearly in time (additive
+      increase): the largest cut so far is regained per ``ramp_s`` seconds, never above
+      the ceiling; at or above the estimated limit it only probes, by
+      ``PROBE_FRACTION`` of the estimate per ``ramp_s``, so the pool sits just under the
+      server's limit and meets a 429 rarely instead of on every saw-tooth.
     * A later 429 cuts only if the pool was really sending near the current rate
       (at least ``busy_fraction`` of it, measured over the time it was not cooling
       down). A 429 that comes while the pool sends far below its rate (few rows left,
@@ -175,13 +203,14 @@ class AdaptiveThrottle:
         token_rate: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
-        decrease: float = 0.7,
+        decrease: float = 0.5,
         ramp_s: float = 30.0,
         default_cooldown_s: float = 1.0,
         max_cooldown_s: float = 10.0,
         min_request_rate: float = 0.05,
         observe_window_s: float = 2.0,
         busy_fraction: float = 0.5,
+        admitted_horizon_s: float = ADMITTED_HORIZON_S,
     ) -> None:
         if not 0.0 < decrease < 1.0:
             raise ValueError("decrease must be in (0, 1)")
@@ -219,6 +248,7 @@ class AdaptiveThrottle:
         self._window_tokens = 0
         self._last_sent_rate: float | None = None
         self._last_token_rate: float | None = None
+        self._admitted = _TrailingRate(admitted_horizon_s)
 
     def __repr__(self) -> str:
         return f"AdaptiveThrottle(request_rate={self._requests.rate}, token_rate={self._tokens.rate})"
@@ -279,6 +309,10 @@ class AdaptiveThrottle:
         active = max(self._active(now), 1e-3)
         return self._window_sent / active, self._window_tokens / active
 
+    def on_answer(self) -> None:
+        """An attempt got an answer, whatever it was (a 429 too: ``on_throttled`` takes it back)."""
+        self._admitted.add(self._clock(), 1)
+
     def on_success(self) -> None:
         """A request went through: ramp the rates up (after any cool-down)."""
         self._successes_since_cut += 1
@@ -291,6 +325,7 @@ class AdaptiveThrottle:
     def on_throttled(self, error: RateLimited) -> None:
         """A 429: pause the pool, and cut the rate of the limit it names."""
         now = self._clock()
+        self._admitted.add(now, -1)
         self._throttled += 1
         kind = error.kind
         self._throttled_by_kind[kind] = self._throttled_by_kind.get(kind, 0) + 1
@@ -319,19 +354,29 @@ class AdaptiveThrottle:
         observed = token_rate if kind == "tokens" else sent_rate
         if limited.rate is not None and observed < self._busy_fraction * limited.rate:
             return  # not sending near the rate: this 429 is not about the rate
+        # The first cut follows a burst into an empty server window: admitted counts
+        # are not a steady rate yet. A burst 429 is about speeding up, not the limit.
+        admitted = self._admitted.rate(now) if self._decreases > 0 and kind == "requests" else None
         self._decreases += 1
         self._successes_since_cut = 0
         if kind == "tokens":
             self._tokens.decrease(now, self._decrease, observed=token_rate, floor=1.0)
         else:
             slower = 2.0 if kind == "burst" else 1.0
-            self._requests.decrease(
-                now, self._decrease, observed=sent_rate, floor=self._min_request_rate, ramp_factor=slower
+            base = self._requests.decrease(
+                now, self._decrease, observed=sent_rate, floor=self._min_request_rate, ramp_factor=slower,
+                admitted=admitted,
             )
+            if admitted is not None and admitted >= NEAR_LIMIT * base and error.retry_after is None:
+                # A pool pacing just over the limit needs no long pause: the server's window
+                # drains as steadily as it filled, and the small cut does the rest.
+                self._cooldown_until = now + self._backoff * ESTIMATE_COOLDOWN_FRACTION
+                self._requests.next_slot = self._tokens.next_slot = self._cooldown_until
 
     def statistics(self) -> ThrottleStatistics:
         """A snapshot of the current rates and 429 counts."""
         return ThrottleStatistics(
+            request_limit_estimate=self._requests.knee,
             request_rate=self._requests.rate,
             token_rate=self._tokens.rate,
             throttled=self._throttled,
@@ -342,28 +387,81 @@ class AdaptiveThrottle:
         )
 
 
+class _TrailingRate:
+    """Events per second over the last ``horizon_s`` seconds (or since the first event).
+
+    Counts are kept per slot of ``horizon_s / slots`` seconds, so memory does not grow
+    with the sending rate.
+    """
+
+    __slots__ = ("_horizon_s", "_slot_s", "_counts", "_total", "_first")
+
+    def __init__(self, horizon_s: float, slots: int = 600) -> None:
+        self._horizon_s = horizon_s
+        self._slot_s = horizon_s / slots
+        self._counts: deque[list[int]] = deque()  # [slot number, count], oldest first
+        self._total = 0
+        self._first: float | None = None
+
+    def add(self, now: float, n: int) -> None:
+        if self._first is None:
+            self._first = now
+        slot = int(now // self._slot_s)
+        if self._counts and self._counts[-1][0] == slot:
+            self._counts[-1][1] += n
+        else:
+            self._counts.append([slot, n])
+        self._total += n
+
+    def rate(self, now: float) -> float | None:
+        """The rate over the horizon; None before any event."""
+        if self._first is None or now <= self._first:
+            return None
+        oldest = int((now - self._horizon_s) // self._slot_s)
+        while self._counts and self._counts[0][0] <= oldest:
+            self._total -= self._counts.popleft()[1]
+        return max(self._total, 0) / min(now - self._first, self._horizon_s)
+
+
 class _AimdRate:
     """One AIMD-controlled rate (per second) with its next free slot (GCRA)."""
 
-    __slots__ = ("ceiling", "rate", "next_slot", "_last_increase", "_step", "_largest_cut", "_ramp_factor")
+    __slots__ = (
+        "ceiling", "rate", "next_slot", "knee", "_last_increase", "_step", "_largest_cut", "_ramp_factor"
+    )
 
     def __init__(self, ceiling: float | None, now: float) -> None:
         self.ceiling = ceiling if ceiling is not None else math.inf
         # No pacing of our own until the first cut: the fixed limiters do the work.
         self.rate: float | None = None
         self.next_slot = -math.inf
+        # The estimated server limit (from the admitted rate); None until estimated.
+        self.knee: float | None = None
         self._last_increase = now
         self._step = 0.0
         self._largest_cut = 0.0
         self._ramp_factor = 1.0
 
     def decrease(
-        self, now: float, factor: float, *, observed: float, floor: float, ramp_factor: float = 1.0
-    ) -> None:
+        self,
+        now: float,
+        factor: float,
+        *,
+        observed: float,
+        floor: float,
+        ramp_factor: float = 1.0,
+        admitted: float | None = None,
+    ) -> float:
+        """Cut by ``factor``, or to just under ``admitted`` (the server's estimated limit) when
+        given; return the rate cut from (the current rate, or the observed one if lower)."""
         base = self.rate if self.rate is not None else min(self.ceiling, max(observed, floor))
         if observed > 0:
             base = min(base, max(observed, floor))
-        self.rate = max(floor, base * factor)
+        if admitted is not None and admitted > 0:
+            self.knee = min(admitted, base)
+            self.rate = max(floor, self.knee * (1.0 - ESTIMATE_MARGIN), base * MAX_ESTIMATE_CUT)
+        else:
+            self.rate = max(floor, base * factor)
         # Regain the cut over the ramp: step (per second of time) = cut / ramp, but
         # never less than a quarter of the largest cut so far. A step that shrank with
         # every cut would let a steady share of 429s that do not depend on the rate (a
@@ -373,6 +471,7 @@ class _AimdRate:
         self._step = max(base - self.rate, self._largest_cut * MIN_STEP_FRACTION)
         self._ramp_factor = ramp_factor
         self._last_increase = now
+        return base
 
     def increase(self, now: float, ramp_s: float) -> None:
         rate = self.rate
@@ -383,7 +482,9 @@ class _AimdRate:
         elapsed = min(now - self._last_increase, 1.0)
         self._last_increase = now
         if elapsed > 0:
-            self.rate = min(self.ceiling, rate + self._step * elapsed / (ramp_s * self._ramp_factor))
+            near = self.knee is not None and rate >= self.knee * (1.0 - ESTIMATE_MARGIN)
+            step = self.knee * PROBE_FRACTION if near else self._step
+            self.rate = min(self.ceiling, rate + step * elapsed / (ramp_s * self._ramp_factor))
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,7 +550,12 @@ class Limits:
                 self.tokens.refund(charged)
 
     def settle(self, charged: int, used: int) -> None:
-        """The request charged ``charged`` tokens and used ``used``: refund the rest."""
+        """The attempt charged ``charged`` tokens, got an answer and used ``used``: refund the rest.
+
+        Called once per answered attempt (the runner does, failures and 429s included),
+        so it also counts the answer for the throttle's estimate of the server's limit.
+        """
+        self.throttle.on_answer()
         if self.tokens is not None and charged > used:
             self.tokens.refund(min(charged, self.tokens.bucket) - max(used, 0))
 

@@ -286,6 +286,7 @@ async def test_against_a_server_with_a_lower_limit_the_rate_converges_near_it_wi
             admitted.popleft()
         ok = len(admitted) < limit
         log.append((clock.now, ok))
+        throttle.on_answer()
         if ok:
             admitted.append(clock.now)
             throttle.on_success()
@@ -293,8 +294,70 @@ async def test_against_a_server_with_a_lower_limit_the_rate_converges_near_it_wi
             throttle.on_throttled(throttle_429())
     second_half = [ok for t, ok in log if t > duration / 2]
     admitted_rate = sum(second_half) / (duration / 2)
-    assert 0.75 * limit / window_s <= admitted_rate <= limit / window_s
-    assert second_half.count(False) / len(second_half) < 0.02
+    assert 0.85 * limit / window_s <= admitted_rate <= limit / window_s
+    assert second_half.count(False) / len(second_half) < 0.005
+
+
+@pytest.mark.anyio
+async def test_a_later_429_sets_the_rate_just_under_the_admitted_rate_instead_of_cutting_blindly() -> None:
+    """The first 429 cuts by ``decrease``; the next one estimates the server's limit from
+    the answers it admitted (429s excluded) and sets the rate 3% under it."""
+    throttle, clock = fake_throttle(request_rate=100.0, decrease=0.5, default_cooldown_s=1.0)
+    for _ in range(100):  # 100/s for 1 s, all admitted
+        await throttle.wait_turn()
+        throttle.on_answer()
+        throttle.on_success()
+        clock.now += 0.01
+    throttle.on_answer()
+    throttle.on_throttled(throttle_429())
+    assert throttle.statistics().request_rate == pytest.approx(50.0, rel=0.05)
+    assert throttle.statistics().request_limit_estimate is None
+    clock.now += 1.0  # the cool-down: 100 admitted in 2 s so far
+    for _ in range(100):  # 100 more in 2 s, as paced
+        await throttle.wait_turn()
+        throttle.on_answer()
+        throttle.on_success()
+    throttle.on_answer()
+    throttle.on_throttled(throttle_429())
+    stats = throttle.statistics()
+    admitted = 200 / clock.now
+    assert stats.request_limit_estimate == pytest.approx(admitted, rel=0.02)
+    assert stats.request_rate == pytest.approx(0.97 * stats.request_limit_estimate)
+    assert stats.decreases == 2
+
+
+@pytest.mark.anyio
+async def test_near_the_estimated_limit_the_ramp_only_probes_gently() -> None:
+    """At the estimate, successes raise the rate by 2% of it per ``ramp_s``, not by the cut."""
+    throttle, clock = fake_throttle(request_rate=100.0, decrease=0.5, ramp_s=10.0)
+    for _ in range(2):  # two overshoots, each followed by 2 s at 50/s, all admitted
+        for _ in range(100):
+            await throttle.wait_turn()
+            throttle.on_answer()
+            throttle.on_success()
+            clock.now += 0.02
+        throttle.on_answer()
+        throttle.on_throttled(throttle_429())
+        clock.now += 1.0
+    estimate = throttle.statistics().request_limit_estimate
+    throttle.on_success()
+    start = throttle.statistics().request_rate
+    for _ in range(10):  # 10 s of successes: one ramp_s
+        clock.now += 1.0
+        throttle.on_success()
+    assert throttle.statistics().request_rate - start == pytest.approx(0.02 * estimate, rel=0.01)
+
+
+@pytest.mark.anyio
+async def test_the_admitted_rate_forgets_answers_older_than_its_horizon() -> None:
+    throttle, clock = fake_throttle(request_rate=100.0, admitted_horizon_s=10.0)
+    for _ in range(200):  # 100/s for 2 s, then 5/s for 20 s
+        throttle.on_answer()
+        clock.now += 0.01
+    for _ in range(100):
+        throttle.on_answer()
+        clock.now += 0.2
+    assert throttle._admitted.rate(clock.now) == pytest.approx(5.0, rel=0.05)
 
 
 @pytest.mark.anyio
@@ -340,3 +403,29 @@ async def test_a_429_that_arrives_while_others_wait_for_a_fixed_slot_holds_them_
     pause_end = start + 0.02 + 0.5
     late = [t for t in sent if t > start + 0.06]
     assert late and min(late) >= pause_end - 0.01
+
+
+@pytest.mark.anyio
+async def test_a_429_just_over_the_estimated_limit_pauses_the_pool_only_briefly() -> None:
+    """Pacing at about the admitted rate, the pool is just over the limit: a quarter of the
+    cool-down, not all of it; with Retry-After the server's pause still holds."""
+    pauses = {}
+    for retry_after in (None, 2.0):
+        throttle, clock = fake_throttle(request_rate=100.0, decrease=0.5, default_cooldown_s=1.0)
+        for _ in range(2):
+            for _ in range(100):
+                await throttle.wait_turn()
+                throttle.on_answer()
+                throttle.on_success()
+                clock.now += 0.02
+            throttle.on_answer()
+            throttle.on_throttled(throttle_429(retry_after=retry_after))
+            clock.now += throttle.statistics().cooling_down_s
+        for _ in range(100):
+            await throttle.wait_turn()
+            throttle.on_answer()
+            throttle.on_success()
+        throttle.on_answer()
+        throttle.on_throttled(throttle_429(retry_after=retry_after))
+        pauses[retry_after] = throttle.statistics().cooling_down_s
+    assert pauses == {None: pytest.approx(0.25), 2.0: 2.0}

@@ -28,7 +28,8 @@ def test_against_a_server_limit_half_the_configured_one_the_run_converges_with_f
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The pool backs off as a whole and settles near the server's real rate (BENCHMARKS.md,
-    "Adaptive throttling"): most of the server's capacity used, under 8% of answers 429."""
+    "Adaptive throttling"): about 97% of the server's capacity used (at least 85% asserted,
+    for slow machines), under 5% of answers 429."""
     config = EmulatorConfig(rpm_limit=SERVER_LIMIT, rate_window_s=WINDOW_S)
     with EmulatorThread(config) as emu:
         monkeypatch.setenv("DASHSCOPE_API_KEY", emu.api_key)
@@ -49,8 +50,8 @@ def test_against_a_server_limit_half_the_configured_one_the_run_converges_with_f
     if os.environ.get("QWEN_BATCH_BENCH_PRINT"):
         print(f"\nachieved {achieved:.2f}/s = {achieved / server_rate:.0%} of {server_rate:.1f}/s; "
               f"429 share {share:.1%} ({throttled}/{len(ledger)}); span {ok_times[-1] - ok_times[0]:.1f} s")
-    assert 0.65 * server_rate <= achieved <= 1.02 * server_rate
-    assert share < 0.08
+    assert 0.85 * server_rate <= achieved <= 1.02 * server_rate
+    assert share < 0.05
     assert read_summary(tmp_path / "out" / "result.parquet")["rows"]["ok"] == ROWS
 
 
