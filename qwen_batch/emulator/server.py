@@ -210,6 +210,21 @@ class Emulator:
             self.ledger.finished()
             self._record("native", record, rid)
 
+    def _admit(
+        self, chat: ChatRequest, record: _Record, *, stream: bool
+    ) -> tuple[Script, int, Fault | None, Generation]:
+        """This attempt's plan: an injected error or a rate limit raises ApiError; else the reply."""
+        script, attempt, fault = self._plan(chat, record)
+        if fault is not None and fault.kind == "error" and not (fault.midstream and stream):
+            record.fault = fault.name
+            raise ApiError(fault.code or "InternalError", fault.message, fault.status)
+        generation = self._generate(chat, script)
+        if self.limiter.active:
+            limited = self.limiter.admit(chat.model.name, chat.input_tokens + generation.output_tokens)
+            if limited:
+                raise ApiError(limited)
+        return script, attempt, fault, generation
+
     async def _native(self, request: web.Request, record: _Record, rid: str) -> web.StreamResponse:
         try:
             raw = await self._read(request, record)
@@ -222,14 +237,7 @@ class Emulator:
             record.seed = params.get("seed") if isinstance(params, dict) else None
             chat = validate_native(body, self.catalog, rules=self.config.role_rules, usage_mode=self.config.usage_mode)
             record.input_tokens = chat.input_tokens
-            script, attempt, fault = self._plan(chat, record)
-            if fault is not None and fault.kind == "error" and not (fault.midstream and record.stream):
-                record.fault = fault.name
-                raise ApiError(fault.code or "InternalError", fault.message, fault.status)
-            generation = self._generate(chat, script)
-            limited = self.limiter.admit(chat.model.name, chat.input_tokens + generation.output_tokens) if self.limiter.active else None
-            if limited:
-                raise ApiError(limited)
+            script, attempt, fault, generation = self._admit(chat, record, stream=record.stream)
         except ApiError as error:
             # In "http200" stream mode the wire says 200, but the ledger keeps the error's status.
             record.status, record.code = error.status, error.code
@@ -332,14 +340,7 @@ class Emulator:
             record.stream = body.get("stream") is True
             chat = validate_compatible(body, self.catalog, rules=self.config.role_rules, usage_mode=self.config.usage_mode)
             record.input_tokens = chat.input_tokens
-            script, attempt, fault = self._plan(chat, record)
-            if fault is not None and fault.kind == "error" and not (fault.midstream and chat.stream):
-                record.fault = fault.name
-                raise ApiError(fault.code or "InternalError", fault.message, fault.status)
-            generation = self._generate(chat, script)
-            limited = self.limiter.admit(chat.model.name, chat.input_tokens + generation.output_tokens) if self.limiter.active else None
-            if limited:
-                raise ApiError(limited)
+            script, attempt, fault, generation = self._admit(chat, record, stream=chat.stream)
         except ApiError as error:
             record.status, record.code = error.status, error.code
             return self._compatible_error(error, rid)
