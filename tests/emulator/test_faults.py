@@ -206,8 +206,9 @@ async def test_open_emulator_shuts_down_promptly_with_a_hung_request() -> None:
                                       headers={"Authorization": f"Bearer {emu.api_key}"}, timeout=30)
 
                 group.start_soon(hang)
-                while emu.stats()["in_flight"] == 0:
-                    await anyio.sleep(0.01)
+                with anyio.fail_after(5):  # bounded wait for the server to hold the request
+                    while emu.stats()["in_flight"] == 0:
+                        await anyio.sleep(0.01)
                 group.cancel_scope.cancel()
     assert time.monotonic() - started < 5
     assert emu.ledger[-1]["fault"] == "hang"
