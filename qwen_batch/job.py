@@ -236,7 +236,7 @@ def configured_base_url(spec: JobSpec) -> str:
 async def execute_job(prepared: PreparedJob, reporter: Any) -> JobResult:
     """Send what is left of the job, write the checkpoint as rows finish, then the output.
 
-    ``reporter`` gets ``start(prepared, runner)``, ``progress`` snapshots and ``stopping(reason)``;
+    ``reporter`` gets ``start(prepared, rpm, tpm)``, ``follow(runner)`` and ``stopping(message)``;
     it only displays. Ctrl-C stops sending (in-flight rows finish within a few seconds);
     a second Ctrl-C abandons the rows in flight. Either way what finished is on disk.
     """
@@ -286,7 +286,7 @@ async def execute_job(prepared: PreparedJob, reporter: Any) -> JobResult:
             rows_total=prepared.rows,
             budget=Budget(max_cost, spent=prepared.previous_cost) if max_cost is not None else None,
         )
-        reporter.start(prepared, runner, rpm, tpm)
+        reporter.start(prepared, rpm, tpm)
         try:
             async with anyio.create_task_group() as watchers:
                 watchers.start_soon(_stop_on_signals, runner, reporter)

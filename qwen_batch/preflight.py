@@ -86,13 +86,6 @@ class ResumeIndex:
         self.verified = False
         self.finished_input_tokens = 0
 
-    def mark(self, index: int, fingerprint: str, input_tokens: int | None = None) -> None:
-        if 0 <= index < len(self.finished):
-            self.finished[index] = 1
-            self.fingerprints[index] = fingerprint_prefix(fingerprint)
-            if input_tokens is not None and 0 < input_tokens < 1 << 32:
-                self.input_tokens[index] = input_tokens
-
     def is_finished(self, index: int) -> bool:
         return bool(self.finished[index])
 

@@ -51,7 +51,7 @@ class Reporter:
     def warn(self, message: str) -> None:
         print(f"warning: {message}", file=self.stream, flush=True)
 
-    def start(self, prepared: PreparedJob, runner: Runner, rpm: float | None, tpm: float | None) -> None:
+    def start(self, prepared: PreparedJob, rpm: float | None, tpm: float | None) -> None:
         for warning in prepared.warnings:
             self.warn(warning)
         if prepared.price is not None:
