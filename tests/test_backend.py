@@ -78,6 +78,7 @@ async def test_sends_the_body_with_bearer_key_and_json_content_type_to_the_nativ
     assert str(request.url) == BASE + NATIVE_PATH
     assert request.headers["authorization"] == f"Bearer {KEY}"
     assert request.headers["content-type"] == "application/json"
+    assert request.headers["user-agent"].startswith("qwen-batch/")
     assert json.loads(request.content) == REQUEST.body
 
 

@@ -1,14 +1,16 @@
 """The native DashScope text-generation client (non-streaming).
 
-One ``httpx.AsyncClient`` per backend, on the aiohttp transport by default: httpx's own
-pool measured ~350 req/s at 64 connections and collapsed to ~40 req/s at 256 with 1 s
-latency, while the aiohttp transport kept every connection busy.
+Requests go straight to an httpx transport, the aiohttp one by default: httpx's own pool
+measured ~350 req/s at 64 connections and collapsed to ~40 req/s at 256 with 1 s latency,
+while the aiohttp transport kept every connection busy. No ``httpx.AsyncClient`` sits in
+between: its cookie jar, auth and redirect steps, which DashScope never needs, cost about
+a tenth of the CPU of each request (bench/BENCHMARKS.md, case 1).
 
 Everything the wire can do wrong is translated into the error tree here, in
 ``_translate_status`` (HTTP statuses and error bodies), ``_translate_exception``
 (transport exceptions) and ``_read_reply`` (200 bodies); nothing else in qwen-batch sees
-an httpx or aiohttp exception. The API key is sent in a default header of the client and
-is scrubbed from every message this module builds; exceptions are raised ``from None``
+an httpx or aiohttp exception. The API key is sent in a header of each request and is
+scrubbed from every message this module builds; exceptions are raised ``from None``
 so no chained httpx exception (which holds the request and its headers) travels along.
 """
 
@@ -26,6 +28,7 @@ import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
+from .. import __version__
 from ..errors import AuthError, BackendError, BadRequest, ConfigError, RateLimited, ServerError, TransportError
 from ..types import Reply, Request
 from ..wire import (
@@ -79,22 +82,21 @@ class DashScopeBackend:
         self.timeout_s = timeout_s
         self.max_connections = max_connections
         self._api_key = api_key
-        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         if transport is None:
+            limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
             # aiohttp's TCPConnector gets limit=max_connections and no per-host limit, so
             # max_connections requests to the one host really run at once.
             transport = AiohttpTransport(limits=limits)
-        self._client = httpx.AsyncClient(
-            transport=transport,
-            headers={
-                "Authorization": f"Bearer {api_key}",
-                "Content-Type": "application/json",
-                "Accept": "application/json",
-            },
-            timeout=httpx.Timeout(timeout_s, pool=None),
-            limits=limits,
-            follow_redirects=False,
-        )
+        self._transport = transport
+        self._headers = [
+            ("Authorization", f"Bearer {api_key}"),
+            ("Content-Type", "application/json"),
+            ("Accept", "application/json"),
+            ("Accept-Encoding", "gzip, deflate"),
+            ("User-Agent", f"qwen-batch/{__version__}"),
+        ]
+        # Connect and each read wait; no pool wait (the runner's worker count bounds it).
+        self._timeout = {"connect": timeout_s, "read": timeout_s, "write": timeout_s, "pool": None}
 
     def __repr__(self) -> str:
         return (
@@ -115,14 +117,14 @@ class DashScopeBackend:
 
     async def aclose(self) -> None:
         """Close every connection; the backend cannot be used afterwards."""
-        await self._client.aclose()
+        await self._transport.aclose()
 
     async def generate(self, request: Request) -> Reply:
         """POST ``request.body`` and return the Reply, or raise one ``BackendError``."""
         body = json.dumps(request.body, ensure_ascii=False, separators=(",", ":")).encode()
         error: BackendError
         try:
-            response = await self._client.post(self._url, content=body)
+            response = await self._post(body)
         except (httpx.HTTPError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             # Built outside the ``except`` so the httpx exception is not chained.
             error = self._translate_exception(exc)
@@ -131,6 +133,18 @@ class DashScopeBackend:
                 return self._read_reply(response)
             error = self._translate_status(response.status_code, response.content, response.headers)
         raise error
+
+    async def _post(self, body: bytes) -> httpx.Response:
+        """The response to one POST, its body read and its connection handed back."""
+        outgoing = httpx.Request(
+            "POST", self._url, headers=self._headers, content=body, extensions={"timeout": self._timeout}
+        )
+        response = await self._transport.handle_async_request(outgoing)
+        try:
+            await response.aread()
+        finally:
+            await response.aclose()
+        return response
 
     # -- the one place where the wire becomes the error tree ------------------------
 
