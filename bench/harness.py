@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -197,21 +198,25 @@ class ChildRun:
     wall_s: float
     started_at: float  # time.time() just before the child was started
     max_rss_mb: float | None
+    cpu_s: float = 0.0  # user + system CPU of the child (and of its waited-for children)
 
 
 def run_child(argv: Sequence[str], env: dict[str, str], *, timeout: float = 3600) -> ChildRun:
     """Run a process to its end; wall time, and peak RSS when measured through ``rss_helper``."""
     started_at = time.time()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     begin = time.perf_counter()
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - begin
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if done.returncode not in (0, 1):
         raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}:\n{done.stderr[-3000:]}")
     rss = None
     match = re.search(r"^bench-max-rss-kb (\d+)$", done.stderr, re.MULTILINE)
     if match:
         rss = int(match.group(1)) / 1024
-    return ChildRun(done.returncode, wall, started_at, rss)
+    return ChildRun(done.returncode, wall, started_at, rss, cpu)
 
 
 def with_peak_rss(argv: Sequence[str]) -> list[str]:

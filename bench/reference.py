@@ -1,11 +1,18 @@
 """The loops qwen-batch is compared with; each sends every row of an input once and nothing else.
 
-    python bench/reference.py httpx  BASE_URL INPUT.parquet --concurrency 64
-    python bench/reference.py sdk    BASE_URL INPUT.parquet --concurrency 64
+    python bench/reference.py httpx     BASE_URL INPUT.parquet --concurrency 64
+    python bench/reference.py transport BASE_URL INPUT.parquet --concurrency 64
+    python bench/reference.py aiohttp   BASE_URL INPUT.parquet --concurrency 64
+    python bench/reference.py sdk       BASE_URL INPUT.parquet --concurrency 64
 
-``httpx``: the minimal asyncio loop -- N tasks pulling from one iterator, httpx on the
-``httpx-aiohttp`` transport (the fastest Python client measured here), a JSON body built per
-row, the reply's JSON decoded, its text kept. No rate limit, retry, checkpoint or output.
+``httpx``: the minimal asyncio loop -- N tasks pulling from one iterator, an
+``httpx.AsyncClient`` on the ``httpx-aiohttp`` transport, a JSON body built per row, the
+reply's JSON decoded, its text kept. No rate limit, retry, checkpoint or output.
+
+``transport``: the same loop handing each ``httpx.Request`` straight to the transport, with
+no ``AsyncClient`` (no cookie jar, auth or redirect steps) -- how qwen-batch sends.
+
+``aiohttp``: the same loop on a bare ``aiohttp.ClientSession``, with no httpx at all.
 
 ``sdk``: the official ``dashscope`` SDK driven the usual way: ``AioGeneration.call`` per row
 under an ``asyncio.Semaphore``, all rows gathered at once.
@@ -52,12 +59,7 @@ async def httpx_loop(base_url: str, texts: list[str], concurrency: int) -> int:
         async def worker() -> None:
             nonlocal failures
             for text in pending:
-                body = {
-                    "model": MODEL,
-                    "input": {"messages": [{"role": "user", "content": text}]},
-                    "parameters": {"seed": SEED, "max_tokens": MAX_TOKENS, "result_format": RESULT_FORMAT},
-                }
-                response = await client.post(url, content=json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode())
+                response = await client.post(url, content=_body(text))
                 if response.status_code == 200:
                     replies.append(json.loads(response.content)["output"]["text"])
                 else:
@@ -65,6 +67,74 @@ async def httpx_loop(base_url: str, texts: list[str], concurrency: int) -> int:
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return failures
+
+
+async def transport_loop(base_url: str, texts: list[str], concurrency: int) -> int:
+    import httpx
+    from httpx_aiohttp import AiohttpTransport
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    headers = [("Authorization", f"Bearer {KEY}"), ("Content-Type", "application/json")]
+    timeout = {"connect": 60, "read": 60, "write": 60, "pool": None}
+    url = httpx.URL(base_url + NATIVE_PATH)
+    replies: list[str] = []
+    failures = 0
+    pending = iter(texts)
+    transport = AiohttpTransport(limits=limits)
+
+    async def worker() -> None:
+        nonlocal failures
+        for text in pending:
+            request = httpx.Request("POST", url, headers=headers, content=_body(text), extensions={"timeout": timeout})
+            response = await transport.handle_async_request(request)
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
+            if response.status_code == 200:
+                replies.append(json.loads(response.content)["output"]["text"])
+            else:
+                failures += 1
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    finally:
+        await transport.aclose()
+    return failures
+
+
+async def aiohttp_loop(base_url: str, texts: list[str], concurrency: int) -> int:
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    url = base_url + NATIVE_PATH
+    replies: list[str] = []
+    failures = 0
+    pending = iter(texts)
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
+
+        async def worker() -> None:
+            nonlocal failures
+            for text in pending:
+                async with session.post(url, data=_body(text)) as response:
+                    content = await response.read()
+                if response.status == 200:
+                    replies.append(json.loads(content)["output"]["text"])
+                else:
+                    failures += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return failures
+
+
+def _body(text: str) -> bytes:
+    body = {
+        "model": MODEL,
+        "input": {"messages": [{"role": "user", "content": text}]},
+        "parameters": {"seed": SEED, "max_tokens": MAX_TOKENS, "result_format": RESULT_FORMAT},
+    }
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 async def sdk_loop(base_url: str, texts: list[str], concurrency: int) -> int:
@@ -90,16 +160,18 @@ async def sdk_loop(base_url: str, texts: list[str], concurrency: int) -> int:
     return sum(1 for r in results if r is None)
 
 
+LOOPS = {"httpx": httpx_loop, "transport": transport_loop, "aiohttp": aiohttp_loop, "sdk": sdk_loop}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("loop", choices=("httpx", "sdk"))
+    parser.add_argument("loop", choices=tuple(LOOPS))
     parser.add_argument("base_url", help="native base URL, e.g. http://127.0.0.1:PORT/api/v1")
     parser.add_argument("input", help="Parquet input with a 'text' column")
     parser.add_argument("--concurrency", type=int, default=64)
     args = parser.parse_args()
     texts = _texts(args.input)
-    loop = httpx_loop if args.loop == "httpx" else sdk_loop
-    failures = asyncio.run(loop(args.base_url.rstrip("/"), texts, args.concurrency))
+    failures = asyncio.run(LOOPS[args.loop](args.base_url.rstrip("/"), texts, args.concurrency))
     if failures:
         print(f"{failures} requests failed", file=sys.stderr)
     return 1 if failures else 0
