@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import math
 import string
 import types
 import typing
@@ -89,6 +90,8 @@ def _in_range(
     phrase = f"must be in {text}" if low is not None and high is not None else f"must be {text}"
 
     def check(value: float) -> float:
+        if isinstance(value, float) and not math.isfinite(value):  # YAML's .nan and .inf
+            raise PydanticCustomError("not_finite", "must be a finite number, got {got}", {"got": _fmt(value)})
         too_low = low is not None and (value <= low if low_open else value < low)
         too_high = high is not None and (value >= high if high_open else value > high)
         if too_low or too_high:

@@ -176,6 +176,8 @@ BAD_SPECS: list[tuple[str, dict[str, Any], list[str]]] = [
     ("seed too big", {"parameters.seed": 2**63}, ["parameters.seed: must be in [0, 9223372036854775807]"]),
     ("temperature 2", {"parameters.temperature": 2}, ["parameters.temperature: must be in [0, 2), got 2"]),
     ("temperature < 0", {"parameters.temperature": -0.1}, ["parameters.temperature: must be in [0, 2), got -0.1"]),
+    ("temperature nan", {"parameters.temperature": float("nan")}, ["parameters.temperature: must be a finite number, got nan"]),
+    ("rpm inf", {"execution.requests_per_minute": float("inf")}, ["execution.requests_per_minute: must be a finite number, got inf"]),
     ("top_p 0", {"parameters.top_p": 0}, ["parameters.top_p: must be in (0, 1], got 0"]),
     ("top_p 1.5", {"parameters.top_p": 1.5}, ["parameters.top_p: must be in (0, 1], got 1.5"]),
     ("top_k < 0", {"parameters.top_k": -1}, ["parameters.top_k: must be >= 0, got -1"]),
