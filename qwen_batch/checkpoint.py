@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 import polars as pl
 
 from .errors import StorageError, UsageError
@@ -141,13 +142,9 @@ def record_to_outcome(record: dict[str, Any]) -> Outcome:
     return Outcome(**values)
 
 
-# One encoder for every record: ``json.dumps`` with options builds a new one per call.
-_encode_record = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
-
-
 def encode_records(outcomes: Sequence[Outcome]) -> bytes:
     """The log lines for ``outcomes``: compact UTF-8 JSON, one per line, each ending in a newline."""
-    return "".join([_encode_record(outcome_to_record(o)) + "\n" for o in outcomes]).encode("utf-8")
+    return b"".join([orjson.dumps(outcome_to_record(o), option=orjson.OPT_APPEND_NEWLINE) for o in outcomes])
 
 
 def _is_record_line(line: bytes) -> bool:

@@ -222,6 +222,20 @@ async def test_a_200_that_is_not_a_generation_result_is_a_malformed_reply(conten
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize(
+    "text",
+    ['{"output": {"text": "a", "finish_reason": "stop"}, "usage": {"input_tokens": NaN, "output_tokens": 1}}',
+     '{"output": {"text": "\\ud800", "finish_reason": "stop"}, "usage": {"input_tokens": 1, "output_tokens": 1}}'],
+    ids=["NaN", "lone surrogate"],
+)
+async def test_a_200_that_only_a_lenient_json_reader_accepts_is_a_malformed_reply(text) -> None:
+    """Python's json reads these; a text that cannot be written back as UTF-8 must not reach the checkpoint."""
+    json.loads(text)
+    error = await failure(respond(200, content=text.encode()))
+    assert type(error) is TransportError and error.code == "MalformedReply"
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("cut", [10, 40, 60, -1])
 async def test_a_200_cut_off_mid_json_is_a_truncated_reply(cut) -> None:
     error = await failure(respond(200, content=json.dumps(TEXT_REPLY).encode()[:cut]))

@@ -26,6 +26,7 @@ from typing import Any
 
 import aiohttp
 import httpx
+import orjson
 from httpx_aiohttp import AiohttpTransport
 
 from .. import __version__
@@ -121,7 +122,7 @@ class DashScopeBackend:
 
     async def generate(self, request: Request) -> Reply:
         """POST ``request.body`` and return the Reply, or raise one ``BackendError``."""
-        body = json.dumps(request.body, ensure_ascii=False, separators=(",", ":")).encode()
+        body = orjson.dumps(request.body)
         error: BackendError
         try:
             response = await self._post(body)
@@ -151,9 +152,9 @@ class DashScopeBackend:
     def _read_reply(self, response: httpx.Response) -> Reply:
         content = response.content
         try:
-            data = json.loads(content)
-        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-            raise self._bad_body(response, exc) from None
+            data = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            raise self._bad_body(response) from None
         if isinstance(data, dict) and "output" not in data and data.get("code"):
             # A 200 that carries an error body (the SDK's "two-layer" errors).
             code = str(data["code"])
@@ -169,8 +170,15 @@ class DashScopeBackend:
                 reply = dataclasses.replace(reply, request_id=header_id)
         return reply
 
-    def _bad_body(self, response: httpx.Response, exc: ValueError) -> TransportError:
+    def _bad_body(self, response: httpx.Response) -> TransportError:
+        """A 200 body that orjson refused: cut off, or not JSON (as the standard library reads it)."""
         content = response.content
+        try:
+            json.loads(content)
+        except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
+            exc: ValueError | None = error
+        else:  # JSON to the standard library only: NaN, lone surrogates
+            exc = None
         request_id = response.headers.get(REQUEST_ID_HEADER)
         declared = response.headers.get("content-length")
         short = declared is not None and declared.isdigit() and int(declared) > len(content)
