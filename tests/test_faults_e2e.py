@@ -44,7 +44,7 @@ def faulty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
 
 def test_under_the_fault_matrix_every_row_ends_ok_or_with_its_last_error_once(tmp_path: Path, faulty: Any) -> None:
     """65% of attempts fail: rows take several attempts, a few spend their retries; none is lost,
-    duplicated or paid twice, hangs are cut by the timeout, and the summary matches the output."""
+    duplicated or paid twice, and the summary matches the output."""
     texts = [f"row {i}: {{braces}} and %s stay literal" for i in range(40)]
     max_retries = 4
     # Long enough that only the scripted hangs time out: an answer the emulator sends after
@@ -81,8 +81,8 @@ def test_under_the_fault_matrix_every_row_ends_ok_or_with_its_last_error_once(tm
     assert ok["output_text"].null_count() == 0 and (ok["output_tokens"] > 0).all()
     # Every attempt the client made reached the ledger, and no more: nothing lost or duplicated.
     assert len(ledger) == frame["attempts"].sum()
-    # A hang never lasted much longer than the request timeout.
-    assert all(latency < timeout_s * (max_retries + 1) + 15 for latency in frame["latency_s"])
+    # (That hangs are cut by the timeout is test_a_hang_is_cut_by_the_request_timeout_every_time's:
+    # a row's latency here also holds its backoffs and the throttle's pacing after random 429s.)
     # The summary tells the same story as the output.
     summary = read_summary(output)
     assert summary["rows"] == {"total": len(texts), "ok": ok.height, "error": failed.height, "not_done": 0}
