@@ -3,8 +3,8 @@
 Requests go straight to an httpx transport, the aiohttp one by default: httpx's own pool
 measured ~350 req/s at 64 connections and collapsed to ~40 req/s at 256 with 1 s latency,
 while the aiohttp transport kept every connection busy. No ``httpx.AsyncClient`` sits in
-between: its cookie jar, auth and redirect steps, which DashScope never needs, cost about
-a tenth of the CPU of each request (bench/BENCHMARKS.md, case 1).
+between: its cookie jar, auth, redirect and hook steps, which DashScope never needs, cost
+~130 us of CPU per request (BENCHMARKS.md, "What profiling found", 9).
 
 Everything the wire can do wrong is translated into the error tree here, in
 ``_translate_status`` (HTTP statuses and error bodies), ``_translate_exception``
