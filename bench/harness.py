@@ -198,7 +198,7 @@ class ChildRun:
     wall_s: float
     started_at: float  # time.time() just before the child was started
     max_rss_mb: float | None
-    cpu_s: float = 0.0  # user + system CPU of the child (and of its waited-for children)
+    cpu_s: float  # user + system CPU of the child (and of its waited-for children)
 
 
 def run_child(argv: Sequence[str], env: dict[str, str], *, timeout: float = 3600) -> ChildRun:
