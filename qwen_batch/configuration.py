@@ -1,17 +1,20 @@
 """Configuration errors: refused before sending when we can tell, explained when the service tells.
 
-``check_model_known`` runs before anything is sent (``validate``, ``run``, ``estimate``): a
-model outside the built-in catalog is refused with a close match, unless the spec sets
-``api.allow_unknown_model: true``. ``explain`` turns the ``ConfigurationRefused`` that
+Before anything is sent (``validate``, ``run``, ``estimate``): ``check_model_known`` refuses a
+model outside the built-in catalog with a close match, unless the spec sets
+``api.allow_unknown_model: true``; ``check_native_path`` refuses a DashScope host whose path is
+not the native ``/api/v1`` (the compatible-mode base is the usual mix-up). ``explain`` turns the ``ConfigurationRefused`` that
 stopped a run into the one line a user reads: what is wrong, where it was set, the fix.
 """
 
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from .catalog import Catalog
 from .errors import (
+    ConfigError,
     ConfigurationRefused,
     EndpointNotFound,
     ModelNotOnEndpoint,
@@ -20,11 +23,14 @@ from .errors import (
     UnknownModel,
 )
 from .spec import JobSpec, Parameters
-from .wire import DEFAULT_BASE_URL
+from .wire import API_PREFIX, DEFAULT_BASE_URL
 
 # A model name is quoted at most this long (a runaway value must not flood the terminal).
 MAX_SHOWN_NAME_CHARS = 80
 ALLOW_UNKNOWN_MODEL_KEY = "api.allow_unknown_model"
+# Every DashScope gateway (regional, workspace-scoped) serves the native API under API_PREFIX
+# (protocol reference section 1.1); hosts elsewhere (proxies, the emulator) are not judged.
+DASHSCOPE_DOMAIN = "aliyuncs.com"
 
 
 def check_model_known(spec: JobSpec, catalog: Catalog) -> None:
@@ -35,6 +41,23 @@ def check_model_known(spec: JobSpec, catalog: Catalog) -> None:
         f"{spec.where}: model: {_shown(spec.model)} is not in the built-in catalog; "
         f"{_model_fix(spec, catalog)}, or set {ALLOW_UNKNOWN_MODEL_KEY}: true "
         "if the service has this model and the catalog does not"
+    )
+
+
+def check_native_path(base_url: str, key: str) -> None:
+    """Refuse a DashScope host whose path is not the native API's (ConfigError, exit 2).
+
+    ``key`` names where the URL came from, for the message (``job.yaml: api.base_url``).
+    """
+    parts = urlsplit(base_url)
+    host = (parts.hostname or "").rstrip(".").lower()
+    path = parts.path.rstrip("/")
+    if not (host == DASHSCOPE_DOMAIN or host.endswith("." + DASHSCOPE_DOMAIN)) or path == API_PREFIX:
+        return
+    native = urlunsplit((parts.scheme, parts.netloc, API_PREFIX, "", ""))
+    raise ConfigError(
+        f"{key}: {base_url} is a DashScope host, but qwen-batch speaks the native API under {API_PREFIX} "
+        f"(compatible-mode is the OpenAI-style one); write {native}"
     )
 
 

@@ -110,11 +110,13 @@ def prepare_job(
     Over-long rows raise InputError when the spec's policy is ``fail``, unless
     ``check_over_long`` is false (``validate`` lists them itself).
     """
-    from .configuration import check_model_known
+    from .configuration import check_model_known, check_native_path
 
     spec = load_spec(spec_path)
     catalog = catalog_module.builtin()
     check_model_known(spec, catalog)
+    if not options.emulate:
+        check_native_path(configured_base_url(spec), base_url_key(spec))
     model_info = resolve_model(spec, catalog)
     warnings: list[str] = []
     if model_info is None:
@@ -335,20 +337,19 @@ def _explain_stop(prepared: PreparedJob, error: ConfigurationRefused, base_url: 
     from .configuration import explain
 
     spec = prepared.spec
-    if prepared.options.emulate:
-        base_url_key = "the emulator's base URL"
-    elif os.environ.get(BASE_URL_ENV):
-        base_url_key = BASE_URL_ENV
-    else:
-        base_url_key = f"api.base_url in {spec.where}"
     return explain(
         error,
         spec=spec,
         catalog=catalog_module.builtin(),
         base_url=base_url,
-        base_url_key=base_url_key,
+        base_url_key="the emulator's base URL" if prepared.options.emulate else base_url_key(spec),
         parameters=prepared.renderer.parameters,
     )
+
+
+def base_url_key(spec: JobSpec) -> str:
+    """Where a real run's base URL comes from, as a message names it."""
+    return BASE_URL_ENV if os.environ.get(BASE_URL_ENV) else f"api.base_url in {spec.where}"
 
 
 def sole_error(group: BaseExceptionGroup) -> BaseException:

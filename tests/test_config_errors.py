@@ -16,11 +16,12 @@ from hypothesis import strategies as st
 from qwen_batch.backends import DashScopeBackend
 from qwen_batch.backends.dashscope import configuration_error
 from qwen_batch.catalog import builtin
-from qwen_batch.configuration import check_model_known, explain
+from qwen_batch.configuration import check_model_known, check_native_path, explain
 from qwen_batch.errors import (
     AuthError,
     BackendError,
     BadRequest,
+    ConfigError,
     ConfigurationRefused,
     EndpointNotFound,
     ModelNotOnEndpoint,
@@ -333,3 +334,34 @@ def test_any_name_outside_the_catalog_is_refused_in_one_line_and_any_hint_is_a_c
     message = str(caught.value)
     assert "api.allow_unknown_model" in message
     assert len(message) < 1000
+
+
+@pytest.mark.parametrize(
+    ("url", "native"),
+    [
+        ("https://dashscope.aliyuncs.com/compatible-mode/v1", "https://dashscope.aliyuncs.com/api/v1"),
+        ("https://dashscope-intl.aliyuncs.com/", "https://dashscope-intl.aliyuncs.com/api/v1"),
+        ("https://ws1.cn-beijing.maas.aliyuncs.com/api/v2", "https://ws1.cn-beijing.maas.aliyuncs.com/api/v1"),
+        ("https://DashScope.AliyunCS.com./api", "https://DashScope.AliyunCS.com./api/v1"),
+    ],
+)
+def test_a_dashscope_host_off_the_native_path_is_refused_with_the_fix(url, native) -> None:
+    with pytest.raises(ConfigError) as caught:
+        check_native_path(url, "job.yaml: api.base_url")
+    assert str(caught.value).startswith(f"job.yaml: api.base_url: {url} is a DashScope host")
+    assert str(caught.value).endswith(f"write {native}")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://dashscope.aliyuncs.com/api/v1",
+        "https://dashscope.aliyuncs.com/api/v1/",
+        "https://cn-hongkong.dashscope.aliyuncs.com/api/v1",
+        "https://proxy.example.com/any/path",  # not DashScope's: not judged before sending
+        "http://127.0.0.1:8089/wrong",
+        "https://notaliyuncs.com/x",
+    ],
+)
+def test_native_paths_and_other_hosts_pass_the_check(url) -> None:
+    check_native_path(url, "api.base_url")

@@ -22,7 +22,7 @@ from qwen_batch.emulator import EmulatorConfig
 from qwen_batch.testing import EmulatorThread
 from qwen_batch.wire import NATIVE_PATH
 
-from .conftest import read_summary, sentences_job
+from .conftest import read_summary, run_subprocess, sentences_job
 
 ROWS = 40
 CONCURRENCY = 4
@@ -179,3 +179,36 @@ def test_a_row_specific_400_stays_that_rows_error_and_the_run_goes_on(tmp_path: 
     assert frame["error_message"][10] == "Range of input length should be [1, 40]"
     assert len(strict_emulator.ledger) == len(texts)
     assert read_summary(tmp_path / "out" / "result.parquet")["stopped"] is None
+
+
+def test_a_real_process_stops_with_exit_3_and_one_line_without_the_key(tmp_path: Path, job_env: dict, emulator: Any) -> None:
+    """The installed entry point, stdout and stderr together: one error line, and the key nowhere."""
+    env = {**job_env, "DASHSCOPE_HTTP_BASE_URL": emulator.root_url + "/v2/wrong"}
+    job = sentences_job(tmp_path, TEXTS, execution={"concurrency": CONCURRENCY})
+    result = run_subprocess(["run", str(job)], env)
+    assert result.returncode == 3, result.stderr
+    (line,) = error_lines(result.stderr)
+    assert f"{emulator.root_url}/v2/wrong{NATIVE_PATH} answered HTTP 404 (404: Not Found)" in line
+    assert line.endswith(f"after the fix the same command sends the rest: qwen-batch run {job}")
+    assert job_env["DASHSCOPE_API_KEY"] not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert_stopped_within_the_requests_in_flight(tmp_path, emulator)
+
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_the_compatible_mode_base_url_is_refused_before_sending(
+    tmp_path: Path, job_env: dict, emulator: Any, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], command: str,
+) -> None:
+    monkeypatch.delenv("DASHSCOPE_HTTP_BASE_URL")
+    job = sentences_job(tmp_path, TEXTS, api={"base_url": "https://dashscope.aliyuncs.com/compatible-mode/v1"})
+    before = folder_bytes(tmp_path)
+    assert main([command, str(job)]) == 2
+    assert error_lines(capsys.readouterr().err) == [
+        f"error: api.base_url in {job}: https://dashscope.aliyuncs.com/compatible-mode/v1 is a DashScope host, "
+        "but qwen-batch speaks the native API under /api/v1 (compatible-mode is the OpenAI-style one); "
+        "write https://dashscope.aliyuncs.com/api/v1"
+    ]
+    assert emulator.ledger == []
+    assert folder_bytes(tmp_path) == before

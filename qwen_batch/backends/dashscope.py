@@ -334,7 +334,8 @@ def configuration_error(
 ) -> ConfigurationRefused | None:
     """The ``ConfigurationRefused`` this answer is, or None when it may be about the row alone.
 
-    Only a 4xx other than 401, 403 and 429 (which the caller decides first) can be one. The rules, most specific first:
+    Only a 4xx other than 401, 403 and 429 (which the caller decides first) can be one.
+    The rules, most specific first:
 
     - an unknown-model code (``ModelNotFound``, ``model_not_found``, ``Model.NotExist``), or a
       400/404 whose message says the model does not exist: ``UnknownModel``;
@@ -348,9 +349,9 @@ def configuration_error(
       (``MODEL_MODE_PARAMETERS``). A message about the input (``Range of input length``, roles,
       messages, content, prompt) is that row's error even if it names a parameter too.
     """
-    error_class: type[ConfigurationRefused] | None = None
     if not 400 <= status < 500:
         return None
+    error_class: type[ConfigurationRefused] | None = None
     if code in _UNKNOWN_MODEL_CODES or (status in (400, 404) and _UNKNOWN_MODEL_MESSAGE.search(message)):
         error_class = UnknownModel
     elif status == 400 and (
