@@ -27,6 +27,8 @@ Nobody compares error strings to decide what to do: ``isinstance`` does.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class QwenBatchError(Exception):
     """Base of every error qwen-batch raises on purpose."""
@@ -124,7 +126,7 @@ class PermanentError(BackendError):
 
 
 class BadRequest(PermanentError):
-    """The service refused this request (400, 404, 413, exhausted quota)."""
+    """The service refused this request (400, 413, exhausted quota)."""
 
 
 class AuthError(PermanentError):
@@ -138,16 +140,8 @@ class ConfigurationRefused(PermanentError):
     sends it. ``url`` is where the request went.
     """
 
-    def __init__(
-        self,
-        code: str,
-        message: str,
-        *,
-        status: int | None = None,
-        request_id: str | None = None,
-        url: str = "",
-    ) -> None:
-        super().__init__(code, message, status=status, request_id=request_id)
+    def __init__(self, code: str, message: str, *, url: str = "", **fields: Any) -> None:
+        super().__init__(code, message, **fields)
         self.url = url
 
 
@@ -166,15 +160,6 @@ class ModelNotOnEndpoint(ConfigurationRefused):
 class ParameterRefused(ConfigurationRefused):
     """A 400 whose message names ``parameter``, which every request of the job carries."""
 
-    def __init__(
-        self,
-        code: str,
-        message: str,
-        *,
-        parameter: str,
-        status: int | None = None,
-        request_id: str | None = None,
-        url: str = "",
-    ) -> None:
-        super().__init__(code, message, status=status, request_id=request_id, url=url)
+    def __init__(self, code: str, message: str, *, parameter: str, **fields: Any) -> None:
+        super().__init__(code, message, **fields)
         self.parameter = parameter
