@@ -108,6 +108,9 @@ def test_an_unknown_model_set_deliberately_stops_at_the_first_requests(
 
     # The fix changes the job; the checkpoint holds no row yet, so the fixed job takes it over.
     sentences_job(tmp_path, TEXTS, model="qwen-turbo", execution={"concurrency": CONCURRENCY})
+    assert main(["status", str(job)]) == 0
+    status = capsys.readouterr().out
+    assert f"remaining: {ROWS}" in status and "the spec changed" not in status
     assert_a_rerun_finishes_every_row(tmp_path, job, emulator)
 
 

@@ -146,10 +146,9 @@ class DashScopeBackend:
             # Built outside the ``except`` so the httpx exception is not chained.
             error = self._translate_exception(exc)
         else:
-            parameters = request.body.get("parameters") or ()
             if response.status_code == 200:
-                return self._read_reply(response, parameters)
-            error = self._translate_status(response.status_code, response.content, response.headers, parameters)
+                return self._read_reply(response, request)
+            error = self._translate_status(response.status_code, response.content, response.headers, request)
         raise error
 
     async def _post(self, body: bytes) -> httpx.Response:
@@ -166,7 +165,7 @@ class DashScopeBackend:
 
     # -- the one place where the wire becomes the error tree ------------------------
 
-    def _read_reply(self, response: httpx.Response, parameters: Collection[str]) -> Reply:
+    def _read_reply(self, response: httpx.Response, request: Request) -> Reply:
         content = response.content
         try:
             data = orjson.loads(content)
@@ -176,7 +175,7 @@ class DashScopeBackend:
             # A 200 that carries an error body (the SDK's "two-layer" errors).
             code = str(data["code"])
             status = ERRORS[code].status if code in ERRORS else 400
-            raise self._translate_status(status, content, response.headers, parameters) from None
+            raise self._translate_status(status, content, response.headers, request) from None
         try:
             reply = parse_native_reply(data)
         except (MalformedReply, AttributeError) as exc:
@@ -220,9 +219,9 @@ class DashScopeBackend:
         )
 
     def _translate_status(
-        self, status: int, content: bytes, headers: httpx.Headers, parameters: Collection[str]
+        self, status: int, content: bytes, headers: httpx.Headers, request: Request
     ) -> BackendError:
-        """The error for a non-200 answer (or a 200 error body); ``parameters``: those the request sent."""
+        """The error for a non-200 answer (or a 200 error body) to ``request``."""
         code, message, request_id = _error_fields(content)
         if not code:
             code = f"HTTP{status}"
@@ -243,8 +242,9 @@ class DashScopeBackend:
             )
         if status in (401, 403):
             return AuthError(code, message, status=status, request_id=request_id)
+        sent = request.body.get("parameters") or ()
         configuration = configuration_error(
-            status, code, message, sent_parameters=parameters, request_id=request_id, url=str(self._url)
+            status, code, message, sent_parameters=sent, request_id=request_id, url=str(self._url)
         )
         if configuration is not None:
             return configuration
