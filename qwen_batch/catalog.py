@@ -7,8 +7,10 @@ returns a new catalog with those entries merged in.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,6 +18,8 @@ from typing import Any
 
 CATALOG_PATH = Path(__file__).with_name("data") / "models.json"
 CURRENCY = "CNY"
+# Names longer than this get no did-you-mean hint (difflib's cost grows with the product of lengths).
+MAX_SUGGESTED_NAME_CHARS = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +118,20 @@ class Catalog:
     def names(self) -> list[str]:
         return sorted(self.models)
 
+    def closest(self, name: str) -> str | None:
+        """The model name nearest to ``name``, for a did-you-mean hint; None when none is close.
+
+        Case, spaces and underscores are not told apart (``Qwen Turbo`` is ``qwen-turbo``).
+        """
+        if len(name) > MAX_SUGGESTED_NAME_CHARS:
+            return None
+        by_key = {_name_key(known): known for known in self.models}
+        key = _name_key(name)
+        if key in by_key:
+            return by_key[key]
+        matches = difflib.get_close_matches(key, list(by_key), n=1)
+        return by_key[matches[0]] if matches else None
+
     def with_models(self, extra: Mapping[str, ModelInfo]) -> Catalog:
         return Catalog({**self.models, **extra})
 
@@ -121,6 +139,10 @@ class Catalog:
     def from_json(cls, text: str) -> Catalog:
         data = json.loads(text)
         return cls({name: model_from_dict(name, entry) for name, entry in data["models"].items()})
+
+
+def _name_key(name: str) -> str:
+    return re.sub(r"[\s_]+", "-", name.strip().lower())
 
 
 @functools.cache

@@ -355,13 +355,8 @@ class Checkpoint:
                 write_file_atomically(manifest_path, _manifest_bytes(manifest))
             except OSError as exc:
                 raise _storage_error("write the checkpoint manifest", manifest_path, exc) from None
-        elif stored != manifest:
-            changes = manifest_changes(stored, manifest)
-            raise CheckpointMismatch(
-                f"{directory}: this checkpoint was made by a different job "
-                f"({'; '.join(changes)}); re-run with --fresh to start over "
-                "(old results are kept aside), or restore the previous settings to resume"
-            )
+        elif stored != manifest and _has_records(rows_path):
+            raise _mismatch(directory, stored, manifest)
         try:
             fd = os.open(rows_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, FILE_MODE)
         except OSError as exc:
@@ -374,6 +369,10 @@ class Checkpoint:
                 f"{directory}: another qwen-batch run is using this checkpoint; "
                 "wait for it to finish or stop it first"
             ) from None
+        if stored is not None and stored != manifest:
+            # No row was recorded under the old job (a run stopped by a configuration error,
+            # say): nothing to keep apart, so the changed job takes the checkpoint over.
+            cls._take_over(directory, stored, manifest, fd)
         try:
             size = os.fstat(fd).st_size
             keep = valid_length(rows_path)
@@ -385,6 +384,21 @@ class Checkpoint:
             os.close(fd)
             raise _storage_error("repair the checkpoint log", rows_path, exc) from None
         return cls(directory, manifest, fd, keep)
+
+    @staticmethod
+    def _take_over(directory: Path, stored: dict[str, Any], manifest: dict[str, Any], fd: int) -> None:
+        """(Lock held) record ``manifest`` in a checkpoint that holds no rows; closes ``fd`` on failure."""
+        manifest_path = directory / MANIFEST_NAME
+        try:
+            has_rows = os.fstat(fd).st_size > 0  # a record may have arrived before the lock was ours
+            if not has_rows:
+                write_file_atomically(manifest_path, _manifest_bytes(manifest))
+        except OSError as exc:
+            os.close(fd)
+            raise _storage_error("write the checkpoint manifest", manifest_path, exc) from None
+        if has_rows:
+            os.close(fd)
+            raise _mismatch(directory, stored, manifest)
 
     @classmethod
     def open_readonly(cls, directory: Path) -> Checkpoint:
@@ -577,6 +591,23 @@ class Checkpoint:
             cost=float(frame["cost"].fill_null(0.0).sum()),
             cached=int(frame["cached"].fill_null(False).sum()),
         )
+
+
+def _mismatch(directory: Path, stored: dict[str, Any], manifest: dict[str, Any]) -> CheckpointMismatch:
+    changes = manifest_changes(stored, manifest)
+    return CheckpointMismatch(
+        f"{directory}: this checkpoint was made by a different job "
+        f"({'; '.join(changes)}); re-run with --fresh to start over "
+        "(old results are kept aside), or restore the previous settings to resume"
+    )
+
+
+def _has_records(rows_path: Path) -> bool:
+    """Whether the log holds anything (a torn first record counts: it is cut away only under the lock)."""
+    try:
+        return rows_path.stat().st_size > 0
+    except FileNotFoundError:
+        return False
 
 
 def _manifest_bytes(manifest: dict[str, Any]) -> bytes:

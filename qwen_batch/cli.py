@@ -1,7 +1,8 @@
 """The ``qwen-batch`` command: parse, call the library, render, return an exit code.
 
 Exit codes: 0 every row ok; 1 finished with failed rows; 2 bad spec, input, arguments or
-configuration (nothing sent, nothing overwritten); 3 aborted (key refused, budget reached);
+configuration (nothing sent, nothing overwritten); 3 aborted (key refused, the job's
+configuration refused by the service, budget reached);
 70 internal error (a bug; ``QWEN_BATCH_DEBUG=1`` prints its traceback, key scrubbed);
 130 interrupted.
 """

@@ -14,13 +14,20 @@
         │   ├── ServerError    5xx
         │   └── TransportError timeouts, resets, malformed or truncated replies
         └── PermanentError
-            ├── BadRequest     400/404/413 and non-transient 429s: the row's error
-            └── AuthError      401/403: aborts the whole run
+            ├── BadRequest     400/413 and non-transient 429s: the row's error
+            ├── AuthError      401/403: aborts the whole run
+            └── ConfigurationRefused   the job's configuration is wrong, not the row: aborts the run
+                ├── EndpointNotFound       404/405 from the generation URL: the base URL is wrong
+                ├── UnknownModel           the service does not know the model
+                ├── ModelNotOnEndpoint     400 InvalidURL: the model is served on another path
+                └── ParameterRefused       a 400 naming a parameter every request carries
 
 Nobody compares error strings to decide what to do: ``isinstance`` does.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class QwenBatchError(Exception):
@@ -119,8 +126,40 @@ class PermanentError(BackendError):
 
 
 class BadRequest(PermanentError):
-    """The service refused this request (400, 404, 413, exhausted quota)."""
+    """The service refused this request (400, 413, exhausted quota)."""
 
 
 class AuthError(PermanentError):
     """The key was refused (401/403): every other row would fail too."""
+
+
+class ConfigurationRefused(PermanentError):
+    """The answer says the job's configuration is wrong, so every other request would fail too.
+
+    The run stops as for a refused key; the row is not recorded, so a resume after the fix
+    sends it. ``url`` is where the request went.
+    """
+
+    def __init__(self, code: str, message: str, *, url: str = "", **fields: Any) -> None:
+        super().__init__(code, message, **fields)
+        self.url = url
+
+
+class EndpointNotFound(ConfigurationRefused):
+    """HTTP 404 (or 405) from the generation URL: the base URL, not the row, is wrong."""
+
+
+class UnknownModel(ConfigurationRefused):
+    """The service does not know the model (400 ``Model not exist.``, 404 ``ModelNotFound``)."""
+
+
+class ModelNotOnEndpoint(ConfigurationRefused):
+    """400 ``InvalidURL`` (``url error``): the model is served on another path (multimodal)."""
+
+
+class ParameterRefused(ConfigurationRefused):
+    """A 400 whose message names ``parameter``, which every request of the job carries."""
+
+    def __init__(self, code: str, message: str, *, parameter: str, **fields: Any) -> None:
+        super().__init__(code, message, **fields)
+        self.parameter = parameter

@@ -19,12 +19,12 @@ from .budget import Budget
 from .cache import ResponseCache, default_cache_path
 from .catalog import ModelInfo, Price
 from .checkpoint import Checkpoint, CheckpointSummary, manifest_changes, set_aside
-from .errors import ConfigError, InputError, QwenBatchError
+from .errors import ConfigError, ConfigurationRefused, InputError, QwenBatchError
 from .output import check_input_columns
 from .preflight import PreflightReport, ResumeIndex, rendered, run_preflight
 from .resume import checkpoint_dir_for, input_identity, record_input_identity, request_manifest, resume_state
 from .render import Renderer
-from .runner import STOP_AUTH, STOP_BUDGET, STOP_INTERRUPTED, Runner, RunStatistics
+from .runner import STOP_AUTH, STOP_BUDGET, STOP_CONFIGURATION, STOP_INTERRUPTED, Runner, RunStatistics
 from .spec import JobSpec, check_base_url, load_spec, price_for, resolve_model
 from .table import Table, open_table
 from .wire import DEFAULT_BASE_URL
@@ -92,7 +92,7 @@ class JobResult:
     def exit_code(self) -> int:
         if self.stop_reason == STOP_INTERRUPTED:
             return 130
-        if self.stop_reason in (STOP_AUTH, STOP_BUDGET):
+        if self.stop_reason in (STOP_AUTH, STOP_BUDGET, STOP_CONFIGURATION):
             return 3
         return 1 if self.summary["rows"]["error"] else 0
 
@@ -110,8 +110,13 @@ def prepare_job(
     Over-long rows raise InputError when the spec's policy is ``fail``, unless
     ``check_over_long`` is false (``validate`` lists them itself).
     """
+    from .configuration import check_model_known, check_native_path
+
     spec = load_spec(spec_path)
     catalog = catalog_module.builtin()
+    check_model_known(spec, catalog)
+    if not options.emulate:
+        check_native_path(configured_base_url(spec), base_url_key(spec))
     model_info = resolve_model(spec, catalog)
     warnings: list[str] = []
     if model_info is None:
@@ -321,7 +326,30 @@ async def execute_job(prepared: PreparedJob, reporter: Any) -> JobResult:
             wrote_output = True
         summary = build_summary(prepared, log, statistics, runner.stop_reason)
         write_summary_json(prepared.summary_path, summary)
-    return JobResult(statistics, summary, runner.stop_reason, runner.stop_detail, wrote_output)
+    detail = runner.stop_detail
+    if runner.stop_error is not None:
+        detail = _explain_stop(prepared, runner.stop_error, base_url)
+    return JobResult(statistics, summary, runner.stop_reason, detail, wrote_output)
+
+
+def _explain_stop(prepared: PreparedJob, error: ConfigurationRefused, base_url: str) -> str:
+    """The one line for a run stopped by a configuration error, naming where the setting came from."""
+    from .configuration import explain
+
+    spec = prepared.spec
+    return explain(
+        error,
+        spec=spec,
+        catalog=catalog_module.builtin(),
+        base_url=base_url,
+        base_url_key="the emulator's base URL" if prepared.options.emulate else base_url_key(spec),
+        parameters=prepared.renderer.parameters,
+    )
+
+
+def base_url_key(spec: JobSpec) -> str:
+    """Where a real run's base URL comes from, as a message names it."""
+    return BASE_URL_ENV if os.environ.get(BASE_URL_ENV) else f"api.base_url in {spec.where}"
 
 
 def sole_error(group: BaseExceptionGroup) -> BaseException:
@@ -403,7 +431,9 @@ def job_status(spec_path: Path, options: JobOptions) -> JobStatus:
     if checkpoint_dir.exists():
         with Checkpoint.open_readonly(checkpoint_dir) as checkpoint:
             done = checkpoint.summary()
-            changed = manifest_changes(checkpoint.manifest, request_manifest(spec, Renderer(spec, model_info)))
+            # A checkpoint with no rows is taken over by a changed job (Checkpoint.open).
+            if done.rows_done:
+                changed = manifest_changes(checkpoint.manifest, request_manifest(spec, Renderer(spec, model_info)))
     return JobStatus(
         name=spec.name,
         rows=table.num_rows,

@@ -96,6 +96,12 @@ class Reporter:
             print(f"interrupted: finished rows are saved; resume with: {command}", file=self.stream, flush=True)
         elif result.stop_reason == "auth":
             print(f"aborted: the API key was refused ({result.stop_detail}); nothing more was sent", file=self.stream)
+        elif result.stop_reason == "configuration":
+            print(
+                f"error: {result.stop_detail}; nothing more was sent, and after the fix the same command "
+                f"sends the rest: {command}",
+                file=self.stream,
+            )
         elif result.stop_reason == "budget":
             print(
                 f"stopped: the budget of {prepared.max_cost} would be exceeded; "

@@ -20,7 +20,7 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from . import pricing
 from .budget import Budget
 from .catalog import Price
-from .errors import AuthError, BackendError, RateLimited
+from .errors import AuthError, BackendError, ConfigurationRefused, RateLimited
 from .limits import Limits
 from .retry import RetryPolicy, call_with_retries
 from .types import Outcome, Reply, Request
@@ -30,6 +30,7 @@ WorkItem = Request | Outcome
 
 STOP_BUDGET = "budget"
 STOP_AUTH = "auth"
+STOP_CONFIGURATION = "configuration"
 STOP_INTERRUPTED = "interrupted"
 
 
@@ -115,6 +116,8 @@ class Runner:
         self._stopping = False
         self.stop_reason: str | None = None
         self.stop_detail: str | None = None
+        # The answer that stopped the run, for STOP_CONFIGURATION (the caller explains it).
+        self.stop_error: ConfigurationRefused | None = None
         self._send_scope: anyio.CancelScope | None = None
 
     # -- control ---------------------------------------------------------------
@@ -216,7 +219,12 @@ class Runner:
         return outcome
 
     async def _send(self, request: Request) -> Outcome | None:
-        """Send one request with retries; None when the key was refused and the run aborts."""
+        """Send one request with retries; None when the key or the configuration was refused.
+
+        A refused key abandons the requests in flight (they would fail too); a configuration
+        error lets them finish, so a reply already paid for is kept. Either way the row is
+        not recorded, and a resume sends it.
+        """
         counters = self._counters
         limits = self._limits
         charge = request.worst_case_tokens
@@ -242,6 +250,11 @@ class Runner:
         except AuthError as error:
             self.request_stop(STOP_AUTH, f"{error.code}: {error.message}")
             self.cancel_now()
+            return None
+        except ConfigurationRefused as error:
+            if self.stop_reason is None:
+                self.stop_error = error
+            self.request_stop(STOP_CONFIGURATION, f"{error.code}: {error.message}")
             return None
         except BackendError as error:
             attempts = error.attempts

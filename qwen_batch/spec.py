@@ -279,12 +279,17 @@ class OutputSpec(BaseModel):
 
 
 class ApiSpec(BaseModel):
-    """The endpoint. ``DASHSCOPE_HTTP_BASE_URL`` overrides ``base_url`` (the caller reads it)."""
+    """The endpoint. ``DASHSCOPE_HTTP_BASE_URL`` overrides ``base_url`` (the caller reads it).
+
+    ``allow_unknown_model`` says a model outside the built-in catalog is deliberate (the
+    service has models the catalog lacks); without it such a name is refused before sending.
+    """
 
     model_config = _CONFIG
 
     base_url: Annotated[str, Field(min_length=1)] = DEFAULT_BASE_URL
     allow_insecure_http: bool = False
+    allow_unknown_model: bool = False
 
     @model_validator(mode="after")
     def _safe_url(self) -> ApiSpec:

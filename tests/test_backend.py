@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from qwen_batch.backends import DashScopeBackend
-from qwen_batch.errors import AuthError, BackendError, BadRequest, RateLimited, ServerError, TransportError
+from qwen_batch.errors import AuthError, BackendError, BadRequest, RateLimited, ServerError, TransportError, UnknownModel
 from qwen_batch.types import Reply, Request
 from qwen_batch.wire import NATIVE_PATH
 
@@ -107,7 +107,7 @@ async def test_the_request_id_header_fills_in_when_the_body_has_none() -> None:
     [
         (400, "InvalidParameter", BadRequest),
         (400, "DataInspectionFailed", BadRequest),
-        (404, "ModelNotFound", BadRequest),
+        (404, "ModelNotFound", UnknownModel),
         (413, "BadRequest.TooLarge", BadRequest),
         (401, "InvalidApiKey", AuthError),
         (403, "AccessDenied", AuthError),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -258,7 +259,8 @@ def test_files_are_private(tmp_path: Path) -> None:
 
 def test_manifest_mismatch_lists_each_changed_key(tmp_path: Path) -> None:
     """A changed job is refused with what changed, as dotted keys with old -> new, and how to start over."""
-    Checkpoint.open(tmp_path / "c", MANIFEST).close()
+    with Checkpoint.open(tmp_path / "c", MANIFEST) as checkpoint:
+        checkpoint.append([ok(0)])
     changed = {"format": 1, "model": "qwen-max", "parameters": {"temperature": 0.9, "seed": 1234, "top_p": 0.8}}
     with pytest.raises(CheckpointMismatch) as caught:
         Checkpoint.open(tmp_path / "c", changed)
@@ -269,6 +271,28 @@ def test_manifest_mismatch_lists_each_changed_key(tmp_path: Path) -> None:
     assert "seed" not in message
     assert "--fresh" in message
     assert isinstance(caught.value, UsageError)
+
+
+def test_a_changed_job_takes_over_a_checkpoint_with_no_rows(tmp_path: Path) -> None:
+    """Nothing recorded under the old job (a run stopped by a configuration error): the fixed job
+    resumes in the same checkpoint, which then holds the new manifest."""
+    Checkpoint.open(tmp_path / "c", MANIFEST).close()
+    changed = {**MANIFEST, "model": "qwen-max"}
+    with Checkpoint.open(tmp_path / "c", changed) as checkpoint:
+        checkpoint.append([ok(0)])
+    with pytest.raises(CheckpointMismatch):
+        Checkpoint.open(tmp_path / "c", MANIFEST)
+    with Checkpoint.open(tmp_path / "c", changed) as checkpoint:
+        assert checkpoint.done_frame().height == 1
+
+
+def test_a_changed_job_does_not_take_over_a_checkpoint_in_use(tmp_path: Path) -> None:
+    """The manifest of a run that holds the checkpoint is never rewritten under it."""
+    with Checkpoint.open(tmp_path / "c", MANIFEST):
+        with pytest.raises(CheckpointBusy):
+            Checkpoint.open(tmp_path / "c", {**MANIFEST, "model": "qwen-max"})
+    with Checkpoint.open_readonly(tmp_path / "c") as checkpoint:
+        assert checkpoint.manifest == json.loads(json.dumps(MANIFEST))
 
 
 def test_the_same_manifest_reopens(tmp_path: Path) -> None:

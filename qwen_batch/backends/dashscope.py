@@ -7,7 +7,8 @@ between: its cookie jar, auth, redirect and hook steps, which DashScope never ne
 ~130 us of CPU per request (BENCHMARKS.md, "What profiling found", 9).
 
 Everything the wire can do wrong is translated into the error tree here, in
-``_translate_status`` (HTTP statuses and error bodies), ``_translate_exception``
+``_translate_status`` (HTTP statuses and error bodies, with ``configuration_error`` for
+the answers that say the job's configuration is wrong), ``_translate_exception``
 (transport exceptions) and ``_read_reply`` (200 bodies); nothing else in qwen-batch sees
 an httpx or aiohttp exception. The API key is sent in a header of each request and is
 scrubbed from every message this module builds; exceptions are raised ``from None``
@@ -20,7 +21,9 @@ import asyncio
 import dataclasses
 import email.utils
 import json
+import re
 import time
+from collections.abc import Collection
 from types import TracebackType
 from typing import Any
 
@@ -30,7 +33,20 @@ import orjson
 from httpx_aiohttp import AiohttpTransport
 
 from .. import __version__
-from ..errors import AuthError, BackendError, BadRequest, ConfigError, RateLimited, ServerError, TransportError
+from ..errors import (
+    AuthError,
+    BackendError,
+    BadRequest,
+    ConfigError,
+    ConfigurationRefused,
+    EndpointNotFound,
+    ModelNotOnEndpoint,
+    ParameterRefused,
+    RateLimited,
+    ServerError,
+    TransportError,
+    UnknownModel,
+)
 from ..types import Reply, Request
 from ..wire import (
     ERRORS,
@@ -131,8 +147,8 @@ class DashScopeBackend:
             error = self._translate_exception(exc)
         else:
             if response.status_code == 200:
-                return self._read_reply(response)
-            error = self._translate_status(response.status_code, response.content, response.headers)
+                return self._read_reply(response, request)
+            error = self._translate_status(response.status_code, response.content, response.headers, request)
         raise error
 
     async def _post(self, body: bytes) -> httpx.Response:
@@ -149,7 +165,7 @@ class DashScopeBackend:
 
     # -- the one place where the wire becomes the error tree ------------------------
 
-    def _read_reply(self, response: httpx.Response) -> Reply:
+    def _read_reply(self, response: httpx.Response, request: Request) -> Reply:
         content = response.content
         try:
             data = orjson.loads(content)
@@ -159,7 +175,7 @@ class DashScopeBackend:
             # A 200 that carries an error body (the SDK's "two-layer" errors).
             code = str(data["code"])
             status = ERRORS[code].status if code in ERRORS else 400
-            raise self._translate_status(status, content, response.headers) from None
+            raise self._translate_status(status, content, response.headers, request) from None
         try:
             reply = parse_native_reply(data)
         except (MalformedReply, AttributeError) as exc:
@@ -202,7 +218,10 @@ class DashScopeBackend:
             request_id=request_id,
         )
 
-    def _translate_status(self, status: int, content: bytes, headers: httpx.Headers) -> BackendError:
+    def _translate_status(
+        self, status: int, content: bytes, headers: httpx.Headers, request: Request
+    ) -> BackendError:
+        """The error for a non-200 answer (or a 200 error body) to ``request``."""
         code, message, request_id = _error_fields(content)
         if not code:
             code = f"HTTP{status}"
@@ -223,6 +242,12 @@ class DashScopeBackend:
             )
         if status in (401, 403):
             return AuthError(code, message, status=status, request_id=request_id)
+        sent = request.body.get("parameters") or ()
+        configuration = configuration_error(
+            status, code, message, sent_parameters=sent, request_id=request_id, url=str(self._url)
+        )
+        if configuration is not None:
+            return configuration
         if status in _SERVER_ERROR_STATUSES or status >= 500:
             return ServerError(code, message, status=status, request_id=request_id)
         return BadRequest(code, message, status=status, request_id=request_id)
@@ -279,6 +304,80 @@ def throttling_kind(code: str, message: str) -> str:
 
 
 _GENERIC_THROTTLING_CODES = frozenset({"Throttling", "LimitRequests", "limit_requests"})
+
+
+# --- answers that say the job's configuration is wrong, not the row ---------------------
+# (protocol reference sections 1.1, 1.3, 4.2, 6; research-wave2.md item 1)
+
+_UNKNOWN_MODEL_CODES = frozenset({"ModelNotFound", "model_not_found", "Model.NotExist"})
+# The native API sends "Model not exist." under the generic 400 InvalidParameter code.
+_UNKNOWN_MODEL_MESSAGE = re.compile(
+    r"\bmodel\b.{0,80}?\b(?:not exist|does not exist|can ?not be found|not found)|模型不存在", re.IGNORECASE
+)
+_MODEL_NOT_ON_ENDPOINT_CODE = "InvalidURL"
+_MODEL_NOT_ON_ENDPOINT_MESSAGE = "url error"
+_ENDPOINT_NOT_FOUND_STATUSES = frozenset({404, 405})
+# Parameters the service applies from the model itself; the model is the same in every request.
+MODEL_MODE_PARAMETERS = ("enable_thinking", "thinking_budget", "incremental_output")
+# Words of a message about the request's input (the row), which a parameter's name never overrides.
+_ROW_WORDS = re.compile(r"(?<![A-Za-z_])(?:input|messages|content|role|prompt)(?![A-Za-z_])", re.IGNORECASE)
+
+
+def configuration_error(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    sent_parameters: Collection[str],
+    request_id: str | None = None,
+    url: str = "",
+) -> ConfigurationRefused | None:
+    """The ``ConfigurationRefused`` this answer is, or None when it may be about the row alone.
+
+    Only a 4xx other than 401, 403 and 429 (which the caller decides first) can be one.
+    The rules, most specific first:
+
+    - an unknown-model code (``ModelNotFound``, ``model_not_found``, ``Model.NotExist``), or a
+      400/404 whose message says the model does not exist: ``UnknownModel``;
+    - 400 ``InvalidURL`` / ``url error``: the model is served on another path, ``ModelNotOnEndpoint``;
+    - any other 404 or 405 from the generation URL (``WorkSpaceNotFound`` included): the URL is
+      wrong, ``EndpointNotFound``;
+    - a 400 ``InvalidParameter`` whose message names a parameter that is the same in every
+      request of the job, and says nothing about the input: ``ParameterRefused``. Those
+      parameters are the ones this request sent in ``parameters`` (qwen-batch sends the spec's
+      parameters, unchanged, with every row) and the ones the service takes from the model
+      (``MODEL_MODE_PARAMETERS``). A message about the input (``Range of input length``, roles,
+      messages, content, prompt) is that row's error even if it names a parameter too.
+    """
+    if not 400 <= status < 500:
+        return None
+    error_class: type[ConfigurationRefused] | None = None
+    if code in _UNKNOWN_MODEL_CODES or (status in (400, 404) and _UNKNOWN_MODEL_MESSAGE.search(message)):
+        error_class = UnknownModel
+    elif status == 400 and (
+        code == _MODEL_NOT_ON_ENDPOINT_CODE or message.lower().startswith(_MODEL_NOT_ON_ENDPOINT_MESSAGE)
+    ):
+        error_class = ModelNotOnEndpoint
+    elif status in _ENDPOINT_NOT_FOUND_STATUSES:
+        error_class = EndpointNotFound
+    if error_class is not None:
+        return error_class(code, message, status=status, request_id=request_id, url=url)
+    if status != 400 or not ("InvalidParameter" in code or code == "invalid_parameter_error"):
+        return None
+    parameter = refused_parameter(message, sent_parameters)
+    if parameter is None:
+        return None
+    return ParameterRefused(code, message, parameter=parameter, status=status, request_id=request_id, url=url)
+
+
+def refused_parameter(message: str, sent_parameters: Collection[str]) -> str | None:
+    """The job-constant parameter a 400 message names, or None (none named, or it is about the input)."""
+    if _ROW_WORDS.search(message):
+        return None
+    for name in (*sent_parameters, *MODEL_MODE_PARAMETERS):
+        if re.search(rf"(?<![A-Za-z_]){re.escape(name)}(?![A-Za-z_])", message, re.IGNORECASE):
+            return name
+    return None
 
 
 def _error_fields(content: bytes) -> tuple[str | None, str | None, str | None]:

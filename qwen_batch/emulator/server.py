@@ -7,6 +7,8 @@ Routes (reference section 10):
 - ``POST /compatible-mode/v1/chat/completions``                OpenAI-compatible, stream or not
 - ``GET  /compatible-mode/v1/models``                          the catalog's names
 - ``GET  /emulator/stats``, ``GET /emulator/ledger``            statistics and the billing ledger
+- any other path or method: 404 ``404: Not Found`` (the service's body is not documented), recorded
+  in the ledger as endpoint ``not-found``, so a wrong base URL shows in what was sent
 
 Each request: read → size check → auth → validate → fault decision → generate → rate
 limits → latency → answer, and one ledger line whatever happened.
@@ -99,6 +101,8 @@ class Emulator:
         app.router.add_get(MODELS_ROUTE, self.models)
         app.router.add_get(STATS_ROUTE, self.stats)
         app.router.add_get(LEDGER_ROUTE, self.ledger_lines)
+        # Last: routes are matched in order, so this takes only the requests no route above takes.
+        app.router.add_route("*", "/{path:.*}", self.not_found)
         return app
 
     # ----- small routes -------------------------------------------------------------
@@ -112,6 +116,19 @@ class Emulator:
     async def models(self, request: web.Request) -> web.Response:
         data = [{"id": name, "object": "model", "owned_by": "system"} for name in self.catalog.names()]
         return web.Response(body=_json_bytes({"object": "list", "data": data}), content_type=JSON_CONTENT_TYPE)
+
+    async def not_found(self, request: web.Request) -> web.Response:
+        """A path (or method) the service does not have: aiohttp's plain 404, with a ledger line."""
+        record = _Record()
+        rid = str(uuid.uuid4())
+        self.ledger.started()
+        try:
+            record.sha = hashlib.sha256(await request.read()).hexdigest()
+            record.status = 404
+            return web.Response(status=404, text="404: Not Found")
+        finally:
+            self.ledger.finished()
+            self._record("not-found", record, rid)
 
     async def wrong_method(self, request: web.Request) -> web.Response:
         rid = str(uuid.uuid4())

@@ -80,3 +80,18 @@ def test_wait_for_request_returns_when_the_next_line_is_recorded(emu: Any) -> No
     sender.join(5)
     assert len(emu.ledger) == waiting_from + 1
     assert emu.wait_for_request(timeout=0.05) is False
+
+
+def test_a_path_the_service_lacks_is_a_404_with_a_ledger_line(emu: Any) -> None:
+    """A wrong base URL must show in what was sent; the real routes are untouched."""
+    body = json.dumps(prompt_body()).encode()
+    response = httpx.post(emu.root_url + "/wrong/api/v1/services/aigc/text-generation/generation", content=body)
+    assert (response.status_code, response.text) == (404, "404: Not Found")
+    assert httpx.get(emu.root_url + "/nowhere").status_code == 404
+    assert native(emu, prompt_body()).status_code == 200
+    assert httpx.get(emu.root_url + "/emulator/stats").status_code == 200
+    (line, elsewhere, ok) = emu.ledger
+    assert (line["endpoint"], line["status"], line["body_sha256"]) == ("not-found", 404, hashlib.sha256(body).hexdigest())
+    assert (elsewhere["endpoint"], elsewhere["status"]) == ("not-found", 404)
+    assert ok["endpoint"] == "native"
+    assert emu.stats()["billable"] == 1
