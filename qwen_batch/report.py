@@ -222,7 +222,9 @@ def render_summary(summary: dict[str, Any], out: TextIO) -> None:
     table.add_row("retries", str(summary["retries"]))
     table.add_row("wall time", f"{summary['wall_time_s']:.1f} s ({summary['rows_per_second']:.1f} rows/s)")
     table.add_row("output", summary["output"])
-    Console(file=out, width=max(100, len(summary["output"]) + 20)).print(table)
+    # A terminal gets a table of its own width; a file or pipe one wide enough for the path.
+    width = None if out.isatty() else max(100, len(summary["output"]) + 20)
+    Console(file=out, width=width).print(table)
 
 
 def render_status(status: Any, out: TextIO) -> None:
