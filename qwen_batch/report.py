@@ -240,7 +240,7 @@ def render_status(status: Any, out: TextIO) -> None:
     if done.retryable_errors:
         print(f"    {done.retryable_errors} of the errors are retried on resume", file=out)
     print(f"  remaining: {status.remaining}", file=out)
-    print(f"  tokens:    {done.input_tokens} in, {done.output_tokens} out", file=out)
+    print(f"  tokens:    {done.input_tokens} in, {done.output_tokens} out (billed)", file=out)
     print(f"  cost:      {done.cost:.4f} {status.currency} so far", file=out)
     print(f"  output:    {status.output_path} ({'written' if status.output_written else 'not written yet'})", file=out)
     if status.spec_changed:

@@ -20,7 +20,7 @@ from qwen_batch.types import Request
 
 from .conftest import read_summary, sentences_job
 
-# qwen-turbo's input limit in the seed's era is 6,000 tokens; one "数据" is one token.
+# qwen-turbo's input limit in the API page's era (early 2024) is 6,000 tokens; one "数据" is one token.
 OVER_LONG_TEXT = "数据" * 6100
 TEXTS = ["short", OVER_LONG_TEXT, "", "also short"]  # "" is a null cell: a row problem
 PRICING = {"currency": "CNY", "input_per_1k": 1.0, "output_per_1k": 2.0}
