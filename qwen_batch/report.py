@@ -146,10 +146,13 @@ class Reporter:
         interval = TTY_REFRESH_S if self.interactive else PLAIN_REFRESH_S
         while True:
             await anyio.sleep(interval)
-            self._draw(runner.statistics())
+            self.draw(runner.statistics())
 
-    def _draw(self, stats: RunStatistics, *, final: bool = False) -> None:
-        """Redraw the live line in place on a terminal; a plain line in a log."""
+    def draw(self, stats: RunStatistics, *, final: bool = False) -> None:
+        """Show ``stats``: redrawn in place on a terminal, a plain line in a log.
+
+        The snapshot's ``elapsed_s`` (the runner's clock) timestamps it for the recent rate.
+        """
         self._rate.observe(stats.elapsed_s, stats.rows_done)
         width = self._width() if self.interactive else None
         line = progress_line(
@@ -180,7 +183,7 @@ class Reporter:
     def finish(self, result: JobResult, prepared: PreparedJob, command: str) -> None:
         if not self.quiet:
             # The final figures, before the summary: the last refresh may be a second old.
-            self._draw(result.statistics, final=True)
+            self.draw(result.statistics, final=True)
             if self.interactive:
                 print(file=self.stream)
         if result.stop_reason == "interrupted":

@@ -150,9 +150,29 @@ def test_in_a_log_the_final_line_is_plain_and_comes_before_the_summary() -> None
     """No carriage returns or escapes in a cron log; the last figures are the final ones."""
     log = _Log()
     reporter = Reporter(stream=log, out=log)
-    reporter._draw(replace(STATS, rows_done=1000, elapsed_s=10.0))
-    reporter._draw(replace(STATS, rows_done=3000, elapsed_s=20.0), final=True)
+    reporter.draw(replace(STATS, rows_done=1000, elapsed_s=10.0))
+    reporter.draw(replace(STATS, rows_done=3000, elapsed_s=20.0), final=True)
     lines = log.getvalue().splitlines()
     assert "\r" not in log.getvalue() and "\x1b" not in log.getvalue()
     assert lines[0].startswith("1000/3000 rows 33% | 100.0 rows/s | ETA 20s")
     assert lines[1].startswith("3000/3000 rows 100% | 200.0 rows/s | done")
+
+
+class _Terminal(io.StringIO):
+    """A stream that says it is a terminal but has no file descriptor (so the width falls back to 80)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_the_line_is_redrawn_in_place_and_fits_the_width() -> None:
+    screen = _Terminal()
+    reporter = Reporter(stream=screen, out=screen)
+    busy = replace(STATS, in_flight=16, retries=3, throttled=7, cooling_down_s=1.0, errors=2, cached=5,
+                   input_tokens=123456, output_tokens=654321, cost=12.3456)
+    reporter.draw(replace(busy, rows_done=1000, elapsed_s=10.0))
+    reporter.draw(replace(busy, rows_done=1500, elapsed_s=15.0))
+    frames = screen.getvalue().split("\r\x1b[2K")
+    assert frames[0] == "" and len(frames) == 3 and "\n" not in screen.getvalue()
+    assert all(len(frame) <= 79 for frame in frames[1:])
+    assert frames[2].startswith("1500/3000 rows 50% | 100.0 rows/s | ETA 15s")
