@@ -141,14 +141,20 @@ def test_a_narrow_terminal_drops_the_least_important_parts_first(width: int) -> 
     assert "tokens" not in line
 
 
-class _Log(io.StringIO):
+class _Stream(io.StringIO):
+    """A log (``tty=False``) or a terminal without a file descriptor (its width falls back to 80)."""
+
+    def __init__(self, *, tty: bool) -> None:
+        super().__init__()
+        self._tty = tty
+
     def isatty(self) -> bool:
-        return False
+        return self._tty
 
 
 def test_in_a_log_the_final_line_is_plain_and_comes_before_the_summary() -> None:
     """No carriage returns or escapes in a cron log; the last figures are the final ones."""
-    log = _Log()
+    log = _Stream(tty=False)
     reporter = Reporter(stream=log, out=log)
     reporter.draw(replace(STATS, rows_done=1000, elapsed_s=10.0))
     reporter.draw(replace(STATS, rows_done=3000, elapsed_s=20.0), final=True)
@@ -158,15 +164,8 @@ def test_in_a_log_the_final_line_is_plain_and_comes_before_the_summary() -> None
     assert lines[1].startswith("3000/3000 rows 100% | 200.0 rows/s | done")
 
 
-class _Terminal(io.StringIO):
-    """A stream that says it is a terminal but has no file descriptor (so the width falls back to 80)."""
-
-    def isatty(self) -> bool:
-        return True
-
-
 def test_on_a_terminal_the_line_is_redrawn_in_place_and_fits_the_width() -> None:
-    screen = _Terminal()
+    screen = _Stream(tty=True)
     reporter = Reporter(stream=screen, out=screen)
     busy = replace(STATS, in_flight=16, retries=3, throttled=7, cooling_down_s=1.0, errors=2, cached=5,
                    input_tokens=123456, output_tokens=654321, cost=12.3456)
