@@ -74,6 +74,8 @@ RECORD_SCHEMA: dict[str, pl.DataType] = {
     "attempts": pl.Int64(),
     "latency_s": pl.Float64(),
     "cached": pl.Boolean(),
+    # Added after the first release: older logs lack it and read back as null.
+    "preflight_input_tokens": pl.Int64(),
 }
 DONE_COLUMNS = ("index", "fingerprint", "status", "retryable", "cost", "cached")
 _SUMMARY_COLUMNS = (
@@ -116,6 +118,16 @@ class CheckpointSummary:
 
 
 # -- records -------------------------------------------------------------------------------
+
+
+def billed(prefix: str = "") -> pl.Expr:
+    """True for the records whose usage was billed in this job: answered by the service.
+
+    Errors carry no usage; a cache hit was paid for when it was first fetched; an older
+    log's over-long rows hold the preflight count in ``input_tokens``. None of them is
+    billed. ``prefix``: of the column names, where a query renamed them.
+    """
+    return (pl.col(f"{prefix}status") == "ok") & ~pl.col(f"{prefix}cached").fill_null(False)
 
 
 def outcome_to_record(outcome: Outcome) -> dict[str, Any]:
@@ -575,6 +587,7 @@ class Checkpoint:
         """Counts and totals over the latest record of each row, for ``qwen-batch status``."""
         frame = self._collect(self._latest(self._scan(_SUMMARY_COLUMNS)))
         errors = frame.filter(pl.col("status") != "ok")
+        paid = frame.filter(billed())
         by_code = (
             errors.group_by(pl.col("error_code").fill_null("unknown"))
             .len()
@@ -586,8 +599,8 @@ class Checkpoint:
             errors=errors.height,
             errors_by_code=dict(zip(by_code["error_code"].to_list(), by_code["len"].to_list())),
             retryable_errors=int(errors["retryable"].fill_null(False).sum()),
-            input_tokens=int(frame["input_tokens"].fill_null(0).sum()),
-            output_tokens=int(frame["output_tokens"].fill_null(0).sum()),
+            input_tokens=int(paid["input_tokens"].fill_null(0).sum()),
+            output_tokens=int(paid["output_tokens"].fill_null(0).sum()),
             cost=float(frame["cost"].fill_null(0.0).sum()),
             cached=int(frame["cached"].fill_null(False).sum()),
         )

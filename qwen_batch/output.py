@@ -26,7 +26,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .checkpoint import RECORD_SCHEMA, fsync_dir, release_memory, write_file_atomically
+from .checkpoint import RECORD_SCHEMA, billed as billed_records, fsync_dir, release_memory, write_file_atomically
 from .errors import InputError, StorageError
 
 RESULT_SCHEMA = pa.schema(
@@ -45,6 +45,7 @@ RESULT_SCHEMA = pa.schema(
         pa.field("latency_s", pa.float64()),
         pa.field("model", pa.string()),
         pa.field("seed", pa.int64()),
+        pa.field("preflight_input_tokens", pa.int64()),
     ]
 )
 RESULT_COLUMNS: tuple[str, ...] = tuple(RESULT_SCHEMA.names)
@@ -75,6 +76,8 @@ _RECORD_COLUMNS = (
     "error_message",
     "attempts",
     "latency_s",
+    "cached",
+    "preflight_input_tokens",
 )
 
 
@@ -182,14 +185,18 @@ def _result_columns(
 
     is_missing = rec_col("status").is_null()
     code, message = missing if missing is not None else (None, None)
+    is_billed = billed_records(_PREFIX)
+
+    def billed(name: str) -> pl.Expr:
+        return pl.when(is_billed).then(rec_col(name))
     return [
         *(pl.col(name) for name in input_columns),
         rec_col("request_id").alias("request_id"),
         rec_col("output_text").alias("output_text"),
         rec_col("finish_reason").alias("finish_reason"),
-        rec_col("input_tokens").alias("input_tokens"),
-        rec_col("output_tokens").alias("output_tokens"),
-        (rec_col("input_tokens") + rec_col("output_tokens")).alias("total_tokens"),
+        billed("input_tokens").alias("input_tokens"),
+        billed("output_tokens").alias("output_tokens"),
+        billed("input_tokens").add(rec_col("output_tokens")).alias("total_tokens"),
         rec_col("cost").alias("cost"),
         pl.when(is_missing).then(pl.lit("error")).otherwise(rec_col("status")).alias("status"),
         pl.when(is_missing).then(pl.lit(code, dtype=pl.String)).otherwise(rec_col("error_code")).alias("error_code"),
@@ -201,6 +208,10 @@ def _result_columns(
         rec_col("latency_s").alias("latency_s"),
         pl.lit(model, dtype=pl.String).alias("model"),
         pl.lit(seed, dtype=pl.Int64).alias("seed"),
+        # An older log's over-long rows kept the preflight count in input_tokens.
+        rec_col("preflight_input_tokens")
+        .fill_null(pl.when(~is_billed).then(rec_col("input_tokens")))
+        .alias("preflight_input_tokens"),
         is_missing.alias(_MISSING),
     ]
 

@@ -1,15 +1,19 @@
 """What a person sees: start lines, progress, the closing summary table. Display only.
 
-Progress is rendered from ``Runner.statistics()`` snapshots: a live line on a terminal,
-a plain line every few seconds otherwise (cron logs), nothing with ``--quiet``.
+Progress is rendered from ``Runner.statistics()`` snapshots: a live line on a terminal
+(redrawn in place, cut to its width), a plain line every 10 seconds otherwise (cron logs),
+nothing with ``--quiet``; either way the final figures are drawn before the summary.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import TYPE_CHECKING, Any, TextIO
 
 import anyio
+
+from .progress import RecentRate
 
 if TYPE_CHECKING:
     from .job import JobResult, PreparedJob
@@ -23,15 +27,72 @@ def _money(value: float | None, currency: str) -> str:
     return "unknown" if value is None else f"{value:.4f} {currency}"
 
 
-def progress_line(stats: RunStatistics, currency: str) -> str:
-    """One line of progress, the same for the terminal and for logs."""
-    errors = f", {stats.errors} errors" if stats.errors else ""
-    cached = f", {stats.cached} cached" if stats.cached else ""
-    return (
-        f"{stats.rows_done}/{stats.rows_total} rows{errors}{cached} | {stats.rows_per_second:.1f} rows/s | "
-        f"{stats.input_tokens + stats.output_tokens} tokens | {stats.cost:.4f} {currency}"
-        + (f" | {stats.throttled} throttled" if stats.throttled else "")
-    )
+def duration(seconds: float | None) -> str:
+    """A short human duration: 42s, 3m05s, 2h04m; "--" when unknown."""
+    if seconds is None:
+        return "--"
+    whole = int(seconds + 0.5)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 100 * 3600:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return ">99h"
+
+
+def _rate(rate: float | None) -> str:
+    if rate is None:
+        return "-- rows/s"
+    return f"{rate:.1f} rows/s" if rate >= 0.1 or rate == 0 else f"{rate:.2g} rows/s"
+
+
+def progress_line(
+    stats: RunStatistics,
+    currency: str,
+    *,
+    rate: RecentRate,
+    done_before: int = 0,
+    spent_before: float = 0.0,
+    width: int | None = None,
+    final: bool = False,
+) -> str:
+    """One line of progress, the same for the terminal and for logs.
+
+    Rows done and the spend count what an earlier run finished (``done_before``,
+    ``spent_before``), so a resume ends at total/total. ``rate`` gives the recent rate and the ETA. With ``width``, the parts that
+    matter least are left out until the line fits. ``final``: the run is over, so the ETA
+    reads "done", or "stopped" when rows remain.
+    """
+    done = done_before + stats.rows_done
+    total = max(stats.rows_total, done)
+    remaining = total - done
+    percent = 100 * done // total if total else 100
+    eta = ("done" if remaining == 0 else "stopped") if final else f"ETA {duration(rate.eta_s(remaining))}"
+    throttled = ""
+    if stats.throttled:
+        throttled = f"{stats.throttled} throttled" + (
+            f" (cooling {stats.cooling_down_s:.1f}s)" if stats.cooling_down_s > 0 else ""
+        )
+    # (text, importance): the least important parts go first when the terminal is narrow.
+    parts = [
+        (f"{done}/{total} rows {percent}%", 9),
+        (_rate(rate.rate()), 8),
+        (eta, 8),
+        (f"{stats.in_flight} in flight", 5),
+        (f"{stats.retries} retries" if stats.retries else "", 4),
+        (throttled, 6),
+        (f"{stats.errors} errors" if stats.errors else "", 7),
+        (f"{stats.cached} cached" if stats.cached else "", 2),
+        (f"{stats.input_tokens + stats.output_tokens} tokens", 1),
+        (f"{spent_before + stats.cost:.4f} {currency}", 9),
+    ]
+    parts = [part for part in parts if part[0]]
+    line = " | ".join(text for text, _ in parts)
+    while width is not None and len(line) > width and len(parts) > 1:
+        parts.remove(min(parts, key=lambda part: part[1]))
+        line = " | ".join(text for text, _ in parts)
+    return line if width is None else line[:width]
 
 
 class Reporter:
@@ -43,6 +104,9 @@ class Reporter:
         self.out = out or sys.stdout
         self.interactive = self.stream.isatty()
         self.currency = "CNY"
+        self._done_before = 0
+        self._spent_before = 0.0
+        self._rate = RecentRate()
 
     def note(self, message: str) -> None:
         if not self.quiet:
@@ -67,6 +131,8 @@ class Reporter:
             self.note("no rate limits known for this model: running with the concurrency limit alone")
         report = prepared.preflight
         done = prepared.resume.count()
+        self._done_before = done
+        self._spent_before = prepared.previous_cost
         resumed = f", {done} already done (resuming)" if done else ""
         self.note(
             f"{prepared.spec.name}: {prepared.rows} rows{resumed}, {report.to_send} to send, "
@@ -80,18 +146,46 @@ class Reporter:
         interval = TTY_REFRESH_S if self.interactive else PLAIN_REFRESH_S
         while True:
             await anyio.sleep(interval)
-            line = progress_line(runner.statistics(), self.currency)
-            if self.interactive:
-                print(f"\r\x1b[2K{line}", end="", file=self.stream, flush=True)
-            else:
-                print(line, file=self.stream, flush=True)
+            self.draw(runner.statistics())
+
+    def draw(self, stats: RunStatistics, *, final: bool = False) -> None:
+        """Show ``stats``: redrawn in place on a terminal, a plain line in a log.
+
+        The snapshot's ``elapsed_s`` (the runner's clock) timestamps it for the recent rate.
+        """
+        self._rate.observe(stats.elapsed_s, stats.rows_done)
+        width = self._width() if self.interactive else None
+        line = progress_line(
+            stats,
+            self.currency,
+            rate=self._rate,
+            done_before=self._done_before,
+            spent_before=self._spent_before,
+            width=width,
+            final=final,
+        )
+        if self.interactive:
+            print(f"\r\x1b[2K{line}", end="", file=self.stream, flush=True)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def _width(self) -> int:
+        """The terminal's width less one column, so the line never wraps."""
+        try:
+            columns = os.get_terminal_size(self.stream.fileno()).columns
+        except (OSError, ValueError, AttributeError):
+            columns = 80
+        return max(columns - 1, 20)
 
     def stopping(self, message: str) -> None:
         print(f"\n{message}", file=self.stream, flush=True)
 
     def finish(self, result: JobResult, prepared: PreparedJob, command: str) -> None:
-        if self.interactive and not self.quiet:
-            print(file=self.stream)
+        if not self.quiet:
+            # The final figures, before the summary: the last refresh may be a second old.
+            self.draw(result.statistics, final=True)
+            if self.interactive:
+                print(file=self.stream)
         if result.stop_reason == "interrupted":
             print(f"interrupted: finished rows are saved; resume with: {command}", file=self.stream, flush=True)
         elif result.stop_reason == "auth":
@@ -137,7 +231,9 @@ def render_summary(summary: dict[str, Any], out: TextIO) -> None:
     table.add_row("retries", str(summary["retries"]))
     table.add_row("wall time", f"{summary['wall_time_s']:.1f} s ({summary['rows_per_second']:.1f} rows/s)")
     table.add_row("output", summary["output"])
-    Console(file=out, width=max(100, len(summary["output"]) + 20)).print(table)
+    # A terminal gets a table of its own width; a file or pipe one wide enough for the path.
+    width = None if out.isatty() else max(100, len(summary["output"]) + 20)
+    Console(file=out, width=width).print(table)
 
 
 def render_status(status: Any, out: TextIO) -> None:
@@ -153,7 +249,7 @@ def render_status(status: Any, out: TextIO) -> None:
     if done.retryable_errors:
         print(f"    {done.retryable_errors} of the errors are retried on resume", file=out)
     print(f"  remaining: {status.remaining}", file=out)
-    print(f"  tokens:    {done.input_tokens} in, {done.output_tokens} out", file=out)
+    print(f"  tokens:    {done.input_tokens} in, {done.output_tokens} out (billed)", file=out)
     print(f"  cost:      {done.cost:.4f} {status.currency} so far", file=out)
     print(f"  output:    {status.output_path} ({'written' if status.output_written else 'not written yet'})", file=out)
     if status.spec_changed:

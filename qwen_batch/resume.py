@@ -86,7 +86,7 @@ def resume_state(
     resume.verified = _same_input_as_before(checkpoint_dir, identity)
     checkpoint = Checkpoint.open(checkpoint_dir, manifest)
     try:
-        done = checkpoint.done_frame(extra_columns=("input_tokens",))
+        done = checkpoint.done_frame(extra_columns=("input_tokens", "preflight_input_tokens"))
     finally:
         checkpoint.close()
     keep = pl.col("status") == "ok"
@@ -99,7 +99,11 @@ def resume_state(
     # Vectorised: a Python call per finished row took seconds on a million-row resume.
     positions = finished["index"]
     prefixes = finished["fingerprint"].str.slice(0, 16).str.to_integer(base=16, dtype=pl.UInt64, strict=False)
-    counts = finished["input_tokens"].fill_null(0).clip(0, (1 << 32) - 1).cast(pl.UInt32)
+    # The preflight count; a log from before that field was kept has the usage instead.
+    counts = (
+        finished["preflight_input_tokens"].fill_null(finished["input_tokens"]).fill_null(0)
+        .clip(0, (1 << 32) - 1).cast(pl.UInt32)
+    )
 
     def spread(values: pl.Series, dtype: pl.DataType) -> list[int]:
         return pl.zeros(rows, dtype=dtype, eager=True).scatter(positions, values.fill_null(0).cast(dtype)).to_list()

@@ -62,6 +62,8 @@ class RunStatistics:
     throttled: int
     in_flight: int
     elapsed_s: float
+    cooling_down_s: float = 0.0
+    """Seconds until the pool may send again after a 429 (0: not cooling down)."""
 
     @property
     def rows_per_second(self) -> float:
@@ -153,6 +155,7 @@ class Runner:
             throttled=c.throttled,
             in_flight=c.in_flight,
             elapsed_s=self._clock() - self._started,
+            cooling_down_s=self._limits.throttle.statistics().cooling_down_s,
         )
 
     # -- the pool --------------------------------------------------------------
@@ -228,8 +231,14 @@ class Runner:
         counters = self._counters
         limits = self._limits
         charge = request.worst_case_tokens
+        begun = 0
 
         async def before_attempt() -> None:
+            # Retries are counted as they begin, so the progress line shows them live.
+            nonlocal begun
+            begun += 1
+            if begun > 1:
+                counters.retries += 1
             await limits.wait_to_send(charge)
 
         def on_error(error: BackendError, attempt: int) -> None:
@@ -258,7 +267,6 @@ class Runner:
             return None
         except BackendError as error:
             attempts = error.attempts
-            counters.retries += attempts - 1
             return Outcome(
                 index=request.index,
                 fingerprint=request.fingerprint,
@@ -269,10 +277,10 @@ class Runner:
                 retryable=error.retryable,
                 attempts=attempts,
                 latency_s=self._clock() - started,
+                preflight_input_tokens=request.input_tokens,
             )
         finally:
             counters.in_flight -= 1
-        counters.retries += attempts - 1
         limits.settle(charge, reply.total_tokens)
         limits.on_success()
         return Outcome.answered(
@@ -313,14 +321,14 @@ class Runner:
             c.rows_done += 1
             if outcome.status == "ok":
                 c.ok += 1
-                c.input_tokens += outcome.input_tokens or 0
-                c.output_tokens += outcome.output_tokens or 0
                 if outcome.cached:
                     c.cached += 1
                     c.cache_saved_cost += (
                         pricing.cost(self._price, outcome.input_tokens or 0, outcome.output_tokens or 0) or 0.0
                     )
                 else:
+                    c.input_tokens += outcome.input_tokens or 0
+                    c.output_tokens += outcome.output_tokens or 0
                     c.cost += outcome.cost or 0.0
             else:
                 c.errors += 1

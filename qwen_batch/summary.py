@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import pricing
 from .catalog import CURRENCY
+from .checkpoint import billed
 
 if TYPE_CHECKING:
     import polars as pl
@@ -41,8 +42,10 @@ def build_summary(
     ok = frame.filter(pl.col("status") == "ok")
     errors = frame.filter(pl.col("status") == "error")
     cached = ok.filter(pl.col("cached"))
-    input_tokens = int(ok["input_tokens"].fill_null(0).sum())
-    output_tokens = int(ok["output_tokens"].fill_null(0).sum())
+    # Billed usage only, as in the output's columns: a cache hit's tokens were paid for before.
+    paid = frame.filter(billed())
+    input_tokens = int(paid["input_tokens"].fill_null(0).sum())
+    output_tokens = int(paid["output_tokens"].fill_null(0).sum())
     price = prepared.price
     cost = round(float(frame["cost"].fill_null(0.0).sum()), COST_DECIMALS) if price is not None else None
     saved = None

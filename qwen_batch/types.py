@@ -54,7 +54,10 @@ class Outcome:
 
     ``retryable`` says whether an error may pass if the row is sent again (a resume
     retries those). ``cached`` is true when the reply came from the response cache
-    and cost nothing this time.
+    and cost nothing this time. ``input_tokens``/``output_tokens`` are the usage the
+    reply reported (a cache hit keeps its stored reply's); ``preflight_input_tokens`` is
+    the exact count made before sending, kept apart so that a row never sent (over-long)
+    has no usage.
     """
 
     index: int
@@ -72,6 +75,7 @@ class Outcome:
     attempts: int = 0
     latency_s: float | None = None
     cached: bool = False
+    preflight_input_tokens: int | None = None
 
     @classmethod
     def answered(
@@ -98,6 +102,7 @@ class Outcome:
             attempts=attempts,
             latency_s=latency_s,
             cached=cached,
+            preflight_input_tokens=request.input_tokens,
         )
 
     @property

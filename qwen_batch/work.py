@@ -93,7 +93,7 @@ def _over_long_outcome(request: Request, limit: int) -> Outcome:
         index=request.index,
         fingerprint=request.fingerprint,
         status="error",
-        input_tokens=request.input_tokens,
+        preflight_input_tokens=request.input_tokens,
         error_code=OVER_LONG_CODE,
         error_message=f"Range of input length should be [1, {limit}] (not sent: {request.input_tokens} tokens)",
     )

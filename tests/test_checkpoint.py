@@ -234,7 +234,8 @@ def test_summary_counts_the_latest_record_of_each_row(tmp_path: Path) -> None:
                 ok(0, input_tokens=10, output_tokens=5, cost=0.5),
                 failed(1, code="Throttling"),
                 failed(2, code="InvalidParameter", retryable=False),
-                Outcome(index=3, fingerprint="x", status="error"),
+                # An over-long row as an older version recorded it: the preflight count in input_tokens.
+                Outcome(index=3, fingerprint="x", status="error", input_tokens=7000),
                 ok(4, input_tokens=1, output_tokens=1, cost=0.0, cached=True),
             ]
         )
@@ -243,7 +244,8 @@ def test_summary_counts_the_latest_record_of_each_row(tmp_path: Path) -> None:
     assert summary.rows_done == 5
     assert (summary.ok, summary.errors, summary.retryable_errors, summary.cached) == (3, 2, 0, 1)
     assert summary.errors_by_code == {"InvalidParameter": 1, "unknown": 1}
-    assert (summary.input_tokens, summary.output_tokens) == (13, 9)
+    # Billed usage only: not the cache hit's (paid for before), not the unsent row's count.
+    assert (summary.input_tokens, summary.output_tokens) == (12, 8)
     assert summary.cost == pytest.approx(0.75)
 
 

@@ -17,6 +17,7 @@ from .conftest import read_summary, sentences_job, write_job
 RESULT_COLUMNS = [
     "request_id", "output_text", "finish_reason", "input_tokens", "output_tokens", "total_tokens",
     "cost", "status", "error_code", "error_message", "attempts", "latency_s", "model", "seed",
+    "preflight_input_tokens",
 ]
 TEXTS = ["今天天气很好。", "The quick brown fox.", "数据 {text} 和 {{braces}} 以及 %s", "Hello again, world."]
 
@@ -41,6 +42,7 @@ def test_run_writes_one_ok_row_per_input_row_in_order(tmp_path: Path, job_env: d
     assert frame["error_code"].null_count() == len(TEXTS)
     assert all(frame["output_text"].str.len_chars() > 0)
     assert (frame["total_tokens"] == frame["input_tokens"] + frame["output_tokens"]).all()
+    assert frame["preflight_input_tokens"].to_list() == frame["input_tokens"].to_list()
     assert frame["model"].unique().to_list() == ["qwen-turbo"] and frame["seed"].unique().to_list() == [7]
     assert len(billable(emulator)) == len(TEXTS)
 

@@ -162,3 +162,45 @@ async def test_a_worker_waits_for_its_row_to_be_durable_before_the_next_request(
 
     await make_runner(RecordingBackend(), RecordingSink(), 3, concurrency=1).run(iter([[request(i) for i in range(3)]]))
     assert order == ["send 0", "durable 0", "send 1", "durable 1", "send 2", "durable 2"]
+
+
+class GatedBackend(ScriptedBackend):
+    """A ScriptedBackend whose replies wait until ``gate`` is set (a request held in flight)."""
+
+    def __init__(self, failures: dict[int, list[Exception]]) -> None:
+        super().__init__(failures)
+        self.gate = anyio.Event()
+        self.waiting = anyio.Event()
+
+    async def generate(self, req: Request) -> Reply:
+        if not self.failures.get(req.index):
+            self.waiting.set()
+            await self.gate.wait()
+        return await super().generate(req)
+
+
+@pytest.mark.anyio
+async def test_retries_and_requests_in_flight_show_while_the_row_is_still_going() -> None:
+    """Progress reads them live: a retry counts when it begins, not when its row finishes."""
+    backend = GatedBackend({0: [ServerError("InternalError", "boom", status=500)]})
+    sink = ListSink()
+    runner = make_runner(backend, sink, 1)
+    async with anyio.create_task_group() as group:
+        group.start_soon(runner.run, iter([[request(0)]]))
+        with anyio.fail_after(5):
+            await backend.waiting.wait()
+        live = runner.statistics()
+        backend.gate.set()
+    final = runner.statistics()
+    assert (live.retries, live.in_flight, live.rows_done) == (1, 1, 0)
+    assert (final.retries, final.in_flight, final.rows_done) == (1, 0, 1)
+    assert sink.outcomes[0].attempts == 2
+
+
+@pytest.mark.anyio
+async def test_a_cache_hit_adds_nothing_to_the_billed_tokens() -> None:
+    backend, sink = ScriptedBackend(), ListSink()
+    hit = Outcome.answered(request(1), Reply("stored", "stop", 10, 5), cost=0.0, attempts=0, latency_s=0.0, cached=True)
+    stats = await make_runner(backend, sink, 2).run(iter([[request(0), hit]]))
+    assert (stats.input_tokens, stats.output_tokens, stats.cached) == (10, 5, 1)
+    assert stats.cache_saved_cost == pytest.approx((10 * 1.0 + 5 * 2.0) / 1000)
