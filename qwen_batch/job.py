@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 
 from . import catalog as catalog_module
+from .apikey import API_KEY_ENV, API_KEY_FILE_ENV, read_api_key  # noqa: F401 - the names job.py always offered
 from .budget import Budget
 from .cache import ResponseCache, default_cache_path
 from .catalog import ModelInfo, Price
@@ -30,8 +31,6 @@ from .table import Table, open_table
 from .wire import DEFAULT_BASE_URL
 from .work import BATCH_ROWS, EMULATOR_SERVICE, CheckpointAndCacheSink, ServiceCache, work_items
 
-API_KEY_ENV = "DASHSCOPE_API_KEY"
-API_KEY_FILE_ENV = "DASHSCOPE_API_KEY_FILE_PATH"
 BASE_URL_ENV = "DASHSCOPE_HTTP_BASE_URL"
 
 
@@ -209,23 +208,12 @@ def over_long_message(spec: JobSpec, report: PreflightReport, listed: int | None
 
 
 def resolve_api(prepared: PreparedJob) -> tuple[str, str]:
-    """Base URL and key for a real run; a missing key is exit 2 with how to set it."""
+    """Base URL and key for a real run; a missing or unsendable key is exit 2 with how to fix it."""
     spec = prepared.spec
     base_url = configured_base_url(spec)
-    check_base_url(base_url, spec.api.allow_insecure_http)
-    key = os.environ.get(API_KEY_ENV, "").strip()
-    key_file = os.environ.get(API_KEY_FILE_ENV)
-    if not key and key_file:
-        try:
-            key = Path(key_file).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"{API_KEY_FILE_ENV}={key_file}: cannot read the key file ({exc.strerror})") from None
-    if not key:
-        raise ConfigError(
-            f"no API key: export {API_KEY_ENV}=sk-... (or {API_KEY_FILE_ENV}=/path/to/key), "
-            "or add --emulate to run against the built-in emulator"
-        )
-    return base_url, key
+    source = BASE_URL_ENV if os.environ.get(BASE_URL_ENV) else f"{spec.where}: api.base_url"
+    check_base_url(base_url, spec.api.allow_insecure_http, source=source)
+    return base_url, read_api_key().value
 
 
 def configured_base_url(spec: JobSpec) -> str:
@@ -265,7 +253,8 @@ async def execute_job(prepared: PreparedJob, reporter: Any) -> JobResult:
             shared = ResponseCache(spec.cache.path or default_cache_path())
             stack.callback(shared.close)
             cache = ServiceCache(shared, EMULATOR_SERVICE if options.emulate else base_url)
-        concurrency = options.concurrency or spec.execution.concurrency
+        # Never more workers (and connections) than rows to send: each one costs memory and a socket.
+        concurrency = min(options.concurrency or spec.execution.concurrency, max(1, prepared.preflight.to_send))
         backend = await stack.enter_async_context(
             DashScopeBackend(
                 base_url,
