@@ -253,8 +253,7 @@ async def execute_job(prepared: PreparedJob, reporter: Any) -> JobResult:
             shared = ResponseCache(spec.cache.path or default_cache_path())
             stack.callback(shared.close)
             cache = ServiceCache(shared, EMULATOR_SERVICE if options.emulate else base_url)
-        # Never more workers (and connections) than rows to send: each one costs memory and a socket.
-        concurrency = min(options.concurrency or spec.execution.concurrency, max(1, prepared.preflight.to_send))
+        concurrency = worker_count(prepared)
         backend = await stack.enter_async_context(
             DashScopeBackend(
                 base_url,
@@ -311,6 +310,12 @@ async def execute_job(prepared: PreparedJob, reporter: Any) -> JobResult:
         summary = build_summary(prepared, log, statistics, runner.stop_reason)
         write_summary_json(prepared.summary_path, summary)
     return JobResult(statistics, summary, runner.stop_reason, runner.stop_detail, wrote_output)
+
+
+def worker_count(prepared: PreparedJob) -> int:
+    """The concurrency asked for, but never more workers (and connections) than rows to send."""
+    asked = prepared.options.concurrency or prepared.spec.execution.concurrency
+    return min(asked, max(1, prepared.preflight.to_send))
 
 
 def sole_error(group: BaseExceptionGroup) -> BaseException:

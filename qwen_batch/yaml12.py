@@ -139,7 +139,7 @@ def _checked(construct: Any, what: str) -> Any:
         if not _CORE_PATTERNS[node.tag].match(value):
             raise YamlRefused(_line(node), f"{_short_tag(node.tag)} {_shown(value)!r} is not {what}; "
                                            "write a plain YAML 1.2 value, or drop the tag")
-        if sum(c.isdigit() for c in value) > MAX_DIGITS:  # int() and repr() refuse such numbers
+        if len(value) > MAX_DIGITS:  # int() and repr() refuse numbers this long, and no setting needs one
             raise YamlRefused(_line(node), f"{_shown(value)} has more than {MAX_DIGITS} digits; shorten it")
         return construct(loader, node)
     return constructor
@@ -206,6 +206,8 @@ class Yaml12Loader(yaml.SafeLoader):
     def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Any, Any]:
         first_lines: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # only an explicit !!merge gets here
+                raise YamlRefused(_line(key_node), _version_clash("<<") or "")
             key = self.construct_object(key_node, deep=True)
             try:
                 first = first_lines.get(key)
@@ -216,12 +218,6 @@ class Yaml12Loader(yaml.SafeLoader):
                 raise YamlRefused(_line(key_node), f"key {_shown(repr(key))} is given twice ({lines}); keep one")
             first_lines[key] = _line(key_node)
         return super().construct_mapping(node, deep=deep)
-
-    def flatten_mapping(self, node: MappingNode) -> None:
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                raise YamlRefused(_line(key_node), _version_clash("<<") or "")
-        super().flatten_mapping(node)
 
 
 for _tag, _pattern in (("tag:yaml.org,2002:yaml11", _YAML11_ONLY.pattern), *_CORE_12):
