@@ -22,6 +22,7 @@ EXIT_USAGE = 2
 EXIT_INTERNAL = 70  # sysexits EX_SOFTWARE: a bug, not the user's input nor the service
 EXIT_INTERRUPTED = 130
 DEBUG_ENV = "QWEN_BATCH_DEBUG"  # read by main() when it runs, never at import
+positive_int = whole_number(1)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -222,9 +223,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     emulator_cli.add_arguments(emulate)
     return parser
-
-
-positive_int = whole_number(1)
 
 
 def _version() -> str:

@@ -5,7 +5,8 @@ and a repeated key silently wins. YAML 1.2 reads the first as 17 and the next th
 text. Rather than pick one reading for the user, a plain value the two versions read
 differently is refused with its line and the fix (quote it, or write the value plainly);
 everything else keeps its YAML 1.2 core-schema meaning (``0o17``, ``0x1F``, ``1e3``,
-``.inf``, ``true``). A key given twice is refused with both lines.
+``.inf``, ``true``). Keys are names checked against the spec, so a key like ``n`` or ``on``
+is read as text. A key given twice is refused with both lines.
 
 Aliases are counted as they expand while the document is composed, so an anchor bomb is
 refused after at most ``MAX_NODES`` values, in memory bounded by the file itself.
@@ -50,14 +51,14 @@ _MERGE_KEY = re.compile(r"<<\Z")
 _YAML11_ONLY = re.compile(rf"(?:{_NUMBER_11_ONLY.pattern}|{_LEADING_ZERO.pattern}|{_BOOL_11_ONLY.pattern}|<<\Z)")
 
 # The YAML 1.2 core schema (yaml.org/spec/1.2.2, 10.3.2), in resolution order.
-_CORE_12: tuple[tuple[str, str], ...] = (
-    ("tag:yaml.org,2002:null", r"(?:~|null|Null|NULL|)\Z"),
-    ("tag:yaml.org,2002:bool", r"(?:true|True|TRUE|false|False|FALSE)\Z"),
-    ("tag:yaml.org,2002:int", r"(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)\Z"),
-    ("tag:yaml.org,2002:float", r"(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
-                                r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))\Z"),
-)
-_CORE_PATTERNS = {tag: re.compile(pattern) for tag, pattern in _CORE_12}
+_CORE_PATTERNS = {
+    "tag:yaml.org,2002:null": re.compile(r"(?:~|null|Null|NULL|)\Z"),
+    "tag:yaml.org,2002:bool": re.compile(r"(?:true|True|TRUE|false|False|FALSE)\Z"),
+    "tag:yaml.org,2002:int": re.compile(r"(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)\Z"),
+    "tag:yaml.org,2002:float": re.compile(
+        r"(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))\Z"
+    ),
+}
 _TYPED_TAGS = frozenset(_CORE_PATTERNS) | {_YAML11_TAG}
 
 
@@ -220,8 +221,10 @@ class Yaml12Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-for _tag, _pattern in (("tag:yaml.org,2002:yaml11", _YAML11_ONLY.pattern), *_CORE_12):
-    Yaml12Loader.add_implicit_resolver(_YAML11_TAG if _tag.endswith("yaml11") else _tag, re.compile(_pattern), None)
+# The YAML 1.1 forms first, so that `017` does not reach the 1.2 integer pattern.
+Yaml12Loader.add_implicit_resolver(_YAML11_TAG, _YAML11_ONLY, None)
+for _tag, _pattern in _CORE_PATTERNS.items():
+    Yaml12Loader.add_implicit_resolver(_tag, _pattern, None)
 for _tag, _construct, _what in (
     ("tag:yaml.org,2002:null", yaml.SafeLoader.construct_yaml_null, "null"),
     ("tag:yaml.org,2002:bool", yaml.SafeLoader.construct_yaml_bool, "true or false"),

@@ -108,40 +108,34 @@ def test_the_emulator_module_s_own_command_line_gives_the_same_one_line_errors()
     assert done.stderr.startswith("error: python -m qwen_batch.emulator: --port: expected a whole number")
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.one_of(st.text(max_size=12), st.integers(-10, 10_000).map(str)))
-def test_concurrency_is_accepted_exactly_when_it_is_a_whole_number_within_the_spec_bounds(text: str) -> None:
+def parse_run_flag(flag: str, text: str) -> Any:
+    """The parsed value of ``run --flag=text``, or None after checking the refusal is one error line."""
     capture = _Capture()
     with capture:
         try:
-            args = build_parser().parse_args(["run", "job.yaml", f"--concurrency={text}"])
+            args = build_parser().parse_args(["run", "job.yaml", f"--{flag}={text}"])
         except SystemExit as exit_:
             assert exit_.code == 2
             args = None
+    if args is None:
+        assert capture.err.count("\n") == 1 and capture.err.startswith(f"error: qwen-batch run: --{flag}: ")
+        return None
+    return getattr(args, flag.replace("-", "_"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=12), st.integers(-10, 10_000).map(str)))
+def test_concurrency_is_accepted_exactly_when_it_is_a_whole_number_within_the_spec_bounds(text: str) -> None:
     valid = re.fullmatch(r"[-+]?[0-9]+", text.strip()) is not None and 1 <= int(text) <= MAX_CONCURRENCY
-    if valid:
-        assert args is not None and args.concurrency == int(text)
-    else:
-        assert args is None
-        assert capture.err.count("\n") == 1 and capture.err.startswith("error: qwen-batch run: --concurrency: ")
+    assert parse_run_flag("concurrency", text) == (int(text) if valid else None)
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(st.text(max_size=12), st.floats().map(repr), st.integers(-5, 5).map(str)))
 def test_max_cost_is_accepted_exactly_when_it_is_a_finite_positive_decimal(text: str) -> None:
-    capture = _Capture()
-    with capture:
-        try:
-            args = build_parser().parse_args(["run", "job.yaml", f"--max-cost={text}"])
-        except SystemExit as exit_:
-            assert exit_.code == 2
-            args = None
     decimal = re.fullmatch(r"[-+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?", text.strip()) is not None
     valid = decimal and math.isfinite(float(text)) and float(text) > 0
-    if valid:
-        assert args is not None and args.max_cost == float(text)
-    else:
-        assert args is None and capture.err.startswith("error: qwen-batch run: --max-cost: ")
+    assert parse_run_flag("max-cost", text) == (float(text) if valid else None)
 
 
 class _Capture:

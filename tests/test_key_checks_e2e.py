@@ -67,6 +67,19 @@ def assert_one_error_line(output: str, *fragments: str) -> None:
         assert fragment in lines[0], (fragment, lines[0])
 
 
+def refused_run(folder: Path, capsys: pytest.CaptureFixture[str], emulator: Any, *fragments: str) -> str:
+    """Run a 2-row job that must be refused: exit 2, one error line with ``fragments``, nothing sent or changed."""
+    job = sentences_job(folder, ["one", "two"])
+    before = snapshot(folder)
+    code = main(["run", str(job), "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert_one_error_line(captured.err, *fragments)
+    assert emulator.ledger == []
+    assert snapshot(folder) == before
+    return captured.out + captured.err
+
+
 _hostile = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12)
 
 
@@ -164,15 +177,8 @@ def test_an_unusable_key_file_is_exit_2_with_one_line_and_nothing_sent_or_change
     name: str, make: Callable[[Path], str], fragment: str,
 ) -> None:
     key_env.setenv("DASHSCOPE_API_KEY_FILE_PATH", make(tmp_path))
-    job = sentences_job(tmp_path, ["one", "two"])
-    before = snapshot(tmp_path)
-    code = main(["run", str(job), "--quiet"])
-    captured = capsys.readouterr()
-    assert code == 2
-    assert_one_error_line(captured.err, "DASHSCOPE_API_KEY_FILE_PATH", fragment)
-    assert HEAD not in captured.err + captured.out and TAIL not in captured.err + captured.out
-    assert any_key_emulator.ledger == []
-    assert snapshot(tmp_path) == before
+    output = refused_run(tmp_path, capsys, any_key_emulator, "DASHSCOPE_API_KEY_FILE_PATH", fragment)
+    assert HEAD not in output and TAIL not in output
 
 
 def test_no_key_at_all_says_how_to_set_one(
@@ -212,15 +218,8 @@ def test_a_base_url_that_could_leak_a_secret_is_refused_from_the_environment(
 ) -> None:
     key_env.setenv("DASHSCOPE_API_KEY", f"sk-{HEAD}{TAIL}")
     key_env.setenv("DASHSCOPE_HTTP_BASE_URL", make_url(any_key_emulator.base_url))
-    job = sentences_job(tmp_path, ["one", "two"])
-    before = snapshot(tmp_path)
-    code = main(["run", str(job), "--quiet"])
-    captured = capsys.readouterr()
-    assert code == 2
-    assert_one_error_line(captured.err, "DASHSCOPE_HTTP_BASE_URL", fragment)
-    assert SECRET not in captured.err + captured.out and HEAD not in captured.err
-    assert any_key_emulator.ledger == []
-    assert snapshot(tmp_path) == before
+    output = refused_run(tmp_path, capsys, any_key_emulator, "DASHSCOPE_HTTP_BASE_URL", fragment)
+    assert SECRET not in output and HEAD not in output
 
 
 @pytest.mark.parametrize("command", ["run", "validate"])
