@@ -15,26 +15,15 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .argtypes import ArgumentParser, number, whole_number
 from .errors import QwenBatchError, UsageError
+from .spec import MAX_CONCURRENCY
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 70  # sysexits EX_SOFTWARE: a bug, not the user's input nor the service
 EXIT_INTERRUPTED = 130
 DEBUG_ENV = "QWEN_BATCH_DEBUG"  # read by main() when it runs, never at import
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-    return value
+positive_int = whole_number(1)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -183,11 +172,12 @@ def cmd_emulate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="qwen-batch",
         description="Run bulk prompt jobs on Qwen models through DashScope.",
         epilog="Exit codes: 0 all rows ok, 1 some rows failed, 2 bad input, 3 aborted, 70 internal error, 130 interrupted.",
     )
+    parser.add_argument("--version", action="version", version=f"qwen-batch {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
@@ -202,24 +192,26 @@ def build_parser() -> argparse.ArgumentParser:
     run = add("run", cmd_run)
     run.add_argument("job", help="the job spec (YAML)")
     run.add_argument("--emulate", action="store_true", help="run against the built-in emulator (no key needed)")
-    run.add_argument("--limit", type=_positive_int, help="only the first N rows")
-    run.add_argument("--concurrency", type=_positive_int, help="requests in flight (overrides execution.concurrency)")
+    run.add_argument("--limit", type=positive_int, help="only the first N rows")
+    run.add_argument("--concurrency", type=whole_number(1, MAX_CONCURRENCY),
+                     help=f"requests in flight, 1 to {MAX_CONCURRENCY} (overrides execution.concurrency)")
     run.add_argument("--output", help="output Parquet path (overrides output.path)")
     run.add_argument("--quiet", action="store_true", help="no progress or notes")
     run.add_argument("--fresh", action="store_true", help="start over; earlier results are moved aside, not deleted")
     run.add_argument("--retry-errors", action="store_true", help="on resume, send rows that failed permanently again")
     run.add_argument("--no-cache", action="store_true", help="neither read nor write the response cache")
-    run.add_argument("--max-cost", type=_positive_float, help="budget cap in the price currency (overrides budget.max_cost)")
+    run.add_argument("--max-cost", type=number(0, low_open=True),
+                     help="budget cap in the price currency, > 0 (overrides budget.max_cost)")
 
     validate = add("validate", cmd_validate)
     validate.add_argument("job", help="the job spec (YAML)")
-    validate.add_argument("--limit", type=_positive_int, help="only the first N rows")
+    validate.add_argument("--limit", type=positive_int, help="only the first N rows")
 
     estimate = add("estimate", cmd_estimate)
     estimate.add_argument("job", help="the job spec (YAML)")
     estimate.add_argument("--json", action="store_true", help="print JSON for scripts")
     estimate.add_argument("--emulate", action="store_true", help="count cached replies of the built-in emulator")
-    estimate.add_argument("--limit", type=_positive_int, help="only the first N rows")
+    estimate.add_argument("--limit", type=positive_int, help="only the first N rows")
     estimate.add_argument("--output", help="output Parquet path (overrides output.path)")
     estimate.add_argument("--no-cache", action="store_true", help="do not count rows the cache would answer")
 
@@ -232,6 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     emulator_cli.add_arguments(emulate)
     return parser
+
+
+def _version() -> str:
+    """The installed distribution's version (what pip shows), else the source tree's."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("qwen-batch")
+    except metadata.PackageNotFoundError:
+        from . import __version__
+
+        return __version__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -276,16 +280,9 @@ def _internal_error(error: BaseException) -> int:
 
 def _scrubbed(text: str) -> str:
     """``text`` without the API key of the environment (or key file), whatever quoted it."""
-    import os
+    from .apikey import keys_to_scrub
 
-    keys = [os.environ.get("DASHSCOPE_API_KEY", "").strip()]
-    key_file = os.environ.get("DASHSCOPE_API_KEY_FILE_PATH")
-    if key_file:
-        try:
-            keys.append(Path(key_file).read_text(encoding="utf-8").strip())
-        except (OSError, UnicodeDecodeError):
-            pass
-    for key in keys:
+    for key in keys_to_scrub():
         if len(key) >= 8 and key in text:
             text = text.replace(key, "sk-***")
     return text

@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 
 from . import catalog as catalog_module
+from .apikey import API_KEY_ENV, API_KEY_FILE_ENV, read_api_key  # noqa: F401 - the names job.py always offered
 from .budget import Budget
 from .cache import ResponseCache, default_cache_path
 from .catalog import ModelInfo, Price
@@ -30,8 +31,6 @@ from .table import Table, open_table
 from .wire import DEFAULT_BASE_URL
 from .work import BATCH_ROWS, EMULATOR_SERVICE, CheckpointAndCacheSink, ServiceCache, work_items
 
-API_KEY_ENV = "DASHSCOPE_API_KEY"
-API_KEY_FILE_ENV = "DASHSCOPE_API_KEY_FILE_PATH"
 BASE_URL_ENV = "DASHSCOPE_HTTP_BASE_URL"
 
 
@@ -116,7 +115,10 @@ def prepare_job(
     catalog = catalog_module.builtin()
     check_model_known(spec, catalog)
     if not options.emulate:
-        check_native_path(configured_base_url(spec), base_url_key(spec))
+        # The URL is checked for secrets and shape before any message quotes it.
+        base_url, source = configured_base_url(spec), base_url_key(spec)
+        check_base_url(base_url, spec.api.allow_insecure_http, source=source)
+        check_native_path(base_url, source)
     model_info = resolve_model(spec, catalog)
     warnings: list[str] = []
     if model_info is None:
@@ -214,23 +216,12 @@ def over_long_message(spec: JobSpec, report: PreflightReport, listed: int | None
 
 
 def resolve_api(prepared: PreparedJob) -> tuple[str, str]:
-    """Base URL and key for a real run; a missing key is exit 2 with how to set it."""
+    """Base URL and key for a real run; a missing or unsendable key is exit 2 with how to fix it."""
     spec = prepared.spec
     base_url = configured_base_url(spec)
-    check_base_url(base_url, spec.api.allow_insecure_http)
-    key = os.environ.get(API_KEY_ENV, "").strip()
-    key_file = os.environ.get(API_KEY_FILE_ENV)
-    if not key and key_file:
-        try:
-            key = Path(key_file).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"{API_KEY_FILE_ENV}={key_file}: cannot read the key file ({exc.strerror})") from None
-    if not key:
-        raise ConfigError(
-            f"no API key: export {API_KEY_ENV}=sk-... (or {API_KEY_FILE_ENV}=/path/to/key), "
-            "or add --emulate to run against the built-in emulator"
-        )
-    return base_url, key
+    source = base_url_key(spec)
+    check_base_url(base_url, spec.api.allow_insecure_http, source=source)
+    return base_url, read_api_key().value
 
 
 def configured_base_url(spec: JobSpec) -> str:
@@ -270,7 +261,7 @@ async def execute_job(prepared: PreparedJob, reporter: Any) -> JobResult:
             shared = ResponseCache(spec.cache.path or default_cache_path())
             stack.callback(shared.close)
             cache = ServiceCache(shared, EMULATOR_SERVICE if options.emulate else base_url)
-        concurrency = options.concurrency or spec.execution.concurrency
+        concurrency = worker_count(prepared)
         backend = await stack.enter_async_context(
             DashScopeBackend(
                 base_url,
@@ -350,6 +341,12 @@ def _explain_stop(prepared: PreparedJob, error: ConfigurationRefused, base_url: 
 def base_url_key(spec: JobSpec) -> str:
     """Where a real run's base URL comes from, as a message names it."""
     return BASE_URL_ENV if os.environ.get(BASE_URL_ENV) else f"api.base_url in {spec.where}"
+
+
+def worker_count(prepared: PreparedJob) -> int:
+    """The concurrency asked for, but never more workers (and connections) than rows to send."""
+    asked = prepared.options.concurrency or prepared.spec.execution.concurrency
+    return min(asked, max(1, prepared.preflight.to_send))
 
 
 def sole_error(group: BaseExceptionGroup) -> BaseException:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import math
+import re
+import reprlib
 import string
 import types
 import typing
@@ -40,6 +42,7 @@ from pydantic_core import PydanticCustomError
 from .catalog import Catalog, ModelInfo, Price
 from .errors import ConfigError, SpecError
 from .wire import DEFAULT_BASE_URL
+from .yaml12 import YamlRefused, load_yaml
 
 # --- defaults (named so docs, CLI help and tests can refer to them) -------------------------
 
@@ -58,6 +61,9 @@ DEFAULT_OVER_LONG = "fail"
 PRICING_SOURCE = "job spec"
 LOOPBACK_NAMES = frozenset({"localhost"})
 
+_SHORT = reprlib.Repr()  # messages quote the user's values through this, so a huge value stays a short line
+_SHORT.maxstring = _SHORT.maxother = _SHORT.maxlong = 60
+
 ResultFormat = Literal["text", "message"]
 OverLong = Literal["fail", "error"]
 StopValue = Union[str, list[str], list[int], list[list[int]]]
@@ -74,7 +80,7 @@ _CONFIG = ConfigDict(
 
 
 def _fmt(value: float) -> str:
-    return repr(value) if not isinstance(value, float) or not value.is_integer() else str(int(value))
+    return _SHORT.repr(int(value) if isinstance(value, float) and value.is_integer() else value)
 
 
 def _in_range(
@@ -126,7 +132,7 @@ def _check_stop(value: Any) -> StopValue:
 
 def _check_name(value: str) -> str:
     if not value.strip() or any(c in value for c in "/\\\0") or value in {".", ".."}:
-        raise PydanticCustomError("bad_name", "must be a plain file name (no '/' or '\\'), got {got}", {"got": repr(value)})
+        raise PydanticCustomError("bad_name", "must be a plain file name (no '/' or '\\'), got {got}", {"got": _quoted(value)})
     return value
 
 
@@ -393,31 +399,52 @@ def is_loopback_host(host: str) -> bool:
 
 
 def base_url_problem(url: str, allow_insecure_http: bool) -> str | None:
-    """Why ``url`` may not carry the API key, or None when it may."""
+    """Why ``url`` may not carry the API key, or None when it may.
+
+    Messages show the URL without its user info, query and fragment, which may hold secrets.
+    """
+    shown = _quoted(shown_url(url))
+    if any(char <= " " or char == "\x7f" for char in url):
+        return f"{shown} has a space or control character in it; write the URL without it"
     try:
         parts = urlsplit(url)
         host = parts.hostname
         parts.port  # noqa: B018 - raises ValueError on a malformed port
-    except ValueError as exc:
-        return f"{url!r} is not a valid URL ({exc})"
+    except ValueError:
+        return f"{shown} is not a valid URL (its host or port is malformed); write e.g. {DEFAULT_BASE_URL}"
+    if "@" in parts.netloc:
+        return (
+            f"{shown} has a user name or password in it; remove it "
+            "(the API key goes in DASHSCOPE_API_KEY, never in the URL)"
+        )
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        return f"{shown} has a query or fragment (?... or #...); the base URL ends with its path, e.g. /api/v1"
     if parts.scheme not in ("http", "https") or not host:
-        return f"{url!r} is not an http(s) URL; write e.g. {DEFAULT_BASE_URL}"
+        return f"{shown} is not an http(s) URL; write e.g. {DEFAULT_BASE_URL}"
     if parts.scheme == "http" and not allow_insecure_http and not is_loopback_host(host):
         return (
-            f"{url!r} would send the API key unencrypted; use https, "
+            f"{shown} would send the API key unencrypted; use https, "
             "or set api.allow_insecure_http: true if you really mean it"
         )
     return None
 
 
-def check_base_url(url: str, allow_insecure_http: bool) -> None:
-    """Refuse a base URL that would send the key over plain http to a non-loopback host.
+def shown_url(url: str) -> str:
+    """``url`` as messages may show it: user info masked, query and fragment cut off."""
+    cut = min((i for i in (url.find("?"), url.find("#")) if i >= 0), default=len(url))
+    shown = url[:cut] + ("?..." if cut < len(url) else "")
+    return re.sub(r"^([^:/?#]*://)?.*@", r"\1***@", shown, flags=re.DOTALL)
 
-    Raises ConfigError (the URL may come from ``DASHSCOPE_HTTP_BASE_URL``, not the spec).
+
+def check_base_url(url: str, allow_insecure_http: bool, *, source: str = "base URL") -> None:
+    """Refuse a base URL that could leak the key: plain http to a non-loopback host, credentials, junk.
+
+    Raises ConfigError (the URL may come from ``DASHSCOPE_HTTP_BASE_URL``, not the spec);
+    ``source`` names where it came from.
     """
     problem = base_url_problem(url, allow_insecure_http)
     if problem is not None:
-        raise ConfigError(f"base URL {problem}")
+        raise ConfigError(f"{source}: base URL {problem}")
 
 
 # --- model and price ----------------------------------------------------------------------
@@ -486,9 +513,11 @@ def load_spec(path: Path, catalog: Catalog | None = None) -> JobSpec:
     except OSError as exc:
         raise SpecError(f"{path}: cannot read the job file ({exc.strerror or exc})") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
+    except YamlRefused as exc:
+        raise SpecError(f"{path}:{exc.line}: {exc.message}") from None
     except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML: {_yaml_reason(exc)}") from None
+        raise SpecError(f"{path}: not valid YAML: {_yaml_reason(exc, text)}") from None
     if not isinstance(data, dict):
         kind = "empty" if data is None else f"a {type(data).__name__}, not a mapping of keys"
         raise SpecError(f"{path}: the job file is {kind}; it must be a YAML mapping with model, input and prompt")
@@ -530,10 +559,12 @@ def _resolved(spec: JobSpec, path: Path) -> JobSpec:
     return resolved
 
 
-def _yaml_reason(exc: yaml.YAMLError) -> str:
+def _yaml_reason(exc: yaml.YAMLError, text: str) -> str:
     mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    problem = (getattr(exc, "problem", None) or str(exc).splitlines()[0])[:200]
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    if isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow: no mark, a position
+        where = f" at line {text.count(chr(10), 0, exc.position) + 1}"
     return f"{problem}{where}; fix the syntax (quote strings that contain ': ' or start with {{ [ * & ! | >)"
 
 
@@ -588,7 +619,7 @@ def _describe(error: Any) -> str:
         close = difflib.get_close_matches(key, valid, n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
         prefix = f"{'.'.join(parent)}: " if parent else ""
-        return f"{prefix}unknown key {key!r} ({hint})"
+        return f"{prefix}unknown key {_quoted(key)} ({hint})"
     dotted = ".".join(loc)
     prefix = f"{dotted}: " if dotted else ""
     if kind == "missing":
@@ -625,10 +656,15 @@ _BRANCH_LABELS = frozenset({"str", "int", "float", "bool", "list", "dict", "none
 
 
 def _show(value: Any) -> str:
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{text} ({type(value).__name__})" if not isinstance(value, (dict, list)) else type(value).__name__
+    """A value as an error message quotes it: bounded, however large (or aliased) it is."""
+    if isinstance(value, (dict, list)):
+        return type(value).__name__
+    return f"{_SHORT.repr(value)} ({type(value).__name__})"
+
+
+def _quoted(text: str) -> str:
+    """``repr(text)``, cut in the middle when long, so one message line stays one short line."""
+    return _SHORT.repr(text)
 
 
 def _model_of(annotation: Any) -> type[BaseModel] | None:

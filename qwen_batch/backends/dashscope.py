@@ -33,6 +33,7 @@ import orjson
 from httpx_aiohttp import AiohttpTransport
 
 from .. import __version__
+from ..apikey import key_problem
 from ..errors import (
     AuthError,
     BackendError,
@@ -87,6 +88,8 @@ class DashScopeBackend:
     ) -> None:
         if not api_key:
             raise ConfigError("the DashScope API key is empty")
+        if (problem := key_problem(api_key)) is not None:
+            raise ConfigError(f"the DashScope API key {problem}")
         if timeout_s <= 0 or max_connections < 1:
             raise ConfigError("timeout_s must be positive and max_connections at least 1")
         try:

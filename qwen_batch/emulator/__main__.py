@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from ..argtypes import ArgumentParser
 from .cli import add_arguments, run
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qwen_batch.emulator", description=run.__doc__)
+    parser = ArgumentParser(prog="python -m qwen_batch.emulator", description=run.__doc__)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import signal
+import socket
 import sys
 from pathlib import Path
 
+from ..argtypes import number, whole_number
 from .config import DEFAULT_API_KEY, DEFAULT_RATE_WINDOW_S, EmulatorConfig, FaultRates
 from .server import open_emulator
 
@@ -31,18 +34,12 @@ FAULT_FLAGS = {
 }
 
 
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not a probability in [0, 1]")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Declare every emulator option (see docs/emulator.md)."""
+    """Declare every emulator option (see docs/emulator.md); numbers are checked as EmulatorConfig checks them."""
+    positive, seconds = whole_number(1), number(0)
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: loopback only)")
-    server.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
+    server.add_argument("--port", type=whole_number(0, 65535), default=0, help="port (default 0: any free port)")
     server.add_argument("--api-key", default=DEFAULT_API_KEY,
                         help=f"the accepted bearer key (default {DEFAULT_API_KEY})")
     server.add_argument("--any-key", action="store_true", help="accept any non-empty bearer key")
@@ -59,24 +56,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="status of a streaming request refused before generation (default status)")
     protocol.add_argument("--no-sse-via-accept", action="store_true",
                           help="stream only on X-DashScope-SSE: enable, not on Accept: text/event-stream")
-    protocol.add_argument("--reply-median-tokens", type=int, default=80, help="median natural reply length (default 80)")
-    protocol.add_argument("--reply-max-tokens", type=int, default=600, help="longest natural reply (default 600)")
-    protocol.add_argument("--stream-chunk-tokens", type=int, default=4, help="tokens per stream event (default 4)")
+    protocol.add_argument("--reply-median-tokens", type=positive, default=80, help="median natural reply length (default 80)")
+    protocol.add_argument("--reply-max-tokens", type=positive, default=600, help="longest natural reply (default 600)")
+    protocol.add_argument("--stream-chunk-tokens", type=positive, default=4, help="tokens per stream event (default 4)")
 
     faults = parser.add_argument_group("faults (probabilities per attempt, reproducible from --fault-seed)")
-    faults.add_argument("--fault-seed", type=int, default=0, help="seed of every random fault decision (default 0)")
+    faults.add_argument("--fault-seed", type=whole_number(), default=0, help="seed of every random fault decision (default 0)")
     for suffix, (_, meaning) in FAULT_FLAGS.items():
-        faults.add_argument(f"--p-{suffix}", type=_probability, default=0.0, metavar="P", help=f"{meaning} (default 0)")
-    faults.add_argument("--retry-after", type=float, metavar="SECONDS",
+        faults.add_argument(f"--p-{suffix}", type=number(0, 1), default=0.0, metavar="P", help=f"{meaning} (default 0)")
+    faults.add_argument("--retry-after", type=seconds, metavar="SECONDS",
                         help="send Retry-After with 429s (default: none, as the real service)")
-    faults.add_argument("--rpm", type=int, help="requests per window per model (default: unlimited)")
-    faults.add_argument("--tpm", type=int, help="input+output tokens per window per model (default: unlimited)")
-    faults.add_argument("--rate-window", type=float, default=DEFAULT_RATE_WINDOW_S, metavar="SECONDS",
+    faults.add_argument("--rpm", type=whole_number(0), help="requests per window per model (default: unlimited)")
+    faults.add_argument("--tpm", type=whole_number(0), help="input+output tokens per window per model (default: unlimited)")
+    faults.add_argument("--rate-window", type=number(0, low_open=True), default=DEFAULT_RATE_WINDOW_S, metavar="SECONDS",
                         help=f"length of the sliding RPM/TPM window (default {DEFAULT_RATE_WINDOW_S:g})")
-    faults.add_argument("--latency", type=float, default=0.0, metavar="SECONDS", help="fixed delay per request (default 0)")
-    faults.add_argument("--latency-jitter", type=float, default=0.0, metavar="SECONDS",
+    faults.add_argument("--latency", type=seconds, default=0.0, metavar="SECONDS", help="fixed delay per request (default 0)")
+    faults.add_argument("--latency-jitter", type=seconds, default=0.0, metavar="SECONDS",
                         help="extra seeded delay, uniform in [0, SECONDS] (default 0)")
-    faults.add_argument("--latency-per-token", type=float, default=0.0, metavar="SECONDS",
+    faults.add_argument("--latency-per-token", type=seconds, default=0.0, metavar="SECONDS",
                         help="delay per output token (default 0)")
     faults.add_argument("--no-directives", action="store_true", help="ignore [[emu: ...]] directives in prompts")
 
@@ -132,6 +129,35 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(config, args.host, args.port))
+    problem = _models_file_problem(config)
+    if problem is not None:
+        print(f"error: --models {config.models_path}: {problem}", file=sys.stderr)
+        return 2
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_serve(config, args.host, args.port))
+    except OSError as exc:
+        if exc.errno not in _BIND_ERRNOS and not isinstance(exc, socket.gaierror):
+            raise
+        print(f"error: cannot listen on {args.host}:{args.port} ({exc.strerror}); choose another --host or --port",
+              file=sys.stderr)
+        return 2
     return 0
+
+
+_BIND_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES, errno.EAFNOSUPPORT})
+
+
+def _models_file_problem(config: EmulatorConfig) -> str | None:
+    """Why the --models file cannot be used (read now, so it is one line and not a crash at start)."""
+    if config.models_path is None:
+        return None
+    try:
+        config.catalog()
+    except OSError as exc:
+        return f"cannot read it ({exc.strerror}); check the path"
+    except UnicodeDecodeError:
+        return "not UTF-8 text; give a JSON file shaped like qwen_batch/data/models.json"
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"not a models file ({type(exc).__name__}: {str(exc)[:100]}); give JSON shaped like qwen_batch/data/models.json"
+    return None
