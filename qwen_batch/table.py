@@ -153,17 +153,9 @@ def _scan(path: Path, fmt: str) -> pl.LazyFrame:
 
 
 def _check_readable(path: Path, fix_in: str) -> None:
-    try:
-        with path.open("rb") as handle:
-            handle.read(1)
-    except FileNotFoundError:
-        raise InputError(f"{path}: input file not found; check input.path{fix_in} (relative to the job file)") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a folder; input.path{fix_in} must name one file") from None
-    except PermissionError:
-        raise InputError(f"{path}: permission denied; make the file readable for this user") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read it ({exc.strerror or exc}); check the file") from None
+    from .paths import check_regular_file
+
+    check_regular_file(path, "input file", f"input.path{fix_in} (relative to the job file)", InputError)
 
 
 def _check_utf8(path: Path) -> None:
