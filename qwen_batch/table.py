@@ -292,7 +292,13 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return row
 
 
-_DECODER = json.JSONDecoder(parse_float=JsonNumber, parse_constant=_no_constants, object_pairs_hook=_unique_keys)
+def _json_int(text: str) -> int | JsonNumber:
+    return int(text) if text != "-0" else JsonNumber(text)  # an int has no -0; keep what the file wrote
+
+
+_DECODER = json.JSONDecoder(
+    parse_float=JsonNumber, parse_int=_json_int, parse_constant=_no_constants, object_pairs_hook=_unique_keys
+)
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
