@@ -124,13 +124,13 @@ def open_table(source: JobSpec | InputSpec, *, columns: Sequence[str] = ()) -> T
     path = Path(input_spec.path)
     fix_in = f" in {where_spec}" if where_spec else ""
 
+    _check_readable(path, fix_in)  # first: a pipe or a device is refused whatever its name
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise InputError(
             f"{path}: unsupported input format {path.suffix or '(no extension)'!r}; "
             f"use one of {', '.join(FORMATS)} (input.path{fix_in})"
         )
-    _check_readable(path, fix_in)
     if fmt != "parquet":
         _check_utf8(path)
     if fmt == "csv":
