@@ -33,6 +33,7 @@ import codecs
 import csv
 import difflib
 import json
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,8 @@ class Table:
     format: str
     schema: pl.Schema
     num_rows: int
+    schema_override: pl.Schema | None = None  # JSONL whose types polars cannot unify: all text
+
 
     @property
     def columns(self) -> list[str]:
@@ -69,7 +72,7 @@ class Table:
 
     def scan(self) -> pl.LazyFrame:
         """A fresh lazy scan of the whole table (nothing is read until collected)."""
-        return _scan(self.path, self.format)
+        return _scan(self.path, self.format, self.schema_override)
 
     def iter_batches(
         self,
@@ -136,15 +139,25 @@ def open_table(source: JobSpec | InputSpec, *, columns: Sequence[str] = ()) -> T
     if fmt == "csv":
         _check_csv_shape(path)
 
-    frame = _scan(path, fmt)
+    frame, override = _scan(path, fmt), None
     try:
-        schema = frame.collect_schema()
-        num_rows = int(frame.select(pl.len()).collect().item())
+        try:
+            schema, num_rows = _shape(frame, fmt)
+        except pl.exceptions.ComputeError:
+            if fmt != "ndjson":
+                raise
+            # Valid JSON polars cannot type (true in one row and 5 in another, 1E400): read every
+            # column as text for the output; the prompt is rendered from the line anyway.
+            override = pl.Schema({key: pl.String() for key in _jsonl_keys(path)})
+            frame = _scan(path, fmt, override)
+            try:
+                schema, num_rows = _shape(frame, fmt)
+            except pl.exceptions.ComputeError:
+                _check_jsonl_lines(path, _RANGE_DECODER)  # the one thing polars cannot read as text
+                raise
     except pl.exceptions.NoDataError:
         raise InputError(f"{path}: the table is empty; give a file with a header and at least one row") from None
     except pl.exceptions.PolarsError as exc:
-        if fmt == "ndjson":
-            _check_jsonl_lines(path)  # names the line polars did not say
         raise InputError(f"{path}: cannot read it as {fmt}: {_first_line(exc)}; check the file") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read it ({exc.strerror or exc}); check the file") from None
@@ -162,16 +175,25 @@ def open_table(source: JobSpec | InputSpec, *, columns: Sequence[str] = ()) -> T
             if fmt == "ndjson":
                 _check_jsonl_lines(path)  # polars parses lazily: a bad line shows up here first
             raise
-    return Table(path=path, format=fmt, schema=schema, num_rows=num_rows)
+    return Table(path=path, format=fmt, schema=schema, num_rows=num_rows, schema_override=override)
 
 
-def _scan(path: Path, fmt: str) -> pl.LazyFrame:
+def _scan(path: Path, fmt: str, schema: pl.Schema | None = None) -> pl.LazyFrame:
     # glob=False: a file name with [ or * is a name, not a pattern.
     if fmt == "csv":
         return pl.scan_csv(path, infer_schema=False, glob=False)
     if fmt == "ndjson":
-        return pl.scan_ndjson(path, infer_schema_length=None)
+        return pl.scan_ndjson(path, schema=schema, infer_schema_length=None)
     return pl.scan_parquet(path, glob=False)
+
+
+def _shape(frame: pl.LazyFrame, fmt: str) -> tuple[pl.Schema, int]:
+    """Schema and row count; for JSONL every value is parsed too, as polars parses lazily and
+    would otherwise fail on a value it cannot type only when the output is written."""
+    schema = frame.collect_schema()
+    if fmt == "ndjson":
+        frame.select(pl.all().null_count()).collect(engine="streaming")
+    return schema, int(frame.select(pl.len()).collect().item())
 
 
 def _check_readable(path: Path, fix_in: str) -> None:
@@ -296,14 +318,24 @@ def _json_int(text: str) -> int | JsonNumber:
     return int(text) if text != "-0" else JsonNumber(text)  # an int has no -0; keep what the file wrote
 
 
+def _finite_float(text: str) -> JsonNumber:
+    number = JsonNumber(text)
+    if math.isinf(number):
+        raise _LineProblem(f"the number {text} is beyond the range of a float; write it as a string (\"{text}\")")
+    return number
+
+
 _DECODER = json.JSONDecoder(
     parse_float=JsonNumber, parse_int=_json_int, parse_constant=_no_constants, object_pairs_hook=_unique_keys
 )
+_RANGE_DECODER = json.JSONDecoder(
+    parse_float=_finite_float, parse_int=_json_int, parse_constant=_no_constants, object_pairs_hook=_unique_keys
+)
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _jsonl_rows(path: Path, decoder: json.JSONDecoder = _DECODER) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line number, object)`` for each non-blank line; InputError naming the line otherwise."""
-    decode = _DECODER.decode
+    decode = decoder.decode
     try:
         with path.open("rb") as handle:
             for number, raw in enumerate(handle, start=1):
@@ -347,9 +379,17 @@ def _json_kind(value: Any) -> str:
     return {str: "a string", list: "an array"}.get(type(value), "a number")
 
 
-def _check_jsonl_lines(path: Path) -> None:
-    for _ in _jsonl_rows(path):
+def _check_jsonl_lines(path: Path, decoder: json.JSONDecoder = _DECODER) -> None:
+    for _ in _jsonl_rows(path, decoder):
         pass
+
+
+def _jsonl_keys(path: Path) -> list[str]:
+    """Every key of the file's objects, in order of first appearance; InputError naming a bad line."""
+    keys: dict[str, None] = {}
+    for _, row in _jsonl_rows(path):
+        keys.update(dict.fromkeys(row))
+    return list(keys)
 
 
 def _jsonl_batches(
