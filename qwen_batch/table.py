@@ -143,16 +143,19 @@ def open_table(source: JobSpec | InputSpec, *, columns: Sequence[str] = ()) -> T
     try:
         try:
             schema, num_rows = _shape(frame, fmt)
-        except pl.exceptions.ComputeError:
-            if fmt != "ndjson":
+        except pl.exceptions.PolarsError as exc:
+            if fmt != "ndjson" or isinstance(exc, pl.exceptions.NoDataError):
                 raise
             # Valid JSON polars cannot type (true in one row and 5 in another, 1E400): read every
             # column as text for the output; the prompt is rendered from the line anyway.
-            override = pl.Schema({key: pl.String() for key in _jsonl_keys(path)})
+            keys = _jsonl_keys(path)
+            if not keys:
+                raise pl.exceptions.NoDataError("no objects") from None
+            override = pl.Schema({key: pl.String() for key in keys})
             frame = _scan(path, fmt, override)
             try:
                 schema, num_rows = _shape(frame, fmt)
-            except pl.exceptions.ComputeError:
+            except pl.exceptions.PolarsError:
                 _check_jsonl_lines(path, _RANGE_DECODER)  # the one thing polars cannot read as text
                 raise
     except pl.exceptions.NoDataError:

@@ -26,6 +26,7 @@ from qwen_batch.spec import JobSpec
 from qwen_batch.table import open_table
 
 from .conftest import write_job
+from .refusal import refused, spec
 
 TEMPLATE_HEAD, TEMPLATE_TAIL = "<<", ">>"
 
@@ -121,15 +122,7 @@ def test_parquet_integers_render_as_integers(tmp_path: Path) -> None:
 
 # -- end to end: what the emulator received -----------------------------------------------
 
-SPEC: dict[str, Any] = {
-    "name": "cells",
-    "model": "qwen-turbo",
-    "input": {"path": "in.jsonl", "id_column": "id"},
-    "prompt": {"template": "n={n} t={t}"},
-    "parameters": {"seed": 7, "max_tokens": 50},
-    "execution": {"concurrency": 2, "max_retries": 0, "request_timeout_s": 5},
-    "output": {"path": "out/result.parquet"},
-}
+SPEC = spec("cells", input={"path": "in.jsonl", "id_column": "id"}, prompt={"template": "n={n} t={t}"})
 
 
 def sent(emulator: Any) -> dict[str, str]:
@@ -164,9 +157,5 @@ def test_a_csv_header_naming_a_column_twice_is_refused(
 ) -> None:
     (tmp_path / "in.csv").write_bytes(b"id,text,text\na,x,y\n")
     job = write_job(tmp_path, {**SPEC, "input": {"path": "in.csv", "id_column": "id"}, "prompt": {"template": "{text}"}})
-    before = (tmp_path / "in.csv").read_bytes(), job.read_bytes()
-    assert main(["validate", str(job)]) == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "in.csv:1:" in lines[0] and "'text' appears twice" in lines[0]
-    assert emulator.ledger == []
-    assert ((tmp_path / "in.csv").read_bytes(), job.read_bytes()) == before
+    line = refused(["validate", str(job)], tmp_path, emulator, capsys)
+    assert "in.csv:1:" in line and "'text' appears twice" in line

@@ -8,7 +8,6 @@ nothing sent to the emulator, every existing file byte-identical.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -17,46 +16,11 @@ from typing import Any
 
 import pytest
 
-from qwen_batch.cli import main
-
 from .conftest import write_csv, write_job
+from .refusal import refused, spec
 
-SPEC: dict[str, Any] = {
-    "name": "inputs",
-    "model": "qwen-turbo",
-    "input": {"path": "in.csv", "id_column": "id"},
-    "prompt": {"template": "Say: {text}"},
-    "parameters": {"seed": 7, "max_tokens": 50},
-    "execution": {"concurrency": 2, "max_retries": 0, "request_timeout_s": 5},
-    "output": {"path": "out/result.parquet"},
-}
+SPEC = spec("inputs")
 COMMANDS = {"run": ["run", "--quiet"], "validate": ["validate"], "estimate": ["estimate"], "status": ["status"]}
-
-
-def hashes(folder: Path) -> dict[str, str]:
-    """Regular files by content hash, anything else by kind (never opened: it could be a FIFO)."""
-    found: dict[str, str] = {}
-    for path in sorted(folder.rglob("*")):
-        name = str(path.relative_to(folder))
-        if path.is_symlink():
-            found[name] = "-> " + os.readlink(path)
-        elif path.is_file():
-            found[name] = hashlib.sha256(path.read_bytes()).hexdigest()
-        else:
-            found[name] = f"mode {os.lstat(path).st_mode:o}"
-    return found
-
-
-def refused(argv: list[str], folder: Path, emulator: Any, capsys: pytest.CaptureFixture[str]) -> str:
-    before = hashes(folder)
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err and "internal error" not in err
-    assert emulator.ledger == []
-    assert hashes(folder) == before
-    return lines[0]
 
 
 def earlier_results(folder: Path) -> None:

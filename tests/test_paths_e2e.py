@@ -4,8 +4,6 @@ folder, cache) is checked as a set against the job file, the input and each othe
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -19,50 +17,13 @@ from hypothesis import strategies as st
 from qwen_batch.cli import main
 
 from .conftest import write_csv
-
-SPEC: dict[str, Any] = {
-    "name": "paths",
-    "model": "qwen-turbo",
-    "input": {"path": "input.csv", "id_column": "id"},
-    "prompt": {"template": "Say: {text}"},
-    "parameters": {"seed": 7, "max_tokens": 50},
-    "execution": {"concurrency": 2, "max_retries": 0, "request_timeout_s": 5},
-}
-
+from .refusal import refused, spec
 
 def write_spec(folder: Path, name: str = "job.yaml", **sections: Any) -> Path:
-    spec = json.loads(json.dumps(SPEC))
-    spec.update(sections)
+    sections.setdefault("input", {"path": "input.csv", "id_column": "id"})
     path = folder / name
-    path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    path.write_text(yaml.safe_dump(spec("paths", **sections), sort_keys=False), encoding="utf-8")
     return path
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every file under ``folder`` (links followed) by its hash, and every link by its target."""
-    found: dict[str, str] = {}
-    for path in sorted(folder.rglob("*")):
-        name = str(path.relative_to(folder))
-        if path.is_symlink():
-            found[name] = "-> " + os.readlink(path)
-        elif path.is_file():
-            found[name] = hashlib.sha256(path.read_bytes()).hexdigest()
-        elif path.is_dir():
-            found[name] = "folder"
-    return found
-
-
-def refused(argv: list[str], folder: Path, emulator: Any, capsys: pytest.CaptureFixture[str]) -> str:
-    """Run the CLI; assert exit 2, one error line, nothing sent, nothing changed; return the line."""
-    before = snapshot(folder)
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    assert emulator.ledger == []
-    assert snapshot(folder) == before
-    return lines[0]
 
 
 def prepare(folder: Path) -> None:
