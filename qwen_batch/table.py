@@ -139,25 +139,8 @@ def open_table(source: JobSpec | InputSpec, *, columns: Sequence[str] = ()) -> T
     if fmt == "csv":
         _check_csv_shape(path)
 
-    frame, override = _scan(path, fmt), None
     try:
-        try:
-            schema, num_rows = _shape(frame, fmt)
-        except pl.exceptions.PolarsError as exc:
-            if fmt != "ndjson" or isinstance(exc, pl.exceptions.NoDataError):
-                raise
-            # Valid JSON polars cannot type (true in one row and 5 in another, 1E400): read every
-            # column as text for the output; the prompt is rendered from the line anyway.
-            keys = _jsonl_keys(path)
-            if not keys:
-                raise pl.exceptions.NoDataError("no objects") from None
-            override = pl.Schema({key: pl.String() for key in keys})
-            frame = _scan(path, fmt, override)
-            try:
-                schema, num_rows = _shape(frame, fmt)
-            except pl.exceptions.PolarsError:
-                _check_jsonl_lines(path, _RANGE_DECODER)  # the one thing polars cannot read as text
-                raise
+        frame, schema, num_rows, override = _read_shape(path, fmt)
     except pl.exceptions.NoDataError:
         raise InputError(f"{path}: the table is empty; give a file with a header and at least one row") from None
     except pl.exceptions.PolarsError as exc:
@@ -172,12 +155,7 @@ def open_table(source: JobSpec | InputSpec, *, columns: Sequence[str] = ()) -> T
         if column not in schema:
             raise InputError(f"{path}: {role} {column!r} is not in the table ({_suggest(column, names)}){fix_in}")
     if input_spec.id_column is not None:
-        try:
-            _check_ids(path, frame, schema, input_spec.id_column, names, fix_in)
-        except InputError:
-            if fmt == "ndjson":
-                _check_jsonl_lines(path)  # polars parses lazily: a bad line shows up here first
-            raise
+        _check_ids(path, frame, schema, input_spec.id_column, names, fix_in)
     return Table(path=path, format=fmt, schema=schema, num_rows=num_rows, schema_override=override)
 
 
@@ -188,6 +166,31 @@ def _scan(path: Path, fmt: str, schema: pl.Schema | None = None) -> pl.LazyFrame
     if fmt == "ndjson":
         return pl.scan_ndjson(path, schema=schema, infer_schema_length=None)
     return pl.scan_parquet(path, glob=False)
+
+
+def _read_shape(path: Path, fmt: str) -> tuple[pl.LazyFrame, pl.Schema, int, pl.Schema | None]:
+    """The scan, its schema and row count, and the schema it was forced to (None: polars' own).
+
+    JSONL that is valid but that polars cannot type (``true`` in one row and 5 in another) is
+    read with every column as text, for the output; prompts are rendered from the lines
+    anyway. A bad line is named by a Python pass, as polars does not say which line it is.
+    """
+    frame = _scan(path, fmt)
+    try:
+        return (frame, *_shape(frame, fmt), None)
+    except pl.exceptions.PolarsError as exc:
+        if fmt != "ndjson" or isinstance(exc, pl.exceptions.NoDataError):
+            raise
+    keys = _jsonl_keys(path)  # raises InputError naming a bad line
+    if not keys:
+        raise pl.exceptions.NoDataError("no objects")
+    override = pl.Schema({key: pl.String() for key in keys})
+    frame = _scan(path, fmt, override)
+    try:
+        return (frame, *_shape(frame, fmt), override)
+    except pl.exceptions.PolarsError:
+        _check_jsonl_lines(path, _RANGE_DECODER)  # a number beyond a float: polars cannot read it even as text
+        raise
 
 
 def _shape(frame: pl.LazyFrame, fmt: str) -> tuple[pl.Schema, int]:
@@ -336,26 +339,26 @@ _RANGE_DECODER = json.JSONDecoder(
 )
 
 
-def _jsonl_rows(path: Path, decoder: json.JSONDecoder = _DECODER) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(line number, object)`` for each non-blank line; InputError naming the line otherwise."""
+def _jsonl_rows(path: Path, decoder: json.JSONDecoder = _DECODER) -> Iterator[dict[str, Any]]:
+    """Each non-blank line's object; InputError naming the line otherwise. Per row: one decode."""
     decode = decoder.decode
     try:
         with path.open("rb") as handle:
             for number, raw in enumerate(handle, start=1):
-                if not raw.strip():
-                    continue  # polars skips blank lines too, so positions agree
                 try:
                     row = decode(raw.decode("utf-8"))
                 except (_LineProblem, UnicodeDecodeError) as exc:
                     raise InputError(f"{path}:{number}: {exc}") from None
                 except json.JSONDecodeError:
+                    if not raw.strip():
+                        continue  # polars skips blank lines too, so positions agree
                     raise InputError(f"{path}:{number}: {_json_problem(raw)}") from None
                 if type(row) is not dict:
                     raise InputError(
                         f"{path}:{number}: {_json_kind(row)} where a JSON object was expected; "
                         "write one {...} object per line"
                     )
-                yield number, row
+                yield row
     except OSError as exc:
         raise InputError(f"{path}: reading failed ({exc.strerror or exc}); check the file") from None
 
@@ -390,7 +393,7 @@ def _check_jsonl_lines(path: Path, decoder: json.JSONDecoder = _DECODER) -> None
 def _jsonl_keys(path: Path) -> list[str]:
     """Every key of the file's objects, in order of first appearance; InputError naming a bad line."""
     keys: dict[str, None] = {}
-    for _, row in _jsonl_rows(path):
+    for row in _jsonl_rows(path):
         keys.update(dict.fromkeys(row))
     return list(keys)
 
@@ -403,7 +406,7 @@ def _jsonl_batches(
         return
     batch: list[dict[str, Any]] = []
     count = 0
-    for _, row in _jsonl_rows(path):
+    for row in _jsonl_rows(path):
         batch.append(row if columns is None else {column: row.get(column) for column in columns})
         count += 1
         if count == wanted:
