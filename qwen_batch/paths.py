@@ -160,12 +160,13 @@ class _Place:
     folder: bool  # written as a folder (the checkpoint), else a file
 
 
-def output_override(text: str | os.PathLike[str], name: str) -> Path:
-    """``--output``'s value as an absolute path: ``~`` expanded, a trailing ``/`` means ``<name>.parquet`` in it."""
+def output_override(text: str | os.PathLike[str], name: str, error: type[UsageError] = ConfigError) -> Path:
+    """``--output``'s value resolved as the spec's ``output.path`` is: ``~`` expanded, links
+    followed, and a trailing ``/`` meaning ``<name>.parquet`` inside that folder."""
     path = expanded(text)
     if names_folder(text):
         path = path / f"{name}{OUTPUT_SUFFIX}"
-    return Path(os.path.abspath(path))
+    return resolved(path, f"--output {os.fspath(text)}", error)
 
 
 def job_paths(
@@ -183,7 +184,7 @@ def job_paths(
     """
     output_label = f"--output {os.fspath(output)}" if output is not None else "output.path"
     where = f"{spec.where}: " if output is None else ""
-    out = output_override(output, spec.name or "output") if output is not None else spec.output.path
+    out = output_override(output, spec.name or "output", error) if output is not None else spec.output.path
     paths = JobPaths(job=spec.path, input=spec.input.path, output=out, cache=cache)
     read = [_place("the job file", paths.job, error)] if paths.job is not None else []
     read.append(_place("the input file", paths.input, error))
