@@ -40,7 +40,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         emulate=args.emulate,
         limit=args.limit,
         concurrency=args.concurrency,
-        output=Path(args.output) if args.output else None,
+        output=args.output,
         fresh=args.fresh,
         retry_errors=args.retry_errors,
         no_cache=args.no_cache,
@@ -115,7 +115,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     )
     from .spec import load_spec
 
-    options = JobOptions(limit=args.limit, output=Path(args.output) if args.output else None, no_cache=args.no_cache)
+    options = JobOptions(limit=args.limit, output=args.output, no_cache=args.no_cache)
     spec = load_spec(Path(args.job))
     shared = None
     if spec.cache.enabled and not args.no_cache:
@@ -154,7 +154,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     """
     from .job import JobOptions, job_status
 
-    status = job_status(Path(args.job), JobOptions(output=Path(args.output) if args.output else None))
+    status = job_status(Path(args.job), JobOptions(output=args.output))
     from .report import render_status
 
     render_status(status, sys.stdout)

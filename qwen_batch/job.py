@@ -22,6 +22,7 @@ from .catalog import ModelInfo, Price
 from .checkpoint import Checkpoint, CheckpointSummary, manifest_changes, set_aside
 from .errors import ConfigError, ConfigurationRefused, InputError, QwenBatchError
 from .output import check_input_columns
+from .paths import JobPaths, job_paths
 from .preflight import PreflightReport, ResumeIndex, rendered, run_preflight
 from .resume import checkpoint_dir_for, input_identity, record_input_identity, request_manifest, resume_state
 from .render import Renderer
@@ -41,7 +42,7 @@ class JobOptions:
     emulate: bool = False
     limit: int | None = None
     concurrency: int | None = None
-    output: Path | None = None
+    output: str | Path | None = None  # as typed: a trailing "/" means a folder
     fresh: bool = False
     retry_errors: bool = False
     no_cache: bool = False
@@ -67,6 +68,7 @@ class PreparedJob:
     previous_cost: float
     input_identity: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    cache_path: Path | None = None  # the response cache this run reads and writes, None when off
 
     @property
     def summary_path(self) -> Path:
@@ -129,10 +131,8 @@ def prepare_job(
     price = price_for(spec, model_info)
     if price is None and model_info is not None:
         warnings.append(f"no known price for {spec.model!r}: cost will be null (add a pricing section)")
-    output_path = (options.output or spec.output.path).resolve()
-    if output_path == spec.input.path.resolve():
-        raise ConfigError(f"--output {output_path} is the input file; choose another output path")
-    check_output_folder(output_path)
+    paths = checked_paths(spec, options)
+    output_path = paths.output
     table = open_table(spec)
     check_input_columns(table.columns)
     rows = table.num_rows if options.limit is None else min(options.limit, table.num_rows)
@@ -183,18 +183,19 @@ def prepare_job(
         previous_cost=previous_cost,
         input_identity=identity,
         warnings=warnings,
+        cache_path=paths.cache,
     )
 
 
-def check_output_folder(output_path: Path) -> None:
-    """The output's folder exists or can be made, and is writable; else exit 2 before sending."""
-    folder = output_path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise ConfigError(
-            f"{output_path}: cannot write there ({folder} is not a writable folder); choose another output path"
-        )
+def checked_paths(spec: JobSpec, options: JobOptions) -> JobPaths:
+    """The job's paths with the command line's choices (``--output``, the cache), checked as a set."""
+    cache = None
+    label = "cache.path"
+    if spec.cache.enabled and not options.no_cache:
+        cache = spec.cache.path
+        if cache is None:
+            cache, label = default_cache_path(), "the response cache"
+    return job_paths(spec, options.output, cache=cache, cache_label=label)
 
 
 def _prompt_source(spec: JobSpec) -> str:
@@ -258,7 +259,7 @@ async def execute_job(prepared: PreparedJob, reporter: Any) -> JobResult:
         stack.callback(checkpoint.close)
         cache = None
         if spec.cache.enabled and not options.no_cache:
-            shared = ResponseCache(spec.cache.path or default_cache_path())
+            shared = ResponseCache(prepared.cache_path or default_cache_path())
             stack.callback(shared.close)
             cache = ServiceCache(shared, EMULATOR_SERVICE if options.emulate else base_url)
         concurrency = worker_count(prepared)
@@ -421,7 +422,7 @@ def job_status(spec_path: Path, options: JobOptions) -> JobStatus:
     spec = load_spec(spec_path)
     model_info = resolve_model(spec, catalog_module.builtin())
     price = price_for(spec, model_info)
-    output_path = (options.output or spec.output.path).resolve()
+    output_path = checked_paths(spec, options).output
     table = open_table(spec)
     checkpoint_dir = checkpoint_dir_for(output_path)
     done, changed = None, []

@@ -12,7 +12,7 @@ parameter is sent only when the spec sets it.
 Messages:
 
 * ``template``: one user message, the template with each ``{column}`` replaced by the cell's
-  ``str()``. Rendering is concatenation of the parts parsed once at spec load, so cell text
+  text (``cell_text``: a string as it is, a number as the file writes it, ``true``/``false``). Rendering is concatenation of the parts parsed once at spec load, so cell text
   is never itself a template: braces, ``{x}`` look-alikes and ``%s`` are sent literally.
 * ``prompt_column``: one user message, the cell as it is.
 * ``messages_column``: the cell's list of ``{role, content}`` (a list, or a JSON string of
@@ -217,7 +217,21 @@ def _cell_text(row: Mapping[str, Any], column: str) -> str:
     value = row.get(column)
     if value is None:
         raise _Problem(f"column {column!r} is null in this row")
-    return value if type(value) is str else str(value)
+    return value if type(value) is str else cell_text(value)
+
+
+def cell_text(value: Any) -> str:
+    """A non-text cell as a prompt shows it: as the file writes it, else as JSON would.
+
+    Integers are digits (never ``5.0``); a JSONL number keeps its text (``JsonNumber``);
+    booleans are ``true``/``false`` and lists and structs JSON, as a JSONL file writes them,
+    not Python's ``True`` or ``{'a': 1}``.
+    """
+    if value is True or value is False:
+        return "true" if value else "false"
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, ensure_ascii=False, default=str)
+    return str(value)
 
 
 def check_messages(cell: Any, column: str = "messages") -> list[dict[str, str]]:

@@ -502,16 +502,7 @@ def load_spec(path: Path, catalog: Catalog | None = None) -> JobSpec:
     model's output limit; an unknown model is not an error here (callers warn).
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError(f"{path}: job file not found; check the path") from None
-    except IsADirectoryError:
-        raise SpecError(f"{path}: is a folder, not a job file; give the .yaml file") from None
-    except UnicodeDecodeError as exc:
-        raise SpecError(f"{path}: not UTF-8 text (byte {exc.start}); save the job file as UTF-8") from None
-    except OSError as exc:
-        raise SpecError(f"{path}: cannot read the job file ({exc.strerror or exc})") from None
+    text = _read_job_file(path)
     try:
         data = load_yaml(text)
     except YamlRefused as exc:
@@ -525,29 +516,56 @@ def load_spec(path: Path, catalog: Catalog | None = None) -> JobSpec:
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:
         raise SpecError(f"{path}: {describe_validation_error(exc)}") from None
-    spec = _resolved(spec, path)
+    spec = _resolved(spec, path, data)
     from . import catalog as catalog_module  # the built-in catalog is read on first use, not at import
 
     check_against_model(spec, resolve_model(spec, catalog or catalog_module.builtin()))
     return spec
 
 
-def _resolved(spec: JobSpec, path: Path) -> JobSpec:
-    """Fill defaults that depend on the job file and make every path absolute."""
-    base = path.resolve().parent
+def _read_job_file(path: Path) -> str:
+    """The job file's text: a regular file of at most SPEC_MAX_BYTES, in UTF-8 (never blocks on a pipe)."""
+    from .paths import SPEC_MAX_BYTES, read_bounded
+
+    data = read_bounded(path, "job file", "the path of the job file", SPEC_MAX_BYTES, SpecError)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not UTF-8 text (byte {exc.start}); save the job file as UTF-8") from None
+
+
+def _resolved(spec: JobSpec, path: Path, data: dict[str, Any]) -> JobSpec:
+    """Fill defaults that depend on the job file, make every path absolute, and check them together.
+
+    ``~`` is expanded; a path written with a trailing ``/`` (seen in the raw ``data``, as
+    ``Path`` drops it) names a folder: the output and the cache get their default file name
+    inside it, and an input must be a file.
+    """
+    from .cache import CACHE_FILE_NAME
+    from .paths import expanded, job_paths, names_folder, resolved
+
+    base = resolved(path, "job file", SpecError).parent
     name = spec.name if spec.name is not None else path.stem
-    input_path = (base / spec.input.path).resolve()
+
+    def absolute(section: str, default_file: str | None) -> Path:
+        raw = data[section]["path"]
+        full = base / expanded(raw)
+        if names_folder(raw):
+            if default_file is None:
+                raise SpecError(f"{path}: {section}.path {raw!r} ends in '/', so it names a folder; name one file")
+            full = full / default_file
+        return resolved(full, f"{section}.path", SpecError)
+
+    input_path = absolute("input", None)
     output_path = (
-        (base / spec.output.path).resolve()
+        absolute("output", f"{name}{DEFAULT_OUTPUT_SUFFIX}")
         if spec.output.path is not None
         else base / DEFAULT_OUTPUT_DIR / f"{name}{DEFAULT_OUTPUT_SUFFIX}"
     )
-    if output_path == input_path:
-        raise SpecError(f"{path}: output.path is the input file ({input_path}); choose another output path")
     cache = spec.cache
     if cache.path is not None:
-        cache = cache.model_copy(update={"path": (base / cache.path).resolve()})
-    resolved = spec.model_copy(
+        cache = cache.model_copy(update={"path": absolute("cache", CACHE_FILE_NAME)})
+    resolved_spec = spec.model_copy(
         update={
             "name": name,
             "input": spec.input.model_copy(update={"path": input_path}),
@@ -555,8 +573,9 @@ def _resolved(spec: JobSpec, path: Path) -> JobSpec:
             "cache": cache,
         }
     )
-    resolved._path = path
-    return resolved
+    resolved_spec._path = path
+    job_paths(resolved_spec, cache=cache.path if cache.enabled else None, error=SpecError)
+    return resolved_spec
 
 
 def _yaml_reason(exc: yaml.YAMLError, text: str) -> str:

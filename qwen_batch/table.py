@@ -10,10 +10,18 @@ Reading is lazy (polars ``scan_*``) and streamed (``collect_batches``), so memor
 batch size, not the table. Column types:
 
 * CSV cells are read as text, all of them (no type inference): inference looks at the first
-  rows only and would fail mid-run on a later row; a prompt is text anyway. Empty cells
-  are null.
-* JSONL/NDJSON types are inferred from the whole file, for the same reason.
+  rows only and would fail mid-run on a later row, and would turn ``007`` into 7 or ``1e3``
+  into 1000.0; a prompt is text anyway. Empty cells are null. Every record must have the
+  header's number of fields, and the header must not name a column twice.
+* JSONL/NDJSON rows are read for rendering by Python's ``json`` with each value as the line
+  holds it: an integer stays an integer even where another row of that key holds 6.5
+  (polars would unify the column to Float64 and send ``5.0``), a number with a fraction or
+  exponent keeps its text (:class:`JsonNumber`), a lone surrogate (``"\ud800"``) stays in the
+  string so the renderer makes it that row's error, and a key written twice is refused.
+  polars still gives the schema, the row count, the id checks and the output's columns.
 * Parquet keeps its own schema.
+
+Read errors name the file's line (1-based, as an editor shows it): ``in.jsonl:7: ...``.
 
 Rows in messages count from 1, like a spreadsheet without its header; ``Request.index``
 and ``RowProblem.index`` count from 0.
@@ -22,7 +30,10 @@ and ``RowProblem.index`` count from 0.
 from __future__ import annotations
 
 import codecs
+import csv
 import difflib
+import json
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +63,8 @@ class Table:
     format: str
     schema: pl.Schema
     num_rows: int
+    schema_override: pl.Schema | None = None  # JSONL whose types polars cannot unify: all text
+
 
     @property
     def columns(self) -> list[str]:
@@ -59,7 +72,7 @@ class Table:
 
     def scan(self) -> pl.LazyFrame:
         """A fresh lazy scan of the whole table (nothing is read until collected)."""
-        return _scan(self.path, self.format)
+        return _scan(self.path, self.format, self.schema_override)
 
     def iter_batches(
         self,
@@ -70,6 +83,9 @@ class Table:
         """Stream rows as lists of dicts; ``columns`` narrows what is read, ``limit`` stops early."""
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if self.format == "ndjson":
+            yield from _jsonl_batches(self.path, self.num_rows, columns, batch_size, limit)
+            return
         frame = self.scan()
         if columns is not None:
             frame = frame.select(list(columns))
@@ -111,20 +127,20 @@ def open_table(source: JobSpec | InputSpec, *, columns: Sequence[str] = ()) -> T
     path = Path(input_spec.path)
     fix_in = f" in {where_spec}" if where_spec else ""
 
+    _check_readable(path, fix_in)  # first: a pipe or a device is refused whatever its name
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise InputError(
             f"{path}: unsupported input format {path.suffix or '(no extension)'!r}; "
             f"use one of {', '.join(FORMATS)} (input.path{fix_in})"
         )
-    _check_readable(path, fix_in)
     if fmt != "parquet":
         _check_utf8(path)
+    if fmt == "csv":
+        _check_csv_shape(path)
 
-    frame = _scan(path, fmt)
     try:
-        schema = frame.collect_schema()
-        num_rows = int(frame.select(pl.len()).collect().item())
+        frame, schema, num_rows, override = _read_shape(path, fmt)
     except pl.exceptions.NoDataError:
         raise InputError(f"{path}: the table is empty; give a file with a header and at least one row") from None
     except pl.exceptions.PolarsError as exc:
@@ -140,30 +156,56 @@ def open_table(source: JobSpec | InputSpec, *, columns: Sequence[str] = ()) -> T
             raise InputError(f"{path}: {role} {column!r} is not in the table ({_suggest(column, names)}){fix_in}")
     if input_spec.id_column is not None:
         _check_ids(path, frame, schema, input_spec.id_column, names, fix_in)
-    return Table(path=path, format=fmt, schema=schema, num_rows=num_rows)
+    return Table(path=path, format=fmt, schema=schema, num_rows=num_rows, schema_override=override)
 
 
-def _scan(path: Path, fmt: str) -> pl.LazyFrame:
+def _scan(path: Path, fmt: str, schema: pl.Schema | None = None) -> pl.LazyFrame:
     # glob=False: a file name with [ or * is a name, not a pattern.
     if fmt == "csv":
         return pl.scan_csv(path, infer_schema=False, glob=False)
     if fmt == "ndjson":
-        return pl.scan_ndjson(path, infer_schema_length=None)
+        return pl.scan_ndjson(path, schema=schema, infer_schema_length=None)
     return pl.scan_parquet(path, glob=False)
 
 
-def _check_readable(path: Path, fix_in: str) -> None:
+def _read_shape(path: Path, fmt: str) -> tuple[pl.LazyFrame, pl.Schema, int, pl.Schema | None]:
+    """The scan, its schema and row count, and the schema it was forced to (None: polars' own).
+
+    JSONL that is valid but that polars cannot type (``true`` in one row and 5 in another) is
+    read with every column as text, for the output; prompts are rendered from the lines
+    anyway. A bad line is named by a Python pass, as polars does not say which line it is.
+    """
+    frame = _scan(path, fmt)
     try:
-        with path.open("rb") as handle:
-            handle.read(1)
-    except FileNotFoundError:
-        raise InputError(f"{path}: input file not found; check input.path{fix_in} (relative to the job file)") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a folder; input.path{fix_in} must name one file") from None
-    except PermissionError:
-        raise InputError(f"{path}: permission denied; make the file readable for this user") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read it ({exc.strerror or exc}); check the file") from None
+        return (frame, *_shape(frame, fmt), None)
+    except pl.exceptions.PolarsError as exc:
+        if fmt != "ndjson" or isinstance(exc, pl.exceptions.NoDataError):
+            raise
+    keys = _jsonl_keys(path)  # raises InputError naming a bad line
+    if not keys:
+        raise pl.exceptions.NoDataError("no objects")
+    override = pl.Schema({key: pl.String() for key in keys})
+    frame = _scan(path, fmt, override)
+    try:
+        return (frame, *_shape(frame, fmt), override)
+    except pl.exceptions.PolarsError:
+        _check_jsonl_lines(path, _RANGE_DECODER)  # a number beyond a float: polars cannot read it even as text
+        raise
+
+
+def _shape(frame: pl.LazyFrame, fmt: str) -> tuple[pl.Schema, int]:
+    """Schema and row count; for JSONL every value is parsed too, as polars parses lazily and
+    would otherwise fail on a value it cannot type only when the output is written."""
+    schema = frame.collect_schema()
+    if fmt == "ndjson":
+        frame.select(pl.all().null_count()).collect(engine="streaming")
+    return schema, int(frame.select(pl.len()).collect().item())
+
+
+def _check_readable(path: Path, fix_in: str) -> None:
+    from .paths import check_regular_file
+
+    check_regular_file(path, "input file", f"input.path{fix_in} (relative to the job file)", InputError)
 
 
 def _check_utf8(path: Path) -> None:
@@ -189,6 +231,193 @@ def _check_utf8(path: Path) -> None:
                 return
             offset += len(chunk)
             lines += chunk.count(b"\n")
+
+
+# --- CSV: the shape of every record, with its line --------------------------------------
+
+
+def _check_csv_shape(path: Path) -> None:
+    """Refuse a repeated column name, a record with more or fewer fields than the header, a
+    blank line, or a quote never closed, naming the line (polars pads short records with
+    nulls and renames a repeated column, silently).
+
+    Python's strict csv reader agrees with polars' on quoting; it runs at C speed.
+    """
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle, strict=True)
+        start = 1
+        try:
+            header = next(reader, None)
+            if header is None:
+                return  # empty: open_table says so
+            _check_header(path, header)
+            width = len(header)
+            start = reader.line_num + 1
+            for record in reader:
+                if len(record) != width and not (width == 1 and not record):
+                    raise InputError(f"{path}:{start}: {_shape_problem(record, width)}")
+                start = reader.line_num + 1
+        except csv.Error as exc:
+            problem = "a quoted field is never closed" if "end of data" in str(exc) else f"bad quoting ({exc})"
+            raise InputError(
+                f"{path}:{start}: {problem}; a field with a quote, comma or line break must be quoted "
+                'whole, with inner quotes doubled ("say ""hi""")'
+            ) from None
+
+
+def _check_header(path: Path, header: list[str]) -> None:
+    seen: set[str] = set()
+    for name in header:
+        if name in seen:
+            raise InputError(f"{path}:1: column {name!r} appears twice in the header; rename or remove one")
+        seen.add(name)
+
+
+def _shape_problem(record: list[str], width: int) -> str:
+    if not record:
+        return "the line is blank; remove blank lines (every row needs its fields)"
+    return (
+        f"{len(record)} field(s) where the header has {width}; quote a field that holds a comma, "
+        "and give every row the header's columns"
+    )
+
+
+# --- JSONL: one object per line, each value as written -----------------------------------
+
+
+class JsonNumber(float):
+    """A JSON number with a fraction or exponent that prints as the file writes it (``1.50``, ``1e3``).
+
+    It is still a float (so a messages cell holding one is still "not a string"); only its
+    text is kept, so a prompt gets ``1.50`` and not ``1.5``.
+    """
+
+    __slots__ = ("text",)
+
+    def __new__(cls, text: str) -> JsonNumber:
+        number = super().__new__(cls, text)
+        number.text = text
+        return number
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class _LineProblem(ValueError):
+    """Internal: what is wrong with one JSONL line, and the fix."""
+
+
+def _no_constants(name: str) -> Any:
+    raise _LineProblem(f"{name} is not JSON; write null, or the value as a string")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    row = dict(pairs)
+    if len(row) != len(pairs):
+        seen: set[str] = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))  # type: ignore[func-returns-value]
+        raise _LineProblem(f"key {twice!r} appears twice in one object; remove one")
+    return row
+
+
+def _json_int(text: str) -> int | JsonNumber:
+    return int(text) if text != "-0" else JsonNumber(text)  # an int has no -0; keep what the file wrote
+
+
+def _finite_float(text: str) -> JsonNumber:
+    number = JsonNumber(text)
+    if math.isinf(number):
+        raise _LineProblem(f"the number {text} is beyond the range of a float; write it as a string (\"{text}\")")
+    return number
+
+
+_DECODER = json.JSONDecoder(
+    parse_float=JsonNumber, parse_int=_json_int, parse_constant=_no_constants, object_pairs_hook=_unique_keys
+)
+_RANGE_DECODER = json.JSONDecoder(
+    parse_float=_finite_float, parse_int=_json_int, parse_constant=_no_constants, object_pairs_hook=_unique_keys
+)
+
+
+def _jsonl_rows(path: Path, decoder: json.JSONDecoder = _DECODER) -> Iterator[dict[str, Any]]:
+    """Each non-blank line's object; InputError naming the line otherwise. Per row: one decode."""
+    decode = decoder.decode
+    try:
+        with path.open("rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    row = decode(raw.decode("utf-8"))
+                except (_LineProblem, UnicodeDecodeError) as exc:
+                    raise InputError(f"{path}:{number}: {exc}") from None
+                except json.JSONDecodeError:
+                    if not raw.strip():
+                        continue  # polars skips blank lines too, so positions agree
+                    raise InputError(f"{path}:{number}: {_json_problem(raw)}") from None
+                if type(row) is not dict:
+                    raise InputError(
+                        f"{path}:{number}: {_json_kind(row)} where a JSON object was expected; "
+                        "write one {...} object per line"
+                    )
+                yield row
+    except OSError as exc:
+        raise InputError(f"{path}: reading failed ({exc.strerror or exc}); check the file") from None
+
+
+def _json_problem(raw: bytes) -> str:
+    """What is wrong with a line that did not parse, its column counted without the line break."""
+    text = raw.decode("utf-8").rstrip("\r\n")
+    if text.startswith("\ufeff"):
+        return "the file starts with a byte-order mark; re-save it as UTF-8 without BOM"
+    try:
+        _DECODER.decode(text)
+    except json.JSONDecodeError as exc:
+        return f"not valid JSON ({exc.msg} at column {exc.colno}); fix the line, one JSON object per line"
+    except _LineProblem as exc:
+        return str(exc)
+    return "not valid JSON; fix the line, one JSON object per line"
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return {str: "a string", list: "an array"}.get(type(value), "a number")
+
+
+def _check_jsonl_lines(path: Path, decoder: json.JSONDecoder = _DECODER) -> None:
+    for _ in _jsonl_rows(path, decoder):
+        pass
+
+
+def _jsonl_keys(path: Path) -> list[str]:
+    """Every key of the file's objects, in order of first appearance; InputError naming a bad line."""
+    keys: dict[str, None] = {}
+    for row in _jsonl_rows(path):
+        keys.update(dict.fromkeys(row))
+    return list(keys)
+
+
+def _jsonl_batches(
+    path: Path, num_rows: int, columns: Sequence[str] | None, batch_size: int, limit: int | None
+) -> Iterator[list[dict[str, Any]]]:
+    wanted = num_rows if limit is None else min(limit, num_rows)
+    if wanted <= 0:
+        return
+    batch: list[dict[str, Any]] = []
+    count = 0
+    for row in _jsonl_rows(path):
+        batch.append(row if columns is None else {column: row.get(column) for column in columns})
+        count += 1
+        if count == wanted:
+            break
+        if len(batch) >= batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+    if count < wanted:
+        raise InputError(f"{path}: has {count} rows now, {num_rows} when it was opened; the file changed, re-run")
 
 
 def _check_ids(path: Path, frame: pl.LazyFrame, schema: pl.Schema, column: str, names: list[str], fix_in: str) -> None:

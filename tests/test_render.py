@@ -140,9 +140,12 @@ def test_doubled_braces_in_the_template_are_literal_braces() -> None:
     assert content == '{"q": "hi", "n": 3}'
 
 
-@pytest.mark.parametrize(("cell", "text"), [(3, "3"), (1.5, "1.5"), (True, "True"), ([1, 2], "[1, 2]")])
-def test_non_string_cells_render_with_str(cell: Any, text: str) -> None:
-    """Numbers, booleans and lists in template columns are rendered with str()."""
+@pytest.mark.parametrize(
+    ("cell", "text"),
+    [(3, "3"), (1.5, "1.5"), (True, "true"), (False, "false"), ([1, 2], "[1, 2]"), ({"a": "b"}, '{"a": "b"}')],
+)
+def test_non_string_cells_render_as_the_file_writes_them(cell: Any, text: str) -> None:
+    """Numbers as digits, booleans and lists/structs as JSON writes them (not Python's True, {'a': ...})."""
     assert request(renderer(), {"id": 1, "text": cell}).body["input"]["messages"][0]["content"] == f"Translate:\n{text}"
 
 

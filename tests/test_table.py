@@ -102,7 +102,7 @@ BAD_INPUTS: list[tuple[str, Any, dict[str, Any], list[str]]] = [
     ("empty jsonl", ("in.jsonl", ""), {}, ["empty"]),
     ("invalid utf-8 csv", ("in.csv", b"id,text\n1,ok\n2,caf\xe9\n"), {}, ["not valid UTF-8 at line 3 (byte 18)", "re-save the file as UTF-8"]),
     ("invalid utf-8 jsonl", ("in.jsonl", b'{"id": "1", "text": "\xff"}\n'), {}, ["not valid UTF-8 at line 1", "UTF-8"]),
-    ("malformed jsonl", ("in.jsonl", '{"id": "1", "text": "a"}\n{"id": \n'), {}, ["cannot read it as ndjson"]),
+    ("malformed jsonl", ("in.jsonl", '{"id": "1", "text": "a"}\n{"id": \n'), {}, ["in.jsonl:2: not valid JSON", "one JSON object per line"]),
     ("id column missing", ("in.csv", "ids,text\n1,a\n"), {}, ["input.id_column 'id' is not in the table", "did you mean 'ids'?"]),
     ("id column other case", ("in.csv", "ID,text\n1,a\n"), {}, ["input.id_column 'id' is not in the table", "did you mean 'ID'?"]),
     ("duplicate id", ("in.csv", "id,text\n1,a\n2,b\n1,c\n2,d\n"), {}, ["duplicate value '1' (rows 1 and 3)", "ids must be unique"]),
@@ -124,7 +124,7 @@ def test_a_bad_input_is_one_line_naming_the_file_and_the_fix(
         open_table(job(path, **prompt))
     message = str(caught.value)
     assert "\n" not in message
-    assert message.startswith(f"{path}: ")
+    assert message.startswith(f"{path}:")  # then the line, where the problem has one
     for fragment in expected:
         assert fragment in message
 
