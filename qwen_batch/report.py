@@ -96,6 +96,11 @@ class Reporter:
             print(f"interrupted: finished rows are saved; resume with: {command}", file=self.stream, flush=True)
         elif result.stop_reason == "auth":
             print(f"aborted: the API key was refused ({result.stop_detail}); nothing more was sent", file=self.stream)
+        elif result.stop_reason == "error_rate":
+            print(
+                f"stopped: {result.stop_detail}; rows not sent stay not done, re-run to continue: {command}",
+                file=self.stream,
+            )
         elif result.stop_reason == "budget":
             print(
                 f"stopped: the budget of {prepared.max_cost} would be exceeded; "
