@@ -195,52 +195,62 @@ class AdaptiveThrottle:
     """Slows the whole pool down when the evidence says the service's 429s are ours.
 
     A 429 does not say whose fault it is. Ours are the ones our rate causes: a server
-    window full of our requests (``Throttling.RateQuota``, "requests"), of our tokens
+    window full of our requests (``Throttling.RateQuota``, kind "requests"), of our tokens
     (``Throttling.AllocationQuota``, "tokens"), or a burst (``Throttling.BurstRate``,
-    "burst"). Not ours: a node refusing at random, or another client (DashScope's limits
-    are per account and model, summed over all keys) taking part of the quota. Cutting on
-    every 429 collapses a run under a steady share of 429s that do not depend on the rate.
-    So the throttle only acts on evidence, and checks that its action helped.
+    "burst"). Not ours: a node refusing at random, or another client taking part of the
+    quota (DashScope's limits are per account and model, summed over all keys). Cutting on
+    every 429 collapses a run under a steady share of 429s that do not depend on the rate,
+    so the throttle acts only on evidence, and checks that what it did helped.
 
-    State, for requests (requests and burst 429s) and, apart, for tokens (tokens 429s):
+    State, kept apart for requests (requests and burst 429s) and tokens (tokens 429s):
 
-    * ``rate``: the sending rate it paces at; ``None`` (not pacing, the fixed limiters do)
-      until the first cut. Never above the ceiling (the configured rate).
-    * ``baseline``: the 429 share it has learned does not depend on its rate (0 at first).
+    * ``rate``: the sending rate it paces at; ``None`` (no pacing of its own: the fixed
+      limiters do it) until the first cut. Never above the ceiling (the configured rate).
+    * ``baseline``: the 429 share it has learned to expect whatever the rate (0 at first).
+    * ``knee``: the last rate a cut proved right, the estimate of the limit left for us.
     * a *trial*: after a cut, the rate before it and the 429 share that caused it.
 
     What moves it:
 
-    * Answers are counted in *samples* (``SAMPLE_ANSWERS`` answers, or less when the pool is
-      slow). A sample whose 429 share is above ``baseline`` by more than its noise
-      (``MIN_EXCESS`` and ``EXCESS_SIGMAS`` standard deviations), while the pool was really
-      sending near its rate, is evidence: the rate is cut (multiplicative decrease) to just
-      under the estimated limit, the rate of answers that were not 429s per second of
-      sending time in that sample (pool cool-downs do not count), divided by
-      ``1 - baseline``; never deeper than ``decrease`` at once.
-    * A cut starts a trial of one *reaction window* (``window_s``: the service's rate-limit
-      window, the time a sliding window needs to forget what we sent before the cut).
-      During it the rate is held; no other cut. Then the 429 share over the trial's second
-      half is compared with the share that caused the cut. Lower by more than noise: the
-      429s were ours; the cut stays and the rate is the estimated limit (``knee``). Not
-      lower: the cut was wrong; the rate before it is restored and that share becomes the
-      ``baseline``. So 429s that do not depend on the rate cost at most one cut, for one
-      reaction window: they cannot push the rate to a floor.
-    * Outside a trial, each success raises the rate linearly in time (additive increase):
-      the largest cut so far is regained per ``ramp_s``, up to the ceiling. At or above the
-      ``knee`` it probes, at ``PROBE_FRACTION`` of the knee per ``ramp_s``, doubling every
-      ``PROBE_DOUBLING`` reaction windows without a cut: gently near a real limit (few 429s
-      on each saw-tooth), quickly back up when another client stops using its share.
+    * Answers are counted in *samples* (``SAMPLE_ANSWERS`` answers; fewer when the pool is
+      slow or nearly everything is refused). A sample whose 429 share is above ``baseline``
+      by more than its noise (``MIN_EXCESS`` and ``EXCESS_SIGMAS`` standard deviations),
+      while the pool was really sending near its rate, is evidence: the rate is cut
+      (multiplicative decrease), at most by ``decrease``, to 3% under the estimated limit.
+      That estimate is the lower of two rates of answers that were not refused: over the
+      service's window (a full sliding window holds exactly what is left for us, however we
+      paced inside it) and over the sample per second of sending (pool cool-downs do not
+      count: that one sees a newcomer taking part of a window we had filled alone). Both
+      are divided by ``1 - baseline``: the share refused at random needs sending too.
+    * A cut starts a trial; no other cut until it ends, so at most one per reaction window
+      (``window_s``: the service's rate-limit window, the time a sliding window needs to
+      forget what we sent before the cut). From ``EARLY_VERDICT`` of the window on, a
+      429 share clearly lower than the one that caused the cut ends it: the cut was right
+      and its rate is the ``knee``. Otherwise the verdict waits a whole window, until the
+      server's window holds nothing from before the cut: lower still, right; no different,
+      the cut was wrong: the rate before it is restored and that share becomes the
+      ``baseline`` (429s that do not depend on the rate thus cost one cut for one window,
+      and can never push the rate to a floor); higher, the cut was too shallow and the
+      next sample with excess 429s cuts again.
+    * Outside a trial, each success raises the rate linearly in time (additive increase),
+      back to the ceiling within ``ramp_s``. At or above the ``knee`` it first probes at
+      ``PROBE_FRACTION`` of the knee per ``ramp_s``, doubling every ``PROBE_DOUBLING``
+      window without a cut: gently near a real limit (few 429s per saw-tooth), quickly back
+      when another client stops. A whole window at or above the knee without a cut raises
+      the knee to the rate. At a rate that proved right, the share still refused is
+      learned into ``baseline`` slowly (``BASELINE_LEARNING`` per sample).
     * The pool pauses as a whole (a shared cool-down: nobody sends, and requests already
       waiting their turn queue again behind it) on a ``Retry-After`` (always honoured), on a
-      cut (``default_cooldown_s``), and on a 429 met during a trial before any success since
+      cut (``default_cooldown_s``), and on a 429 during a trial before any success since
       the cut (the server's window is still full: the pause doubles each time, up to
-      ``max_cooldown_s``). Any other 429 pauses nobody: the request's own retry backoff
-      handles it, so a random 429 does not stall the pool.
+      ``max_cooldown_s``). No other 429 pauses anybody: that request's own retry backs
+      off, so a random 429 does not stall the pool.
 
     Errors that are not 429s (5xx, resets, timeouts) are answers like any other: an outage
-    neither cuts the rate nor counts as evidence. ``clock`` and ``sleep`` are seams: tests
-    pass a fake clock and a sleep that advances it.
+    neither cuts the rate nor counts as evidence. ``ramp_s``, ``default_cooldown_s`` and
+    ``max_cooldown_s`` default to 30 s, 1 s and 10 s for a one-minute window and scale
+    with ``window_s``. ``clock`` and ``sleep`` are seams: tests pass a fake clock and a
+    sleep that advances it (tests/throttle_sim.py drives the pool against a modelled server).
     """
 
     def __init__(
