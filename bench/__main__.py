@@ -4,7 +4,7 @@
     python -m bench overhead latency     # some cases
     python -m bench --quick              # smaller sizes, fewer runs (a smoke test, not figures)
 
-Cases: overhead, latency, rate_limit, memory, startup, resume, preflight. Prints a table and
+Cases: overhead, latency, rate_limit, memory, startup, resume, preflight, throttle. Prints a table and
 writes bench/results/latest.json (every figure, the date, the machine and the command).
 """
 
@@ -28,6 +28,7 @@ QUICK = {
     "startup": {"rows": 100_000, "runs": 1},
     "resume": {"rows": 100_000, "done": 99_000, "runs": 1},
     "preflight": {"rows": 100_000, "runs": 1},
+    "throttle": {"scale": 0.5},
 }
 
 

@@ -161,10 +161,12 @@ def write_job(
     requests_per_minute: float | None = UNLIMITED_RPM,
     tokens_per_minute: float | None = UNLIMITED_TPM,
     max_retries: int = 0,
+    request_timeout_s: float | None = None,
 ) -> Path:
     """A job spec: template ``{text}``, seed and max_tokens fixed, the cache off."""
     rpm = f"  requests_per_minute: {requests_per_minute}\n" if requests_per_minute else ""
     rpm += f"  tokens_per_minute: {tokens_per_minute}\n" if tokens_per_minute else ""
+    rpm += f"  request_timeout_s: {request_timeout_s}\n" if request_timeout_s else ""
     spec = (
         f"name: {name}\n"
         f"model: {MODEL}\n"

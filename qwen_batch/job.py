@@ -26,7 +26,15 @@ from .paths import JobPaths, job_paths
 from .preflight import PreflightReport, ResumeIndex, rendered, run_preflight
 from .resume import checkpoint_dir_for, input_identity, record_input_identity, request_manifest, resume_state
 from .render import Renderer
-from .runner import STOP_AUTH, STOP_BUDGET, STOP_CONFIGURATION, STOP_INTERRUPTED, Runner, RunStatistics
+from .runner import (
+    STOP_AUTH,
+    STOP_BUDGET,
+    STOP_CONFIGURATION,
+    STOP_ERROR_RATE,
+    STOP_INTERRUPTED,
+    Runner,
+    RunStatistics,
+)
 from .spec import JobSpec, check_base_url, load_spec, price_for, resolve_model
 from .table import Table, open_table
 from .wire import DEFAULT_BASE_URL
@@ -93,7 +101,7 @@ class JobResult:
     def exit_code(self) -> int:
         if self.stop_reason == STOP_INTERRUPTED:
             return 130
-        if self.stop_reason in (STOP_AUTH, STOP_BUDGET, STOP_CONFIGURATION):
+        if self.stop_reason in (STOP_AUTH, STOP_BUDGET, STOP_CONFIGURATION, STOP_ERROR_RATE):
             return 3
         return 1 if self.summary["rows"]["error"] else 0
 
@@ -282,6 +290,7 @@ async def execute_job(prepared: PreparedJob, reporter: Any) -> JobResult:
             price=prepared.price,
             rows_total=prepared.rows,
             budget=Budget(max_cost, spent=prepared.previous_cost) if max_cost is not None else None,
+            max_error_rate=spec.execution.max_error_rate,
         )
         reporter.start(prepared, rpm, tpm)
         try:

@@ -6,9 +6,10 @@ bundled by ``Limits`` so the runner has one thing to call before each attempt:
 * ``RequestRateLimiter``: the configured requests per minute, spaced evenly.
 * ``TokenRateLimiter``: the configured tokens per minute, charged with the worst case
   before sending and refunded with what the reply did not use.
-* ``AdaptiveThrottle``: the pool as a whole backs off on 429s (a shared cool-down, then
-  AIMD on the sending rate), so a service whose real limit is lower than the configured
-  one sees few 429s instead of being hammered.
+* ``AdaptiveThrottle``: the pool as a whole backs off on 429s that its own rate causes
+  (a shared cool-down, then AIMD on the sending rate, each cut checked and undone when it
+  did not help), so a service whose real limit is lower than the configured one sees few
+  429s, and 429s that do not depend on the rate do not slow the run.
 
 Each is a no-op when its limit is absent.
 """
@@ -16,6 +17,7 @@ Each is a no-op when its limit is absent.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -34,21 +36,47 @@ DEFAULT_MARGIN = 0.005
 BURST_S = 0.05
 # The token bucket holds this fraction of a minute's tokens, so one ordinary request fits.
 DEFAULT_TOKEN_BURST_FRACTION = 0.05
+# The environment variable that tells the throttle the service's rate-limit window, when
+# it is not DashScope's minute (an emulator run with --rate-window, say).
+RATE_WINDOW_ENV = "QWEN_BATCH_RATE_WINDOW_S"
 # The adaptive throttle's ramp-up never slows below this fraction of its largest cut.
 MIN_STEP_FRACTION = 0.25
-# After the first cut, a 429 sets the rate this fraction under the admitted rate.
+# A cut made from the estimated limit sets the rate this fraction under it.
 ESTIMATE_MARGIN = 0.03
-# A cut made from the admitted rate is never deeper than this factor at once.
-MAX_ESTIMATE_CUT = 0.5
-# A cut made from the admitted rate, when that rate is at least NEAR_LIMIT of the rate the
-# pool was sending at (it was pacing just over the limit), pauses the pool only this
-# fraction of the usual cool-down.
-ESTIMATE_COOLDOWN_FRACTION = 0.25
-NEAR_LIMIT = 0.85
-# Near the estimated server limit, the ramp-up probes by this fraction of it per ramp.
+# Near the estimated server limit, the ramp-up probes by this fraction of it per ramp_s at
+# first, doubling every PROBE_DOUBLING of the reaction window while no cut comes.
 PROBE_FRACTION = 0.02
-# The admitted rate is measured over at most this many seconds (two of the service's windows).
-ADMITTED_HORIZON_S = 2 * DEFAULT_WINDOW_S
+PROBE_DOUBLING = 0.05
+# The rate-independent share is never taken to be more than this (nearly every request
+# refused whatever the rate is an outage of its own, left to the retries).
+MAX_BASELINE = 0.9
+# A cut is judged right as soon as, from this fraction of the reaction window after it (the
+# server's window has forgotten much of what we sent before), the 429 share is clearly lower.
+EARLY_VERDICT = 0.35
+# Outside trials, at a rate that proved right, each sample moves the rate-independent share
+# this fraction of the way to its own share.
+BASELINE_LEARNING = 0.05
+# A sample of the 429 share ends after this many answers, or after SAMPLE_TIME of the
+# reaction window with at least MIN_SAMPLE_ANSWERS answers (a slow pool), or early when at
+# least MIN_SAMPLE_ANSWERS answers are mostly 429s (a full server window: react at once).
+SAMPLE_ANSWERS = 50
+MIN_SAMPLE_ANSWERS = 20
+SAMPLE_TIME = 1 / 6
+# A sample's 429 share is excess (ours) when it is above the rate-independent share by at
+# least MIN_EXCESS and by EXCESS_SIGMAS standard deviations of that share over the sample.
+MIN_EXCESS = 0.03
+EXCESS_SIGMAS = 3.0
+
+
+def rate_window_s() -> float:
+    """The service's rate-limit window: ``QWEN_BATCH_RATE_WINDOW_S`` when set to a positive
+    number of seconds, else DashScope's minute. Read when called."""
+    text = os.environ.get(RATE_WINDOW_ENV, "").strip()
+    try:
+        value = float(text) if text else DEFAULT_WINDOW_S
+    except ValueError:
+        return DEFAULT_WINDOW_S
+    return value if math.isfinite(value) and value > 0 else DEFAULT_WINDOW_S
 
 
 def _bucket_rate(limit: float, bucket: float, window_s: float, margin: float) -> float:
@@ -145,7 +173,11 @@ class TokenRateLimiter:
 
 @dataclass(frozen=True, slots=True)
 class ThrottleStatistics:
-    """A snapshot of the adaptive throttle. Rates are per second; ``None`` is unlimited."""
+    """A snapshot of the adaptive throttle. Rates are per second; ``None`` is unlimited.
+
+    ``baseline_share`` is the share of 429s the throttle has learned not to blame on its own
+    rate (requests); ``restores`` counts cuts that were undone because they did not help.
+    """
 
     request_rate: float | None
     token_rate: float | None
@@ -155,45 +187,70 @@ class ThrottleStatistics:
     cooldowns: int
     cooling_down_s: float
     decreases: int
+    restores: int = 0
+    baseline_share: float = 0.0
 
 
 class AdaptiveThrottle:
-    """Slows the whole pool down when the service says 429, then speeds up gradually.
+    """Slows the whole pool down when the evidence says the service's 429s are ours.
 
-    * A 429 starts a shared cool-down (``Retry-After`` when sent, else
-      ``default_cooldown_s``): nobody sends until it ends, and requests already waiting
-      their turn queue again behind it.
-    * The sending rate is cut (multiplicative decrease) at most once per cool-down, so
-      the burst of 429s that answers one overshoot counts once. "requests" 429s cut the
-      request rate; "tokens" 429s cut the token rate; "burst" 429s cut the request rate
-      and halve the speed of the next ramp-up (smoother).
-    * The throttle does not pace at all until the first 429 (the fixed limiters do);
-      that 429 starts its rate from the rate observed just before it (at most the
-      ceiling, ``request_rate``/``token_rate``), then cuts it by ``decrease``: the pool
-      has usually burst into an empty server window, so what it got admitted so far
-      says little about the server's steady limit.
-    * A later "requests" 429 estimates the server's limit instead of cutting blindly:
-      the rate of answers the server admitted (all answers but 429s, see ``on_answer``)
-      over the last ``admitted_horizon_s`` seconds, wall time. A sliding-window server
-      admits at most its limit per window, so over a horizon of a few windows that rate
-      is the limit. The rate is set ``ESTIMATE_MARGIN`` under it (never below half the
-      current rate at once: an idle spell in the horizon makes the estimate low). When
-      the admitted rate is close to the sending rate (``NEAR_LIMIT``) the pool was pacing
-      just over the limit, and the cool-down (without ``Retry-After``) is shortened to
-      ``ESTIMATE_COOLDOWN_FRACTION`` of itself.
-    * Each success after the cool-down raises the rate linearly in time (additive
-      increase): the largest cut so far is regained per ``ramp_s`` seconds, never above
-      the ceiling; at or above the estimated limit it only probes, by
-      ``PROBE_FRACTION`` of the estimate per ``ramp_s``, so the pool sits just under the
-      server's limit and meets a 429 rarely instead of on every saw-tooth.
-    * A later 429 cuts only if the pool was really sending near the current rate
-      (at least ``busy_fraction`` of it, measured over the time it was not cooling
-      down). A 429 that comes while the pool sends far below its rate (few rows left,
-      workers waiting out retry backoff) says the service refused for another reason
-      (a burst, an overloaded node); cutting on each such 429 would ratchet the rate
-      down to the floor under a steady share of 429s that do not depend on the rate.
+    A 429 does not say whose fault it is. Ours are the ones our rate causes: a server
+    window full of our requests (``Throttling.RateQuota``, kind "requests"), of our tokens
+    (``Throttling.AllocationQuota``, "tokens"), or a burst (``Throttling.BurstRate``,
+    "burst"). Not ours: a node refusing at random, or another client taking part of the
+    quota (DashScope's limits are per account and model, summed over all keys). Cutting on
+    every 429 collapses a run under a steady share of 429s that do not depend on the rate,
+    so the throttle acts only on evidence, and checks that what it did helped.
 
-    ``clock`` and ``sleep`` are seams: tests pass a fake clock and a sleep that advances it.
+    State, kept apart for requests (requests and burst 429s) and tokens (tokens 429s):
+
+    * ``rate``: the sending rate it paces at; ``None`` (no pacing of its own: the fixed
+      limiters do it) until the first cut. Never above the ceiling (the configured rate).
+    * ``baseline``: the 429 share it has learned to expect whatever the rate (0 at first).
+    * ``knee``: the last rate a cut proved right, the estimate of the limit left for us.
+    * a *trial*: after a cut, the rate before it and the 429 share that caused it.
+
+    What moves it:
+
+    * Answers are counted in *samples* (``SAMPLE_ANSWERS`` answers; fewer when the pool is
+      slow or nearly everything is refused). A sample whose 429 share is above ``baseline``
+      by more than its noise (``MIN_EXCESS`` and ``EXCESS_SIGMAS`` standard deviations),
+      while the pool was really sending near its rate, is evidence: the rate is cut
+      (multiplicative decrease), at most by ``decrease``, to 3% under the estimated limit.
+      That estimate is the lower of two rates of answers that were not refused: over the
+      service's window (a full sliding window holds exactly what is left for us, however we
+      paced inside it) and over the sample per second of sending (pool cool-downs do not
+      count: that one sees a newcomer taking part of a window we had filled alone). Both
+      are divided by ``1 - baseline``: the share refused at random needs sending too.
+    * A cut starts a trial; no other cut until it ends, so at most one per reaction window
+      (``window_s``: the service's rate-limit window, the time a sliding window needs to
+      forget what we sent before the cut). From ``EARLY_VERDICT`` of the window on, a
+      429 share clearly lower than the one that caused the cut ends it: the cut was right
+      and its rate is the ``knee``. Otherwise the verdict waits a whole window, until the
+      server's window holds nothing from before the cut: lower still, right; no different,
+      the cut was wrong: the rate before it is restored and that share becomes the
+      ``baseline`` (429s that do not depend on the rate thus cost one cut for one window,
+      and can never push the rate to a floor); higher, the cut was too shallow and the
+      next sample with excess 429s cuts again.
+    * Outside a trial, each success raises the rate linearly in time (additive increase),
+      back to the ceiling within ``ramp_s``. At or above the ``knee`` it first probes at
+      ``PROBE_FRACTION`` of the knee per ``ramp_s``, doubling every ``PROBE_DOUBLING``
+      window without a cut: gently near a real limit (few 429s per saw-tooth), quickly back
+      when another client stops. A whole window at or above the knee without a cut raises
+      the knee to the rate. At a rate that proved right, the share still refused is
+      learned into ``baseline`` slowly (``BASELINE_LEARNING`` per sample).
+    * The pool pauses as a whole (a shared cool-down: nobody sends, and requests already
+      waiting their turn queue again behind it) on a ``Retry-After`` (always honoured), on a
+      cut (``default_cooldown_s``), and on a 429 during a trial before any success since
+      the cut (the server's window is still full: the pause doubles each time, up to
+      ``max_cooldown_s``). No other 429 pauses anybody: that request's own retry backs
+      off, so a random 429 does not stall the pool.
+
+    Errors that are not 429s (5xx, resets, timeouts) are answers like any other: an outage
+    neither cuts the rate nor counts as evidence. ``ramp_s``, ``default_cooldown_s`` and
+    ``max_cooldown_s`` default to 30 s, 1 s and 10 s for a one-minute window and scale
+    with ``window_s``. ``clock`` and ``sleep`` are seams: tests pass a fake clock and a
+    sleep that advances it (tests/throttle_sim.py drives the pool against a modelled server).
     """
 
     def __init__(
@@ -204,30 +261,31 @@ class AdaptiveThrottle:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
         decrease: float = 0.5,
-        ramp_s: float = 30.0,
-        default_cooldown_s: float = 1.0,
-        max_cooldown_s: float = 10.0,
+        ramp_s: float | None = None,
+        default_cooldown_s: float | None = None,
+        max_cooldown_s: float | None = None,
         min_request_rate: float = 0.05,
-        observe_window_s: float = 2.0,
         busy_fraction: float = 0.5,
-        admitted_horizon_s: float = ADMITTED_HORIZON_S,
+        window_s: float = DEFAULT_WINDOW_S,
     ) -> None:
         if not 0.0 < decrease < 1.0:
             raise ValueError("decrease must be in (0, 1)")
         if not 0.0 <= busy_fraction <= 1.0:
             raise ValueError("busy_fraction must be in [0, 1]")
+        if window_s <= 0:
+            raise ValueError("window_s must be positive")
         self._clock = clock
         self._sleep = sleep
-        self._decrease = decrease
-        self._ramp_s = ramp_s
-        self._default_cooldown_s = default_cooldown_s
-        self._max_cooldown_s = max_cooldown_s
-        self._min_request_rate = min_request_rate
-        self._observe_window_s = observe_window_s
+        # Unless given, the time constants scale with the window (30 s, 1 s, 10 s for a minute).
+        scale = window_s / DEFAULT_WINDOW_S
+        self._ramp_s = ramp_s if ramp_s is not None else 30.0 * scale
+        self._default_cooldown_s = default_cooldown_s if default_cooldown_s is not None else 1.0 * scale
+        self._max_cooldown_s = max_cooldown_s if max_cooldown_s is not None else 10.0 * scale
         self._busy_fraction = busy_fraction
+        self._window_s = window_s
         now = clock()
-        self._requests = _AimdRate(request_rate, now)
-        self._tokens = _AimdRate(token_rate, now)
+        self._requests = _RateController(request_rate, now, decrease=decrease, floor=min_request_rate, window_s=window_s)
+        self._tokens = _RateController(token_rate, now, decrease=decrease, floor=1.0, window_s=window_s)
         self._cooldown_until = -math.inf
         # Time spent cooling down, so observed rates count only the time the pool could
         # send: finished cool-downs add up in ``_paused_before``; the current one runs
@@ -238,17 +296,9 @@ class AdaptiveThrottle:
         self._throttled = 0
         self._throttled_by_kind: dict[str, int] = {}
         self._cooldowns = 0
-        self._decreases = 0
         self._successes_since_cut = 0
-        self._backoff = default_cooldown_s
-        # Sends counted in the current and the last finished observation window.
-        self._window_start = now
-        self._window_paused_at = 0.0
-        self._window_sent = 0
-        self._window_tokens = 0
-        self._last_sent_rate: float | None = None
-        self._last_token_rate: float | None = None
-        self._admitted = _TrailingRate(admitted_horizon_s)
+        self._backoff = self._default_cooldown_s
+        self._sample = _Sample(now, 0.0)
 
     def __repr__(self) -> str:
         return f"AdaptiveThrottle(request_rate={self._requests.rate}, token_rate={self._tokens.rate})"
@@ -284,207 +334,327 @@ class AdaptiveThrottle:
             if epoch == self._epoch and now >= self._cooldown_until:
                 break
             # A 429 arrived while we waited: our slot was planned at the old rate.
-        self._observe(now, tokens)
+        sample = self._sample
+        sample.sent += 1
+        sample.sent_tokens += tokens
 
-    def _active(self, now: float) -> float:
-        """Seconds of the current observation window not spent cooling down."""
-        return (now - self._window_start) - (self._paused(now) - self._window_paused_at)
+    def on_answer(self, tokens_used: int = 0) -> None:
+        """An attempt got an answer, whatever it was (a 429 is then also told to ``on_throttled``);
+        ``tokens_used``: the tokens the service counted for it."""
+        now = self._clock()
+        if tokens_used > 0:
+            self._tokens.admitted(now, tokens_used)
+        sample = self._sample
+        if sample.answers >= MIN_SAMPLE_ANSWERS and (
+            sample.answers >= SAMPLE_ANSWERS
+            or now - sample.start >= SAMPLE_TIME * self._window_s
+            or (sample.refused_requests + sample.refused_tokens) * 4 > sample.answers * 3
+        ):
+            self._end_sample(now)
+        self._sample.answers += 1
 
-    def _observe(self, now: float, tokens: int) -> None:
-        if now - self._window_start >= self._observe_window_s:
-            active = self._active(now)
-            if active > 0.05 * self._observe_window_s:  # a window spent cooling down says nothing
-                self._last_sent_rate = self._window_sent / active
-                self._last_token_rate = self._window_tokens / active
-            self._window_start, self._window_sent, self._window_tokens = now, 0, 0
-            self._window_paused_at = self._paused(now)
-        self._window_sent += 1
-        self._window_tokens += tokens
-
-    def _observed_rates(self, now: float) -> tuple[float, float]:
-        """Sends and tokens per second of sending time (cool-downs excluded)."""
-        elapsed = now - self._window_start
-        if self._last_sent_rate is not None and elapsed < self._observe_window_s / 2:
-            return self._last_sent_rate, self._last_token_rate or 0.0
-        active = max(self._active(now), 1e-3)
-        return self._window_sent / active, self._window_tokens / active
-
-    def on_answer(self) -> None:
-        """An attempt got an answer, whatever it was (a 429 too: ``on_throttled`` takes it back)."""
-        self._admitted.add(self._clock(), 1)
+    def _end_sample(self, now: float) -> None:
+        sample = self._sample
+        paused = self._paused(now)
+        active = max(now - sample.start - (paused - sample.paused_at_start), 1e-3)
+        busy = self._busy_fraction
+        cut = self._requests.judge(
+            now, sample.answers, sample.refused_requests, sample.sent / active, busy,
+            ramp_factor=2.0 if sample.refused_bursts * 2 > sample.refused_requests else 1.0,
+        )
+        cut = self._tokens.judge(now, sample.answers, sample.refused_tokens, sample.sent_tokens / active, busy) or cut
+        self._sample = _Sample(now, paused)
+        if cut:
+            self._successes_since_cut = 0
+            self._backoff = self._default_cooldown_s
+            self._cooldowns += 1
+            self._pause(now, self._default_cooldown_s)
 
     def on_success(self) -> None:
-        """A request went through: ramp the rates up (after any cool-down)."""
+        """A request went through: ramp the rates up (after any cool-down, outside a trial)."""
         self._successes_since_cut += 1
         now = self._clock()
+        self._requests.admitted(now, 1)
         if now < self._cooldown_until:
             return
         self._requests.increase(now, self._ramp_s)
         self._tokens.increase(now, self._ramp_s)
 
     def on_throttled(self, error: RateLimited) -> None:
-        """A 429: pause the pool, and cut the rate of the limit it names."""
+        """A 429: count it as evidence; pause the pool only when the server asks or its window is full."""
         now = self._clock()
-        self._admitted.add(now, -1)
         self._throttled += 1
         kind = error.kind
         self._throttled_by_kind[kind] = self._throttled_by_kind.get(kind, 0) + 1
-        cooling = now < self._cooldown_until
-        # A 429 with no success since the last cut says nothing about the new rate (the
-        # server's window is still full): wait longer instead of cutting again.
-        probing = not cooling and self._decreases > 0 and self._successes_since_cut == 0
-        if not cooling:
-            self._backoff = min(self._backoff * 2, self._max_cooldown_s) if probing else self._default_cooldown_s
-        pause = error.retry_after if error.retry_after is not None else self._backoff
-        if now + pause > self._cooldown_until:
-            if not cooling:
-                self._paused_before = self._paused(now)
-                self._pause_start = now
-            self._cooldown_until = now + pause
-            self._epoch += 1
-            # Every waiter queues again behind the cool-down (see wait_turn).
-            self._requests.next_slot = self._tokens.next_slot = self._cooldown_until
-        if cooling:
-            return  # the 429s of one overshoot cut the rate once
-        self._cooldowns += 1
-        if probing:
-            return
-        sent_rate, token_rate = self._observed_rates(now)
-        limited = self._tokens if kind == "tokens" else self._requests
-        observed = token_rate if kind == "tokens" else sent_rate
-        if limited.rate is not None and observed < self._busy_fraction * limited.rate:
-            return  # not sending near the rate: this 429 is not about the rate
-        # The first cut follows a burst into an empty server window: admitted counts
-        # are not a steady rate yet. A burst 429 is about speeding up, not the limit.
-        admitted = self._admitted.rate(now) if self._decreases > 0 and kind == "requests" else None
-        self._decreases += 1
-        self._successes_since_cut = 0
+        sample = self._sample
         if kind == "tokens":
-            self._tokens.decrease(now, self._decrease, observed=token_rate, floor=1.0)
+            sample.refused_tokens += 1
         else:
-            slower = 2.0 if kind == "burst" else 1.0
-            base = self._requests.decrease(
-                now, self._decrease, observed=sent_rate, floor=self._min_request_rate, ramp_factor=slower,
-                admitted=admitted,
-            )
-            if admitted is not None and admitted >= NEAR_LIMIT * base and error.retry_after is None:
-                # A pool pacing just over the limit needs no long pause: the server's window
-                # drains as steadily as it filled, and the small cut does the rest.
-                self._cooldown_until = now + self._backoff * ESTIMATE_COOLDOWN_FRACTION
-                self._requests.next_slot = self._tokens.next_slot = self._cooldown_until
+            sample.refused_requests += 1
+            sample.refused_bursts += kind == "burst"
+        cooling = now < self._cooldown_until
+        if error.retry_after is not None:
+            if not cooling:
+                self._cooldowns += 1
+            self._pause(now, error.retry_after)
+            return
+        in_trial = self._tokens.in_trial if kind == "tokens" else self._requests.in_trial
+        if cooling or not in_trial or self._successes_since_cut > 0:
+            return
+        # After a cut and before any success: the server's window is still full of what we
+        # sent before it. Wait longer each time instead of sending into it.
+        self._backoff = min(self._backoff * 2, self._max_cooldown_s)
+        self._cooldowns += 1
+        self._pause(now, self._backoff)
+
+    def _pause(self, now: float, pause: float) -> None:
+        """Make nobody send before ``now + pause`` (a longer cool-down already running stays)."""
+        if now + pause <= self._cooldown_until:
+            return
+        if now >= self._cooldown_until:
+            self._paused_before = self._paused(now)
+            self._pause_start = now
+        self._cooldown_until = now + pause
+        self._epoch += 1
+        # Every waiter queues again behind the cool-down (see wait_turn).
+        self._requests.next_slot = self._tokens.next_slot = self._cooldown_until
 
     def statistics(self) -> ThrottleStatistics:
         """A snapshot of the current rates and 429 counts."""
+        requests, tokens = self._requests, self._tokens
         return ThrottleStatistics(
-            request_limit_estimate=self._requests.knee,
-            request_rate=self._requests.rate,
-            token_rate=self._tokens.rate,
+            request_limit_estimate=requests.knee,
+            request_rate=requests.rate,
+            token_rate=tokens.rate,
             throttled=self._throttled,
             throttled_by_kind=dict(self._throttled_by_kind),
             cooldowns=self._cooldowns,
             cooling_down_s=max(0.0, self._cooldown_until - self._clock()),
-            decreases=self._decreases,
+            decreases=requests.decreases + tokens.decreases,
+            restores=requests.restores + tokens.restores,
+            baseline_share=requests.baseline,
         )
 
 
-class _TrailingRate:
-    """Events per second over the last ``horizon_s`` seconds (or since the first event).
+@dataclass(slots=True)
+class _Sample:
+    """Answers, 429s and sends counted since ``start`` (the pool's pause time then: ``paused_at_start``)."""
 
-    Counts are kept per slot of ``horizon_s / slots`` seconds, so memory does not grow
-    with the sending rate.
-    """
+    start: float
+    paused_at_start: float
+    answers: int = 0
+    refused_requests: int = 0  # "requests" and "burst" 429s
+    refused_bursts: int = 0
+    refused_tokens: int = 0
+    sent: int = 0
+    sent_tokens: int = 0
 
-    __slots__ = ("_horizon_s", "_slot_s", "_counts", "_total", "_first")
 
-    def __init__(self, horizon_s: float, slots: int = 600) -> None:
+@dataclass(slots=True)
+class _Trial:
+    """A cut under test: what it replaced, what caused it, and the 429s seen since."""
+
+    rate_before: float | None
+    share_before: float  # of the sample that caused the cut
+    answers_before: int
+    early_from: float  # EARLY_VERDICT of a window after the cut
+    clean_from: float  # a whole window after the cut
+    answers: int = 0  # since early_from
+    refused: int = 0
+    clean_answers: int = 0  # since a whole window after the cut
+    clean_refused: int = 0
+
+
+def _excess(share: float, baseline: float, answers: int) -> bool:
+    """Whether ``share`` over ``answers`` answers is above ``baseline`` by more than its noise."""
+    noise = EXCESS_SIGMAS * math.sqrt(baseline * (1.0 - baseline) / answers)
+    return share > baseline + max(MIN_EXCESS, noise)
+
+
+def _differs(before: float, n_before: int, after: float, n_after: int) -> int:
+    """-1 when the share ``after`` is lower than ``before`` by more than two standard errors
+    (of the pooled share, which holds for few 429s too), 1 when it is higher by as much, else 0."""
+    pooled = (before * n_before + after * n_after) / (n_before + n_after)
+    noise = max(MIN_EXCESS / 2, 2.0 * math.sqrt(pooled * (1.0 - pooled) * (1.0 / n_before + 1.0 / n_after)))
+    return -1 if after < before - noise else 1 if after > before + noise else 0
+
+
+class _TrailingCount:
+    """How much was added over the last ``horizon_s`` seconds, kept per slot of
+    ``horizon_s / slots`` seconds so memory does not grow with the rate."""
+
+    __slots__ = ("_horizon_s", "_slot_s", "_counts", "_total", "first")
+
+    def __init__(self, horizon_s: float, slots: int = 240) -> None:
         self._horizon_s = horizon_s
         self._slot_s = horizon_s / slots
         self._counts: deque[list[int]] = deque()  # [slot number, count], oldest first
         self._total = 0
-        self._first: float | None = None
+        self.first: float | None = None  # when the first was added
 
     def add(self, now: float, n: int) -> None:
-        if self._first is None:
-            self._first = now
+        if self.first is None:
+            self.first = now
         slot = int(now // self._slot_s)
-        if self._counts and self._counts[-1][0] == slot:
-            self._counts[-1][1] += n
+        counts = self._counts
+        if counts and counts[-1][0] == slot:
+            counts[-1][1] += n
         else:
-            self._counts.append([slot, n])
+            counts.append([slot, n])
         self._total += n
 
-    def rate(self, now: float) -> float | None:
-        """The rate over the horizon; None before any event."""
-        if self._first is None or now <= self._first:
-            return None
+    def count(self, now: float) -> int:
         oldest = int((now - self._horizon_s) // self._slot_s)
-        while self._counts and self._counts[0][0] <= oldest:
-            self._total -= self._counts.popleft()[1]
-        return max(self._total, 0) / min(now - self._first, self._horizon_s)
+        counts = self._counts
+        while counts and counts[0][0] <= oldest:
+            self._total -= counts.popleft()[1]
+        return self._total
 
 
-class _AimdRate:
-    """One AIMD-controlled rate (per second) with its next free slot (GCRA)."""
+class _RateController:
+    """One rate (per second) the throttle controls, with its evidence and next free slot (GCRA)."""
 
     __slots__ = (
-        "ceiling", "rate", "next_slot", "knee", "_last_increase", "_step", "_largest_cut", "_ramp_factor"
+        "ceiling", "rate", "next_slot", "knee", "baseline", "decreases", "restores", "_decrease", "_floor",
+        "_window_s", "_trial", "_admitted", "_last_increase", "_probe_start", "_knee_since", "_step", "_largest_cut",
+        "_ramp_factor",
     )
 
-    def __init__(self, ceiling: float | None, now: float) -> None:
+    def __init__(self, ceiling: float | None, now: float, *, decrease: float, floor: float, window_s: float) -> None:
         self.ceiling = ceiling if ceiling is not None else math.inf
-        # No pacing of our own until the first cut: the fixed limiters do the work.
-        self.rate: float | None = None
+        self.rate: float | None = None  # no pacing of our own until the first cut
         self.next_slot = -math.inf
-        # The estimated server limit (from the admitted rate); None until estimated.
-        self.knee: float | None = None
+        self.knee: float | None = None  # the estimated server limit, once a cut proved right
+        self.baseline = 0.0
+        self.decreases = 0
+        self.restores = 0
+        self._decrease = decrease
+        self._floor = floor
+        self._window_s = window_s
+        self._trial: _Trial | None = None
+        self._admitted = _TrailingCount(window_s)  # successes (requests, or tokens) over the window
         self._last_increase = now
+        self._probe_start = now  # the probe's doubling counts from the last verdict
+        self._knee_since = now
         self._step = 0.0
         self._largest_cut = 0.0
         self._ramp_factor = 1.0
 
-    def decrease(
-        self,
-        now: float,
-        factor: float,
-        *,
-        observed: float,
-        floor: float,
-        ramp_factor: float = 1.0,
-        admitted: float | None = None,
-    ) -> float:
-        """Cut by ``factor``, or to just under ``admitted`` (the server's estimated limit) when
-        given; return the rate cut from (the current rate, or the observed one if lower)."""
-        base = self.rate if self.rate is not None else min(self.ceiling, max(observed, floor))
-        if observed > 0:
-            base = min(base, max(observed, floor))
-        if admitted is not None and admitted > 0:
-            self.knee = min(admitted, base)
-            self.rate = max(floor, self.knee * (1.0 - ESTIMATE_MARGIN), base * MAX_ESTIMATE_CUT)
-        else:
-            self.rate = max(floor, base * factor)
-        # Regain the cut over the ramp: step (per second of time) = cut / ramp, but
-        # never less than a quarter of the largest cut so far. A step that shrank with
-        # every cut would let a steady share of 429s that do not depend on the rate (a
-        # node refusing at random) ratchet the rate down to the floor; with a floor on
-        # the step, cuts and ramp balance well above it.
+    @property
+    def in_trial(self) -> bool:
+        return self._trial is not None
+
+    def admitted(self, now: float, amount: int) -> None:
+        """``amount`` (one request, or its tokens) went through the server's window."""
+        self._admitted.add(now, amount)
+
+    def judge(
+        self, now: float, answers: int, refused: int, sent_rate: float, busy_fraction: float,
+        *, ramp_factor: float = 1.0,
+    ) -> bool:
+        """One finished sample (``sent_rate``: per second of sending time in it, cool-downs
+        excluded): feed the trial, or cut on excess 429s. True when it cut."""
+        if answers <= 0:
+            return False
+        trial = self._trial
+        if trial is not None:
+            self._follow_trial(now, trial, answers, refused)
+            return False
+        share = refused / answers
+        if refused < 2 or not _excess(share, self.baseline, answers):
+            if self.rate is None or (self.knee is not None and self.rate <= self.knee):
+                # At a rate that proved right (or not pacing at all), what is still refused
+                # is refused whatever the rate: learn it, slowly.
+                self.baseline += BASELINE_LEARNING * (min(share, MAX_BASELINE) - self.baseline)
+            return False
+        if self.rate is not None and sent_rate < busy_fraction * self.rate:
+            return False  # not sending near the rate: these 429s are not about the rate
+        self._cut(now, share, answers, sent_rate, ramp_factor)
+        return True
+
+    def _cut(self, now: float, share: float, answers: int, sent_rate: float, ramp_factor: float) -> None:
+        before = self.rate
+        base = min(before if before is not None else self.ceiling, max(sent_rate, self._floor))
+        # A sliding window that refuses us now is full: what it let through of ours over its
+        # length is what is left for us, however long we paused in it (measured over the
+        # window's length, so neither an idle start nor our own cool-downs make it high or
+        # low). A window we filled alone says nothing of a newcomer's share: then the sample
+        # does (what got through of what we sent, per second of sending). Each alone can be
+        # too high, so take the lower; and send more by the share refused anyway, at random.
+        first = self._admitted.first
+        window_rate = self._admitted.count(now) / max(min(self._window_s, now - (first if first is not None else now)), 1.0)
+        estimate = min(window_rate, sent_rate * (1.0 - share)) / (1.0 - self.baseline)
+        target = min(base, estimate) * (1.0 - ESTIMATE_MARGIN)
+        self.rate = max(self._floor, base * self._decrease, target)
+        self.next_slot = max(self.next_slot, now)
+        self.decreases += 1
+        self._trial = _Trial(before, share, answers, now + EARLY_VERDICT * self._window_s, now + self._window_s)
+        # Regain the cut over the ramp, never slower than a quarter of the largest cut so far,
+        # nor than what gets back to the ceiling in one ramp.
         self._largest_cut = max(self._largest_cut, base - self.rate)
         self._step = max(base - self.rate, self._largest_cut * MIN_STEP_FRACTION)
+        if self.ceiling < math.inf:
+            self._step = max(self._step, self.ceiling - self.rate)
         self._ramp_factor = ramp_factor
-        self._last_increase = now
-        return base
+
+    def _follow_trial(self, now: float, trial: _Trial, answers: int, refused: int) -> None:
+        """Judge the cut under test. From half a window after it (the server's window has
+        forgotten most of what we sent before): right as soon as the 429 share is clearly
+        lower. Anything else is judged from a whole window after it (nothing from before is
+        left there): still lower is right, no change is wrong, higher was too shallow."""
+        if now <= trial.early_from:
+            return
+        before, n_before = trial.share_before, trial.answers_before
+        trial.answers += answers
+        trial.refused += refused
+        if trial.answers >= 2 * SAMPLE_ANSWERS and _differs(before, n_before, trial.refused / trial.answers, trial.answers) < 0:
+            self._end_trial(now, -1, trial.refused / trial.answers)
+            return
+        if now <= trial.clean_from:
+            return
+        trial.clean_answers += answers
+        trial.clean_refused += refused
+        if trial.clean_answers >= 2 * SAMPLE_ANSWERS or (
+            trial.clean_answers >= MIN_SAMPLE_ANSWERS and now > trial.clean_from + self._window_s * SAMPLE_TIME
+        ):
+            after = trial.clean_refused / trial.clean_answers
+            self._end_trial(now, _differs(before, n_before, after, trial.clean_answers), after)
+
+    def _end_trial(self, now: float, verdict: int, after: float) -> None:
+        trial = self._trial
+        assert trial is not None
+        if verdict < 0:
+            self.knee = self.rate
+            self.baseline = min(self.baseline, after)
+        elif verdict == 0:
+            # The share did not change with the rate: those 429s are not ours. Undo the cut.
+            self.rate = trial.rate_before
+            self.restores += 1
+            self.baseline = min(after, MAX_BASELINE)
+        # else the share rose though the rate fell: the cut was not deep enough (the window
+        # was still filling). Keep it; the next sample with excess 429s cuts again.
+        self._trial = None
+        self._last_increase = self._knee_since = self._probe_start = now
 
     def increase(self, now: float, ramp_s: float) -> None:
         rate = self.rate
-        if rate is None or rate >= self.ceiling:
+        if rate is None or rate >= self.ceiling or self._trial is not None:
             self._last_increase = now
             return
         # Time since the last increase, capped so an idle pause does not jump the rate.
         elapsed = min(now - self._last_increase, 1.0)
         self._last_increase = now
-        if elapsed > 0:
-            near = self.knee is not None and rate >= self.knee * (1.0 - ESTIMATE_MARGIN)
-            step = self.knee * PROBE_FRACTION if near else self._step
-            self.rate = min(self.ceiling, rate + step * elapsed / (ramp_s * self._ramp_factor))
+        if elapsed <= 0:
+            return
+        step = self._step
+        knee = self.knee
+        if knee is not None and rate >= knee * (1.0 - ESTIMATE_MARGIN):
+            if now - self._knee_since >= self._window_s:
+                # A whole window since the knee was set, without a cut: the server takes this rate.
+                self.knee, self._knee_since = rate, now
+            doublings = (now - self._probe_start) / (PROBE_DOUBLING * self._window_s)
+            step = min(step, knee * PROBE_FRACTION * 2.0 ** min(doublings, 30.0))
+        self.rate = min(self.ceiling, rate + step * elapsed / (ramp_s * self._ramp_factor))
 
 
 @dataclass(frozen=True, slots=True)
@@ -510,22 +680,30 @@ class Limits:
         requests: RequestRateLimiter | None = None,
         tokens: TokenRateLimiter | None = None,
         throttle: AdaptiveThrottle | None = None,
+        window_s: float = DEFAULT_WINDOW_S,
     ) -> None:
         self.requests = requests
         self.tokens = tokens
         self.throttle = throttle if throttle is not None else AdaptiveThrottle(
             request_rate=requests.rate_per_s if requests is not None else None,
             token_rate=tokens.rate_per_s if tokens is not None else None,
+            window_s=window_s,
         )
 
     @classmethod
     def from_settings(
-        cls, requests_per_minute: float | None = None, tokens_per_minute: float | None = None
+        cls,
+        requests_per_minute: float | None = None,
+        tokens_per_minute: float | None = None,
+        *,
+        window_s: float | None = None,
     ) -> Limits:
-        """Limits for the configured RPM and TPM (``None``: no such limit)."""
+        """Limits for the configured RPM and TPM (``None``: no such limit); the throttle reacts
+        over ``window_s``, by default the service's window (``rate_window_s()``)."""
         return cls(
             requests=RequestRateLimiter(requests_per_minute) if requests_per_minute else None,
             tokens=TokenRateLimiter(tokens_per_minute) if tokens_per_minute else None,
+            window_s=window_s if window_s is not None else rate_window_s(),
         )
 
     def __repr__(self) -> str:
@@ -555,7 +733,7 @@ class Limits:
         Called once per answered attempt (the runner does, failures and 429s included),
         so it also counts the answer for the throttle's estimate of the server's limit.
         """
-        self.throttle.on_answer()
+        self.throttle.on_answer(used)
         if self.tokens is not None and charged > used:
             self.tokens.refund(min(charged, self.tokens.bucket) - max(used, 0))
 

@@ -196,6 +196,11 @@ class Reporter:
                 f"sends the rest: {command}",
                 file=self.stream,
             )
+        elif result.stop_reason == "error_rate":
+            print(
+                f"stopped: {result.stop_detail}; rows not sent stay not done, re-run to continue: {command}",
+                file=self.stream,
+            )
         elif result.stop_reason == "budget":
             print(
                 f"stopped: the budget of {prepared.max_cost} would be exceeded; "

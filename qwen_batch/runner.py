@@ -9,7 +9,7 @@ any instant loses at most ``concurrency`` paid requests (shared/NOTES.md, "Crash
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -32,6 +32,9 @@ STOP_BUDGET = "budget"
 STOP_AUTH = "auth"
 STOP_CONFIGURATION = "configuration"
 STOP_INTERRUPTED = "interrupted"
+STOP_ERROR_RATE = "error_rate"
+# ``execution.max_error_rate`` is judged over this many of the latest finished rows.
+ERROR_WINDOW_ROWS = 200
 
 
 class Backend(Protocol):
@@ -102,6 +105,7 @@ class Runner:
         budget: Budget | None = None,
         clock: Callable[[], float] = time.monotonic,
         drain_timeout_s: float = 5.0,
+        max_error_rate: float | None = None,
     ) -> None:
         self._backend = backend
         self._sink = sink
@@ -121,6 +125,7 @@ class Runner:
         # The answer that stopped the run, for STOP_CONFIGURATION (the caller explains it).
         self.stop_error: ConfigurationRefused | None = None
         self._send_scope: anyio.CancelScope | None = None
+        self._error_rate = _TrailingErrorRate(max_error_rate) if max_error_rate is not None else None
 
     # -- control ---------------------------------------------------------------
 
@@ -333,6 +338,36 @@ class Runner:
             else:
                 c.errors += 1
                 c.errors_by_code[outcome.error_code or "Unknown"] += 1
+        if self._error_rate is not None and self._error_rate.add(outcomes) and not self._stopping:
+            self.request_stop(STOP_ERROR_RATE, self._error_rate.describe())
+
+
+class _TrailingErrorRate:
+    """The share of failed rows among the latest ``ERROR_WINDOW_ROWS`` finished, against a limit."""
+
+    __slots__ = ("limit", "_window", "_failed")
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self._window: deque[bool] = deque(maxlen=ERROR_WINDOW_ROWS)
+        self._failed = 0
+
+    def add(self, outcomes: Sequence[Outcome]) -> bool:
+        """Count a group of finished rows; True when the window is full and over the limit."""
+        window = self._window
+        for outcome in outcomes:
+            failed = outcome.status != "ok"
+            if len(window) == ERROR_WINDOW_ROWS:
+                self._failed -= window[0]
+            window.append(failed)
+            self._failed += failed
+        return len(window) == ERROR_WINDOW_ROWS and self._failed > self.limit * ERROR_WINDOW_ROWS
+
+    def describe(self) -> str:
+        return (
+            f"{self._failed} of the last {ERROR_WINDOW_ROWS} rows failed, more than "
+            f"execution.max_error_rate {self.limit:g}"
+        )
 
 
 class _Feed:

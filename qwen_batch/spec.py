@@ -274,6 +274,8 @@ class ExecutionSpec(BaseModel):
     request_timeout_s: Annotated[float, _in_range(0, MAX_REQUEST_TIMEOUT_S, low_open=True)] = (
         DEFAULT_REQUEST_TIMEOUT_S
     )
+    # Stop early (exit 3) when more than this share of the last ERROR_WINDOW_ROWS rows failed.
+    max_error_rate: Annotated[float, _in_range(0, 1, low_open=True)] | None = None
 
 
 class OutputSpec(BaseModel):

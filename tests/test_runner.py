@@ -12,7 +12,7 @@ from qwen_batch.catalog import Price
 from qwen_batch.errors import AuthError, BadRequest, ServerError
 from qwen_batch.limits import Limits
 from qwen_batch.retry import RetryPolicy
-from qwen_batch.runner import STOP_AUTH, STOP_BUDGET, Runner
+from qwen_batch.runner import STOP_AUTH, STOP_BUDGET, STOP_ERROR_RATE, Runner
 from qwen_batch.types import Outcome, Reply, Request
 
 
@@ -204,3 +204,28 @@ async def test_a_cache_hit_adds_nothing_to_the_billed_tokens() -> None:
     stats = await make_runner(backend, sink, 2).run(iter([[request(0), hit]]))
     assert (stats.input_tokens, stats.output_tokens, stats.cached) == (10, 5, 1)
     assert stats.cache_saved_cost == pytest.approx((10 * 1.0 + 5 * 2.0) / 1000)
+
+
+@pytest.mark.anyio
+async def test_max_error_rate_stops_the_run_once_the_latest_rows_fail_too_often() -> None:
+    """Rows 0-99 succeed, every row from 100 on fails: the window of the latest 200 rows goes
+    over 50% failed at the 201st failed row (row 300); rows after that are not sent."""
+    bad = BadRequest("InvalidParameter", "no", status=400)
+    backend = ScriptedBackend({i: [bad] for i in range(100, 1000)})
+    sink = ListSink()
+    runner = make_runner(backend, sink, 1000, concurrency=1, max_error_rate=0.5)
+    await runner.run(iter([[request(i) for i in range(1000)]]))
+    assert runner.stop_reason == STOP_ERROR_RATE
+    assert runner.stop_detail == "101 of the last 200 rows failed, more than execution.max_error_rate 0.5"
+    assert len(sink.outcomes) == 201 and max(backend.calls) == 200
+
+
+@pytest.mark.anyio
+async def test_max_error_rate_lets_a_run_under_the_limit_finish() -> None:
+    bad = BadRequest("InvalidParameter", "no", status=400)
+    backend = ScriptedBackend({i: [bad] for i in range(0, 1000, 2)})  # exactly half fail
+    sink = ListSink()
+    runner = make_runner(backend, sink, 1000, concurrency=4, max_error_rate=0.5)
+    stats = await runner.run(iter([[request(i) for i in range(1000)]]))
+    assert runner.stop_reason is None
+    assert (stats.rows_done, stats.errors) == (1000, 500)

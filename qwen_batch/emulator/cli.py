@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import math
 import signal
 import socket
 import sys
@@ -32,6 +33,30 @@ FAULT_FLAGS = {
     "malformed": ("malformed", "200 with a body that is not JSON"),
     "truncated": ("truncated", "200 cut short of its Content-Length"),
 }
+
+
+def _numbers(text: str, count: int) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(":"))
+    except ValueError:
+        values = ()
+    if len(values) != count or not all(math.isfinite(value) for value in values):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {count} numbers separated by ':'")
+    return values
+
+
+def _span(text: str) -> tuple[float, float]:
+    start, end = _numbers(text, 2)
+    if end <= start:
+        raise argparse.ArgumentTypeError(f"{text!r}: the end must come after the start")
+    return start, end
+
+
+def _other_load(text: str) -> tuple[float, float, float]:
+    rate, start, end = _numbers(text, 3)
+    if rate <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the rate must be positive")
+    return rate, start, end
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +95,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     faults.add_argument("--tpm", type=whole_number(0), help="input+output tokens per window per model (default: unlimited)")
     faults.add_argument("--rate-window", type=number(0, low_open=True), default=DEFAULT_RATE_WINDOW_S, metavar="SECONDS",
                         help=f"length of the sliding RPM/TPM window (default {DEFAULT_RATE_WINDOW_S:g})")
+    faults.add_argument("--other-load", type=_other_load, metavar="RATE:START:END",
+                        help="other clients of the account: RATE requests/s counted in the same windows "
+                        "from START to END seconds after the first request")
+    faults.add_argument("--outage", type=_span, action="append", default=[], metavar="START:END",
+                        help="answer every generation request 503 from START to END seconds after the "
+                        "first request (repeatable)")
     faults.add_argument("--latency", type=seconds, default=0.0, metavar="SECONDS", help="fixed delay per request (default 0)")
     faults.add_argument("--latency-jitter", type=seconds, default=0.0, metavar="SECONDS",
                         help="extra seeded delay, uniform in [0, SECONDS] (default 0)")
@@ -97,6 +128,8 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         rpm_limit=args.rpm,
         tpm_limit=args.tpm,
         rate_window_s=args.rate_window,
+        other_load=args.other_load or (),
+        outages=tuple(args.outage),
         latency_s=args.latency,
         latency_jitter_s=args.latency_jitter,
         latency_per_token_s=args.latency_per_token,

@@ -79,7 +79,13 @@ class EmulatorConfig:
     Faults (all off by default; reproducible from ``fault_seed``)
       faults: probabilities per attempt; retry_after: seconds sent in ``Retry-After`` with
       injected or limit 429s (``None``: no header, as the real service).
-      rpm_limit, tpm_limit, rate_window_s: sliding-window limits per model.
+      rpm_limit, tpm_limit, rate_window_s: sliding-window limits per model (per account: every
+        key counts, reference section 8.3).
+      other_load: (requests per second, start_s, end_s): other clients of the same account
+        using the same model's limits between those times (seconds since the first
+        generation request), admitted while the window has room; () for none.
+      outages: (start_s, end_s) spans (seconds since the first generation request) in which
+        every generation attempt is answered 503 ModelUnavailable.
       latency_s, latency_jitter_s, latency_per_token_s: added delay.
       directives: obey ``[[emu: ...]]`` directives in prompts.
     Records
@@ -102,6 +108,8 @@ class EmulatorConfig:
     rpm_limit: int | None = None
     tpm_limit: int | None = None
     rate_window_s: float = DEFAULT_RATE_WINDOW_S
+    other_load: tuple[float, float, float] | tuple[()] = ()
+    outages: tuple[tuple[float, float], ...] = ()
     latency_s: float = 0.0
     latency_jitter_s: float = 0.0
     latency_per_token_s: float = 0.0
@@ -120,6 +128,10 @@ class EmulatorConfig:
             raise ValueError("rate_window_s must be positive")
         if self.stream_chunk_tokens < 1 or self.reply_median_tokens < 1 or self.reply_max_tokens < 1:
             raise ValueError("stream_chunk_tokens, reply_median_tokens and reply_max_tokens must be >= 1")
+        if self.other_load and (len(self.other_load) != 3 or self.other_load[0] <= 0):
+            raise ValueError("other_load must be (requests per second > 0, start_s, end_s)")
+        if any(end <= start for start, end in self.outages):
+            raise ValueError("every outage must end after it starts")
         for name in ("latency_s", "latency_jitter_s", "latency_per_token_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")

@@ -31,7 +31,7 @@ from aiohttp import web
 from .. import tokens
 from ..wire import API_PREFIX, COMPATIBLE_PATH, NATIVE_PATH, REQUEST_ID_HEADER, SSE_HEADER
 from .config import EmulatorConfig
-from .faults import DirectiveError, Fault, Script, decide, read_script, unit
+from .faults import DirectiveError, Fault, Script, decide, error_fault, read_script, unit
 from .generate import Generation, generate
 from .ledger import Ledger
 from .limits import WindowLimiter
@@ -79,7 +79,10 @@ class Emulator:
         self.config = config or EmulatorConfig()
         self.catalog = self.config.catalog()
         self.ledger = Ledger(self.config.ledger_path)
-        self.limiter = WindowLimiter(self.config.rpm_limit, self.config.tpm_limit, self.config.rate_window_s)
+        self.limiter = WindowLimiter(
+            self.config.rpm_limit, self.config.tpm_limit, self.config.rate_window_s, other_load=self.config.other_load
+        )
+        self._first_request: float | None = None  # the clock of outages
         self._attempts: dict[str, int] = {}
         # Every generation body that parsed as JSON, in arrival order (for tests).
         self.received: list[dict[str, Any]] = []
@@ -161,6 +164,13 @@ class Emulator:
         self._attempts[sha] = attempt
         return attempt
 
+    def _in_outage(self) -> bool:
+        now = time.monotonic()
+        if self._first_request is None:
+            self._first_request = now
+        elapsed = now - self._first_request
+        return any(start <= elapsed < end for start, end in self.config.outages)
+
     def _plan(self, chat: ChatRequest, record: _Record) -> tuple[Script, int, Fault | None]:
         """Directives, attempt number and the fault of this attempt."""
         script = Script()
@@ -169,6 +179,8 @@ class Emulator:
                 script = read_script([m["content"] for m in chat.messages])
             except DirectiveError as exc:
                 raise invalid(str(exc)) from None
+        if self.config.outages and self._in_outage():
+            return script, 0, error_fault("ModelUnavailable")
         if not script.directives and not self._random_faults:
             return script, 0, None
         attempt = self._attempt(record.sha)

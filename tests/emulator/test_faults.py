@@ -212,3 +212,40 @@ async def test_open_emulator_shuts_down_promptly_with_a_hung_request() -> None:
                 group.cancel_scope.cancel()
     assert time.monotonic() - started < 5
     assert emu.ledger[-1]["fault"] == "hang"
+
+
+def test_other_clients_of_the_account_use_the_same_window() -> None:
+    """Another client at 1 request/s from 0 to 5 s fills 5 of 6 slots of a 10 s window."""
+    now = [0.0]
+    limiter = WindowLimiter(rpm=6, tpm=None, window_s=10, clock=lambda: now[0], other_load=(1.0, 0.0, 5.0))
+    assert limiter.admit("m", 1) is None  # t=0: the other client's first request, then ours
+    now[0] = 5.0
+    assert limiter.admit("m", 1) == "Throttling.RateQuota"  # 6 others + ours = full
+    assert limiter.other_admitted == 5
+    now[0] = 10.5  # the other client stopped at 5 s; its first requests left the window
+    assert limiter.admit("m", 1) is None
+    assert limiter.other_admitted == 5
+
+
+def test_an_outage_answers_every_request_503_for_its_span(start_emulator: Any) -> None:
+    emu = start_emulator(outages=((0.3, 0.8),))
+    started = time.monotonic()
+    assert native(emu, prompt_body("first")).status_code == 200  # starts the outage clock
+    statuses: list[tuple[float, int]] = []
+    while time.monotonic() < started + 3 and not (statuses and statuses[-1][1] == 200 and 503 in dict(statuses).values()):
+        response = native(emu, prompt_body(f"poll {len(statuses)}"))
+        statuses.append((time.monotonic() - started, response.status_code))
+    failed = [t for t, status in statuses if status == 503]
+    assert failed and statuses[-1][1] == 200
+    assert min(failed) >= 0.3 and max(failed) <= 0.8 + 0.2  # the span, plus one request's time
+    codes = [status for _, status in statuses]
+    first, last = codes.index(503), len(codes) - 1 - codes[::-1].index(503)
+    assert set(codes[first:last + 1]) == {503}  # one unbroken span
+    assert "ModelUnavailable" in {entry["fault"] for entry in emu.ledger}
+
+
+def test_outage_and_other_load_settings_are_checked() -> None:
+    with pytest.raises(ValueError):
+        EmulatorConfig(outages=((2.0, 1.0),))
+    with pytest.raises(ValueError):
+        EmulatorConfig(other_load=(0.0, 1.0, 2.0))
