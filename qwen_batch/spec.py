@@ -57,7 +57,7 @@ MAX_REQUEST_TIMEOUT_S = 3600.0
 DEFAULT_OUTPUT_DIR = "out"
 DEFAULT_OUTPUT_SUFFIX = ".parquet"
 DEFAULT_CURRENCY = "CNY"
-DEFAULT_OVER_LONG = "fail"
+DEFAULT_OVER_LONG: OverLong = "fail"
 PRICING_SOURCE = "job spec"
 LOOPBACK_NAMES = frozenset({"localhost"})
 
@@ -79,7 +79,7 @@ _CONFIG = ConfigDict(
 # --- range checks with the messages users read ------------------------------------------
 
 
-def _fmt(value: float) -> str:
+def _fmt(value: int | float) -> str:  # `int` spelt out, as the isinstance below tells them apart
     return _SHORT.repr(int(value) if isinstance(value, float) and value.is_integer() else value)
 
 
@@ -91,11 +91,13 @@ def _in_range(
         text = f"{'(' if low_open else '['}{_fmt(low)}, {_fmt(high)}{')' if high_open else ']'}"
     elif low is not None:
         text = f"{'>' if low_open else '>='} {_fmt(low)}"
+    elif high is not None:
+        text = f"{'<' if high_open else '<='} {_fmt(high)}"
     else:
-        text = f"{'<' if high_open else '<='} {_fmt(high)}"  # type: ignore[arg-type]
+        raise TypeError("a range needs a low or a high bound")
     phrase = f"must be in {text}" if low is not None and high is not None else f"must be {text}"
 
-    def check(value: float) -> float:
+    def check(value: int | float) -> int | float:
         if isinstance(value, float) and not math.isfinite(value):  # YAML's .nan and .inf
             raise PydanticCustomError("not_finite", "must be a finite number, got {got}", {"got": _fmt(value)})
         too_low = low is not None and (value <= low if low_open else value < low)
@@ -107,7 +109,7 @@ def _in_range(
     return AfterValidator(check)
 
 
-def _check_stop(value: Any) -> StopValue:
+def _check_stop(value: Any) -> StopValue | None:
     """DashScope's rule: a str, or a non-empty list whose elements are all str, all int, or all list[int]."""
 
     def is_int(x: Any) -> bool:
