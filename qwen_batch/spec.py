@@ -37,7 +37,7 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from .catalog import Catalog, ModelInfo, Price
 from .errors import ConfigError, SpecError
@@ -626,7 +626,7 @@ def describe_validation_error(exc: ValidationError) -> str:
     return line
 
 
-def _describe(error: Any) -> str:
+def _describe(error: ErrorDetails) -> str:
     raw = error["loc"]
     # The offending key of an unknown-key error is the user's text, whatever it looks like.
     loc = _clean_loc(raw[:-1]) + (str(raw[-1]),) if error["type"] == "extra_forbidden" and raw else _clean_loc(raw)
@@ -660,7 +660,7 @@ def _describe(error: Any) -> str:
     return f"{prefix}{msg}"
 
 
-def _clean_loc(loc: tuple[Any, ...]) -> tuple[str, ...]:
+def _clean_loc(loc: tuple[int | str, ...]) -> tuple[str, ...]:
     """Drop pydantic's union/validator branch names so the path reads like the YAML keys."""
     out: list[str] = []
     for part in loc:
@@ -676,7 +676,7 @@ def _clean_loc(loc: tuple[Any, ...]) -> tuple[str, ...]:
 _BRANCH_LABELS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "is-instance[Path]"})
 
 
-def _show(value: Any) -> str:
+def _show(value: object) -> str:
     """A value as an error message quotes it: bounded, however large (or aliased) it is."""
     if isinstance(value, (dict, list)):
         return type(value).__name__
@@ -688,7 +688,7 @@ def _quoted(text: str) -> str:
     return _SHORT.repr(text)
 
 
-def _model_of(annotation: Any) -> type[BaseModel] | None:
+def _model_of(annotation: object) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     if typing.get_origin(annotation) in (Union, types.UnionType):
