@@ -79,7 +79,7 @@ _CONFIG = ConfigDict(
 # --- range checks with the messages users read ------------------------------------------
 
 
-def _fmt(value: int | float) -> str:  # `int` spelt out, as the isinstance below tells them apart
+def _fmt(value: int | float) -> str:  # with `float` alone mypy takes the isinstance below as always true
     return _SHORT.repr(int(value) if isinstance(value, float) and value.is_integer() else value)
 
 
