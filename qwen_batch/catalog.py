@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 CATALOG_PATH = Path(__file__).with_name("data") / "models.json"
 CURRENCY = "CNY"
@@ -77,21 +77,52 @@ class ModelInfo:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-def model_from_dict(name: str, data: Mapping[str, Any]) -> ModelInfo:
+# The JSON shape of one model in ``data/models.json``; a key left out is unknown.
+class _TierJson(TypedDict):
+    up_to_input_tokens: NotRequired[int | None]
+    input: float
+    output: float
+
+
+class _PriceJson(TypedDict):
+    tiers: list[_TierJson]
+    currency: NotRequired[str]
+    source: NotRequired[str]
+
+
+class _RateLimitsJson(TypedDict, total=False):
+    requests_per_minute: int | None
+    tokens_per_minute: int | None
+    source: str
+
+
+class ModelJson(TypedDict, total=False):
+    context_tokens: int | None
+    max_input_tokens: int | None
+    max_output_tokens: int | None
+    default_max_tokens: int | None
+    default_result_format: str
+    limits_source: str
+    price: _PriceJson | None
+    rate_limits: _RateLimitsJson | None
+
+
+def model_from_dict(name: str, data: ModelJson) -> ModelInfo:
     """Build a ModelInfo from the JSON shape of ``data/models.json`` (missing keys are unknown)."""
     price = None
-    if data.get("price"):
+    price_data = data.get("price")
+    if price_data:
         price = Price(
             tiers=tuple(
                 PriceTier(t.get("up_to_input_tokens"), float(t["input"]), float(t["output"]))
-                for t in data["price"]["tiers"]
+                for t in price_data["tiers"]
             ),
-            currency=data["price"].get("currency", CURRENCY),
-            source=data["price"].get("source", ""),
+            currency=price_data.get("currency", CURRENCY),
+            source=price_data.get("source", ""),
         )
     limits = None
-    if data.get("rate_limits"):
-        raw = data["rate_limits"]
+    raw = data.get("rate_limits")
+    if raw:
         limits = RateLimits(raw.get("requests_per_minute"), raw.get("tokens_per_minute"), raw.get("source", ""))
     return ModelInfo(
         name=name,

@@ -185,6 +185,8 @@ def job_paths(
     output_label = f"--output {os.fspath(output)}" if output is not None else "output.path"
     where = f"{spec.where}: " if output is None else ""
     out = output_override(output, spec.name or "output", error) if output is not None else spec.output.path
+    if out is None:  # only a spec built in code lacks it: load_spec fills the default
+        raise error(f"{where}output.path is not set; give output.path or --output")
     paths = JobPaths(job=spec.path, input=spec.input.path, output=out, cache=cache)
     read = [_place("the job file", paths.job, error)] if paths.job is not None else []
     read.append(_place("the input file", paths.input, error))

@@ -74,6 +74,7 @@ class _BackoffWait(wait_base):
 
     def delay(self, attempt: int, error: BaseException | None) -> float:
         """The wait after failed attempt ``attempt`` (1-based) that raised ``error``."""
+        # A bare state: the jitter reads only its attempt number, so no Retrying object is needed.
         state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]
         state.attempt_number = attempt
         delay = self._jitter(state)
@@ -115,7 +116,7 @@ async def call_with_retries(
         try:
             return await fn()
         except BackendError as error:
-            error.attempts = attempt  # type: ignore[attr-defined]
+            error.attempts = attempt
             if on_error is not None:
                 on_error(error, attempt)
             raise
@@ -138,5 +139,5 @@ async def call_with_retries(
         retry=_RETRY_ON,
         reraise=True,
     )
-    result = await retrying(attempt_once)
+    result: T = await retrying(attempt_once)  # tenacity does not tie its result type to fn's
     return result, attempt

@@ -37,7 +37,7 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from .catalog import Catalog, ModelInfo, Price
 from .errors import ConfigError, SpecError
@@ -57,7 +57,7 @@ MAX_REQUEST_TIMEOUT_S = 3600.0
 DEFAULT_OUTPUT_DIR = "out"
 DEFAULT_OUTPUT_SUFFIX = ".parquet"
 DEFAULT_CURRENCY = "CNY"
-DEFAULT_OVER_LONG = "fail"
+DEFAULT_OVER_LONG: OverLong = "fail"
 PRICING_SOURCE = "job spec"
 LOOPBACK_NAMES = frozenset({"localhost"})
 
@@ -79,7 +79,7 @@ _CONFIG = ConfigDict(
 # --- range checks with the messages users read ------------------------------------------
 
 
-def _fmt(value: float) -> str:
+def _fmt(value: int | float) -> str:  # with `float` alone mypy takes the isinstance below as always true
     return _SHORT.repr(int(value) if isinstance(value, float) and value.is_integer() else value)
 
 
@@ -91,11 +91,13 @@ def _in_range(
         text = f"{'(' if low_open else '['}{_fmt(low)}, {_fmt(high)}{')' if high_open else ']'}"
     elif low is not None:
         text = f"{'>' if low_open else '>='} {_fmt(low)}"
+    elif high is not None:
+        text = f"{'<' if high_open else '<='} {_fmt(high)}"
     else:
-        text = f"{'<' if high_open else '<='} {_fmt(high)}"  # type: ignore[arg-type]
+        raise TypeError("a range needs a low or a high bound")
     phrase = f"must be in {text}" if low is not None and high is not None else f"must be {text}"
 
-    def check(value: float) -> float:
+    def check(value: int | float) -> int | float:
         if isinstance(value, float) and not math.isfinite(value):  # YAML's .nan and .inf
             raise PydanticCustomError("not_finite", "must be a finite number, got {got}", {"got": _fmt(value)})
         too_low = low is not None and (value <= low if low_open else value < low)
@@ -107,7 +109,7 @@ def _in_range(
     return AfterValidator(check)
 
 
-def _check_stop(value: Any) -> StopValue:
+def _check_stop(value: Any) -> StopValue | None:
     """DashScope's rule: a str, or a non-empty list whose elements are all str, all int, or all list[int]."""
 
     def is_int(x: Any) -> bool:
@@ -626,7 +628,7 @@ def describe_validation_error(exc: ValidationError) -> str:
     return line
 
 
-def _describe(error: Any) -> str:
+def _describe(error: ErrorDetails) -> str:
     raw = error["loc"]
     # The offending key of an unknown-key error is the user's text, whatever it looks like.
     loc = _clean_loc(raw[:-1]) + (str(raw[-1]),) if error["type"] == "extra_forbidden" and raw else _clean_loc(raw)
@@ -660,7 +662,7 @@ def _describe(error: Any) -> str:
     return f"{prefix}{msg}"
 
 
-def _clean_loc(loc: tuple[Any, ...]) -> tuple[str, ...]:
+def _clean_loc(loc: tuple[int | str, ...]) -> tuple[str, ...]:
     """Drop pydantic's union/validator branch names so the path reads like the YAML keys."""
     out: list[str] = []
     for part in loc:
@@ -676,7 +678,7 @@ def _clean_loc(loc: tuple[Any, ...]) -> tuple[str, ...]:
 _BRANCH_LABELS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "is-instance[Path]"})
 
 
-def _show(value: Any) -> str:
+def _show(value: object) -> str:
     """A value as an error message quotes it: bounded, however large (or aliased) it is."""
     if isinstance(value, (dict, list)):
         return type(value).__name__
@@ -688,7 +690,7 @@ def _quoted(text: str) -> str:
     return _SHORT.repr(text)
 
 
-def _model_of(annotation: Any) -> type[BaseModel] | None:
+def _model_of(annotation: object) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     if typing.get_origin(annotation) in (Union, types.UnionType):

@@ -37,7 +37,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import polars as pl
 
@@ -293,6 +293,7 @@ class JsonNumber(float):
     """
 
     __slots__ = ("text",)
+    text: str
 
     def __new__(cls, text: str) -> JsonNumber:
         number = super().__new__(cls, text)
@@ -307,7 +308,7 @@ class _LineProblem(ValueError):
     """Internal: what is wrong with one JSONL line, and the fix."""
 
 
-def _no_constants(name: str) -> Any:
+def _no_constants(name: str) -> NoReturn:
     raise _LineProblem(f"{name} is not JSON; write null, or the value as a string")
 
 
@@ -315,8 +316,10 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     row = dict(pairs)
     if len(row) != len(pairs):
         seen: set[str] = set()
-        twice = next(key for key, _ in pairs if key in seen or seen.add(key))  # type: ignore[func-returns-value]
-        raise _LineProblem(f"key {twice!r} appears twice in one object; remove one")
+        for key, _ in pairs:
+            if key in seen:
+                raise _LineProblem(f"key {key!r} appears twice in one object; remove one")
+            seen.add(key)
     return row
 
 
@@ -377,12 +380,15 @@ def _json_problem(raw: bytes) -> str:
     return "not valid JSON; fix the line, one JSON object per line"
 
 
-def _json_kind(value: Any) -> str:
+_JSON_KINDS: dict[type, str] = {str: "a string", list: "an array"}  # the rest are numbers
+
+
+def _json_kind(value: object) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    return {str: "a string", list: "an array"}.get(type(value), "a number")
+    return _JSON_KINDS.get(type(value), "a number")
 
 
 def _check_jsonl_lines(path: Path, decoder: json.JSONDecoder = _DECODER) -> None:

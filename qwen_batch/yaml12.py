@@ -15,10 +15,11 @@ refused after at most ``MAX_NODES`` values, in memory bounded by the file itself
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import yaml
-from yaml.events import AliasEvent
+from yaml.events import AliasEvent, Event, NodeEvent
 from yaml.nodes import MappingNode, Node, ScalarNode
 
 MAX_NODES = 100_000  # values in the expanded document; a job file has a few dozen
@@ -80,21 +81,25 @@ def load_yaml(text: str) -> Any:
         loader.dispose()
 
 
-def _line(node_or_event: Any) -> int:
-    return node_or_event.start_mark.line + 1
+def _line(at: Node | Event) -> int:
+    mark = at.start_mark
+    assert mark is not None, "the parser marks every event and node it makes"
+    return mark.line + 1
 
 
 def _shown(text: str) -> str:
     return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
 
 
-def _yaml11_reading(text: str) -> Any:
+def _yaml11_reading(text: str) -> object:
     """What PyYAML's YAML 1.1 rules make of the plain value ``text``."""
     if text in _BOOL11_TRUE or text in _BOOL11_FALSE:
         return text in _BOOL11_TRUE
     loader = yaml.SafeLoader("")
     try:
-        return loader.construct_object(ScalarNode(loader.resolve(ScalarNode, text, (True, False)), text))
+        # types-PyYAML leaves BaseResolver.resolve unannotated; it returns the tag (a str).
+        tag: str = loader.resolve(ScalarNode, text, (True, False))  # type: ignore[no-untyped-call]
+        return loader.construct_object(ScalarNode(tag, text))
     except ValueError:  # more digits than int() converts
         return text
     finally:
@@ -133,9 +138,12 @@ def _core_tag(text: str) -> str:
     return next((tag for tag, pattern in _CORE_PATTERNS.items() if pattern.match(text)), STR_TAG)
 
 
-def _checked(construct: Any, what: str) -> Any:
+_ScalarConstructor = Callable[[yaml.SafeLoader, ScalarNode], object]
+
+
+def _checked(construct: _ScalarConstructor, what: str) -> _ScalarConstructor:
     """A core-schema constructor that refuses, with the line, a value its tag cannot hold."""
-    def constructor(loader: Yaml12Loader, node: ScalarNode) -> Any:
+    def constructor(loader: yaml.SafeLoader, node: ScalarNode) -> object:
         value = loader.construct_scalar(node)
         if not _CORE_PATTERNS[node.tag].match(value):
             raise YamlRefused(_line(node), f"{_short_tag(node.tag)} {_shown(value)!r} is not {what}; "
@@ -150,7 +158,7 @@ def _short_tag(tag: str) -> str:
     return _shown(tag.replace("tag:yaml.org,2002:", "!!"))
 
 
-def _unsupported_tag(loader: Yaml12Loader, node: Node) -> Any:
+def _unsupported_tag(loader: Yaml12Loader, node: Node) -> NoReturn:
     raise YamlRefused(_line(node), f"the tag {_short_tag(node.tag)} is not used in job files; remove it")
 
 
@@ -165,13 +173,16 @@ class Yaml12Loader(yaml.SafeLoader):
         self._depth = 0
         self._anchored_sizes: dict[int, int] = {}  # id(anchored node) -> its expanded size, once complete
 
-    def compose_node(self, parent: Node | None, index: Any) -> Node:
-        event = self.peek_event()
+    # PyYAML passes a sequence item's position, a mapping value's key node, or None for a key;
+    # types-PyYAML says `index: int`, so the two calls of the base method below are told so.
+    def compose_node(self, parent: Node | None, index: Node | int | None) -> Node | None:
+        # A node starts with a node event (alias, scalar, sequence or mapping start).
+        event: NodeEvent = self.peek_event()  # type: ignore[no-untyped-call]  # unannotated in types-PyYAML
         if isinstance(event, AliasEvent):
-            node = super().compose_node(parent, index)
+            node = super().compose_node(parent, index)  # type: ignore[arg-type]  # see above
             size = self._anchored_sizes.get(id(node))
             if size is None:
-                raise YamlRefused(_line(event), f"alias *{_shown(event.anchor)} is used inside its own anchor; "
+                raise YamlRefused(_line(event), f"alias *{_shown(event.anchor or '')} is used inside its own anchor; "
                                                 "a value cannot contain itself")
             self._count(size, event)
             return node
@@ -182,7 +193,7 @@ class Yaml12Loader(yaml.SafeLoader):
                                             "a job file needs only a few levels")
         before = self._values
         try:
-            node = super().compose_node(parent, index)
+            node = super().compose_node(parent, index)  # type: ignore[arg-type]  # see above
         finally:
             self._depth -= 1
         if event.anchor is not None:
@@ -198,7 +209,7 @@ class Yaml12Loader(yaml.SafeLoader):
                 node.tag = _core_tag(node.value)
         return node
 
-    def _count(self, values: int, event: Any) -> None:
+    def _count(self, values: int, event: Event) -> None:
         self._values += values
         if self._values > MAX_NODES:
             raise YamlRefused(_line(event), f"the document expands to more than {MAX_NODES:,} values "

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from qwen_batch.catalog import builtin
 from qwen_batch.errors import ConfigError, SpecError
+from qwen_batch.paths import job_paths
 from qwen_batch.spec import (
     DEFAULT_CONCURRENCY,
     DEFAULT_MAX_RETRIES,
@@ -326,6 +327,16 @@ def test_templates_are_parsed_into_literals_and_columns() -> None:
     spec = JobSpec.model_validate(with_changes({"prompt.template": "{a}{b}{a}"}))
     assert spec.prompt.template_columns == ["a", "b"]
     assert spec.prompt.columns == ["a", "b"]
+
+
+def test_a_spec_built_in_code_without_an_output_path_needs_one_given(tmp_path: Path) -> None:
+    """load_spec fills output.path; a spec built in code has none, so job_paths asks for it by name."""
+    data = with_changes({"input.path": str(tmp_path / "in.csv")})
+    spec = JobSpec.model_validate(data)
+    with pytest.raises(ConfigError) as refused:
+        job_paths(spec)
+    assert str(refused.value) == "job spec: output.path is not set; give output.path or --output"
+    assert job_paths(spec, tmp_path / "out.parquet").output == tmp_path / "out.parquet"
 
 
 # --- property: load_spec raises only SpecError on anything a YAML file can hold ---------------
