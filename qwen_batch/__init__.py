@@ -19,14 +19,13 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, InputError, QwenBatchError, SpecError, StorageError, UsageError
+from .version import __version__
 
 if TYPE_CHECKING:
     from .executors import Executor
     from .executors.online import OnlineExecutor
     from .plan import JobPlan
     from .result import JobResult
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",

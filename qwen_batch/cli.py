@@ -254,7 +254,7 @@ def _version() -> str:
     try:
         return metadata.version("qwen-batch")
     except metadata.PackageNotFoundError:
-        from . import __version__
+        from .version import __version__
 
         return __version__
 

@@ -95,7 +95,7 @@ INPUT_IDENTITY_FILE = "input.json"
 
 def input_identity(input_path: Path) -> dict[str, Any]:
     """What the finished rows of a checkpoint were rendered from: the input's bytes and qwen-batch."""
-    from . import __version__
+    from .version import __version__
 
     try:
         with input_path.open("rb") as handle:
