@@ -131,7 +131,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from .cache import EMULATOR_SERVICE, ResponseCache, ServiceCache, default_cache_path
     from .endpoint import configured_base_url
     from .estimate import build_estimate
-    from .job import checkpoint_status, prepare
+    from .job import prepare
+    from .status import checkpoint_status
     from .plan import JobOptions
     from .spec import load_spec
 
@@ -172,7 +173,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     example: qwen-batch status jobs/translate.yaml
     """
-    from .job import job_status
+    from .status import job_status
     from .plan import JobOptions
 
     status = job_status(Path(args.job), JobOptions(output=args.output))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,12 +19,11 @@ import anyio
 
 from . import catalog as catalog_module
 from .cache import ResponseCache, ServiceCache, default_cache_path
-from .checkpoint import Checkpoint, CheckpointSummary, manifest_changes, set_aside
+from .checkpoint import Checkpoint, set_aside
 from .endpoint import base_url_key, configured_base_url
 from .errors import InputError, QwenBatchError
 from .output import check_input_columns
-from .paths import JobPaths, job_paths
-from .plan import JobOptions, JobPlan
+from .plan import JobOptions, JobPlan, checked_paths
 from .preflight import PreflightReport, rendered, run_preflight
 from .render import Renderer
 from .result import JobResult
@@ -128,17 +126,6 @@ def prepare(
         warnings=warnings,
         cache_path=paths.cache,
     )
-
-
-def checked_paths(spec: JobSpec, options: JobOptions) -> JobPaths:
-    """The job's paths with the command line's choices (``--output``, the cache), checked as a set."""
-    cache = None
-    label = "cache.path"
-    if spec.cache.enabled and not options.no_cache:
-        cache = spec.cache.path
-        if cache is None:
-            cache, label = default_cache_path(), "the response cache"
-    return job_paths(spec, options.output, cache=cache, cache_label=label)
 
 
 def _prompt_source(spec: JobSpec) -> str:
@@ -262,55 +249,3 @@ def sole_error(group: BaseExceptionGroup) -> BaseException:
             leaves.append(error)
     ours = [leaf for leaf in leaves if isinstance(leaf, QwenBatchError)]
     return ours[0] if ours and len(ours) == len(leaves) else group
-
-
-def checkpoint_status(plan: JobPlan) -> CheckpointSummary | None:
-    """What the job's checkpoint holds, or None before the first run."""
-    if not plan.checkpoint_dir.exists():
-        return None
-    with Checkpoint.open_readonly(plan.checkpoint_dir) as checkpoint:
-        return checkpoint.summary()
-
-
-@dataclass(frozen=True)
-class JobStatus:
-    """How far a job got, for ``qwen-batch status``."""
-
-    name: str
-    rows: int
-    output_path: Path
-    output_written: bool
-    done: CheckpointSummary | None
-    currency: str
-    spec_changed: list[str]
-
-    @property
-    def remaining(self) -> int:
-        done = self.done.rows_done if self.done else 0
-        return max(self.rows - done, 0)
-
-
-def job_status(spec_path: Path, options: JobOptions) -> JobStatus:
-    """Read the spec, the table's size and the checkpoint; send and change nothing."""
-    spec = load_spec(spec_path)
-    model_info = resolve_model(spec, catalog_module.builtin())
-    price = price_for(spec, model_info)
-    output_path = checked_paths(spec, options).output
-    table = open_table(spec)
-    checkpoint_dir = checkpoint_dir_for(output_path)
-    done, changed = None, []
-    if checkpoint_dir.exists():
-        with Checkpoint.open_readonly(checkpoint_dir) as checkpoint:
-            done = checkpoint.summary()
-            # A checkpoint with no rows is taken over by a changed job (Checkpoint.open).
-            if done.rows_done:
-                changed = manifest_changes(checkpoint.manifest, request_manifest(spec, Renderer(spec, model_info)))
-    return JobStatus(
-        name=spec.name,
-        rows=table.num_rows,
-        output_path=output_path,
-        output_written=output_path.exists(),
-        done=done,
-        currency=price.currency if price else catalog_module.CURRENCY,
-        spec_changed=changed,
-    )

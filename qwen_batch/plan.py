@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .cache import default_cache_path
+from .paths import JobPaths, job_paths
+
 if TYPE_CHECKING:
     from .catalog import ModelInfo, Price
     from .preflight import PreflightReport
@@ -33,6 +36,18 @@ class JobOptions:
     retry_errors: bool = False
     no_cache: bool = False
     max_cost: float | None = None
+
+
+def checked_paths(spec: JobSpec, options: JobOptions) -> JobPaths:
+    """The job's paths with the command line's choices (``--output``, the cache), checked as a set."""
+    cache = None
+    label = "cache.path"
+    if spec.cache.enabled and not options.no_cache:
+        cache = spec.cache.path
+        if cache is None:
+            cache, label = default_cache_path(), "the response cache"
+    return job_paths(spec, options.output, cache=cache, cache_label=label)
+
 
 
 @dataclass
