@@ -14,11 +14,13 @@ no run-time import error would ever have shown.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "qwen_batch"
+README = PACKAGE.parent / "README.md"
 
 # What the emulator may use of the package: wire shapes and pure, shared pieces (data,
 # counting, the error tree, argument parsing), never the client it is there to test.
@@ -166,3 +168,31 @@ def test_nothing_below_the_public_api_imports_the_package_itself(graph: dict[str
     """``qwen_batch/__init__.py`` is the top (it reaches ``job``): a module needing the version imports ``version``."""
     importers = {name for name, targets in graph.items() if "qwen_batch" in targets}
     assert importers == set()
+
+
+def _layout_rows() -> list[str]:
+    """The first column of README's Layout table: ``name.py`` or ``package/``, in order."""
+    section = README.read_text(encoding="utf-8").split("### Layout", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^\| `([^`]+)` \|", section, flags=re.MULTILINE)
+
+
+def _layout_entry(module: str) -> str:
+    """A module's row in the Layout table: its file, or the subpackage it belongs to."""
+    parts = module.split(".")[1:]
+    if not parts:
+        return "__init__.py"
+    return f"{parts[0]}/" if (PACKAGE / parts[0]).is_dir() else f"{parts[0]}.py"
+
+
+def test_the_readme_layout_lists_every_module_once_in_import_order(graph: dict[str, set[str]]) -> None:
+    rows = _layout_rows()
+    assert len(rows) == len(set(rows))
+    assert set(rows) == {_layout_entry(name) for name in graph}
+    position = {row: index for index, row in enumerate(rows)}
+    upward = sorted(
+        f"{name} -> {target}"
+        for name, targets in graph.items()
+        for target in targets
+        if position[_layout_entry(target)] > position[_layout_entry(name)]
+    )
+    assert upward == [], "README's Layout table must list a module after every module it imports"
