@@ -10,7 +10,7 @@ is on disk. Stopping on a signal is the caller's (the CLI's) business, through `
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,7 +36,8 @@ from .work import BATCH_ROWS, CheckpointAndCacheSink, work_items
 if TYPE_CHECKING:
     from .executors import Execution, Executor
 
-Watcher = Callable[["Execution"], Awaitable[None]]
+# Started beside a running execution, cancelled when it ends (the CLI's signal handler is one).
+Watcher = Callable[["Execution"], Coroutine[Any, Any, None]]
 
 
 def prepare(

@@ -28,7 +28,12 @@ from typing import Protocol
 from .errors import ConfigError, UsageError
 
 
-class _Section(Protocol):
+class _Input(Protocol):
+    @property
+    def path(self) -> Path: ...
+
+
+class _Output(Protocol):
     @property
     def path(self) -> Path | None: ...
 
@@ -43,9 +48,9 @@ class _Job(Protocol):
     @property
     def name(self) -> str | None: ...
     @property
-    def input(self) -> _Section: ...
+    def input(self) -> _Input: ...
     @property
-    def output(self) -> _Section: ...
+    def output(self) -> _Output: ...
 
 SPEC_MAX_BYTES = 10 * 1024 * 1024  # a job spec is a page of YAML; anything larger is a mistake
 OUTPUT_SUFFIX = ".parquet"

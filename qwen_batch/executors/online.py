@@ -17,6 +17,7 @@ from ..endpoint import base_url_key, configured_base_url, resolve_api
 from ..runner import Runner
 
 if TYPE_CHECKING:
+    from ..backends import DashScopeBackend
     from ..errors import ConfigurationRefused
     from ..plan import JobPlan
     from ..runner import Backend, OutcomeSink, RunStatistics, WorkItem
@@ -67,7 +68,7 @@ async def _endpoint(plan: JobPlan, stack: AsyncExitStack) -> tuple[str, str]:
     return resolve_api(plan.spec)
 
 
-def _dashscope_backend(plan: JobPlan, base_url: str, api_key: str) -> Backend:
+def _dashscope_backend(plan: JobPlan, base_url: str, api_key: str) -> DashScopeBackend:
     from ..backends import DashScopeBackend
 
     return DashScopeBackend(
