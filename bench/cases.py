@@ -273,31 +273,19 @@ def startup(rows: int = 1_000_000, runs: int = 3, concurrency: int = 64) -> Resu
 
 
 def _build_checkpoint(job: Path, rows_done: int) -> Path:
-    """A checkpoint for ``job`` with rows ``0 .. rows_done-1`` done (ok), as a killed run leaves it."""
-    from qwen_batch import catalog
-    from qwen_batch.checkpoint import Checkpoint
-    from qwen_batch.resume import checkpoint_dir_for, input_identity, record_input_identity, request_manifest
-    from qwen_batch.preflight import rendered
-    from qwen_batch.render import Renderer
-    from qwen_batch.spec import load_spec, resolve_model
-    from qwen_batch.table import open_table
-    from qwen_batch.types import Outcome
+    """A checkpoint for ``job`` with rows ``0 .. rows_done-1`` done (ok), as a killed run leaves it.
 
-    spec = load_spec(job)
-    renderer = Renderer(spec, resolve_model(spec, catalog.builtin()))
-    directory = checkpoint_dir_for(spec.output.path.resolve())
-    table = open_table(spec)
-    with Checkpoint.open(directory, request_manifest(spec, renderer)) as checkpoint:
-        for batch in rendered(renderer, table.iter_batches(batch_size=20_000, limit=rows_done)):
-            checkpoint.append([
-                Outcome(index=r.index, fingerprint=r.fingerprint, status="ok", request_id=f"req-{r.index}",
-                        output_text="A short reply.", finish_reason="stop", input_tokens=r.input_tokens,
-                        output_tokens=4, cost=0.0, attempts=1, latency_s=0.01)
-                for r in batch
-            ])
-    # As a real run does at its start: what the finished rows were rendered from.
-    record_input_identity(directory, input_identity(spec.input.path))
-    return directory
+    A real run of the first rows through the public API, with a backend that answers at once.
+    """
+    import qwen_batch
+    from qwen_batch.testing import FakeBackend
+
+    plan = qwen_batch.prepare(job, limit=rows_done, no_cache=True)
+    qwen_batch.run(plan, executor=qwen_batch.OnlineExecutor(FakeBackend("A short reply.", output_tokens=4)))
+    # A killed run leaves no output or summary behind, only the checkpoint.
+    plan.output_path.unlink()
+    plan.summary_path.unlink()
+    return plan.checkpoint_dir
 
 
 def resume(rows: int = 1_000_000, done: int = 999_000, runs: int = 3, concurrency: int = 64) -> Result:
@@ -336,17 +324,18 @@ _PREFLIGHT_SCRIPT = """
 import json, sys, time
 from pathlib import Path
 began = time.perf_counter()
-from qwen_batch.job import JobOptions, prepare_job
+import qwen_batch
+import qwen_batch.job  # what prepare() loads on first use, timed as import, not as preflight
 imported = time.perf_counter()
-prepared = prepare_job(Path(sys.argv[1]), JobOptions())
+plan = qwen_batch.prepare(Path(sys.argv[1]))
 done = time.perf_counter()
-print(json.dumps({"import_s": imported - began, "prepare_s": done - imported, "rows": prepared.preflight.rows,
-                  "input_tokens": prepared.preflight.input_tokens}))
+print(json.dumps({"import_s": imported - began, "prepare_s": done - imported, "rows": plan.preflight.rows,
+                  "input_tokens": plan.preflight.input_tokens}))
 """
 
 
 def preflight(rows: int = 1_000_000, runs: int = 3, send_rate: float | None = None) -> Result:
-    """Rows per second of ``prepare_job`` (read, render, count tokens, check) on short prompts.
+    """Rows per second of ``qwen_batch.prepare`` (read, render, count tokens, check) on short prompts.
 
     ``send_rate`` (rows/s, from the overhead case of the same session) gives the preflight's
     share of a whole run: preflight / (preflight + rows / send_rate).

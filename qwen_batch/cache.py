@@ -13,6 +13,7 @@ on (``--no-cache``, or delete the file) instead of a traceback.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
 import threading
@@ -24,6 +25,8 @@ from .types import Reply
 
 CACHE_DIR_ENV = "QWEN_BATCH_CACHE_DIR"
 CACHE_FILE_NAME = "responses.sqlite3"
+# The cache service name of the built-in emulator: its replies never answer a real service.
+EMULATOR_SERVICE = "qwen-batch built-in emulator"
 BUSY_TIMEOUT_S = 30.0
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -179,3 +182,25 @@ class ResponseCache:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class ServiceCache:
+    """The shared response cache seen from one service (a base URL, or the built-in emulator).
+
+    A reply is reused only for the same request sent to the same service: the emulator's
+    text must never answer a real run, nor one region's endpoint another's.
+    """
+
+    def __init__(self, cache: ResponseCache, service: str) -> None:
+        self._cache = cache
+        self._prefix = f"{service.rstrip('/')}\n".encode()
+
+    def _key(self, fingerprint: str) -> str:
+        return hashlib.sha256(self._prefix + fingerprint.encode()).hexdigest()
+
+    def get_many(self, fingerprints: Sequence[str]) -> dict[str, Reply]:
+        keys = {self._key(fingerprint): fingerprint for fingerprint in fingerprints}
+        return {keys[key]: reply for key, reply in self._cache.get_many(list(keys)).items()}
+
+    def put_many(self, items: Sequence[tuple[str, Reply]]) -> None:
+        self._cache.put_many([(self._key(fingerprint), reply) for fingerprint, reply in items])

@@ -14,10 +14,15 @@ import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .argtypes import ArgumentParser, number, whole_number
 from .errors import QwenBatchError, UsageError
 from .spec import MAX_CONCURRENCY
+
+if TYPE_CHECKING:
+    from .executors import Execution
+    from .report import Reporter
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 70  # sysexits EX_SOFTWARE: a bug, not the user's input nor the service
@@ -31,9 +36,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     example: qwen-batch run jobs/translate.yaml --emulate
     """
+    import functools
+
     import anyio
 
-    from .job import JobOptions, execute_job, prepare_job, resolve_api
+    from .job import execute, prepare
+    from .plan import JobOptions
     from .report import Reporter
 
     options = JobOptions(
@@ -47,12 +55,29 @@ def cmd_run(args: argparse.Namespace) -> int:
         max_cost=args.max_cost,
     )
     reporter = Reporter(quiet=args.quiet)
-    prepared = prepare_job(Path(args.job), options)
-    if not options.emulate:
-        resolve_api(prepared)
-    result = anyio.run(execute_job, prepared, reporter, backend="asyncio")
-    reporter.finish(result, prepared, _resume_command(args))
+    plan = prepare(Path(args.job), options)
+    run = functools.partial(execute, plan, reporter=reporter, watch=[functools.partial(_stop_on_signals, reporter=reporter)])
+    result = anyio.run(run, backend="asyncio")
+    reporter.finish(result, plan, _resume_command(args))
     return result.exit_code
+
+
+async def _stop_on_signals(execution: Execution, reporter: Reporter) -> None:
+    """Ctrl-C (or SIGTERM) stops sending and lets the rows in flight finish; a second one stops at once."""
+    import signal
+
+    import anyio
+
+    from .runner import STOP_INTERRUPTED
+
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            if execution.stop_reason == STOP_INTERRUPTED:
+                reporter.stopping("second interrupt: abandoning the requests in flight")
+                execution.cancel_now()
+                return
+            reporter.stopping("interrupted: finishing the requests in flight (Ctrl-C again to stop at once)")
+            execution.request_stop(STOP_INTERRUPTED)
 
 
 def _resume_command(args: argparse.Namespace) -> str:
@@ -71,17 +96,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     example: qwen-batch validate jobs/translate.yaml
     """
-    from .job import JobOptions, over_long_message, prepare_job
+    from .job import over_long_message, prepare
+    from .plan import JobOptions
 
-    prepared = prepare_job(Path(args.job), JobOptions(limit=args.limit), check_over_long=False)
-    for warning in prepared.warnings:
+    plan = prepare(Path(args.job), JobOptions(limit=args.limit), check_over_long=False)
+    for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    report = prepared.preflight
-    if report.over_long and prepared.spec.preflight.over_long == "fail":
-        print(f"error: {over_long_message(prepared.spec, report)}", file=sys.stderr)
+    report = plan.preflight
+    if report.over_long and plan.spec.preflight.over_long == "fail":
+        print(f"error: {over_long_message(plan.spec, report)}", file=sys.stderr)
         return EXIT_USAGE
     print(
-        f"{prepared.spec.path}: ok: {report.rows} rows, {report.requests} requests, "
+        f"{plan.spec.path}: ok: {report.rows} rows, {report.requests} requests, "
         f"{report.input_tokens} input tokens, {report.row_problems} rows with problems"
     )
     if report.over_long:
@@ -102,17 +128,12 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     """
     import json
 
-    from .cache import ResponseCache, default_cache_path
+    from .cache import EMULATOR_SERVICE, ResponseCache, ServiceCache, default_cache_path
+    from .endpoint import configured_base_url
     from .estimate import build_estimate
-    from .job import (
-        EMULATOR_SERVICE,
-        JobOptions,
-        ServiceCache,
-        checkpoint_status,
-        configured_base_url,
-        effective_rate_limits,
-        prepare_job,
-    )
+    from .job import prepare
+    from .status import checkpoint_status
+    from .plan import JobOptions
     from .spec import load_spec
 
     options = JobOptions(limit=args.limit, output=args.output, no_cache=args.no_cache)
@@ -124,15 +145,15 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     try:
         service = EMULATOR_SERVICE if args.emulate else configured_base_url(spec)
         cache = ServiceCache(shared, service) if shared is not None else None
-        prepared = prepare_job(Path(args.job), options, cache=cache)
+        plan = prepare(Path(args.job), options, cache=cache)
     finally:
         if shared is not None:
             shared.close()
-    done = checkpoint_status(prepared)
+    done = checkpoint_status(plan)
     mean_output = done.output_tokens / done.ok if done is not None and done.ok else None
-    rpm, tpm = effective_rate_limits(prepared)
+    rpm, tpm = plan.rate_limits
     estimate = build_estimate(
-        prepared,
+        plan,
         done_mean_output=mean_output,
         done_rows=done.ok if done is not None else 0,
         requests_per_minute=rpm,
@@ -152,7 +173,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     example: qwen-batch status jobs/translate.yaml
     """
-    from .job import JobOptions, job_status
+    from .status import job_status
+    from .plan import JobOptions
 
     status = job_status(Path(args.job), JobOptions(output=args.output))
     from .report import render_status
@@ -233,7 +255,7 @@ def _version() -> str:
     try:
         return metadata.version("qwen-batch")
     except metadata.PackageNotFoundError:
-        from . import __version__
+        from .version import __version__
 
         return __version__
 

@@ -12,14 +12,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .job import PreparedJob
+    from .plan import JobPlan
 
 MIN_DONE_FOR_MEAN = 20
 
 
-def expected_output_per_row(prepared: PreparedJob, done_mean: float | None, done_rows: int) -> tuple[float, str]:
+def expected_output_per_row(plan: JobPlan, done_mean: float | None, done_rows: int) -> tuple[float, str]:
     """Expected reply tokens per row and where the figure comes from."""
-    report = prepared.preflight
+    report = plan.preflight
     if done_mean is not None and done_rows >= MIN_DONE_FOR_MEAN:
         return done_mean, f"mean reply length of the {done_rows} rows already done"
     if report.to_send == 0:
@@ -30,7 +30,7 @@ def expected_output_per_row(prepared: PreparedJob, done_mean: float | None, done
 
 
 def build_estimate(
-    prepared: PreparedJob,
+    plan: JobPlan,
     *,
     done_mean_output: float | None,
     done_rows: int,
@@ -38,18 +38,18 @@ def build_estimate(
     tokens_per_minute: float | None,
 ) -> dict[str, Any]:
     """The ``qwen-batch estimate`` figures as one JSON-ready dict."""
-    report = prepared.preflight
+    report = plan.preflight
     to_send = report.to_send
-    expected_per_row, basis = expected_output_per_row(prepared, done_mean_output, done_rows)
+    expected_per_row, basis = expected_output_per_row(plan, done_mean_output, done_rows)
     expected_output = expected_per_row * to_send
-    cost: dict[str, Any] = {"currency": prepared.price.currency if prepared.price else None}
+    cost: dict[str, Any] = {"currency": plan.price.currency if plan.price else None}
     if report.to_send_cost_min is not None and report.to_send_output_price is not None:
         mean_output_price = report.to_send_output_price / to_send if to_send else 0.0
         cost.update(
             min=round(report.to_send_cost_min, 6),
             expected=round(report.to_send_cost_min + expected_output * mean_output_price, 6),
             max=round(report.to_send_cost_max or 0.0, 6),
-            source=prepared.price.source if prepared.price else None,
+            source=plan.price.source if plan.price else None,
         )
     else:
         cost.update(min=None, expected=None, max=None, source="unknown: no price for this model")
@@ -59,10 +59,10 @@ def build_estimate(
     if tokens_per_minute:
         minutes.append((report.to_send_input_tokens + expected_output) / tokens_per_minute)
     return {
-        "job": prepared.spec.name,
-        "model": prepared.spec.model,
-        "rows": prepared.rows,
-        "rows_done": prepared.resume.count(),
+        "job": plan.spec.name,
+        "model": plan.spec.model,
+        "rows": plan.rows,
+        "rows_done": plan.resume.count(),
         "rows_cached": report.cached,
         "rows_with_problems": report.row_problems,
         "rows_over_long": len(report.over_long),

@@ -1,118 +1,52 @@
-"""One job end to end: spec -> table -> preflight -> resume state -> runner -> Parquet + summary.
+"""The composition root: ``prepare`` checks a job into a ``JobPlan``; ``execute`` runs it.
 
-``prepare_job`` does everything that can fail on the user's input before anything is sent or
-overwritten (exit 2); ``execute_job`` sends, and always leaves a consistent checkpoint behind.
+``prepare`` does everything that can fail on the user's input before anything is sent or
+overwritten (exit 2). ``execute`` opens the durable sink (checkpoint, then the response
+cache), hands the plan's work items to an executor (the online pool unless told otherwise),
+and writes the output and the summary from the checkpoint: whatever stops it, what finished
+is on disk. Stopping on a signal is the caller's (the CLI's) business, through ``watch``.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from . import catalog as catalog_module
-from .apikey import API_KEY_ENV, API_KEY_FILE_ENV, read_api_key  # noqa: F401 - the names job.py always offered
-from .budget import Budget
-from .cache import ResponseCache, default_cache_path
-from .catalog import ModelInfo, Price
-from .checkpoint import Checkpoint, CheckpointSummary, manifest_changes, set_aside
-from .errors import ConfigError, ConfigurationRefused, InputError, QwenBatchError
+from .cache import ResponseCache, ServiceCache, default_cache_path
+from .checkpoint import Checkpoint, set_aside
+from .endpoint import base_url_key, configured_base_url
+from .errors import InputError, QwenBatchError
 from .output import check_input_columns
-from .paths import JobPaths, job_paths
-from .preflight import PreflightReport, ResumeIndex, rendered, run_preflight
-from .resume import checkpoint_dir_for, input_identity, record_input_identity, request_manifest, resume_state
+from .plan import JobOptions, JobPlan, checked_paths
+from .preflight import PreflightReport, rendered, run_preflight
 from .render import Renderer
-from .runner import (
-    STOP_AUTH,
-    STOP_BUDGET,
-    STOP_CONFIGURATION,
-    STOP_ERROR_RATE,
-    STOP_INTERRUPTED,
-    Runner,
-    RunStatistics,
-)
+from .result import JobResult
+from .resume import checkpoint_dir_for, input_identity, record_input_identity, request_manifest, resume_state
+from .runner import STOP_BUDGET
 from .spec import JobSpec, check_base_url, load_spec, price_for, resolve_model
-from .table import Table, open_table
-from .wire import DEFAULT_BASE_URL
-from .work import BATCH_ROWS, EMULATOR_SERVICE, CheckpointAndCacheSink, ServiceCache, work_items
+from .table import open_table
+from .work import BATCH_ROWS, CheckpointAndCacheSink, work_items
 
-BASE_URL_ENV = "DASHSCOPE_HTTP_BASE_URL"
+if TYPE_CHECKING:
+    from .executors import Execution, Executor
 
-
-@dataclass(frozen=True)
-class JobOptions:
-    """Command-line choices that override or extend the spec."""
-
-    emulate: bool = False
-    limit: int | None = None
-    concurrency: int | None = None
-    output: str | Path | None = None  # as typed: a trailing "/" means a folder
-    fresh: bool = False
-    retry_errors: bool = False
-    no_cache: bool = False
-    max_cost: float | None = None
+# Started beside a running execution, cancelled when it ends (the CLI's signal handler is one).
+Watcher = Callable[["Execution"], Coroutine[Any, Any, None]]
 
 
-@dataclass
-class PreparedJob:
-    """Everything checked and opened, nothing sent yet."""
-
-    spec: JobSpec
-    options: JobOptions
-    model_info: ModelInfo | None
-    price: Price | None
-    table: Table
-    renderer: Renderer
-    rows: int
-    output_path: Path
-    checkpoint_dir: Path
-    manifest: dict[str, Any]
-    preflight: PreflightReport
-    resume: ResumeIndex
-    previous_cost: float
-    input_identity: dict[str, Any]
-    warnings: list[str] = field(default_factory=list)
-    cache_path: Path | None = None  # the response cache this run reads and writes, None when off
-
-    @property
-    def summary_path(self) -> Path:
-        return self.output_path.with_name(self.output_path.name + ".summary.json")
-
-    @property
-    def max_cost(self) -> float | None:
-        return self.options.max_cost if self.options.max_cost is not None else self.spec.budget.max_cost
-
-
-@dataclass(frozen=True)
-class JobResult:
-    """How a run ended, with the figures for the summary."""
-
-    statistics: RunStatistics
-    summary: dict[str, Any]
-    stop_reason: str | None
-    stop_detail: str | None
-    wrote_output: bool
-
-    @property
-    def exit_code(self) -> int:
-        if self.stop_reason == STOP_INTERRUPTED:
-            return 130
-        if self.stop_reason in (STOP_AUTH, STOP_BUDGET, STOP_CONFIGURATION, STOP_ERROR_RATE):
-            return 3
-        return 1 if self.summary["rows"]["error"] else 0
-
-
-def prepare_job(
+def prepare(
     spec_path: Path,
     options: JobOptions,
     cache: ServiceCache | None = None,
     *,
     check_over_long: bool = True,
-) -> PreparedJob:
+) -> JobPlan:
     """Load and check the spec and the whole input; read the checkpoint. Sends nothing.
 
     With ``cache``, the preflight also counts the rows the response cache would answer.
@@ -175,7 +109,7 @@ def prepare_job(
         )
     if report.over_long and spec.preflight.over_long == "fail" and check_over_long:
         raise InputError(over_long_message(spec, report, listed=20))
-    return PreparedJob(
+    return JobPlan(
         spec=spec,
         options=options,
         model_info=model_info,
@@ -193,17 +127,6 @@ def prepare_job(
         warnings=warnings,
         cache_path=paths.cache,
     )
-
-
-def checked_paths(spec: JobSpec, options: JobOptions) -> JobPaths:
-    """The job's paths with the command line's choices (``--output``, the cache), checked as a set."""
-    cache = None
-    label = "cache.path"
-    if spec.cache.enabled and not options.no_cache:
-        cache = spec.cache.path
-        if cache is None:
-            cache, label = default_cache_path(), "the response cache"
-    return job_paths(spec, options.output, cache=cache, cache_label=label)
 
 
 def _prompt_source(spec: JobSpec) -> str:
@@ -224,139 +147,92 @@ def over_long_message(spec: JobSpec, report: PreflightReport, listed: int | None
     )
 
 
-def resolve_api(prepared: PreparedJob) -> tuple[str, str]:
-    """Base URL and key for a real run; a missing or unsendable key is exit 2 with how to fix it."""
-    spec = prepared.spec
-    base_url = configured_base_url(spec)
-    source = base_url_key(spec)
-    check_base_url(base_url, spec.api.allow_insecure_http, source=source)
-    return base_url, read_api_key().value
+class Silent:
+    """A reporter that shows nothing: the default for library callers."""
+
+    def start(self, plan: JobPlan, rpm: float | None, tpm: float | None) -> None:
+        pass
+
+    async def follow(self, execution: Execution) -> None:
+        pass
+
+    def stopping(self, message: str) -> None:
+        pass
 
 
-def configured_base_url(spec: JobSpec) -> str:
-    """Where a real run sends: DASHSCOPE_HTTP_BASE_URL, else the spec's api.base_url."""
-    return os.environ.get(BASE_URL_ENV) or spec.api.base_url or DEFAULT_BASE_URL
-
-
-async def execute_job(prepared: PreparedJob, reporter: Any) -> JobResult:
+async def execute(
+    plan: JobPlan,
+    *,
+    executor: Executor | None = None,
+    reporter: Any = None,
+    watch: Sequence[Watcher] = (),
+) -> JobResult:
     """Send what is left of the job, write the checkpoint as rows finish, then the output.
 
-    ``reporter`` gets ``start(prepared, rpm, tpm)``, ``follow(runner)`` and ``stopping(message)``;
-    it only displays. Ctrl-C stops sending (in-flight rows finish within a few seconds);
-    a second Ctrl-C abandons the rows in flight. Either way what finished is on disk.
+    ``executor`` defaults to the online pool. ``reporter`` gets ``start(plan, rpm, tpm)``,
+    ``follow(execution)`` and ``stopping(message)``; it only displays. Each of ``watch`` is
+    started with the running execution beside it and cancelled when it ends (the CLI's
+    signal handler asks it to stop from there). Whatever stops it, what finished is on disk.
     """
-    from .backends import DashScopeBackend
-    from .limits import Limits
     from .output import write_results, write_summary_json
-    from .retry import RetryPolicy
     from .summary import build_summary
 
-    spec, options = prepared.spec, prepared.options
-    if options.fresh:
-        set_aside([prepared.checkpoint_dir, prepared.output_path, prepared.summary_path])
-    async with AsyncExitStack() as stack:
-        if options.emulate:
-            from .emulator import open_emulator
+    if executor is None:
+        from .executors.online import OnlineExecutor
 
-            emulator = await stack.enter_async_context(open_emulator())
-            base_url, api_key = emulator.base_url, emulator.api_key or "sk-emulator"
-        else:
-            base_url, api_key = resolve_api(prepared)
-        checkpoint = Checkpoint.open(prepared.checkpoint_dir, prepared.manifest)
-        record_input_identity(prepared.checkpoint_dir, prepared.input_identity)
+        executor = OnlineExecutor()
+    reporter = reporter if reporter is not None else Silent()
+    executor.check(plan)
+    if plan.options.fresh:
+        set_aside([plan.checkpoint_dir, plan.output_path, plan.summary_path])
+    async with AsyncExitStack() as stack:
+        checkpoint = Checkpoint.open(plan.checkpoint_dir, plan.manifest)
+        record_input_identity(plan.checkpoint_dir, plan.input_identity)
         stack.callback(checkpoint.close)
         cache = None
-        if spec.cache.enabled and not options.no_cache:
-            shared = ResponseCache(prepared.cache_path or default_cache_path())
+        if plan.uses_cache:
+            shared = ResponseCache(plan.cache_path or default_cache_path())
             stack.callback(shared.close)
-            cache = ServiceCache(shared, EMULATOR_SERVICE if options.emulate else base_url)
-        concurrency = worker_count(prepared)
-        backend = await stack.enter_async_context(
-            DashScopeBackend(
-                base_url,
-                api_key,
-                timeout_s=spec.execution.request_timeout_s,
-                max_connections=concurrency,
-            )
-        )
-        rpm, tpm = effective_rate_limits(prepared)
-        max_cost = prepared.max_cost
-        runner = Runner(
-            backend,
-            CheckpointAndCacheSink(checkpoint, cache),
-            concurrency=concurrency,
-            limits=Limits.from_settings(rpm, tpm),
-            retry_policy=RetryPolicy(max_retries=spec.execution.max_retries),
-            price=prepared.price,
-            rows_total=prepared.rows,
-            budget=Budget(max_cost, spent=prepared.previous_cost) if max_cost is not None else None,
-            max_error_rate=spec.execution.max_error_rate,
-        )
-        reporter.start(prepared, rpm, tpm)
+            cache = ServiceCache(shared, executor.service(plan))
+        execution = await stack.enter_async_context(executor.open(plan, CheckpointAndCacheSink(checkpoint, cache)))
+        reporter.start(plan, *execution.rate_limits)
         try:
             async with anyio.create_task_group() as watchers:
-                watchers.start_soon(_stop_on_signals, runner, reporter)
-                watchers.start_soon(reporter.follow, runner)
-                statistics = await runner.run(work_items(prepared, cache))
+                for watcher in watch:
+                    watchers.start_soon(watcher, execution)
+                watchers.start_soon(reporter.follow, execution)
+                statistics = await execution.run(work_items(plan, cache))
                 watchers.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             raise sole_error(group) from None
         wrote_output = False
         # One bounded copy of the log to Parquet serves both the output and the summary.
-        log_path = prepared.output_path.with_name(f".{prepared.output_path.name}.log-{os.getpid()}.parquet")
+        log_path = plan.output_path.with_name(f".{plan.output_path.name}.log-{os.getpid()}.parquet")
         stack.callback(log_path.unlink, missing_ok=True)
         log = await anyio.to_thread.run_sync(checkpoint.log_to_parquet, log_path)
-        if runner.stop_reason in (None, STOP_BUDGET):
+        stop_reason = execution.stop_reason
+        if stop_reason in (None, STOP_BUDGET):
             missing = None
-            if runner.stop_reason == STOP_BUDGET:
+            if stop_reason == STOP_BUDGET:
                 missing = (
                     "BudgetExceeded",
-                    f"not sent: the budget of {max_cost} would have been exceeded; "
+                    f"not sent: the budget of {plan.max_cost} would have been exceeded; "
                     "raise budget.max_cost (or --max-cost) and re-run to continue",
                 )
             await anyio.to_thread.run_sync(
                 lambda: write_results(
-                    prepared.table.scan().head(prepared.rows),
+                    plan.table.scan().head(plan.rows),
                     log,
-                    prepared.output_path,
-                    model=spec.model,
-                    seed=spec.parameters.seed,
+                    plan.output_path,
+                    model=plan.spec.model,
+                    seed=plan.spec.parameters.seed,
                     missing=missing,
                 )
             )
             wrote_output = True
-        summary = build_summary(prepared, log, statistics, runner.stop_reason)
-        write_summary_json(prepared.summary_path, summary)
-    detail = runner.stop_detail
-    if runner.stop_error is not None:
-        detail = _explain_stop(prepared, runner.stop_error, base_url)
-    return JobResult(statistics, summary, runner.stop_reason, detail, wrote_output)
-
-
-def _explain_stop(prepared: PreparedJob, error: ConfigurationRefused, base_url: str) -> str:
-    """The one line for a run stopped by a configuration error, naming where the setting came from."""
-    from .configuration import explain
-
-    spec = prepared.spec
-    return explain(
-        error,
-        spec=spec,
-        catalog=catalog_module.builtin(),
-        base_url=base_url,
-        base_url_key="the emulator's base URL" if prepared.options.emulate else base_url_key(spec),
-        parameters=prepared.renderer.parameters,
-    )
-
-
-def base_url_key(spec: JobSpec) -> str:
-    """Where a real run's base URL comes from, as a message names it."""
-    return BASE_URL_ENV if os.environ.get(BASE_URL_ENV) else f"api.base_url in {spec.where}"
-
-
-def worker_count(prepared: PreparedJob) -> int:
-    """The concurrency asked for, but never more workers (and connections) than rows to send."""
-    asked = prepared.options.concurrency or prepared.spec.execution.concurrency
-    return min(asked, max(1, prepared.preflight.to_send))
+        summary = build_summary(plan, log, statistics, stop_reason)
+        write_summary_json(plan.summary_path, summary)
+    return JobResult(statistics, summary, stop_reason, execution.stop_detail, wrote_output)
 
 
 def sole_error(group: BaseExceptionGroup) -> BaseException:
@@ -374,79 +250,3 @@ def sole_error(group: BaseExceptionGroup) -> BaseException:
             leaves.append(error)
     ours = [leaf for leaf in leaves if isinstance(leaf, QwenBatchError)]
     return ours[0] if ours and len(ours) == len(leaves) else group
-
-
-def effective_rate_limits(prepared: PreparedJob) -> tuple[float | None, float | None]:
-    """The spec's limits, else the catalog's documented defaults for the model (shared/NOTES.md)."""
-    execution = prepared.spec.execution
-    rpm, tpm = execution.requests_per_minute, execution.tokens_per_minute
-    defaults = prepared.model_info.rate_limits if prepared.model_info else None
-    if defaults is not None:
-        rpm = rpm if rpm is not None else defaults.requests_per_minute
-        tpm = tpm if tpm is not None else defaults.tokens_per_minute
-    return rpm, tpm
-
-
-async def _stop_on_signals(runner: Runner, reporter: Any) -> None:
-    import signal
-
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for _ in signals:
-            if runner.stop_reason == STOP_INTERRUPTED:
-                reporter.stopping("second interrupt: abandoning the requests in flight")
-                runner.cancel_now()
-                return
-            reporter.stopping("interrupted: finishing the requests in flight (Ctrl-C again to stop at once)")
-            runner.request_stop(STOP_INTERRUPTED)
-
-
-def checkpoint_status(prepared: PreparedJob) -> CheckpointSummary | None:
-    """What the job's checkpoint holds, or None before the first run."""
-    if not prepared.checkpoint_dir.exists():
-        return None
-    with Checkpoint.open_readonly(prepared.checkpoint_dir) as checkpoint:
-        return checkpoint.summary()
-
-
-@dataclass(frozen=True)
-class JobStatus:
-    """How far a job got, for ``qwen-batch status``."""
-
-    name: str
-    rows: int
-    output_path: Path
-    output_written: bool
-    done: CheckpointSummary | None
-    currency: str
-    spec_changed: list[str]
-
-    @property
-    def remaining(self) -> int:
-        done = self.done.rows_done if self.done else 0
-        return max(self.rows - done, 0)
-
-
-def job_status(spec_path: Path, options: JobOptions) -> JobStatus:
-    """Read the spec, the table's size and the checkpoint; send and change nothing."""
-    spec = load_spec(spec_path)
-    model_info = resolve_model(spec, catalog_module.builtin())
-    price = price_for(spec, model_info)
-    output_path = checked_paths(spec, options).output
-    table = open_table(spec)
-    checkpoint_dir = checkpoint_dir_for(output_path)
-    done, changed = None, []
-    if checkpoint_dir.exists():
-        with Checkpoint.open_readonly(checkpoint_dir) as checkpoint:
-            done = checkpoint.summary()
-            # A checkpoint with no rows is taken over by a changed job (Checkpoint.open).
-            if done.rows_done:
-                changed = manifest_changes(checkpoint.manifest, request_manifest(spec, Renderer(spec, model_info)))
-    return JobStatus(
-        name=spec.name,
-        rows=table.num_rows,
-        output_path=output_path,
-        output_written=output_path.exists(),
-        done=done,
-        currency=price.currency if price else catalog_module.CURRENCY,
-        spec_changed=changed,
-    )

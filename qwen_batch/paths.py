@@ -23,12 +23,34 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .errors import ConfigError, UsageError
 
-if TYPE_CHECKING:
-    from .spec import JobSpec
+
+class _Input(Protocol):
+    @property
+    def path(self) -> Path: ...
+
+
+class _Output(Protocol):
+    @property
+    def path(self) -> Path | None: ...
+
+
+class _Job(Protocol):
+    """What ``job_paths`` reads of a JobSpec: named here, as spec imports paths, not the reverse."""
+
+    @property
+    def path(self) -> Path | None: ...
+    @property
+    def where(self) -> str: ...
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def input(self) -> _Input: ...
+    @property
+    def output(self) -> _Output: ...
 
 SPEC_MAX_BYTES = 10 * 1024 * 1024  # a job spec is a page of YAML; anything larger is a mistake
 OUTPUT_SUFFIX = ".parquet"
@@ -170,7 +192,7 @@ def output_override(text: str | os.PathLike[str], name: str, error: type[UsageEr
 
 
 def job_paths(
-    spec: JobSpec,
+    spec: _Job,
     output: str | os.PathLike[str] | None = None,
     *,
     cache: Path | None = None,

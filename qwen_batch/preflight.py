@@ -7,17 +7,17 @@ limit, and whether rows already in a checkpoint still render to the same request
 
 from __future__ import annotations
 
-from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .catalog import Price
 from .render import Renderer, RowProblem
+from .resume import DoneRow, ResumeIndex
 from .types import Request
 
 if TYPE_CHECKING:
-    from .work import ServiceCache
+    from .cache import ServiceCache
 
 MAX_LISTED_MISMATCHES = 5
 
@@ -49,56 +49,6 @@ class PreflightReport:
     to_send_cost_max: float | None
     to_send_output_price: float | None
     mismatched_row_ids: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class DoneRow:
-    """A row an earlier run finished, with a known token count: checked by fingerprint only.
-
-    Rendering it in full (and counting its tokens) would only confirm what its record says;
-    on a resume of a million rows that is most of the preflight's time.
-    """
-
-    index: int
-    row_id: str
-    fingerprint: str
-    input_tokens: int
-    max_tokens: int
-
-
-class ResumeIndex:
-    """Which rows an earlier run finished, the fingerprint each was sent with, and known token counts.
-
-    A bytearray, an array of 64-bit fingerprint prefixes and an array of 32-bit input token
-    counts (0: not known): about 13 MB for a million rows. The counts let a row be rendered
-    again without counting its tokens again: the preflight fills them in for every request,
-    so the run's own rendering pass skips the tokenizer; a finished row's count is the one
-    its record holds (the request is the same as long as the fingerprint matches).
-    """
-
-    def __init__(self, rows: int) -> None:
-        self.finished = bytearray(rows)
-        self.fingerprints = array("Q", bytes(8 * rows))
-        self.input_tokens = array("I", bytes(4 * rows))
-        # True when the input file and qwen-batch are the same as when the finished rows were
-        # sent (the spec is checked by the manifest): their requests cannot differ, so they
-        # need not be rebuilt to be checked. Most of a million-row resume's start-up otherwise.
-        self.verified = False
-        self.finished_input_tokens = 0
-
-    def is_finished(self, index: int) -> bool:
-        return bool(self.finished[index])
-
-    def matches(self, request: Request | DoneRow) -> bool:
-        return self.verified or self.fingerprints[request.index] == fingerprint_prefix(request.fingerprint)
-
-    def count(self) -> int:
-        return self.finished.count(1)
-
-
-def fingerprint_prefix(fingerprint: str) -> int:
-    """The first 64 bits of a fingerprint; 0 for rows that never rendered to a request."""
-    return int(fingerprint[:16], 16) if fingerprint else 0
 
 
 def rendered(

@@ -1,6 +1,6 @@
 """What a person sees: start lines, progress, the closing summary table. Display only.
 
-Progress is rendered from ``Runner.statistics()`` snapshots: a live line on a terminal
+Progress is rendered from ``statistics()`` snapshots of the running execution: a live line on a terminal
 (redrawn in place, cut to its width), a plain line every 10 seconds otherwise (cron logs),
 nothing with ``--quiet``; either way the final figures are drawn before the summary.
 """
@@ -16,8 +16,10 @@ import anyio
 from .progress import RecentRate
 
 if TYPE_CHECKING:
-    from .job import JobResult, PreparedJob
-    from .runner import Runner, RunStatistics
+    from .executors import Execution
+    from .plan import JobPlan
+    from .result import JobResult
+    from .runner import RunStatistics
 
 TTY_REFRESH_S = 0.5
 PLAIN_REFRESH_S = 10.0
@@ -115,13 +117,13 @@ class Reporter:
     def warn(self, message: str) -> None:
         print(f"warning: {message}", file=self.stream, flush=True)
 
-    def start(self, prepared: PreparedJob, rpm: float | None, tpm: float | None) -> None:
-        for warning in prepared.warnings:
+    def start(self, plan: JobPlan, rpm: float | None, tpm: float | None) -> None:
+        for warning in plan.warnings:
             self.warn(warning)
-        if prepared.price is not None:
-            self.currency = prepared.price.currency
-        execution = prepared.spec.execution
-        info = prepared.model_info
+        if plan.price is not None:
+            self.currency = plan.price.currency
+        execution = plan.spec.execution
+        info = plan.model_info
         if info is not None and info.rate_limits is not None:
             if execution.requests_per_minute is None and rpm is not None:
                 self.note(f"requests_per_minute not set: using {rpm:g}, {info.name}'s documented default ({info.rate_limits.source})")
@@ -129,24 +131,24 @@ class Reporter:
                 self.note(f"tokens_per_minute not set: using {tpm:g}, {info.name}'s documented default ({info.rate_limits.source})")
         elif rpm is None and tpm is None:
             self.note("no rate limits known for this model: running with the concurrency limit alone")
-        report = prepared.preflight
-        done = prepared.resume.count()
+        report = plan.preflight
+        done = plan.resume.count()
         self._done_before = done
-        self._spent_before = prepared.previous_cost
+        self._spent_before = plan.previous_cost
         resumed = f", {done} already done (resuming)" if done else ""
         self.note(
-            f"{prepared.spec.name}: {prepared.rows} rows{resumed}, {report.to_send} to send, "
-            f"{report.to_send_input_tokens} input tokens -> {prepared.output_path}"
+            f"{plan.spec.name}: {plan.rows} rows{resumed}, {report.to_send} to send, "
+            f"{report.to_send_input_tokens} input tokens -> {plan.output_path}"
         )
 
-    async def follow(self, runner: Runner) -> None:
+    async def follow(self, execution: Execution) -> None:
         """Show progress until cancelled."""
         if self.quiet:
             return
         interval = TTY_REFRESH_S if self.interactive else PLAIN_REFRESH_S
         while True:
             await anyio.sleep(interval)
-            self.draw(runner.statistics())
+            self.draw(execution.statistics())
 
     def draw(self, stats: RunStatistics, *, final: bool = False) -> None:
         """Show ``stats``: redrawn in place on a terminal, a plain line in a log.
@@ -180,7 +182,7 @@ class Reporter:
     def stopping(self, message: str) -> None:
         print(f"\n{message}", file=self.stream, flush=True)
 
-    def finish(self, result: JobResult, prepared: PreparedJob, command: str) -> None:
+    def finish(self, result: JobResult, plan: JobPlan, command: str) -> None:
         if not self.quiet:
             # The final figures, before the summary: the last refresh may be a second old.
             self.draw(result.statistics, final=True)
@@ -203,7 +205,7 @@ class Reporter:
             )
         elif result.stop_reason == "budget":
             print(
-                f"stopped: the budget of {prepared.max_cost} would be exceeded; "
+                f"stopped: the budget of {plan.max_cost} would be exceeded; "
                 f"raise budget.max_cost or --max-cost and re-run to continue: {command}",
                 file=self.stream,
             )

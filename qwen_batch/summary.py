@@ -11,7 +11,7 @@ from .checkpoint import billed
 if TYPE_CHECKING:
     import polars as pl
 
-    from .job import PreparedJob
+    from .plan import JobPlan
     from .runner import RunStatistics
 
 
@@ -20,7 +20,7 @@ SUMMARY_COLUMNS = ["index", "status", "error_code", "input_tokens", "output_toke
 
 
 def build_summary(
-    prepared: PreparedJob,
+    plan: JobPlan,
     log: pl.LazyFrame,
     statistics: RunStatistics,
     stop_reason: str | None,
@@ -33,7 +33,7 @@ def build_summary(
 
     frame = (
         log.select(SUMMARY_COLUMNS)
-        .filter(pl.col("index") < prepared.rows)
+        .filter(pl.col("index") < plan.rows)
         # The last record of each index, as a filter: unique(keep="last") took 460 MB on a
         # million-row log where this takes 180 MB.
         .filter(pl.col("index").is_last_distinct())
@@ -46,7 +46,7 @@ def build_summary(
     paid = frame.filter(billed())
     input_tokens = int(paid["input_tokens"].fill_null(0).sum())
     output_tokens = int(paid["output_tokens"].fill_null(0).sum())
-    price = prepared.price
+    price = plan.price
     cost = round(float(frame["cost"].fill_null(0.0).sum()), COST_DECIMALS) if price is not None else None
     saved = None
     if price is not None:
@@ -58,17 +58,17 @@ def build_summary(
             COST_DECIMALS,
         )
     by_code = errors.group_by("error_code").len().sort("error_code")
-    model = prepared.spec.model
+    model = plan.spec.model
     return {
-        "job": prepared.spec.name,
+        "job": plan.spec.name,
         "model": model,
-        "output": str(prepared.output_path),
+        "output": str(plan.output_path),
         "stopped": stop_reason,
         "rows": {
-            "total": prepared.rows,
+            "total": plan.rows,
             "ok": ok.height,
             "error": errors.height,
-            "not_done": prepared.rows - frame.height,
+            "not_done": plan.rows - frame.height,
         },
         "errors_by_code": {row[0] or "Unknown": int(row[1]) for row in by_code.iter_rows()},
         "tokens": {"input": input_tokens, "output": output_tokens, "total": input_tokens + output_tokens},

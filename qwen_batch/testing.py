@@ -1,5 +1,9 @@
 """Public test seams of qwen-batch.
 
+``FakeBackend`` answers every request at once without sending it: give it to the online
+executor (``qwen_batch.run(plan, executor=qwen_batch.OnlineExecutor(FakeBackend()))``) to
+run a whole job -- preflight, checkpoint, output, summary -- with no service at all.
+
 ``EmulatorThread`` runs the offline DashScope emulator on its own event loop in a
 background thread, for synchronous code: the official ``dashscope`` SDK, the ``openai``
 package, or ``qwen-batch`` run as a subprocess. Async code should use
@@ -13,10 +17,31 @@ import threading
 from types import TracebackType
 
 from .emulator import EmulatorConfig, RunningEmulator, open_emulator
+from .types import Reply, Request
 
 # Starting loads the tokenizer vocabulary (about 0.3 s); give it ample room on a busy machine.
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
+
+
+class FakeBackend:
+    """Answers each request with ``text`` (``output_tokens`` long, finished by "stop"), sending nothing.
+
+    The input tokens are the preflight's exact count of the request; ``sent`` counts the
+    requests answered. Replies are cached apart from every real service's.
+    """
+
+    def __init__(self, text: str = "A short reply.", *, output_tokens: int = 4) -> None:
+        self.text = text
+        self.output_tokens = output_tokens
+        self.sent = 0
+
+    def __repr__(self) -> str:
+        return f"FakeBackend({self.text!r}, output_tokens={self.output_tokens})"
+
+    async def generate(self, request: Request) -> Reply:
+        self.sent += 1
+        return Reply(self.text, "stop", request.input_tokens, self.output_tokens, f"fake-{request.index}")
 
 
 class EmulatorThread:

@@ -7,11 +7,10 @@ makes each group of outcomes durable, then shares the new replies through the ca
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from .cache import ResponseCache
+from .cache import ServiceCache
 from .checkpoint import Checkpoint
 from .preflight import rendered
 from .render import RowProblem
@@ -19,48 +18,23 @@ from .runner import WorkItem
 from .types import Outcome, Reply, Request
 
 if TYPE_CHECKING:
-    from .job import PreparedJob
+    from .plan import JobPlan
 
 BATCH_ROWS = 2_000
 OVER_LONG_CODE = "InvalidParameter"
 
 
-EMULATOR_SERVICE = "qwen-batch built-in emulator"
-
-
-class ServiceCache:
-    """The shared response cache seen from one service (a base URL, or the built-in emulator).
-
-    A reply is reused only for the same request sent to the same service: the emulator's
-    text must never answer a real run, nor one region's endpoint another's.
-    """
-
-    def __init__(self, cache: ResponseCache, service: str) -> None:
-        self._cache = cache
-        self._prefix = f"{service.rstrip('/')}\n".encode()
-
-    def _key(self, fingerprint: str) -> str:
-        return hashlib.sha256(self._prefix + fingerprint.encode()).hexdigest()
-
-    def get_many(self, fingerprints: Sequence[str]) -> dict[str, Reply]:
-        keys = {self._key(fingerprint): fingerprint for fingerprint in fingerprints}
-        return {keys[key]: reply for key, reply in self._cache.get_many(list(keys)).items()}
-
-    def put_many(self, items: Sequence[tuple[str, Reply]]) -> None:
-        self._cache.put_many([(self._key(fingerprint), reply) for fingerprint, reply in items])
-
-
-def work_items(prepared: PreparedJob, cache: ServiceCache | None) -> Iterator[list[WorkItem]]:
+def work_items(plan: JobPlan, cache: ServiceCache | None) -> Iterator[list[WorkItem]]:
     """Rows to send, in input order, with rows decided without sending turned into outcomes.
 
     Rows an earlier run finished are skipped before rendering, and the token counts the
     preflight made are reused, so this second pass over the table is cheap.
     """
-    over_long_limit = prepared.preflight.max_input_tokens
+    over_long_limit = plan.preflight.max_input_tokens
     batches = rendered(
-        prepared.renderer,
-        prepared.table.iter_batches(batch_size=BATCH_ROWS, limit=prepared.rows),
-        prepared.resume,
+        plan.renderer,
+        plan.table.iter_batches(batch_size=BATCH_ROWS, limit=plan.rows),
+        plan.resume,
         skip_finished=True,
     )
     for batch in batches:

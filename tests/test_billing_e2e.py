@@ -13,10 +13,8 @@ from typing import Any
 import polars as pl
 import pytest
 
+import qwen_batch
 from qwen_batch.cli import main
-from qwen_batch.job import JobOptions, prepare_job
-from qwen_batch.preflight import rendered
-from qwen_batch.types import Request
 
 from .conftest import read_summary, sentences_job
 
@@ -29,13 +27,7 @@ BILLED = ["input_tokens", "output_tokens", "total_tokens", "cost"]
 
 def _counted(job: Path) -> dict[int, int]:
     """The preflight's exact input count of every row that renders to a request."""
-    prepared = prepare_job(job, JobOptions(), check_over_long=False)
-    return {
-        item.index: item.input_tokens
-        for batch in rendered(prepared.renderer, prepared.table.iter_batches())
-        for item in batch
-        if isinstance(item, Request)
-    }
+    return {request.index: request.input_tokens for request in qwen_batch.prepare(job).requests()}
 
 
 def _paid(emulator: Any) -> list[dict[str, Any]]:

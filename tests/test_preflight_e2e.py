@@ -10,10 +10,8 @@ from typing import Any
 import polars as pl
 import pytest
 
+import qwen_batch
 from qwen_batch.cli import main
-from qwen_batch.job import JobOptions, prepare_job
-from qwen_batch.preflight import rendered
-from qwen_batch.types import Request
 
 from .conftest import read_summary, sentences_job
 
@@ -23,13 +21,7 @@ OVER_LONG_TEXT = "数据" * 6100
 
 
 def _estimated_tokens(job: Path, output: Path) -> dict[int, int]:
-    prepared = prepare_job(job, JobOptions(output=output))
-    return {
-        item.index: item.input_tokens
-        for batch in rendered(prepared.renderer, prepared.table.iter_batches())
-        for item in batch
-        if isinstance(item, Request)
-    }
+    return {request.index: request.input_tokens for request in qwen_batch.prepare(job, output=output).requests()}
 
 
 @pytest.mark.parametrize("job_name", ["translate.yaml", "summarize.yaml", "eval.yaml"])

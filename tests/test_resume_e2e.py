@@ -15,6 +15,7 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
+import qwen_batch
 from qwen_batch.emulator import EmulatorConfig
 from qwen_batch.testing import EmulatorThread
 
@@ -303,16 +304,14 @@ def test_a_changed_input_row_refuses_to_resume_and_names_the_row(tmp_path: Path)
 
 
 def test_finished_rows_are_trusted_only_while_the_input_is_byte_identical(tmp_path: Path) -> None:
-    from qwen_batch.job import JobOptions, prepare_job
-
     texts = _texts(6)
     job = sentences_job(tmp_path, texts)
     with EmulatorThread(EmulatorConfig()) as emu:
         assert run_subprocess(["run", str(job), "--quiet", "--limit", "4"], _env(emu, tmp_path, "trust")).returncode == 0
-    unchanged = prepare_job(job, JobOptions())
+    unchanged = qwen_batch.prepare(job)
     assert unchanged.resume.verified and unchanged.resume.count() == 4
     assert unchanged.preflight.to_send == 2
     sentences_job(tmp_path, texts + ["appended"])
-    grown = prepare_job(job, JobOptions())
+    grown = qwen_batch.prepare(job)
     assert not grown.resume.verified and grown.resume.count() == 4
     assert grown.preflight.to_send == 3 and grown.preflight.mismatched_row_ids == ()

@@ -32,7 +32,7 @@ import httpx
 import orjson
 from httpx_aiohttp import AiohttpTransport
 
-from .. import __version__
+from ..version import __version__
 from ..apikey import key_problem
 from ..errors import (
     AuthError,

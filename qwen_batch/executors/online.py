@@ -1,0 +1,147 @@
+"""The online executor: a pool of workers sends one request per row, within the limits.
+
+It builds what ``Runner`` needs from the plan (the DashScope client, the limits, the retry
+policy, the budget) and, under ``--emulate``, starts the built-in emulator to send to. A
+test or a benchmark passes its own ``backend`` instead: then nothing is started or opened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import TYPE_CHECKING
+
+from ..budget import Budget
+from ..cache import EMULATOR_SERVICE
+from ..endpoint import base_url_key, configured_base_url, resolve_api
+from ..runner import Runner
+
+if TYPE_CHECKING:
+    from ..backends import DashScopeBackend
+    from ..errors import ConfigurationRefused
+    from ..plan import JobPlan
+    from ..runner import Backend, OutcomeSink, RunStatistics, WorkItem
+
+INJECTED_SERVICE = "qwen-batch injected backend"
+
+
+class OnlineExecutor:
+    """Sends each request as it comes, ``plan.workers`` at a time, through one backend.
+
+    ``backend``: send through this instead of the DashScope client (a test seam; its replies
+    are cached apart from every real service's, under ``service``).
+    """
+
+    def __init__(self, backend: Backend | None = None, *, service: str = INJECTED_SERVICE) -> None:
+        self._backend = backend
+        self._injected_service = service
+
+    def __repr__(self) -> str:
+        return f"OnlineExecutor(backend={self._backend!r})"
+
+    def check(self, plan: JobPlan) -> None:
+        if self._backend is None and not plan.options.emulate:
+            resolve_api(plan.spec)
+
+    def service(self, plan: JobPlan) -> str:
+        if self._backend is not None:
+            return self._injected_service
+        return EMULATOR_SERVICE if plan.options.emulate else configured_base_url(plan.spec)
+
+    @asynccontextmanager
+    async def open(self, plan: JobPlan, sink: OutcomeSink) -> AsyncIterator[OnlineExecution]:
+        async with AsyncExitStack() as stack:
+            backend, base_url = self._backend, None
+            if backend is None:
+                base_url, api_key = await _endpoint(plan, stack)
+                backend = await stack.enter_async_context(_dashscope_backend(plan, base_url, api_key))
+            yield OnlineExecution(plan, _runner(plan, backend, sink), base_url)
+
+
+async def _endpoint(plan: JobPlan, stack: AsyncExitStack) -> tuple[str, str]:
+    """Base URL and key: the built-in emulator's (started here) or the configured service's."""
+    if plan.options.emulate:
+        from ..emulator import open_emulator
+
+        emulator = await stack.enter_async_context(open_emulator())
+        return emulator.base_url, emulator.api_key or "sk-emulator"
+    return resolve_api(plan.spec)
+
+
+def _dashscope_backend(plan: JobPlan, base_url: str, api_key: str) -> DashScopeBackend:
+    from ..backends import DashScopeBackend
+
+    return DashScopeBackend(
+        base_url,
+        api_key,
+        timeout_s=plan.spec.execution.request_timeout_s,
+        max_connections=plan.workers,
+    )
+
+
+def _runner(plan: JobPlan, backend: Backend, sink: OutcomeSink) -> Runner:
+    from ..limits import Limits
+    from ..retry import RetryPolicy
+
+    rpm, tpm = plan.rate_limits
+    max_cost = plan.max_cost
+    return Runner(
+        backend,
+        sink,
+        concurrency=plan.workers,
+        limits=Limits.from_settings(rpm, tpm),
+        retry_policy=RetryPolicy(max_retries=plan.spec.execution.max_retries),
+        price=plan.price,
+        rows_total=plan.rows,
+        budget=Budget(max_cost, spent=plan.previous_cost) if max_cost is not None else None,
+        max_error_rate=plan.spec.execution.max_error_rate,
+    )
+
+
+class OnlineExecution:
+    """A running pool: ``Runner`` plus what explains its stop to the user."""
+
+    def __init__(self, plan: JobPlan, runner: Runner, base_url: str | None) -> None:
+        self._plan = plan
+        self._runner = runner
+        self._base_url = base_url
+        self.rate_limits = plan.rate_limits
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self._runner.stop_reason
+
+    @property
+    def stop_detail(self) -> str | None:
+        error = self._runner.stop_error
+        if error is None:
+            return self._runner.stop_detail
+        return _explain_stop(self._plan, error, self._base_url)
+
+    def statistics(self) -> RunStatistics:
+        return self._runner.statistics()
+
+    def request_stop(self, reason: str) -> None:
+        self._runner.request_stop(reason)
+
+    def cancel_now(self) -> None:
+        self._runner.cancel_now()
+
+    async def run(self, items: Iterator[list[WorkItem]]) -> RunStatistics:
+        return await self._runner.run(items)
+
+
+def _explain_stop(plan: JobPlan, error: ConfigurationRefused, base_url: str | None) -> str:
+    """The one line for a run stopped by a configuration error, naming where the setting came from."""
+    from .. import catalog
+    from ..configuration import explain
+
+    spec = plan.spec
+    return explain(
+        error,
+        spec=spec,
+        catalog=catalog.builtin(),
+        base_url=base_url or INJECTED_SERVICE,
+        base_url_key="the emulator's base URL" if plan.options.emulate else base_url_key(spec),
+        parameters=plan.renderer.parameters,
+    )

@@ -1,0 +1,110 @@
+"""A job checked and opened but not sent: the command line's options and the ``JobPlan``.
+
+The plan is what every later step reads (the executor, the summary, the estimate, the
+report), so it sits below all of them and imports none of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .cache import default_cache_path
+from .paths import JobPaths, job_paths
+
+if TYPE_CHECKING:
+    from .catalog import ModelInfo, Price
+    from .preflight import PreflightReport
+    from .render import Renderer
+    from .resume import ResumeIndex
+    from .spec import JobSpec
+    from .table import Table
+    from .types import Request
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """Command-line choices that override or extend the spec."""
+
+    emulate: bool = False
+    limit: int | None = None
+    concurrency: int | None = None
+    output: str | Path | None = None  # as typed: a trailing "/" means a folder
+    fresh: bool = False
+    retry_errors: bool = False
+    no_cache: bool = False
+    max_cost: float | None = None
+
+
+def checked_paths(spec: JobSpec, options: JobOptions) -> JobPaths:
+    """The job's paths with the command line's choices (``--output``, the cache), checked as a set."""
+    cache = None
+    label = "cache.path"
+    if spec.cache.enabled and not options.no_cache:
+        cache = spec.cache.path
+        if cache is None:
+            cache, label = default_cache_path(), "the response cache"
+    return job_paths(spec, options.output, cache=cache, cache_label=label)
+
+
+
+@dataclass
+class JobPlan:
+    """Everything checked and opened, nothing sent yet: what an executor executes."""
+
+    spec: JobSpec
+    options: JobOptions
+    model_info: ModelInfo | None
+    price: Price | None
+    table: Table
+    renderer: Renderer
+    rows: int
+    output_path: Path
+    checkpoint_dir: Path
+    manifest: dict[str, Any]
+    preflight: PreflightReport
+    resume: ResumeIndex
+    previous_cost: float
+    input_identity: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+    cache_path: Path | None = None  # the response cache this run reads and writes, None when off
+
+    @property
+    def summary_path(self) -> Path:
+        return self.output_path.with_name(self.output_path.name + ".summary.json")
+
+    @property
+    def max_cost(self) -> float | None:
+        return self.options.max_cost if self.options.max_cost is not None else self.spec.budget.max_cost
+
+    @property
+    def uses_cache(self) -> bool:
+        """Whether this run reads and writes the response cache (the spec allows it, no ``--no-cache``)."""
+        return self.spec.cache.enabled and not self.options.no_cache
+
+    @property
+    def workers(self) -> int:
+        """The concurrency asked for, but never more workers (and connections) than rows to send."""
+        asked = self.options.concurrency or self.spec.execution.concurrency
+        return min(asked, max(1, self.preflight.to_send))
+
+    @property
+    def rate_limits(self) -> tuple[float | None, float | None]:
+        """The spec's RPM and TPM, else the catalog's documented defaults for the model (shared/NOTES.md)."""
+        execution = self.spec.execution
+        rpm, tpm = execution.requests_per_minute, execution.tokens_per_minute
+        defaults = self.model_info.rate_limits if self.model_info else None
+        if defaults is not None:
+            rpm = rpm if rpm is not None else defaults.requests_per_minute
+            tpm = tpm if tpm is not None else defaults.tokens_per_minute
+        return rpm, tpm
+
+    def requests(self) -> Iterator[Request]:
+        """The request of every row that renders to one, in input order: rendered again, sent nowhere."""
+        from .preflight import rendered
+        from .types import Request
+
+        for batch in rendered(self.renderer, self.table.iter_batches(limit=self.rows)):
+            yield from (item for item in batch if isinstance(item, Request))
