@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import anyio
 import pytest
 
+from qwen_batch.backends.base import Completed, Event
 from qwen_batch.budget import Budget
 from qwen_batch.catalog import Price
 from qwen_batch.errors import AuthError, BadRequest, ServerError
 from qwen_batch.limits import Limits
 from qwen_batch.retry import RetryPolicy
 from qwen_batch.runner import STOP_AUTH, STOP_BUDGET, Runner
-from qwen_batch.types import Outcome, Reply, Request
+from qwen_batch.types import Outcome, Reply, Request, UnitKey
 
 
 @pytest.fixture
@@ -26,7 +27,7 @@ async def _no_sleep(_: float) -> None:
 
 
 def request(index: int, input_tokens: int = 10, max_tokens: int = 20) -> Request:
-    return Request(index, str(index), {"model": "m"}, f"{index:064x}", input_tokens, max_tokens)
+    return Request(index, str(index), "m", [], {"seed": 1}, f"{index:064x}", input_tokens, max_tokens, UnitKey(index))
 
 
 class ScriptedBackend:
@@ -37,6 +38,10 @@ class ScriptedBackend:
         self.calls: list[int] = []
         self.in_flight = 0
         self.peak_in_flight = 0
+
+    async def stream(self, req: Request) -> AsyncIterator[Event]:
+        """The Backend protocol: the scripted reply as a stream of one event."""
+        yield Completed(await self.generate(req))
 
     async def generate(self, req: Request) -> Reply:
         self.calls.append(req.index)

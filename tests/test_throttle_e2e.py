@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from qwen_batch.backends.dashscope import throttling_kind
+from qwen_batch.backends.errors import throttling_kind
 from qwen_batch.cli import main
 from qwen_batch.emulator import EmulatorConfig
 from qwen_batch.testing import EmulatorThread
