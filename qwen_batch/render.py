@@ -62,6 +62,8 @@ MSG_EMPTY_MESSAGES = "[] is too short"
 _MSG_SURROGATE = "the row's text is not valid Unicode (lone surrogate)"
 
 _ROLES = ("system", "user", "assistant")
+# UnitKey(index) through its generated __new__ costs twice this (0.45 vs 0.25 us per row).
+_new_unit = tuple.__new__
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +167,7 @@ class Renderer:
             fingerprint=hashlib.sha256(canonical).hexdigest(),
             input_tokens=input_tokens,
             max_tokens=self.max_tokens,
-            unit=UnitKey(index),
+            unit=_new_unit(UnitKey, (index, 0, 0)),
         )
 
     def fingerprint(self, index: int, row: Mapping[str, Any]) -> tuple[str, str] | RowProblem:

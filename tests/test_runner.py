@@ -115,6 +115,19 @@ async def test_a_permanent_failure_is_the_rows_error_and_not_retried() -> None:
 
 
 @pytest.mark.anyio
+async def test_every_outcome_keeps_the_model_and_seed_its_request_was_sent_with() -> None:
+    """Answered or failed, the record says what was sent, so the output need not assume the job's."""
+    backend = ScriptedBackend({1: [BadRequest("DataInspectionFailed", "no", status=400)]})
+    sink = ListSink()
+    sent = [
+        Request(i, str(i), f"model-{i}", [], {"seed": 100 + i}, f"{i:064x}", 10, 20, UnitKey(i)) for i in range(3)
+    ]
+    await make_runner(backend, sink, 3).run(iter([sent]))
+    kept = sorted((o.index, o.status, o.model, o.seed) for o in sink.outcomes)
+    assert kept == [(0, "ok", "model-0", 100), (1, "error", "model-1", 101), (2, "ok", "model-2", 102)]
+
+
+@pytest.mark.anyio
 async def test_an_auth_error_stops_the_run_at_once() -> None:
     backend = ScriptedBackend({0: [AuthError("InvalidApiKey", "Invalid API-key provided.", status=401)]})
     sink = ListSink()

@@ -28,7 +28,7 @@ from ..apikey import key_problem
 from ..errors import BackendError, ConfigError, TransportError
 from ..types import Reply, Request
 from ..wire import ERRORS, NATIVE_PATH, REQUEST_ID_HEADER, MalformedReply, native_body, parse_native_reply
-from .base import Completed, Event
+from .base import Event, WholeReply
 from .errors import TRANSPORT_EXCEPTIONS, ErrorTranslator
 
 
@@ -105,9 +105,13 @@ class DashScopeBackend:
         """Close every connection; the backend cannot be used afterwards."""
         await self._transport.aclose()
 
-    async def stream(self, request: Request) -> AsyncIterator[Event]:
-        """POST the native body of ``request``; yield the whole Reply as one ``Completed`` event,
-        or raise one ``BackendError``."""
+    def stream(self, request: Request) -> AsyncIterator[Event]:
+        """The reply to ``request`` as a stream of one ``Completed`` event; reading it raises
+        one ``BackendError`` if the request fails."""
+        return WholeReply(self._generate, request)
+
+    async def _generate(self, request: Request) -> Reply:
+        """POST the native body of ``request`` and return the Reply, or raise one ``BackendError``."""
         body = orjson.dumps(native_body(request))
         error: BackendError
         try:
@@ -117,8 +121,7 @@ class DashScopeBackend:
             error = self._errors.transport_error(exc)
         else:
             if response.status_code == 200:
-                yield Completed(self._read_reply(response, request))
-                return
+                return self._read_reply(response, request)
             error = self._errors.status_error(
                 response.status_code, response.content, response.headers, sent_parameters=request.parameters
             )
