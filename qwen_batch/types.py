@@ -20,13 +20,13 @@ class UnitKey(NamedTuple):
     variant: int = 0
     sample: int = 0
 
-    def index(self, variants: int = 1, samples: int = 1) -> int:
+    def dense_index(self, variants: int = 1, samples: int = 1) -> int:
         """The dense unit index of this key in a job of ``variants`` x ``samples`` per row."""
         return (self.row * variants + self.variant) * samples + self.sample
 
     @classmethod
-    def of_index(cls, index: int, variants: int = 1, samples: int = 1) -> UnitKey:
-        """The key whose dense index is ``index`` (the inverse of :meth:`index`)."""
+    def of_dense_index(cls, index: int, variants: int = 1, samples: int = 1) -> UnitKey:
+        """The key whose dense index is ``index`` (the inverse of :meth:`dense_index`)."""
         rest, sample = divmod(index, samples)
         row, variant = divmod(rest, variants)
         return cls(row, variant, sample)
@@ -38,7 +38,7 @@ class Request:
 
     ``messages`` and ``parameters`` are the spec-level ones (``parameters`` always holds
     ``seed``, ``max_tokens`` and ``result_format``); each backend encodes them into its own
-    wire body. ``index`` is the unit's dense index (``unit.index(...)``; today the row's
+    wire body. ``index`` is the unit's dense index (``unit.dense_index(...)``; today the row's
     position), the key of resume, cache and output join. ``fingerprint`` is a hash of the
     protocol's canonical encoding of the request, so two requests with equal fingerprints
     are the same request to the same kind of service. ``input_tokens`` is the exact count

@@ -145,15 +145,15 @@ def test_the_unit_index_is_dense_and_inverts(variants: int, samples: int, row: i
     variant = data.draw(st.integers(0, variants - 1))
     sample = data.draw(st.integers(0, samples - 1))
     key = UnitKey(row, variant, sample)
-    index = key.index(variants, samples)
+    index = key.dense_index(variants, samples)
     assert index == (row * variants + variant) * samples + sample
-    assert UnitKey.of_index(index, variants, samples) == key
+    assert UnitKey.of_dense_index(index, variants, samples) == key
 
 
 def test_units_are_numbered_without_gaps_in_row_then_variant_then_sample_order() -> None:
     keys = [UnitKey(r, v, s) for r in range(3) for v in range(2) for s in range(4)]
-    assert [key.index(2, 4) for key in keys] == list(range(len(keys)))
+    assert [key.dense_index(2, 4) for key in keys] == list(range(len(keys)))
 
 
 def test_with_one_variant_and_one_sample_the_unit_index_is_the_row() -> None:
-    assert [UnitKey(row).index() for row in range(5)] == [0, 1, 2, 3, 4]
+    assert [UnitKey(row).dense_index() for row in range(5)] == [0, 1, 2, 3, 4]
