@@ -5,8 +5,11 @@ A checkpoint is a directory next to the output (``out/x.parquet.checkpoint/``, m
 * ``manifest.json`` -- the parts of the job that decide its requests, written once (temporary
   file, fsync, ``os.replace``, fsync of the directory), so a resume can refuse a changed job;
 * ``rows.jsonl`` -- an append-only log of :class:`~qwen_batch.types.Outcome` records, one compact
-  JSON object per line; the last record for an index wins (a resume that retries an error
-  appends a newer record instead of rewriting the old one).
+  JSON object per line; the last record for a unit wins (a resume that retries an error
+  appends a newer record instead of rewriting the old one). ``index`` is the unit's dense
+  index (``types.UnitKey``; with one variant and one sample per row, the row's position),
+  and ``model`` and ``seed`` are what the unit was sent with. Records written before those
+  two were kept lack them; they read back as null, and the output fills in the job's.
 
 Why a log and not one renamed file per batch: the runner group-commits, so a million-row job
 makes tens of thousands of commits, and a file per commit would be tens of thousands of files
@@ -74,8 +77,11 @@ RECORD_SCHEMA: dict[str, pl.DataType] = {
     "attempts": pl.Int64(),
     "latency_s": pl.Float64(),
     "cached": pl.Boolean(),
-    # Added after the first release: older logs lack it and read back as null.
+    # Added after the first release: older logs lack them and read back as null.
     "preflight_input_tokens": pl.Int64(),
+    # What the unit was sent with (issue 13); null in older logs, where the job's apply.
+    "model": pl.String(),
+    "seed": pl.Int64(),
 }
 DONE_COLUMNS = ("index", "fingerprint", "status", "retryable", "cost", "cached")
 _SUMMARY_COLUMNS = (

@@ -1,6 +1,7 @@
 """The final Parquet: every input row, in input order, followed by its result columns.
 
-The result is joined from the input table and the checkpoint's records on the row position.
+The result is joined from the input table and the checkpoint's records on the unit index
+(one unit per input row today, so the row position).
 The records are first copied (streaming) into a temporary Parquet file whose row groups cover
 narrow index ranges; then each batch of input rows is joined with just the records of its
 range and handed to a pyarrow ``ParquetWriter``. Neither the input, the records nor the
@@ -78,6 +79,8 @@ _RECORD_COLUMNS = (
     "latency_s",
     "cached",
     "preflight_input_tokens",
+    "model",
+    "seed",
 )
 
 
@@ -206,8 +209,9 @@ def _result_columns(
         .alias("error_message"),
         pl.when(is_missing).then(pl.lit(0, dtype=pl.Int64)).otherwise(rec_col("attempts")).alias("attempts"),
         rec_col("latency_s").alias("latency_s"),
-        pl.lit(model, dtype=pl.String).alias("model"),
-        pl.lit(seed, dtype=pl.Int64).alias("seed"),
+        # What each unit was sent with; the job's where the record predates them or is missing.
+        rec_col("model").fill_null(pl.lit(model, dtype=pl.String)).alias("model"),
+        rec_col("seed").fill_null(pl.lit(seed, dtype=pl.Int64)).alias("seed"),
         # An older log's over-long rows kept the preflight count in input_tokens.
         rec_col("preflight_input_tokens")
         .fill_null(pl.when(~is_billed).then(rec_col("input_tokens")))
@@ -228,10 +232,13 @@ def write_results(
 ) -> WriteStats:
     """Write one output row per input row, in input order, atomically replacing ``out_path``.
 
-    ``records`` holds Outcome fields by ``index`` (the row position); when an index has
+    ``records`` holds Outcome fields by ``index``, the unit's dense index (one unit per row
+    today, so the row position); when an index has
     several records, the last one in frame order wins, so both ``Checkpoint.log_lazy()``
     (the raw log; memory stays flat) and ``Checkpoint.records_lazy()`` (already deduplicated)
-    work. A row with no record gets status "error" with ``missing=(code, message)``; without
+    work. ``model`` and ``seed`` come from each record; the ones given here are the job's,
+    for records written before they were kept and for rows without a record. A row with
+    no record gets status "error" with ``missing=(code, message)``; without
     ``missing`` it raises ValueError and the previous output is left as it was. Raises
     InputError if an input column is named like a result column, StorageError if the disk
     refuses.

@@ -18,12 +18,13 @@ import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from . import pricing
+from .backends.base import Backend, collect
 from .budget import Budget
 from .catalog import Price
 from .errors import AuthError, BackendError, ConfigurationRefused, RateLimited
 from .limits import Limits
 from .retry import RetryPolicy, call_with_retries
-from .types import Outcome, Reply, Request
+from .types import Outcome, Request
 
 WorkItem = Request | Outcome
 """A row to send, or a row already decided without sending (row problem, cache hit, over-long)."""
@@ -35,10 +36,6 @@ STOP_INTERRUPTED = "interrupted"
 STOP_ERROR_RATE = "error_rate"
 # ``execution.max_error_rate`` is judged over this many of the latest finished rows.
 ERROR_WINDOW_ROWS = 200
-
-
-class Backend(Protocol):
-    async def generate(self, request: Request) -> Reply: ...
 
 
 class OutcomeSink(Protocol):
@@ -256,7 +253,7 @@ class Runner:
         counters.in_flight += 1
         try:
             reply, attempts = await call_with_retries(
-                lambda: self._backend.generate(request),
+                lambda: collect(self._backend.stream(request)),
                 self._retry_policy,
                 before_attempt=before_attempt,
                 on_error=on_error,
@@ -283,6 +280,8 @@ class Runner:
                 attempts=attempts,
                 latency_s=self._clock() - started,
                 preflight_input_tokens=request.input_tokens,
+                model=request.model,
+                seed=request.seed,
             )
         finally:
             counters.in_flight -= 1

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import AsyncIterator
 from types import TracebackType
 
+from .backends.base import Event, WholeReply
 from .emulator import EmulatorConfig, RunningEmulator, open_emulator
 from .types import Reply, Request
 
@@ -39,7 +41,11 @@ class FakeBackend:
     def __repr__(self) -> str:
         return f"FakeBackend({self.text!r}, output_tokens={self.output_tokens})"
 
-    async def generate(self, request: Request) -> Reply:
+    def stream(self, request: Request) -> AsyncIterator[Event]:
+        """The reply as a stream of one event, as every whole-reply backend gives it."""
+        return WholeReply(self._answer, request)
+
+    async def _answer(self, request: Request) -> Reply:
         self.sent += 1
         return Reply(self.text, "stop", request.input_tokens, self.output_tokens, f"fake-{request.index}")
 

@@ -1,32 +1,63 @@
-"""Frozen value types that every layer shares: Request, Reply, Outcome."""
+"""Frozen value types that every layer shares: UnitKey, Request, Reply, Outcome."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 Status = Literal["ok", "error"]
 
 
+class UnitKey(NamedTuple):
+    """Which unit of work a request is: input row, variant (model/parameter sweep), sample.
+
+    Units are numbered densely, ``(row * variants + variant) * samples + sample``, so the
+    per-unit arrays of a resume stay flat. Today every job has one variant and one sample,
+    so a unit's index is its row's position.
+    """
+
+    row: int
+    variant: int = 0
+    sample: int = 0
+
+    def dense_index(self, variants: int = 1, samples: int = 1) -> int:
+        """The dense unit index of this key in a job of ``variants`` x ``samples`` per row."""
+        return (self.row * variants + self.variant) * samples + self.sample
+
+    @classmethod
+    def of_dense_index(cls, index: int, variants: int = 1, samples: int = 1) -> UnitKey:
+        """The key whose dense index is ``index`` (the inverse of :meth:`dense_index`)."""
+        rest, sample = divmod(index, samples)
+        row, variant = divmod(rest, variants)
+        return cls(row, variant, sample)
+
+
 @dataclass(frozen=True, slots=True)
 class Request:
-    """One row rendered into the exact DashScope request that will be sent.
+    """One unit rendered into a protocol-neutral request: what to ask, not how to say it.
 
-    ``body`` is the native JSON body (model, input.messages, parameters); ``fingerprint``
-    is a hash of it, so two requests with equal fingerprints are the same request.
-    ``input_tokens`` is the exact count DashScope will bill; ``max_tokens`` bounds the reply.
+    ``messages`` and ``parameters`` are the spec-level ones (``parameters`` always holds
+    ``seed``, ``max_tokens`` and ``result_format``); each backend encodes them into its own
+    wire body. ``index`` is the unit's dense index (``unit.dense_index(...)``; today the row's
+    position), the key of resume, cache and output join. ``fingerprint`` is a hash of the
+    protocol's canonical encoding of the request, so two requests with equal fingerprints
+    are the same request to the same kind of service. ``input_tokens`` is the exact count
+    the service will bill; ``max_tokens`` bounds the reply.
     """
 
     index: int
     row_id: str
-    body: dict[str, Any]
+    model: str
+    messages: list[dict[str, str]]
+    parameters: dict[str, Any]
     fingerprint: str
     input_tokens: int
     max_tokens: int
+    unit: UnitKey
 
     @property
-    def model(self) -> str:
-        return self.body["model"]
+    def seed(self) -> int | None:
+        return self.parameters.get("seed")
 
     @property
     def worst_case_tokens(self) -> int:
@@ -35,13 +66,22 @@ class Request:
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """What the service answered to one request."""
+    """What the service answered to one request.
+
+    The fields after ``request_id`` are for streaming and thinking models: the reasoning
+    text and its token count, the input tokens served from the service's prompt cache, and
+    the seconds from sending to the first token of a stream. None when not reported.
+    """
 
     text: str
     finish_reason: str
     input_tokens: int
     output_tokens: int
     request_id: str | None = None
+    reasoning: str | None = None
+    reasoning_tokens: int | None = None
+    cached_tokens: int | None = None
+    first_token_s: float | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -50,14 +90,16 @@ class Reply:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """The final word on one row, ok or error; errors are data, not exceptions.
+    """The final word on one unit, ok or error; errors are data, not exceptions.
 
-    ``retryable`` says whether an error may pass if the row is sent again (a resume
-    retries those). ``cached`` is true when the reply came from the response cache
-    and cost nothing this time. ``input_tokens``/``output_tokens`` are the usage the
-    reply reported (a cache hit keeps its stored reply's); ``preflight_input_tokens`` is
-    the exact count made before sending, kept apart so that a row never sent (over-long)
-    has no usage.
+    ``index`` is the unit's dense index (see ``UnitKey``); ``model`` and ``seed`` are what
+    the unit was sent with (None in records written before they were kept, and for a row
+    never rendered: the output then takes the job's). ``retryable`` says whether an error
+    may pass if the unit is sent again (a resume retries those). ``cached`` is true when the
+    reply came from the response cache and cost nothing this time.
+    ``input_tokens``/``output_tokens`` are the usage the reply reported (a cache hit keeps
+    its stored reply's); ``preflight_input_tokens`` is the exact count made before sending,
+    kept apart so that a row never sent (over-long) has no usage.
     """
 
     index: int
@@ -76,6 +118,8 @@ class Outcome:
     latency_s: float | None = None
     cached: bool = False
     preflight_input_tokens: int | None = None
+    model: str | None = None
+    seed: int | None = None
 
     @classmethod
     def answered(
@@ -103,6 +147,8 @@ class Outcome:
             latency_s=latency_s,
             cached=cached,
             preflight_input_tokens=request.input_tokens,
+            model=request.model,
+            seed=request.seed,
         )
 
     @property
@@ -114,3 +160,4 @@ class Outcome:
         if self.input_tokens is None or self.output_tokens is None:
             return None
         return self.input_tokens + self.output_tokens
+

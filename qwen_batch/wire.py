@@ -1,14 +1,20 @@
 """The DashScope wire shapes, shared by the client and the emulator.
 
-Paths, error codes with their HTTP statuses and canonical messages, and the mapping
-from a reply body to a ``Reply``. See shared/dashscope-protocol.md sections 1-4.
+Paths, error codes with their HTTP statuses and canonical messages, the native request
+body and its canonical form (what a fingerprint hashes), and the mapping from a reply body
+to a ``Reply``. See shared/dashscope-protocol.md sections 1-4.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-from .types import Reply
+from .types import Reply, Request
+
+DASHSCOPE = "dashscope"
+"""The protocol name of the native DashScope API (the only one today)."""
 
 DEFAULT_BASE_URL = "https://dashscope.aliyuncs.com/api/v1"
 NATIVE_PATH = "/services/aigc/text-generation/generation"
@@ -83,6 +89,36 @@ def native_error_body(code: str, message: str, request_id: str) -> dict[str, Any
 def compatible_error_body(code: str, message: str, request_id: str, error_type: str = "invalid_request_error") -> dict[str, Any]:
     """The OpenAI-compatible error JSON."""
     return {"error": {"message": message, "type": error_type, "param": None, "code": code}, "request_id": request_id}
+
+
+def native_body(request: Request) -> dict[str, Any]:
+    """The native JSON body of ``request``: ``{"model", "input": {"messages"}, "parameters"}``."""
+    return {"model": request.model, "input": {"messages": request.messages}, "parameters": request.parameters}
+
+
+_canonical_dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+
+CanonicalFrame = Callable[[str, Mapping[str, Any]], tuple[str, str]]
+"""``(model, parameters) -> (head, tail)``: a protocol's canonical JSON of a request is
+``head + messages + tail``, where ``messages`` is the comma-joined canonical JSON of each
+message (``{"content":...,"role":...}``). Head and tail are fixed per run, so rendering
+writes only the messages per row."""
+
+
+def native_canonical_frame(model: str, parameters: Mapping[str, Any]) -> tuple[str, str]:
+    """The fixed parts of the native body's canonical JSON (sorted keys, compact, UTF-8).
+
+    ``{"input":{"messages":[...]},"model":...,"parameters":{...}}``: exactly what
+    ``json.dumps(native_body(request), sort_keys=True, separators=(",", ":"),
+    ensure_ascii=False)`` writes, so fingerprints stay those of every earlier release.
+    """
+    head = '{"input":{"messages":['
+    tail = ']},"model":' + _canonical_dumps(model) + ',"parameters":' + _canonical_dumps(dict(parameters)) + "}"
+    return head, tail
+
+
+CANONICAL_FRAMES: dict[str, CanonicalFrame] = {DASHSCOPE: native_canonical_frame}
+"""Each protocol's canonical form, by protocol name: what the fingerprint of a request hashes."""
 
 
 class MalformedReply(ValueError):

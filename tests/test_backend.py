@@ -11,9 +11,9 @@ import aiohttp
 import httpx
 import pytest
 
-from qwen_batch.backends import DashScopeBackend
+from qwen_batch.backends import DashScopeBackend, collect
 from qwen_batch.errors import AuthError, BackendError, BadRequest, RateLimited, ServerError, TransportError, UnknownModel
-from qwen_batch.types import Reply, Request
+from qwen_batch.types import Reply, Request, UnitKey
 from qwen_batch.wire import NATIVE_PATH
 
 KEY = "sk-secret-0123456789abcdef"
@@ -21,10 +21,13 @@ BASE = "http://dashscope.test/api/v1"
 REQUEST = Request(
     index=0,
     row_id="r0",
-    body={"model": "qwen-turbo", "input": {"messages": [{"role": "user", "content": "hi"}]}, "parameters": {}},
+    model="qwen-turbo",
+    messages=[{"role": "user", "content": "hi"}],
+    parameters={"seed": 3, "max_tokens": 10, "result_format": "text"},
     fingerprint="f",
     input_tokens=5,
     max_tokens=10,
+    unit=UnitKey(0),
 )
 TEXT_REPLY = {"output": {"finish_reason": "stop", "text": "hello"}, "usage": {"input_tokens": 5, "output_tokens": 1, "total_tokens": 6}, "request_id": "rid-1"}
 MESSAGE_REPLY = {"output": {"choices": [{"finish_reason": "length", "message": {"role": "assistant", "content": "hey"}}]}, "usage": {"input_tokens": 5, "output_tokens": 2}, "request_id": "rid-2"}
@@ -41,7 +44,7 @@ def backend_for(handler) -> DashScopeBackend:
 
 async def call(handler) -> Reply:
     async with backend_for(handler) as backend:
-        return await backend.generate(REQUEST)
+        return await collect(backend.stream(REQUEST))
 
 
 async def failure(handler) -> BackendError:
@@ -79,7 +82,11 @@ async def test_sends_the_body_with_bearer_key_and_json_content_type_to_the_nativ
     assert request.headers["authorization"] == f"Bearer {KEY}"
     assert request.headers["content-type"] == "application/json"
     assert request.headers["user-agent"].startswith("qwen-batch/")
-    assert json.loads(request.content) == REQUEST.body
+    # The native body, byte for byte as before the neutral request: keys in this order, compact.
+    assert request.content == (
+        b'{"model":"qwen-turbo","input":{"messages":[{"role":"user","content":"hi"}]},'
+        b'"parameters":{"seed":3,"max_tokens":10,"result_format":"text"}}'
+    )
 
 
 @pytest.mark.anyio

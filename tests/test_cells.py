@@ -51,7 +51,7 @@ def prompts(path: Path) -> list[str | RowProblem]:
     for batch in table.iter_batches(batch_size=7):
         for row in batch:
             result = renderer.render(index, row)
-            found.append(result if isinstance(result, RowProblem) else result.body["input"]["messages"][-1]["content"])
+            found.append(result if isinstance(result, RowProblem) else result.messages[-1]["content"])
             index += 1
     return found
 

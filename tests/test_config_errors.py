@@ -6,6 +6,7 @@ The end-to-end side (the CLI against the emulator) is tests/test_config_errors_e
 from __future__ import annotations
 
 import traceback
+from collections.abc import AsyncIterator
 
 import anyio
 import httpx
@@ -13,8 +14,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qwen_batch.backends import DashScopeBackend
-from qwen_batch.backends.dashscope import configuration_error
+from qwen_batch.backends import DashScopeBackend, collect
+from qwen_batch.backends.base import Completed, Event
+from qwen_batch.backends.errors import configuration_error
 from qwen_batch.catalog import builtin
 from qwen_batch.configuration import check_model_known, check_native_path, explain
 from qwen_batch.errors import (
@@ -34,7 +36,7 @@ from qwen_batch.limits import Limits
 from qwen_batch.retry import RetryPolicy
 from qwen_batch.runner import STOP_CONFIGURATION, Runner
 from qwen_batch.spec import JobSpec
-from qwen_batch.types import Reply, Request
+from qwen_batch.types import Reply, Request, UnitKey
 from qwen_batch.wire import DEFAULT_BASE_URL, NATIVE_PATH
 
 from .test_runner import ListSink, _no_sleep, request
@@ -152,8 +154,8 @@ def test_a_message_about_the_input_is_never_a_configuration_error(text, paramete
 
 KEY = "sk-secret-config-0123456789"
 BASE = "http://dashscope.test/wrong/api/v1"
-REQUEST = Request(0, "r0", {"model": "qwen turbo", "input": {"messages": [{"role": "user", "content": "hi"}]},
-                            "parameters": {"seed": 1, "max_tokens": 10}}, "f", 5, 10)
+REQUEST = Request(0, "r0", "qwen turbo", [{"role": "user", "content": "hi"}], {"seed": 1, "max_tokens": 10}, "f", 5, 10,
+                  UnitKey(0))
 
 
 async def answer(status: int, *, json: object = None, content: bytes = b"", headers: dict | None = None) -> BackendError:
@@ -165,7 +167,7 @@ async def answer(status: int, *, json: object = None, content: bytes = b"", head
     backend = DashScopeBackend(BASE, KEY, timeout_s=5, max_connections=1, transport=httpx.MockTransport(handler))
     async with backend:
         with pytest.raises(BackendError) as info:
-            await backend.generate(REQUEST)
+            await collect(backend.stream(REQUEST))
     return info.value
 
 
@@ -214,6 +216,9 @@ class FirstFailsBackend:
         self.calls: list[int] = []
         self.in_flight = 0
         self.runner: Runner | None = None
+
+    async def stream(self, req: Request) -> AsyncIterator[Event]:
+        yield Completed(await self.generate(req))
 
     async def generate(self, req: Request) -> Reply:
         self.calls.append(req.index)

@@ -247,3 +247,15 @@ def test_summary_json_is_written_atomically(tmp_path: Path) -> None:
     (tmp_path / "blocker").write_text("file")
     with pytest.raises(StorageError, match="blocker"):
         write_summary_json(tmp_path / "blocker" / "s.json", {})
+
+
+def test_model_and_seed_come_from_each_record_and_the_jobs_fill_older_records(tmp_path: Path) -> None:
+    """A record that kept what it was sent with says so; one from before (no model/seed) takes the job's."""
+    outcomes = [ok(0, model="qwen-max", seed=11), ok(1), ok(2, model="qwen-plus", seed=None), failed(3)]
+    checkpoint = records_of(tmp_path, outcomes)
+    write_results(input_frame(5), checkpoint.records_lazy(), tmp_path / "out.parquet", model="job-model", seed=7,
+                  missing=("NotRun", "not sent"))
+    table = pl.read_parquet(tmp_path / "out.parquet")
+    assert table["model"].to_list() == ["qwen-max", "job-model", "qwen-plus", "job-model", "job-model"]
+    assert table["seed"].to_list() == [11, 7, 7, 7, 7]
+    assert pq.read_schema(tmp_path / "out.parquet").field("seed").type == pa.int64()

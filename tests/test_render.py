@@ -27,6 +27,7 @@ from qwen_batch.render import (
 from qwen_batch.spec import DEFAULT_SEED, JobSpec, resolve_model
 from qwen_batch.tokens import count_messages
 from qwen_batch.types import Request
+from qwen_batch.wire import native_body
 
 BASE: dict[str, Any] = {
     "model": "qwen-turbo",
@@ -67,7 +68,7 @@ def canonical_sha(body: dict[str, Any]) -> str:
 def test_the_body_is_exactly_the_native_shape_with_defaults_filled() -> None:
     """model/input.messages/parameters only; seed, max_tokens, result_format always; nothing else unset."""
     req = request(renderer(), {"id": "a1", "text": "你好"}, index=3)
-    assert req.body == {
+    assert native_body(req) == {
         "model": "qwen-turbo",
         "input": {"messages": [{"role": "user", "content": "Translate:\n你好"}]},
         "parameters": {"seed": DEFAULT_SEED, "max_tokens": 1500, "result_format": "text"},
@@ -83,7 +84,7 @@ def test_every_spec_parameter_lands_in_the_body_as_documented() -> None:
         "enable_search": False, "result_format": "message",
     }
     req = request(renderer(parameters=parameters), {"id": 1, "text": "x"})
-    assert req.body["parameters"] == parameters
+    assert native_body(req)["parameters"] == parameters
     assert req.max_tokens == 321
 
 
@@ -92,8 +93,8 @@ def test_the_models_own_defaults_are_used_when_the_spec_is_silent() -> None:
     info = builtin().get("qwen3-max")
     assert info is not None
     req = request(renderer(model="qwen3-max"), {"id": 1, "text": "x"})
-    assert req.body["parameters"]["max_tokens"] == info.default_max_tokens
-    assert req.body["parameters"]["result_format"] == info.default_result_format
+    assert native_body(req)["parameters"]["max_tokens"] == info.default_max_tokens
+    assert native_body(req)["parameters"]["result_format"] == info.default_result_format
 
 
 def test_an_unknown_model_needs_an_explicit_max_tokens() -> None:
@@ -104,7 +105,7 @@ def test_an_unknown_model_needs_an_explicit_max_tokens() -> None:
     limited = spec_of(model="qwen-future", model_limits={"max_output_tokens": 77})
     assert request(Renderer(limited, None), {"id": 1, "text": "x"}).max_tokens == 77
     explicit = spec_of(model="qwen-future", parameters={"max_tokens": 55})
-    assert request(Renderer(explicit, None), {"id": 1, "text": "x"}).body["parameters"]["result_format"] == "text"
+    assert native_body(request(Renderer(explicit, None), {"id": 1, "text": "x"}))["parameters"]["result_format"] == "text"
 
 
 def test_max_tokens_above_the_model_limit_is_refused_by_the_renderer_too() -> None:
@@ -117,7 +118,7 @@ def test_max_tokens_above_the_model_limit_is_refused_by_the_renderer_too() -> No
 def test_the_system_prompt_is_the_first_message() -> None:
     """prompt.system becomes a system message before the user message."""
     r = renderer(prompt={"system": "Be brief.", "template": "{text}"})
-    assert request(r, {"id": 1, "text": "q"}).body["input"]["messages"] == [
+    assert native_body(request(r, {"id": 1, "text": "q"}))["input"]["messages"] == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "q"},
     ]
@@ -130,13 +131,13 @@ def test_the_system_prompt_is_the_first_message() -> None:
 def test_braces_and_format_specifiers_in_cells_are_sent_literally(cell: str) -> None:
     """Cell data is never a template: whatever it holds is sent as it is."""
     r = renderer(prompt={"template": "A {text} B"})
-    assert request(r, {"id": 1, "text": cell}).body["input"]["messages"][0]["content"] == f"A {cell} B"
+    assert native_body(request(r, {"id": 1, "text": cell}))["input"]["messages"][0]["content"] == f"A {cell} B"
 
 
 def test_doubled_braces_in_the_template_are_literal_braces() -> None:
     """{{ and }} in the template render as { and }."""
     r = renderer(prompt={"template": '{{"q": "{text}", "n": {n}}}'})
-    content = request(r, {"id": 1, "text": "hi", "n": 3}).body["input"]["messages"][0]["content"]
+    content = native_body(request(r, {"id": 1, "text": "hi", "n": 3}))["input"]["messages"][0]["content"]
     assert content == '{"q": "hi", "n": 3}'
 
 
@@ -146,13 +147,13 @@ def test_doubled_braces_in_the_template_are_literal_braces() -> None:
 )
 def test_non_string_cells_render_as_the_file_writes_them(cell: Any, text: str) -> None:
     """Numbers as digits, booleans and lists/structs as JSON writes them (not Python's True, {'a': ...})."""
-    assert request(renderer(), {"id": 1, "text": cell}).body["input"]["messages"][0]["content"] == f"Translate:\n{text}"
+    assert native_body(request(renderer(), {"id": 1, "text": cell}))["input"]["messages"][0]["content"] == f"Translate:\n{text}"
 
 
 def test_prompt_column_sends_the_cell_as_the_user_message() -> None:
     """prompt_column: the cell is the whole prompt."""
     r = renderer(prompt={"prompt_column": "q"})
-    assert request(r, {"id": 1, "q": "{raw}"}).body["input"]["messages"] == [{"role": "user", "content": "{raw}"}]
+    assert native_body(request(r, {"id": 1, "q": "{raw}"}))["input"]["messages"] == [{"role": "user", "content": "{raw}"}]
 
 
 @pytest.mark.parametrize(
@@ -215,16 +216,16 @@ def test_a_good_conversation_is_sent_and_gets_the_system_prompt_unless_it_has_on
     """prompt.system is prepended to a conversation without a system message; a row's own one wins."""
     r = renderer(prompt={"system": "Default.", "messages_column": "c"})
     turns = conv((U, "a"), (A, "b"), (U, "c"))
-    assert request(r, {"id": 1, "c": turns}).body["input"]["messages"] == [{"role": "system", "content": "Default."}, *turns]
+    assert native_body(request(r, {"id": 1, "c": turns}))["input"]["messages"] == [{"role": "system", "content": "Default."}, *turns]
     own = conv((S, "Mine."), (U, "a"))
-    assert request(r, {"id": 1, "c": own}).body["input"]["messages"] == own
+    assert native_body(request(r, {"id": 1, "c": own}))["input"]["messages"] == own
 
 
 def test_a_conversation_may_be_a_json_string_and_extra_keys_are_dropped() -> None:
     """CSV cells hold conversations as JSON text; only role and content are sent."""
     r = renderer(prompt={"messages_column": "c"})
     cell = json.dumps([{"role": "user", "content": "hi", "name": None}])
-    assert request(r, {"id": 1, "c": cell}).body["input"]["messages"] == [{"role": "user", "content": "hi"}]
+    assert native_body(request(r, {"id": 1, "c": cell}))["input"]["messages"] == [{"role": "user", "content": "hi"}]
 
 
 def test_row_id_is_the_id_cell_as_text_or_the_row_number() -> None:
@@ -239,12 +240,12 @@ def test_fingerprint_is_the_sha256_of_the_canonical_body_and_tokens_are_exact() 
     r = renderer(prompt={"system": "Sys {not a field}", "template": "é {text} \u2028"}, parameters={"stop": "###"})
     for row in ({"id": 1, "text": 'quo"te\\ \x00 \U0001f600'}, {"id": 2, "text": "plain"}):
         req = request(r, row)
-        assert req.fingerprint == canonical_sha(req.body)
-        assert req.input_tokens == count_messages(req.body["input"]["messages"], "qwen-turbo")
+        assert req.fingerprint == canonical_sha(native_body(req))
+        assert req.input_tokens == count_messages(native_body(req)["input"]["messages"], "qwen-turbo")
     c = renderer(prompt={"messages_column": "c"})
     req = request(c, {"id": 1, "c": conv((U, "a"), (A, "b"), (U, "c"))})
-    assert req.fingerprint == canonical_sha(req.body)
-    assert req.input_tokens == count_messages(req.body["input"]["messages"], "qwen-turbo")
+    assert req.fingerprint == canonical_sha(native_body(req))
+    assert req.input_tokens == count_messages(native_body(req)["input"]["messages"], "qwen-turbo")
 
 
 def test_fingerprint_ignores_the_row_index_and_id() -> None:
@@ -287,10 +288,10 @@ def test_bodies_do_not_share_mutable_parts() -> None:
     """Changing one request's body cannot change another's (or the renderer's parameters)."""
     r = renderer(prompt={"system": "S", "template": "{text}"})
     first, second = request(r, {"id": 1, "text": "a"}), request(r, {"id": 2, "text": "b"})
-    first.body["parameters"]["seed"] = 0
-    first.body["input"]["messages"][0]["content"] = "changed"
-    assert second.body["parameters"]["seed"] == DEFAULT_SEED
-    assert second.body["input"]["messages"][0]["content"] == "S"
+    first.parameters["seed"] = 0
+    first.messages[0]["content"] = "changed"
+    assert second.parameters["seed"] == DEFAULT_SEED
+    assert second.messages[0]["content"] == "S"
     assert r.parameters["seed"] == DEFAULT_SEED
 
 
@@ -307,7 +308,7 @@ def test_render_never_raises_on_arbitrary_cells(text: Any, other: Any, index: in
     out = r.render(index, {"id": "k", "text": text, "other": other})
     assert isinstance(out, (Request, RowProblem))
     if isinstance(out, Request):
-        assert out.fingerprint == canonical_sha(out.body)
+        assert out.fingerprint == canonical_sha(native_body(out))
 
 
 _MESSAGE = st.fixed_dictionaries({"role": st.sampled_from([U, A, S, "tool", ""]) | st.text(max_size=3), "content": _CELLS})

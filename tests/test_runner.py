@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import anyio
 import pytest
 
+from qwen_batch.backends.base import Completed, Event
 from qwen_batch.budget import Budget
 from qwen_batch.catalog import Price
 from qwen_batch.errors import AuthError, BadRequest, ServerError
 from qwen_batch.limits import Limits
 from qwen_batch.retry import RetryPolicy
 from qwen_batch.runner import STOP_AUTH, STOP_BUDGET, STOP_ERROR_RATE, Runner
-from qwen_batch.types import Outcome, Reply, Request
+from qwen_batch.types import Outcome, Reply, Request, UnitKey
 
 
 @pytest.fixture
@@ -26,7 +27,7 @@ async def _no_sleep(_: float) -> None:
 
 
 def request(index: int, input_tokens: int = 10, max_tokens: int = 20) -> Request:
-    return Request(index, str(index), {"model": "m"}, f"{index:064x}", input_tokens, max_tokens)
+    return Request(index, str(index), "m", [], {"seed": 1}, f"{index:064x}", input_tokens, max_tokens, UnitKey(index))
 
 
 class ScriptedBackend:
@@ -37,6 +38,10 @@ class ScriptedBackend:
         self.calls: list[int] = []
         self.in_flight = 0
         self.peak_in_flight = 0
+
+    async def stream(self, req: Request) -> AsyncIterator[Event]:
+        """The Backend protocol: the scripted reply as a stream of one event."""
+        yield Completed(await self.generate(req))
 
     async def generate(self, req: Request) -> Reply:
         self.calls.append(req.index)
@@ -107,6 +112,19 @@ async def test_a_permanent_failure_is_the_rows_error_and_not_retried() -> None:
     assert failed.request_id == "r1" and failed.cost is None
     assert stats.errors_by_code == {"DataInspectionFailed": 1}
     assert backend.calls.count(1) == 1
+
+
+@pytest.mark.anyio
+async def test_every_outcome_keeps_the_model_and_seed_its_request_was_sent_with() -> None:
+    """Answered or failed, the record says what was sent, so the output need not assume the job's."""
+    backend = ScriptedBackend({1: [BadRequest("DataInspectionFailed", "no", status=400)]})
+    sink = ListSink()
+    sent = [
+        Request(i, str(i), f"model-{i}", [], {"seed": 100 + i}, f"{i:064x}", 10, 20, UnitKey(i)) for i in range(3)
+    ]
+    await make_runner(backend, sink, 3).run(iter([sent]))
+    kept = sorted((o.index, o.status, o.model, o.seed) for o in sink.outcomes)
+    assert kept == [(0, "ok", "model-0", 100), (1, "error", "model-1", 101), (2, "ok", "model-2", 102)]
 
 
 @pytest.mark.anyio

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from qwen_batch.backends.dashscope import throttling_kind
+from qwen_batch.backends.errors import throttling_kind
 from qwen_batch.cli import main
 from qwen_batch.emulator import EmulatorConfig, FaultRates
 from qwen_batch.limits import RATE_WINDOW_ENV

@@ -1,11 +1,28 @@
-"""Clients for the service, one per protocol, each over one shared ``httpx.AsyncClient``.
+"""Clients for the service, one per protocol, behind one streaming ``Backend`` protocol.
 
-httpx lives in this package and nowhere else. Each backend turns HTTP statuses, error
-bodies and transport exceptions into the ``BackendError`` tree in one place.
+``base`` defines the protocol, its events, and the collector; ``registry`` maps a protocol name to its backend;
+``errors`` is the one translation of HTTP statuses and transport exceptions into the error
+tree that every backend uses; ``dashscope`` is the native DashScope client. httpx and aiohttp
+live in this package and nowhere else, and are imported only when a backend is made.
 """
 
 from __future__ import annotations
 
-from .dashscope import DashScopeBackend
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["DashScopeBackend"]
+from .base import Backend, OpenBackend, collect
+from .registry import backend_factory, protocols, register_backend
+
+if TYPE_CHECKING:
+    from .dashscope import DashScopeBackend
+
+__all__ = ["Backend", "DashScopeBackend", "OpenBackend", "backend_factory", "collect", "protocols", "register_backend"]
+
+
+def __getattr__(name: str) -> Any:
+    # The client imports httpx and aiohttp (~0.1 s): only code that sends pays for it.
+    if name == "DashScopeBackend":
+        from .dashscope import DashScopeBackend
+
+        return DashScopeBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

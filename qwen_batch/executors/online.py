@@ -17,7 +17,7 @@ from ..endpoint import base_url_key, configured_base_url, resolve_api
 from ..runner import Runner
 
 if TYPE_CHECKING:
-    from ..backends import DashScopeBackend
+    from ..backends.base import OpenBackend
     from ..errors import ConfigurationRefused
     from ..plan import JobPlan
     from ..runner import Backend, OutcomeSink, RunStatistics, WorkItem
@@ -54,7 +54,7 @@ class OnlineExecutor:
             backend, base_url = self._backend, None
             if backend is None:
                 base_url, api_key = await _endpoint(plan, stack)
-                backend = await stack.enter_async_context(_dashscope_backend(plan, base_url, api_key))
+                backend = await stack.enter_async_context(_service_backend(plan, base_url, api_key))
             yield OnlineExecution(plan, _runner(plan, backend, sink), base_url)
 
 
@@ -68,10 +68,11 @@ async def _endpoint(plan: JobPlan, stack: AsyncExitStack) -> tuple[str, str]:
     return resolve_api(plan.spec)
 
 
-def _dashscope_backend(plan: JobPlan, base_url: str, api_key: str) -> DashScopeBackend:
-    from ..backends import DashScopeBackend
+def _service_backend(plan: JobPlan, base_url: str, api_key: str) -> OpenBackend:
+    """The registered backend of the job's protocol (DashScope's native one, today)."""
+    from ..backends.registry import DASHSCOPE, backend_factory
 
-    return DashScopeBackend(
+    return backend_factory(DASHSCOPE)(
         base_url,
         api_key,
         timeout_s=plan.spec.execution.request_timeout_s,

@@ -1,0 +1,47 @@
+"""The registry: protocol name -> the factory of its backend.
+
+Apart from ``base`` so that the protocol sits below every backend: a backend module imports
+``base``, and only the registry knows the backends (each imported when first made).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ..errors import ConfigError
+from ..wire import DASHSCOPE
+from .base import OpenBackend
+
+
+class BackendFactory(Protocol):
+    """Makes a backend that sends to ``base_url`` with ``api_key`` (raises ConfigError on bad settings)."""
+
+    def __call__(self, base_url: str, api_key: str, *, timeout_s: float, max_connections: int) -> OpenBackend: ...
+
+
+def _dashscope(base_url: str, api_key: str, *, timeout_s: float, max_connections: int) -> OpenBackend:
+    from .dashscope import DashScopeBackend
+
+    return DashScopeBackend(base_url, api_key, timeout_s=timeout_s, max_connections=max_connections)
+
+
+_FACTORIES: dict[str, BackendFactory] = {DASHSCOPE: _dashscope}
+
+
+def register_backend(protocol: str, factory: BackendFactory) -> None:
+    """Make ``factory`` the backend of ``protocol`` (a name such as ``"dashscope"``)."""
+    _FACTORIES[protocol] = factory
+
+
+def backend_factory(protocol: str) -> BackendFactory:
+    """The factory registered for ``protocol``; ConfigError naming the known ones if none is."""
+    try:
+        return _FACTORIES[protocol]
+    except KeyError:
+        known = ", ".join(sorted(_FACTORIES))
+        raise ConfigError(f"unknown service protocol {protocol!r}; known: {known}") from None
+
+
+def protocols() -> tuple[str, ...]:
+    """The registered protocol names, sorted."""
+    return tuple(sorted(_FACTORIES))
