@@ -62,7 +62,7 @@ class Exchange:
         self.endpoint = endpoint
         # Whether a 200 on this endpoint is paid for (the tokenizer's is not).
         self.bills = bills
-        self.request_id = new_request_id()
+        self.request_id = str(uuid.uuid4())
         self.sha = ""
         self.model: str | None = None
         self.seed: Any = None
@@ -159,7 +159,9 @@ class Pipeline:
         self._attempts: dict[str, int] = {}
         # Every generation body that parsed as JSON, in arrival order (for tests).
         self.received: list[dict[str, Any]] = []
+        # Both fixed for the emulator's life, so a request pays for neither check.
         self._random_faults = config.faults.total() > 0
+        self._rate_limited = self.limiter.active
 
     def handler(self, dialect: Dialect) -> Handler:
         """The aiohttp handler of a generation endpoint speaking ``dialect``."""
@@ -244,7 +246,7 @@ class Pipeline:
             exchange.fault = fault.name
             raise fault_error(fault)
         generation = self.generate(chat, script)
-        if self.limiter.active:
+        if self._rate_limited:
             limited = self.limiter.admit(chat.model.name, chat.input_tokens + generation.output_tokens)
             if limited:
                 raise ApiError(limited)
@@ -263,7 +265,7 @@ class Pipeline:
 
     def latency(self, sha: str, attempt: int, script: Script) -> float:
         config = self.config
-        delay = config.latency_s + script.latency(attempt)
+        delay = config.latency_s + (script.latency(attempt) if script.directives else 0.0)
         if config.latency_jitter_s:
             delay += config.latency_jitter_s * unit(config.fault_seed, sha, attempt, "latency")
         return delay
