@@ -169,7 +169,7 @@ def _tokenizer_input(body: dict[str, Any], catalog: Catalog, exchange: Exchange)
     inp = body.get("input")
     if not isinstance(inp, dict):
         raise ApiError("BadRequest.EmptyInput")
-    texts = [m.get("content") for m in inp.get("messages") or [] if isinstance(m, dict)]
+    texts: list[Any] = [m.get("content") for m in inp.get("messages") or [] if isinstance(m, dict)]
     if isinstance(inp.get("prompt"), str):
         texts.append(inp["prompt"])
     if not texts or not all(isinstance(t, str) for t in texts):
