@@ -27,12 +27,22 @@ class Dialect:
     name: str
 
     def send(self, emu: RunningEmulator, text: str, *, stream: bool = False, **parameters: Any) -> httpx.Response:
-        if self.name == "native":
-            return native(emu, prompt_body(text, **parameters), stream=stream)
-        body = {"model": "qwen-turbo", "messages": [{"role": "user", "content": text}], **parameters}
-        if stream:
-            body["stream"] = True
-        return compatible(emu, body)
+        """POST one prompt; returns once its ledger line is written too.
+
+        A stream (or a dropped connection) ends on the wire before the handler returns and
+        writes the line, so the test waits for the line, bounded, instead of racing it.
+        """
+        ledger = emu.emulator.ledger
+        expected = len(ledger) + 1
+        try:
+            if self.name == "native":
+                return native(emu, prompt_body(text, **parameters), stream=stream)
+            body = {"model": "qwen-turbo", "messages": [{"role": "user", "content": text}], **parameters}
+            if stream:
+                body["stream"] = True
+            return compatible(emu, body)
+        finally:
+            assert ledger.wait_for_entries(expected, timeout=5)
 
     def code(self, response: httpx.Response) -> str:
         """The error code as this dialect spells it on the wire."""
