@@ -129,8 +129,8 @@ def test_the_graph_sees_top_level_function_local_and_type_checking_imports(graph
     assert "qwen_batch.errors" in graph["qwen_batch.cache"]  # top level
     assert "qwen_batch.job" in graph["qwen_batch.cli"]  # inside a command function
     assert "qwen_batch.plan" in graph["qwen_batch.summary"]  # under TYPE_CHECKING only
-    assert "qwen_batch.tokens" in graph["qwen_batch.emulator.server"]  # ``from .. import tokens``
-    assert "qwen_batch" not in graph["qwen_batch.emulator.server"]
+    assert "qwen_batch.tokens" in graph["qwen_batch.emulator.pipeline"]  # ``from .. import tokens``
+    assert "qwen_batch" not in graph["qwen_batch.emulator.pipeline"]
 
 
 def test_the_cycle_finder_finds_a_circle_of_type_imports(tmp_path: Path) -> None:

@@ -3,8 +3,10 @@
 ``open_emulator(config)`` serves it inside the current event loop (an async context
 manager yielding a ``RunningEmulator``); ``qwen_batch.testing.EmulatorThread`` runs it on
 a background thread for synchronous code; ``qwen-batch emulate`` runs it from the shell.
-It imports only the shared ``wire``, ``types``, ``tokens`` and ``catalog`` modules, never
-the client it is used to test. See docs/emulator.md.
+It imports only the shared ``wire``, ``types``, ``tokens``, ``catalog`` and ``argtypes``
+modules, never the client it is used to test. Both generation endpoints run one request
+pipeline (``pipeline.py``) with their dialect (``native.py``, ``compatible.py``); the app
+and its routes are ``server.py``. See docs/emulator.md.
 """
 
 from __future__ import annotations

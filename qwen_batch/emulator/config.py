@@ -50,7 +50,7 @@ class FaultRates:
             raise ValueError(f"fault probabilities sum to {self.total():.3f}, more than 1")
 
     def total(self) -> float:
-        return sum(getattr(self, item.name) for item in fields(self))
+        return float(sum(getattr(self, item.name) for item in fields(self)))
 
     def __repr__(self) -> str:
         set_ = [f"{item.name}={getattr(self, item.name)}" for item in fields(self) if getattr(self, item.name)]

@@ -256,8 +256,8 @@ def _draft(
         target = forced_tokens + forced_tokens // 5 + 8
     else:
         target = _target_tokens(rng, median_tokens, max_draft_tokens)
-    capped = cap_tokens is not None and target > cap_tokens
-    return _compose(rng, pool, cap_tokens if capped else target), capped
+    length = min(target, cap_tokens) if cap_tokens is not None else target
+    return _compose(rng, pool, length), length < target
 
 
 def generate(
@@ -305,6 +305,7 @@ def _finish(text: str, stops: list[str], max_tokens: int, forced_tokens: int | N
 
 def _last_user_text(messages: Sequence[Mapping[str, Any]]) -> str:
     for message in reversed(messages):
-        if message.get("role") == "user" and isinstance(message.get("content"), str):
-            return message["content"]
+        content = message.get("content")
+        if message.get("role") == "user" and isinstance(content, str):
+            return content
     return "".join(m["content"] for m in messages if isinstance(m.get("content"), str))

@@ -242,7 +242,7 @@ def check_parameters(params: dict[str, Any], model: ModelInfo, *, compatible: bo
         return model.default_max_tokens or ceiling or 2048
     if not _integer(max_tokens) or max_tokens < 1 or (ceiling is not None and max_tokens > ceiling):
         raise invalid(f"Range of max_tokens should be [1, {ceiling}]")
-    return max_tokens
+    return int(max_tokens)
 
 
 def _check_input_length(messages: list[dict[str, Any]], model: ModelInfo, usage_mode: str) -> int:

@@ -1,0 +1,128 @@
+"""The OpenAI-compatible dialect (``/compatible-mode/v1/chat/completions``) and its model list.
+
+Streaming is asked for in the body (``"stream": true``); errors are OpenAI's
+``{"error": {"message", "type", "param", "code"}}``; SSE events are bare ``data:`` lines
+ending with ``data: [DONE]`` (reference section 6).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from ..catalog import Catalog
+from ..wire import REQUEST_ID_HEADER
+from .config import EmulatorConfig
+from .generate import Generation
+from .pipeline import JSON_CONTENT_TYPE, SSE_CONTENT_TYPE, Exchange, json_bytes
+from .validate import ApiError, ChatRequest, validate_compatible
+
+AUTH_MESSAGE = "Incorrect API key provided. "
+MODELS_PATH = "/compatible-mode/v1/models"
+_DONE = b"data: [DONE]\n\n"
+
+
+class CompatibleDialect:
+    """The OpenAI-compatible protocol, as the pipeline's ``Dialect``."""
+
+    endpoint = "compatible"
+    auth_message: str | None = AUTH_MESSAGE
+
+    def __init__(self, config: EmulatorConfig, catalog: Catalog) -> None:
+        self._config = config
+        self._catalog = catalog
+
+    def start(self, request: web.Request, exchange: Exchange) -> None:
+        pass  # the body says whether to stream
+
+    def note(self, body: dict[str, Any], exchange: Exchange) -> None:
+        exchange.model = body.get("model") if isinstance(body.get("model"), str) else None
+        exchange.seed = body.get("seed")
+        exchange.stream = body.get("stream") is True
+
+    def validate(self, body: dict[str, Any]) -> ChatRequest:
+        config = self._config
+        return validate_compatible(body, self._catalog, rules=config.role_rules, usage_mode=config.usage_mode)
+
+    def error_response(self, error: ApiError, exchange: Exchange, headers: dict[str, str]) -> web.Response:
+        # A stream refused before generation too: a plain JSON error, which is what the openai package parses.
+        payload = json_bytes(_error_body(error, exchange.request_id))
+        headers = {REQUEST_ID_HEADER: exchange.request_id, "Content-Type": JSON_CONTENT_TYPE, **headers}
+        return web.Response(body=payload, status=error.status, headers=headers)
+
+    def reply(self, chat: ChatRequest, generation: Generation, request_id: str, created: int) -> bytes:
+        return json_bytes({
+            "choices": [{"message": {"role": "assistant", "content": generation.text},
+                         "finish_reason": generation.finish_reason, "index": 0, "logprobs": None}],
+            "object": "chat.completion",
+            "usage": _usage(chat, generation),
+            "created": created,
+            "system_fingerprint": None,
+            "model": chat.model.name,
+            "id": f"chatcmpl-{request_id}",
+        })
+
+    def reply_stream(self, chat: ChatRequest, generation: Generation, request_id: str, created: int) -> CompatibleStream:
+        return CompatibleStream(chat, generation, request_id, created)
+
+    def models(self) -> web.Response:
+        """``GET /compatible-mode/v1/models``: the catalog's names."""
+        data = [{"id": name, "object": "model", "owned_by": "system"} for name in self._catalog.names()]
+        return web.Response(body=json_bytes({"object": "list", "data": data}), content_type=JSON_CONTENT_TYPE)
+
+
+class CompatibleStream:
+    """OpenAI chunks: a role chunk, one delta chunk per piece, a finish chunk, usage if asked, [DONE]."""
+
+    def __init__(self, chat: ChatRequest, generation: Generation, request_id: str, created: int) -> None:
+        self._chat = chat
+        self._generation = generation
+        self._request_id = request_id
+        self._common = {"object": "chat.completion.chunk", "usage": None, "created": created,
+                        "system_fingerprint": None, "model": chat.model.name, "id": f"chatcmpl-{request_id}"}
+        self.headers = {"Content-Type": SSE_CONTENT_TYPE, REQUEST_ID_HEADER: request_id}
+
+    def _chunk(self, choice: dict[str, Any]) -> bytes:
+        return _data(json_bytes({"choices": [choice], **self._common}))
+
+    def opening(self) -> tuple[bytes, ...]:
+        return (self._chunk({"delta": {"content": "", "role": "assistant"}, "index": 0, "logprobs": None,
+                             "finish_reason": None}),)
+
+    def piece(self, cumulative: str, delta: str, output_tokens: int) -> bytes:
+        return self._chunk({"finish_reason": None, "delta": {"content": delta}, "index": 0, "logprobs": None})
+
+    def error(self, error: ApiError) -> bytes:
+        return _data(json_bytes(_error_body(error, self._request_id)))
+
+    def malformed(self) -> bytes:
+        return b'data: {"choices":[{"delta":\n\n'
+
+    def closing(self) -> tuple[bytes, ...]:
+        generation = self._generation
+        finish = self._chunk({"finish_reason": generation.finish_reason, "delta": {"content": ""}, "index": 0,
+                              "logprobs": None})
+        if not self._chat.include_usage:
+            return finish, _DONE
+        usage = _data(json_bytes({**self._common, "choices": [], "usage": _usage(self._chat, generation)}))
+        return finish, usage, _DONE
+
+
+def _data(payload: bytes) -> bytes:
+    return b"data: " + payload + b"\n\n"
+
+
+def _usage(chat: ChatRequest, generation: Generation) -> dict[str, int]:
+    return {"prompt_tokens": chat.input_tokens, "completion_tokens": generation.output_tokens,
+            "total_tokens": chat.input_tokens + generation.output_tokens}
+
+
+def _error_body(error: ApiError, request_id: str) -> dict[str, Any]:
+    code = error.compatible_code
+    if error.status in (400, 401, 404, 413) and code != "data_inspection_failed":
+        error_type = "invalid_request_error"
+    else:
+        error_type = code
+    return {"error": {"message": error.message, "type": error_type, "param": None, "code": code},
+            "request_id": request_id}
