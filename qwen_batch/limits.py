@@ -46,7 +46,7 @@ ESTIMATE_MARGIN = 0.03
 # Near the estimated server limit, the ramp-up probes by this fraction of it per ramp_s at
 # first, doubling every PROBE_DOUBLING of the reaction window while no cut comes.
 PROBE_FRACTION = 0.02
-PROBE_DOUBLING = 0.05
+PROBE_DOUBLING = 0.15
 # The rate-independent share is never taken to be more than this (nearly every request
 # refused whatever the rate is an outage of its own, left to the retries).
 MAX_BASELINE = 0.9
@@ -66,6 +66,9 @@ SAMPLE_TIME = 1 / 6
 # least MIN_EXCESS and by EXCESS_SIGMAS standard deviations of that share over the sample.
 MIN_EXCESS = 0.03
 EXCESS_SIGMAS = 3.0
+# A sample refused at least this much met a full server window: what the window let through of
+# ours over its whole length is then exactly what is left for us, even early in a run.
+FULL_WINDOW_SHARE = 0.75
 
 
 def rate_window_s() -> float:
@@ -221,7 +224,10 @@ class AdaptiveThrottle:
       service's window (a full sliding window holds exactly what is left for us, however we
       paced inside it) and over the sample per second of sending (pool cool-downs do not
       count: that one sees a newcomer taking part of a window we had filled alone). Both
-      are divided by ``1 - baseline``: the share refused at random needs sending too.
+      are divided by ``1 - baseline``: the share refused at random needs sending too. A
+      sample refused ``FULL_WINDOW_SHARE`` or more met a full window: the sample's own rate
+      then says nothing (about zero got through), and the window's count is taken over its
+      whole length even early in a run (the start's burst filled it faster than it empties).
     * A cut starts a trial; no other cut until it ends, so at most one per reaction window
       (``window_s``: the service's rate-limit window, the time a sliding window needs to
       forget what we sent before the cut). From ``EARLY_VERDICT`` of the window on, a
@@ -581,9 +587,13 @@ class _RateController:
         # low). A window we filled alone says nothing of a newcomer's share: then the sample
         # does (what got through of what we sent, per second of sending). Each alone can be
         # too high, so take the lower; and send more by the share refused anyway, at random.
-        first = self._admitted.first
-        window_rate = self._admitted.count(now) / max(min(self._window_s, now - (first if first is not None else now)), 1.0)
-        estimate = min(window_rate, sent_rate * (1.0 - share)) / (1.0 - self.baseline)
+        if share >= FULL_WINDOW_SHARE:
+            estimate = self._admitted.count(now) / self._window_s
+        else:
+            first = self._admitted.first
+            sending_s = min(self._window_s, now - (first if first is not None else now))
+            estimate = min(self._admitted.count(now) / max(sending_s, 1.0), sent_rate * (1.0 - share))
+        estimate /= 1.0 - self.baseline
         target = min(base, estimate) * (1.0 - ESTIMATE_MARGIN)
         self.rate = max(self._floor, base * self._decrease, target)
         self.next_slot = max(self.next_slot, now)
