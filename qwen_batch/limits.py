@@ -611,7 +611,10 @@ class _RateController:
         """Judge the cut under test. From half a window after it (the server's window has
         forgotten most of what we sent before): right as soon as the 429 share is clearly
         lower. Anything else is judged from a whole window after it (nothing from before is
-        left there): still lower is right, no change is wrong, higher was too shallow."""
+        left there): still lower is right, no change is wrong, higher was too shallow. That
+        verdict takes ``2 * SAMPLE_ANSWERS`` answers, or a second window when fewer come: a
+        short window holds few answers, and a verdict on 20 of them restores too many cuts
+        that were right (and learns their 429s as the rate-independent share)."""
         if now <= trial.early_from:
             return
         before, n_before = trial.share_before, trial.answers_before
@@ -625,7 +628,7 @@ class _RateController:
         trial.clean_answers += answers
         trial.clean_refused += refused
         if trial.clean_answers >= 2 * SAMPLE_ANSWERS or (
-            trial.clean_answers >= MIN_SAMPLE_ANSWERS and now > trial.clean_from + self._window_s * SAMPLE_TIME
+            trial.clean_answers >= MIN_SAMPLE_ANSWERS and now > trial.clean_from + self._window_s
         ):
             after = trial.clean_refused / trial.clean_answers
             self._end_trial(now, _differs(before, n_before, after, trial.clean_answers), after)
