@@ -220,11 +220,11 @@ class AdaptiveThrottle:
       by more than its noise (``MIN_EXCESS`` and ``EXCESS_SIGMAS`` standard deviations),
       while the pool was really sending near its rate, is evidence: the rate is cut
       (multiplicative decrease), at most by ``decrease``, to 3% under the estimated limit.
-      That estimate is the lower of two rates of answers that were not refused: over the
-      service's window (a full sliding window holds exactly what is left for us, however we
-      paced inside it) and over the sample per second of sending (pool cool-downs do not
-      count: that one sees a newcomer taking part of a window we had filled alone). Both
-      are divided by ``1 - baseline``: the share refused at random needs sending too. A
+      That estimate is the lower of two rates of answers that were not refused, each per
+      second the pool could send (its own cool-downs do not count, so backoff never drags
+      the estimate down): over the service's window, and over the sample (which sees a
+      newcomer taking part of a window we had filled alone). Both are divided by
+      ``1 - baseline``: the share refused at random needs sending too. A
       sample refused ``FULL_WINDOW_SHARE`` or more met a full window: the sample's own rate
       then says nothing (about zero got through), and the window's count is taken over its
       whole length even early in a run (the start's burst filled it faster than it empties).
@@ -298,6 +298,9 @@ class AdaptiveThrottle:
         # from ``_pause_start`` to ``_cooldown_until``.
         self._pause_start = 0.0
         self._paused_before = 0.0
+        # The cool-downs of the last window, [start, end] oldest first, for the estimate of the
+        # server's limit (what got through per second the pool could send).
+        self._pauses: deque[list[float]] = deque()
         self._epoch = 0
         self._throttled = 0
         self._throttled_by_kind: dict[str, int] = {}
@@ -359,16 +362,25 @@ class AdaptiveThrottle:
             self._end_sample(now)
         self._sample.answers += 1
 
+    def _paused_since(self, start: float, now: float) -> float:
+        """Seconds spent cooling down between ``start`` and ``now``."""
+        pauses = self._pauses
+        while pauses and pauses[0][1] <= now - self._window_s:
+            pauses.popleft()
+        return sum(max(0.0, min(end, now) - max(begin, start)) for begin, end in pauses)
+
     def _end_sample(self, now: float) -> None:
         sample = self._sample
         paused = self._paused(now)
         active = max(now - sample.start - (paused - sample.paused_at_start), 1e-3)
         busy = self._busy_fraction
         cut = self._requests.judge(
-            now, sample.answers, sample.refused_requests, sample.sent / active, busy,
+            now, sample.answers, sample.refused_requests, sample.sent / active, busy, self._paused_since,
             ramp_factor=2.0 if sample.refused_bursts * 2 > sample.refused_requests else 1.0,
         )
-        cut = self._tokens.judge(now, sample.answers, sample.refused_tokens, sample.sent_tokens / active, busy) or cut
+        cut = self._tokens.judge(
+            now, sample.answers, sample.refused_tokens, sample.sent_tokens / active, busy, self._paused_since
+        ) or cut
         self._sample = _Sample(now, paused)
         if cut:
             self._successes_since_cut = 0
@@ -420,6 +432,9 @@ class AdaptiveThrottle:
         if now >= self._cooldown_until:
             self._paused_before = self._paused(now)
             self._pause_start = now
+            self._pauses.append([now, now + pause])
+        else:
+            self._pauses[-1][1] = now + pause
         self._cooldown_until = now + pause
         self._epoch += 1
         # Every waiter queues again behind the cool-down (see wait_turn).
@@ -556,10 +571,11 @@ class _RateController:
 
     def judge(
         self, now: float, answers: int, refused: int, sent_rate: float, busy_fraction: float,
-        *, ramp_factor: float = 1.0,
+        paused_since: Callable[[float, float], float], *, ramp_factor: float = 1.0,
     ) -> bool:
         """One finished sample (``sent_rate``: per second of sending time in it, cool-downs
-        excluded): feed the trial, or cut on excess 429s. True when it cut."""
+        excluded; ``paused_since(start, now)``: the pool's cool-downs in between): feed the
+        trial, or cut on excess 429s. True when it cut."""
         if answers <= 0:
             return False
         trial = self._trial
@@ -575,23 +591,27 @@ class _RateController:
             return False
         if self.rate is not None and sent_rate < busy_fraction * self.rate:
             return False  # not sending near the rate: these 429s are not about the rate
-        self._cut(now, share, answers, sent_rate, ramp_factor)
+        self._cut(now, share, answers, sent_rate, paused_since, ramp_factor)
         return True
 
-    def _cut(self, now: float, share: float, answers: int, sent_rate: float, ramp_factor: float) -> None:
+    def _cut(
+        self, now: float, share: float, answers: int, sent_rate: float,
+        paused_since: Callable[[float, float], float], ramp_factor: float,
+    ) -> None:
         before = self.rate
         base = min(before if before is not None else self.ceiling, max(sent_rate, self._floor))
-        # A sliding window that refuses us now is full: what it let through of ours over its
-        # length is what is left for us, however long we paused in it (measured over the
-        # window's length, so neither an idle start nor our own cool-downs make it high or
-        # low). A window we filled alone says nothing of a newcomer's share: then the sample
-        # does (what got through of what we sent, per second of sending). Each alone can be
-        # too high, so take the lower; and send more by the share refused anyway, at random.
+        # A window that refuses nearly everything is full: what it let through of ours over
+        # its whole length is what is left for us, however we paced or paused inside it.
+        # Otherwise it may not be full (429s at random): what got through per second the pool
+        # could send (neither an idle start nor our own cool-downs count), and the sample's
+        # own rate, which sees a newcomer taking part of a window we had filled alone. Each
+        # alone can be too high, so the lower; and send more by the share refused at random.
         if share >= FULL_WINDOW_SHARE:
             estimate = self._admitted.count(now) / self._window_s
         else:
             first = self._admitted.first
-            sending_s = min(self._window_s, now - (first if first is not None else now))
+            start = max(now - self._window_s, first if first is not None else now)
+            sending_s = now - start - paused_since(start, now)
             estimate = min(self._admitted.count(now) / max(sending_s, 1.0), sent_rate * (1.0 - share))
         estimate /= 1.0 - self.baseline
         target = min(base, estimate) * (1.0 - ESTIMATE_MARGIN)
