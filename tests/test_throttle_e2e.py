@@ -3,13 +3,13 @@
 The six cases of issue 12, scaled down: the emulator's rate window is 4 s instead of a minute
 and the throttle is told so (``QWEN_BATCH_RATE_WINDOW_S``), which scales its own time constants
 the same way. Every figure is a ratio to the configured rate or to the emulator's limit, from
-the emulator's ledger of the same run. The bounds are the issue's thresholds less a margin (case 5's
-429 share excepted: see there)
-for a loaded 2-core machine and for this scale: a 4 s window at these rates holds 60-120
-requests, so a sample of answers is a third of it and the figures move from run to run (the
-same set-up on a fake clock, tests/test_throttle_sim.py, over seeds 0-7: case 2 90-97% of
-the limit with 1.7-6.0% 429s, case 3 80-95%, case 5 2.7-3.8% 429s). The issue's thresholds
-are asserted exactly on a fake clock at DashScope's 60 s window there, and
+the emulator's ledger of the same run. The bounds are the issue's thresholds less a margin
+for a loaded 2-core machine and for this scale (case 5's 429 share excepted: see there): a 4 s
+window at these rates holds 60-120 requests, so a sample of answers is a third of it and the
+figures move from run to run (the same set-up on a fake clock, tests/test_throttle_sim.py,
+over seeds 0-7: case 2 90-97% of the limit with 1.7-6.0% 429s, case 3 80-95%, case 5
+2.7-3.8% 429s). The issue's thresholds are asserted exactly on a fake clock at DashScope's
+60 s window there, and
 ``python -m bench throttle`` records both (BENCHMARKS.md).
 """
 
