@@ -91,7 +91,7 @@ def test_case_2_against_a_server_limit_half_the_configured_one_the_run_converges
     later = [e for e in ledger if e["time"] - t0 >= 2 * WINDOW_S]
     share = sum(e["status"] == 429 for e in later) / len(later)
     report("case 2", f"{admitted:.2f}/s = {admitted / limit:.0%} of the limit, 429 share {share:.1%}")
-    assert admitted >= 0.85 * limit  # the issue: 95% (86-97% measured: bench and pytest, loaded machine)
+    assert admitted >= 0.85 * limit  # the issue: 95% (88-97% measured: bench and pytest, loaded machine)
     assert share < 0.07  # the issue: 5%
     assert read_summary(tmp_path / "out" / "result.parquet")["rows"]["ok"] == 400
 
