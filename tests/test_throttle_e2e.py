@@ -132,7 +132,7 @@ def test_case_5_another_client_takes_half_the_limit_then_stops(tmp_path: Path, m
     back = next((t for t in range(int(stop), 60) if rate(ledger, t, t + 2, (200,)) >= 0.9 * limit), None)
     report("case 5", f"429 share while it runs {share:.1%}; settled at {settled:.0%} of what is left; "
            f"90% of the limit {back - stop if back else None} s after it stops")
-    # Not the 5%: measured 4.5-22.8% over four runs (2.7-3.8% on a fake clock). When
+    # Not the 5%: 5.5-22.8% measured with this controller (2.7-3.8% on a fake clock). When
     # the first cut, at the other client's onset, is shallow (2 of 20 answers refused), the
     # 429 share barely moves with it (the other client loses the window instead), so the cut
     # is undone and that share learned as rate-independent: later cuts then need 26% refused
