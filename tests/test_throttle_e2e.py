@@ -139,7 +139,9 @@ def test_case_5_another_client_takes_half_the_limit_then_stops(tmp_path: Path, m
     # in a sample of 20. This bound guards against worse, not for the threshold.
     assert share < 0.30
     assert settled >= 0.75
-    assert back is not None and back - stop <= 2 * WINDOW_S
+    # Three windows, not two: a cut held for its verdict (a window, then 100 answers or a second
+    # window) holds the rate after the other client stops; 0-12 s measured (BENCHMARKS.md).
+    assert back is not None and back - stop <= 3 * WINDOW_S
 
 
 def test_case_6_a_heavy_fault_mix_at_the_default_limits_finishes_in_bounded_time(
