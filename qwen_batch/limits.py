@@ -46,7 +46,7 @@ ESTIMATE_MARGIN = 0.03
 # Near the estimated server limit, the ramp-up probes by this fraction of it per ramp_s at
 # first, doubling every PROBE_DOUBLING of the reaction window while no cut comes.
 PROBE_FRACTION = 0.02
-PROBE_DOUBLING = 0.05
+PROBE_DOUBLING = 0.15
 # The rate-independent share is never taken to be more than this (nearly every request
 # refused whatever the rate is an outage of its own, left to the retries).
 MAX_BASELINE = 0.9
@@ -66,6 +66,9 @@ SAMPLE_TIME = 1 / 6
 # least MIN_EXCESS and by EXCESS_SIGMAS standard deviations of that share over the sample.
 MIN_EXCESS = 0.03
 EXCESS_SIGMAS = 3.0
+# A sample refused at least this much met a full server window: what the window let through of
+# ours over its whole length is then exactly what is left for us, even early in a run.
+FULL_WINDOW_SHARE = 0.75
 
 
 def rate_window_s() -> float:
@@ -217,11 +220,14 @@ class AdaptiveThrottle:
       by more than its noise (``MIN_EXCESS`` and ``EXCESS_SIGMAS`` standard deviations),
       while the pool was really sending near its rate, is evidence: the rate is cut
       (multiplicative decrease), at most by ``decrease``, to 3% under the estimated limit.
-      That estimate is the lower of two rates of answers that were not refused: over the
-      service's window (a full sliding window holds exactly what is left for us, however we
-      paced inside it) and over the sample per second of sending (pool cool-downs do not
-      count: that one sees a newcomer taking part of a window we had filled alone). Both
-      are divided by ``1 - baseline``: the share refused at random needs sending too.
+      That estimate is the lower of two rates of answers that were not refused, each per
+      second the pool could send (its own cool-downs do not count, so backoff never drags
+      the estimate down): over the service's window, and over the sample (which sees a
+      newcomer taking part of a window we had filled alone). Both are divided by
+      ``1 - baseline``: the share refused at random needs sending too. A
+      sample refused ``FULL_WINDOW_SHARE`` or more met a full window: the sample's own rate
+      then says nothing (about zero got through), and the window's count is taken over its
+      whole length even early in a run (the start's burst filled it faster than it empties).
     * A cut starts a trial; no other cut until it ends, so at most one per reaction window
       (``window_s``: the service's rate-limit window, the time a sliding window needs to
       forget what we sent before the cut). From ``EARLY_VERDICT`` of the window on, a
@@ -292,6 +298,9 @@ class AdaptiveThrottle:
         # from ``_pause_start`` to ``_cooldown_until``.
         self._pause_start = 0.0
         self._paused_before = 0.0
+        # The cool-downs of the last window, [start, end] oldest first, for the estimate of the
+        # server's limit (what got through per second the pool could send).
+        self._pauses: deque[list[float]] = deque()
         self._epoch = 0
         self._throttled = 0
         self._throttled_by_kind: dict[str, int] = {}
@@ -353,16 +362,25 @@ class AdaptiveThrottle:
             self._end_sample(now)
         self._sample.answers += 1
 
+    def _paused_since(self, start: float, now: float) -> float:
+        """Seconds spent cooling down between ``start`` and ``now``."""
+        pauses = self._pauses
+        while pauses and pauses[0][1] <= now - self._window_s:
+            pauses.popleft()
+        return sum(max(0.0, min(end, now) - max(begin, start)) for begin, end in pauses)
+
     def _end_sample(self, now: float) -> None:
         sample = self._sample
         paused = self._paused(now)
         active = max(now - sample.start - (paused - sample.paused_at_start), 1e-3)
         busy = self._busy_fraction
         cut = self._requests.judge(
-            now, sample.answers, sample.refused_requests, sample.sent / active, busy,
+            now, sample.answers, sample.refused_requests, sample.sent / active, busy, self._paused_since,
             ramp_factor=2.0 if sample.refused_bursts * 2 > sample.refused_requests else 1.0,
         )
-        cut = self._tokens.judge(now, sample.answers, sample.refused_tokens, sample.sent_tokens / active, busy) or cut
+        cut = self._tokens.judge(
+            now, sample.answers, sample.refused_tokens, sample.sent_tokens / active, busy, self._paused_since
+        ) or cut
         self._sample = _Sample(now, paused)
         if cut:
             self._successes_since_cut = 0
@@ -414,6 +432,9 @@ class AdaptiveThrottle:
         if now >= self._cooldown_until:
             self._paused_before = self._paused(now)
             self._pause_start = now
+            self._pauses.append([now, now + pause])
+        else:
+            self._pauses[-1][1] = now + pause
         self._cooldown_until = now + pause
         self._epoch += 1
         # Every waiter queues again behind the cool-down (see wait_turn).
@@ -550,10 +571,11 @@ class _RateController:
 
     def judge(
         self, now: float, answers: int, refused: int, sent_rate: float, busy_fraction: float,
-        *, ramp_factor: float = 1.0,
+        paused_since: Callable[[float, float], float], *, ramp_factor: float = 1.0,
     ) -> bool:
         """One finished sample (``sent_rate``: per second of sending time in it, cool-downs
-        excluded): feed the trial, or cut on excess 429s. True when it cut."""
+        excluded; ``paused_since(start, now)``: the pool's cool-downs in between): feed the
+        trial, or cut on excess 429s. True when it cut."""
         if answers <= 0:
             return False
         trial = self._trial
@@ -569,21 +591,29 @@ class _RateController:
             return False
         if self.rate is not None and sent_rate < busy_fraction * self.rate:
             return False  # not sending near the rate: these 429s are not about the rate
-        self._cut(now, share, answers, sent_rate, ramp_factor)
+        self._cut(now, share, answers, sent_rate, paused_since, ramp_factor)
         return True
 
-    def _cut(self, now: float, share: float, answers: int, sent_rate: float, ramp_factor: float) -> None:
+    def _cut(
+        self, now: float, share: float, answers: int, sent_rate: float,
+        paused_since: Callable[[float, float], float], ramp_factor: float,
+    ) -> None:
         before = self.rate
         base = min(before if before is not None else self.ceiling, max(sent_rate, self._floor))
-        # A sliding window that refuses us now is full: what it let through of ours over its
-        # length is what is left for us, however long we paused in it (measured over the
-        # window's length, so neither an idle start nor our own cool-downs make it high or
-        # low). A window we filled alone says nothing of a newcomer's share: then the sample
-        # does (what got through of what we sent, per second of sending). Each alone can be
-        # too high, so take the lower; and send more by the share refused anyway, at random.
-        first = self._admitted.first
-        window_rate = self._admitted.count(now) / max(min(self._window_s, now - (first if first is not None else now)), 1.0)
-        estimate = min(window_rate, sent_rate * (1.0 - share)) / (1.0 - self.baseline)
+        # A window that refuses nearly everything is full: what it let through of ours over
+        # its whole length is what is left for us, however we paced or paused inside it.
+        # Otherwise it may not be full (429s at random): what got through per second the pool
+        # could send (neither an idle start nor our own cool-downs count), and the sample's
+        # own rate, which sees a newcomer taking part of a window we had filled alone. Each
+        # alone can be too high, so the lower; and send more by the share refused at random.
+        if share >= FULL_WINDOW_SHARE:
+            estimate = self._admitted.count(now) / self._window_s
+        else:
+            first = self._admitted.first
+            start = max(now - self._window_s, first if first is not None else now)
+            sending_s = now - start - paused_since(start, now)
+            estimate = min(self._admitted.count(now) / max(sending_s, 1.0), sent_rate * (1.0 - share))
+        estimate /= 1.0 - self.baseline
         target = min(base, estimate) * (1.0 - ESTIMATE_MARGIN)
         self.rate = max(self._floor, base * self._decrease, target)
         self.next_slot = max(self.next_slot, now)
@@ -601,7 +631,10 @@ class _RateController:
         """Judge the cut under test. From half a window after it (the server's window has
         forgotten most of what we sent before): right as soon as the 429 share is clearly
         lower. Anything else is judged from a whole window after it (nothing from before is
-        left there): still lower is right, no change is wrong, higher was too shallow."""
+        left there): still lower is right, no change is wrong, higher was too shallow. That
+        verdict takes ``2 * SAMPLE_ANSWERS`` answers, or a second window when fewer come: a
+        short window holds few answers, and a verdict on 20 of them restores too many cuts
+        that were right (and learns their 429s as the rate-independent share)."""
         if now <= trial.early_from:
             return
         before, n_before = trial.share_before, trial.answers_before
@@ -615,7 +648,7 @@ class _RateController:
         trial.clean_answers += answers
         trial.clean_refused += refused
         if trial.clean_answers >= 2 * SAMPLE_ANSWERS or (
-            trial.clean_answers >= MIN_SAMPLE_ANSWERS and now > trial.clean_from + self._window_s * SAMPLE_TIME
+            trial.clean_answers >= MIN_SAMPLE_ANSWERS and now > trial.clean_from + self._window_s
         ):
             after = trial.clean_refused / trial.clean_answers
             self._end_trial(now, _differs(before, n_before, after, trial.clean_answers), after)

@@ -190,6 +190,20 @@ async def test_a_sample_with_excess_429s_cuts_once_to_what_got_through_and_pause
 
 
 @pytest.mark.anyio
+async def test_the_pools_own_cool_down_does_not_lower_the_estimate_a_cut_goes_to() -> None:
+    """10/s through, a 5 s Retry-After, then 10/s with a quarter refused: at least 7.5/s got
+    through per second the pool could send. Counting the pause (half the 10 s window) as
+    sending time would make it about 4.6/s and cut the rate that low."""
+    throttle, clock = fake_throttle(request_rate=10.0, window_s=10.0, decrease=0.1)
+    await send(throttle, clock, 50, seconds=5.0)
+    throttle.on_throttled(throttle_429(retry_after=5.0))
+    await send(throttle, clock, 30, every=4, seconds=3.0)
+    stats = throttle.statistics()
+    assert stats.decreases == 1
+    assert stats.request_rate is not None and stats.request_rate >= 0.97 * 7.5
+
+
+@pytest.mark.anyio
 async def test_at_most_one_cut_per_reaction_window() -> None:
     throttle, clock = fake_throttle(request_rate=100.0, window_s=WINDOW_S)
     await send(throttle, clock, 60, every=2, seconds=0.6)  # half refused: cut by half
