@@ -128,7 +128,7 @@ class EmulatorConfig:
             raise ValueError("rate_window_s must be positive")
         if self.stream_chunk_tokens < 1 or self.reply_median_tokens < 1 or self.reply_max_tokens < 1:
             raise ValueError("stream_chunk_tokens, reply_median_tokens and reply_max_tokens must be >= 1")
-        if self.other_load and (len(self.other_load) != 3 or self.other_load[0] <= 0):
+        if self.other_load and self.other_load[0] <= 0:
             raise ValueError("other_load must be (requests per second > 0, start_s, end_s)")
         if any(end <= start for start, end in self.outages):
             raise ValueError("every outage must end after it starts")
