@@ -168,7 +168,8 @@ class ResponseCache:
     def __len__(self) -> int:
         with self._lock:
             try:
-                return self._db.execute("SELECT count(*) FROM replies").fetchone()[0]
+                count: int = self._db.execute("SELECT count(*) FROM replies").fetchone()[0]
+                return count
             except sqlite3.Error as exc:
                 raise self._error(f"read failed ({exc})") from None
 

@@ -38,7 +38,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 import polars as pl
@@ -191,7 +191,7 @@ def valid_length(path: Path) -> int:
     return end if _is_record_line(last) else start
 
 
-def _end_of_last_line(f: Any, limit: int) -> int:
+def _end_of_last_line(f: BinaryIO, limit: int) -> int:
     """Offset just past the last newline in the first ``limit`` bytes (0 if there is none)."""
     position = limit
     while position > 0:
@@ -210,7 +210,8 @@ def _end_of_last_line(f: Any, limit: int) -> int:
 
 def _normalised(manifest: dict[str, Any]) -> dict[str, Any]:
     """The manifest as it will read back from JSON (tuples become lists, keys strings)."""
-    return json.loads(json.dumps(manifest, sort_keys=True))
+    normalised: dict[str, Any] = json.loads(json.dumps(manifest, sort_keys=True))
+    return normalised
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:

@@ -264,7 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.handler(args)
+        handler: Callable[[argparse.Namespace], int] = args.handler  # set by add(); Namespace's fields are Any
+        return handler(args)
     except UsageError as error:
         print(f"error: {_scrubbed(str(error))}", file=sys.stderr)
         return EXIT_USAGE

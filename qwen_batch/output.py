@@ -21,7 +21,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import polars as pl
 import pyarrow as pa
@@ -30,32 +30,31 @@ import pyarrow.parquet as pq
 from .checkpoint import RECORD_SCHEMA, billed as billed_records, fsync_dir, release_memory, write_file_atomically
 from .errors import InputError, StorageError
 
-RESULT_SCHEMA = pa.schema(
-    [
-        pa.field("request_id", pa.string()),
-        pa.field("output_text", pa.string()),
-        pa.field("finish_reason", pa.string()),
-        pa.field("input_tokens", pa.int64()),
-        pa.field("output_tokens", pa.int64()),
-        pa.field("total_tokens", pa.int64()),
-        pa.field("cost", pa.float64()),
-        pa.field("status", pa.string()),
-        pa.field("error_code", pa.string()),
-        pa.field("error_message", pa.string()),
-        pa.field("attempts", pa.int64()),
-        pa.field("latency_s", pa.float64()),
-        pa.field("model", pa.string()),
-        pa.field("seed", pa.int64()),
-        pa.field("preflight_input_tokens", pa.int64()),
-    ]
-)
+_RESULT_FIELDS: list[pa.Field[pa.DataType]] = [
+    pa.field("request_id", pa.string()),
+    pa.field("output_text", pa.string()),
+    pa.field("finish_reason", pa.string()),
+    pa.field("input_tokens", pa.int64()),
+    pa.field("output_tokens", pa.int64()),
+    pa.field("total_tokens", pa.int64()),
+    pa.field("cost", pa.float64()),
+    pa.field("status", pa.string()),
+    pa.field("error_code", pa.string()),
+    pa.field("error_message", pa.string()),
+    pa.field("attempts", pa.int64()),
+    pa.field("latency_s", pa.float64()),
+    pa.field("model", pa.string()),
+    pa.field("seed", pa.int64()),
+    pa.field("preflight_input_tokens", pa.int64()),
+]
+RESULT_SCHEMA = pa.schema(_RESULT_FIELDS)
 RESULT_COLUMNS: tuple[str, ...] = tuple(RESULT_SCHEMA.names)
 # Rows per batch pulled from the query and per Parquet row group: large enough for good
 # compression and fast scans, small enough that a batch of long texts stays a few MB.
 # 10,000, not 50,000: the peak RSS of a 100,000-row write fell from 387 MB to 240 MB
 # (polars' buffers for the window join grow with the batch) for a few % more time.
 BATCH_ROWS = 10_000
-COMPRESSION = "zstd"
+COMPRESSION: Final = "zstd"
 # Input rows read at once for the join: polars' ``collect_batches`` reads ahead of a slow
 # consumer (the whole input, ~85 MB for a million short rows), a slice of the scan does not.
 READ_ROWS = 100_000
@@ -125,15 +124,17 @@ def _plain_type(dtype: pa.DataType) -> pa.DataType:
     if pa.types.is_list(dtype):
         return pa.list_(_plain_field(dtype.value_field))
     if pa.types.is_fixed_size_list(dtype):
-        return pa.list_(_plain_field(dtype.value_field), dtype.list_size)
+        size: int = dtype.list_size  # Any in the stubs, which then match list_'s overloads ambiguously
+        return pa.list_(_plain_field(dtype.value_field), size)
     if pa.types.is_struct(dtype):
         return pa.struct([_plain_field(dtype.field(i)) for i in range(dtype.num_fields)])
     if pa.types.is_dictionary(dtype):
-        return pa.dictionary(dtype.index_type, _plain_type(dtype.value_type), dtype.ordered)
+        # pyarrow-stubs 20 take only basic value types here; Arrow takes any (a dictionary of lists).
+        return pa.dictionary(dtype.index_type, _plain_type(dtype.value_type), dtype.ordered)  # type: ignore[call-overload, no-any-return]
     return dtype
 
 
-def _plain_field(field: pa.Field) -> pa.Field:
+def _plain_field(field: pa.Field[pa.DataType]) -> pa.Field[pa.DataType]:
     return field.with_type(_plain_type(field.type))
 
 

@@ -7,9 +7,9 @@ limit, and whether rows already in a checkpoint still render to the same request
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from .catalog import Price
 from .render import Renderer, RowProblem
@@ -51,13 +51,30 @@ class PreflightReport:
     mismatched_row_ids: tuple[str, ...]
 
 
+# Only a resume that keeps its finished rows checks them as DoneRows: skipping them yields none.
+@overload
 def rendered(
     renderer: Renderer,
-    batches: Iterator[Sequence[dict]],
+    batches: Iterable[Sequence[Mapping[str, Any]]],
+    resume: ResumeIndex | None = None,
+    *,
+    skip_finished: Literal[True],
+) -> Iterator[Sequence[Request | RowProblem]]: ...
+@overload
+def rendered(
+    renderer: Renderer,
+    batches: Iterable[Sequence[Mapping[str, Any]]],
     resume: ResumeIndex | None = None,
     *,
     skip_finished: bool = False,
-) -> Iterator[list[Request | RowProblem | DoneRow]]:
+) -> Iterator[Sequence[Request | RowProblem | DoneRow]]: ...
+def rendered(
+    renderer: Renderer,
+    batches: Iterable[Sequence[Mapping[str, Any]]],
+    resume: ResumeIndex | None = None,
+    *,
+    skip_finished: bool = False,
+) -> Iterator[Sequence[Request | RowProblem | DoneRow]]:
     """Render each batch of rows; the index is the row's position in the table.
 
     With ``resume``, token counts it already knows are reused, and rows an earlier run
@@ -68,7 +85,7 @@ def rendered(
     render = renderer.render
     if resume is None:
         for batch in batches:
-            out = []
+            out: list[Request | RowProblem | DoneRow] = []
             for row in batch:
                 out.append(render(index, row))
                 index += 1
@@ -77,7 +94,7 @@ def rendered(
     finished, known = resume.finished, resume.input_tokens
     fingerprint, max_tokens = renderer.fingerprint, renderer.max_tokens
     for batch in batches:
-        out: list[Request | RowProblem | DoneRow] = []
+        out = []
         for row in batch:
             if finished[index]:
                 if skip_finished:
@@ -98,7 +115,7 @@ def rendered(
 
 
 def run_preflight(
-    batches: Iterator[list[Request | RowProblem | DoneRow]],
+    batches: Iterable[Sequence[Request | RowProblem | DoneRow]],
     *,
     max_input_tokens: int | None,
     resume: ResumeIndex | None = None,
@@ -125,7 +142,7 @@ def run_preflight(
     first_problem: RowProblem | None = None
     known = resume.input_tokens if resume is not None else None
     for batch in batches:
-        candidates: list[Request] = []
+        candidates: list[Request | DoneRow] = []
         for item in batch:
             rows += 1
             if isinstance(item, RowProblem):

@@ -115,7 +115,8 @@ def record_input_identity(checkpoint_dir: Path, identity: dict[str, Any]) -> Non
 
 def _same_input_as_before(checkpoint_dir: Path, identity: dict[str, Any]) -> bool:
     try:
-        return json.loads((checkpoint_dir / INPUT_IDENTITY_FILE).read_text(encoding="utf-8")) == identity
+        recorded: object = json.loads((checkpoint_dir / INPUT_IDENTITY_FILE).read_text(encoding="utf-8"))
+        return recorded == identity
     except (OSError, ValueError):
         return False
 

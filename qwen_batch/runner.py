@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import anyio
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.abc import ObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from . import pricing
 from .backends.base import Backend, collect
@@ -203,9 +204,10 @@ class Runner:
                 if isinstance(item, Outcome):
                     outcome = item
                 else:
-                    outcome = await self._send_within_budget(item)
-                    if outcome is None:
+                    sent = await self._send_within_budget(item)
+                    if sent is None:
                         return
+                    outcome = sent
                 # Not a new request until this row is on disk (shared/NOTES.md, "Crash safety").
                 await commits.wait_durable(outcome)
         finally:
@@ -377,7 +379,7 @@ class _Feed:
     worker leaves, the stream is closed so a producer blocked on a full stream stops.
     """
 
-    def __init__(self, receive: ObjectReceiveStream[Sequence[WorkItem]], *, workers: int) -> None:
+    def __init__(self, receive: MemoryObjectReceiveStream[Sequence[WorkItem]], *, workers: int) -> None:
         self._receive = receive
         self._items: Iterator[WorkItem] = iter(())
         self._lock = anyio.Lock()

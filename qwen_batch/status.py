@@ -58,6 +58,7 @@ def job_status(spec_path: Path, options: JobOptions) -> JobStatus:
             # A checkpoint with no rows is taken over by a changed job (Checkpoint.open).
             if done.rows_done:
                 changed = manifest_changes(checkpoint.manifest, request_manifest(spec, Renderer(spec, model_info)))
+    assert spec.name is not None  # load_spec names every spec (after its file, by default)
     return JobStatus(
         name=spec.name,
         rows=table.num_rows,

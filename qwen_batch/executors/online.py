@@ -17,10 +17,10 @@ from ..endpoint import base_url_key, configured_base_url, resolve_api
 from ..runner import Runner
 
 if TYPE_CHECKING:
-    from ..backends.base import OpenBackend
+    from ..backends.base import Backend, OpenBackend
     from ..errors import ConfigurationRefused
     from ..plan import JobPlan
-    from ..runner import Backend, OutcomeSink, RunStatistics, WorkItem
+    from ..runner import OutcomeSink, RunStatistics, WorkItem
 
 INJECTED_SERVICE = "qwen-batch injected backend"
 
@@ -70,7 +70,8 @@ async def _endpoint(plan: JobPlan, stack: AsyncExitStack) -> tuple[str, str]:
 
 def _service_backend(plan: JobPlan, base_url: str, api_key: str) -> OpenBackend:
     """The registered backend of the job's protocol (DashScope's native one, today)."""
-    from ..backends.registry import DASHSCOPE, backend_factory
+    from ..backends.registry import backend_factory
+    from ..wire import DASHSCOPE
 
     return backend_factory(DASHSCOPE)(
         base_url,
