@@ -14,10 +14,15 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, NotRequired, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 CATALOG_PATH = Path(__file__).with_name("data") / "models.json"
 CURRENCY = "CNY"
+ThinkingMode = Literal["none", "hybrid", "only"]
+"""``none``: never thinks; ``hybrid``: ``enable_thinking`` turns it on or off; ``only``: always thinks."""
+NativePath = Literal["text", "multimodal"]
+"""Which native path a model answers on: text-generation or multimodal-generation."""
+
 # Names longer than this get no did-you-mean hint (difflib's cost grows with the product of lengths).
 MAX_SUGGESTED_NAME_CHARS = 100
 
@@ -29,6 +34,14 @@ class PriceTier:
     up_to_input_tokens: int | None
     input_per_million: float
     output_per_million: float
+    thinking_output_per_million: float | None = None
+
+    @property
+    def reasoning_per_million(self) -> float:
+        """What a reasoning token costs: the thinking price, else the output price."""
+        if self.thinking_output_per_million is not None:
+            return self.thinking_output_per_million
+        return self.output_per_million
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +85,12 @@ class ModelInfo:
     limits_source: str = ""
     price: Price | None = None
     rate_limits: RateLimits | None = None
+    thinking: ThinkingMode = "none"
+    thinking_default: bool = False
+    thinking_needs_stream: bool = False
+    stream_only: bool = False
+    native_path: NativePath = "text"
+    max_thinking_tokens: int | None = None
 
     def with_overrides(self, **changes: Any) -> ModelInfo:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -82,6 +101,7 @@ class _TierJson(TypedDict):
     up_to_input_tokens: NotRequired[int | None]
     input: float
     output: float
+    thinking_output: NotRequired[float | None]
 
 
 class _PriceJson(TypedDict):
@@ -105,6 +125,12 @@ class ModelJson(TypedDict, total=False):
     limits_source: str
     price: _PriceJson | None
     rate_limits: _RateLimitsJson | None
+    thinking: ThinkingMode
+    thinking_default: bool
+    thinking_needs_stream: bool
+    stream_only: bool
+    native_path: NativePath
+    max_thinking_tokens: int | None
 
 
 def model_from_dict(name: str, data: ModelJson) -> ModelInfo:
@@ -114,7 +140,12 @@ def model_from_dict(name: str, data: ModelJson) -> ModelInfo:
     if price_data:
         price = Price(
             tiers=tuple(
-                PriceTier(t.get("up_to_input_tokens"), float(t["input"]), float(t["output"]))
+                PriceTier(
+                    t.get("up_to_input_tokens"),
+                    float(t["input"]),
+                    float(t["output"]),
+                    _optional_float(t.get("thinking_output")),
+                )
                 for t in price_data["tiers"]
             ),
             currency=price_data.get("currency", CURRENCY),
@@ -134,7 +165,17 @@ def model_from_dict(name: str, data: ModelJson) -> ModelInfo:
         limits_source=data.get("limits_source", ""),
         price=price,
         rate_limits=limits,
+        thinking=data.get("thinking", "none"),
+        thinking_default=data.get("thinking_default", False),
+        thinking_needs_stream=data.get("thinking_needs_stream", False),
+        stream_only=data.get("stream_only", False),
+        native_path=data.get("native_path", "text"),
+        max_thinking_tokens=data.get("max_thinking_tokens"),
     )
+
+
+def _optional_float(value: float | None) -> float | None:
+    return None if value is None else float(value)
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,8 @@ class Request:
     position), the key of resume, cache and output join. ``fingerprint`` is a hash of the
     protocol's canonical encoding of the request, so two requests with equal fingerprints
     are the same request to the same kind of service. ``input_tokens`` is the exact count
-    the service will bill; ``max_tokens`` bounds the reply.
+    the service will bill; ``max_tokens`` bounds the visible answer and ``reasoning_cap`` the
+    reasoning a thinking model may bill on top of it (0 when the request does not think).
     """
 
     index: int
@@ -54,6 +55,7 @@ class Request:
     input_tokens: int
     max_tokens: int
     unit: UnitKey
+    reasoning_cap: int = 0
 
     @property
     def seed(self) -> int | None:
@@ -61,7 +63,7 @@ class Request:
 
     @property
     def worst_case_tokens(self) -> int:
-        return self.input_tokens + self.max_tokens
+        return self.input_tokens + self.max_tokens + self.reasoning_cap
 
 
 @dataclass(frozen=True, slots=True)
