@@ -82,6 +82,10 @@ RECORD_SCHEMA: dict[str, pl.DataType] = {
     # What the unit was sent with (issue 13); null in older logs, where the job's apply.
     "model": pl.String(),
     "seed": pl.Int64(),
+    # A thinking model's reasoning and a stream's first token (issue 14); null in older logs.
+    "reasoning_text": pl.String(),
+    "reasoning_tokens": pl.Int64(),
+    "first_token_s": pl.Float64(),
 }
 DONE_COLUMNS = ("index", "fingerprint", "status", "retryable", "cost", "cached")
 _SUMMARY_COLUMNS = (

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .cache import default_cache_path
+from .modes import Mode
 from .paths import JobPaths, job_paths
 
 if TYPE_CHECKING:
@@ -70,6 +71,8 @@ class JobPlan:
     input_identity: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
     cache_path: Path | None = None  # the response cache this run reads and writes, None when off
+    # How requests are sent (stream, thinking, native path); the default is today's plain text call.
+    mode: Mode = field(default_factory=lambda: Mode(False, False, "text", True, 0))
 
     @property
     def summary_path(self) -> Path:

@@ -101,7 +101,10 @@ class Outcome:
     reply came from the response cache and cost nothing this time.
     ``input_tokens``/``output_tokens`` are the usage the reply reported (a cache hit keeps
     its stored reply's); ``preflight_input_tokens`` is the exact count made before sending,
-    kept apart so that a row never sent (over-long) has no usage.
+    kept apart so that a row never sent (over-long) has no usage. ``reasoning_text`` and
+    ``reasoning_tokens`` are a thinking model's reasoning (``output_tokens`` includes its
+    tokens; an answered row without reasoning has None and 0); ``first_token_s`` is the time
+    from the final attempt's send to its first streamed token (None when not streamed).
     """
 
     index: int
@@ -122,6 +125,9 @@ class Outcome:
     preflight_input_tokens: int | None = None
     model: str | None = None
     seed: int | None = None
+    reasoning_text: str | None = None
+    reasoning_tokens: int | None = None
+    first_token_s: float | None = None
 
     @classmethod
     def answered(
@@ -151,6 +157,9 @@ class Outcome:
             preflight_input_tokens=request.input_tokens,
             model=request.model,
             seed=request.seed,
+            reasoning_text=reply.reasoning,
+            reasoning_tokens=reply.reasoning_tokens or 0,
+            first_token_s=reply.first_token_s,
         )
 
     @property
