@@ -31,6 +31,8 @@ NON_SAMPLING_PARAMETERS = frozenset(
     {"max_tokens", "stop", "incremental_output", "result_format", "stream", "stream_options",
      "enable_thinking", "thinking_budget"}
 )
+# One-token endings that fill a thought cut short of its budget by a split character.
+_TOP_UP_MARKS = ("\n", "。", ".", " ")
 # Mixed into the draft seed for the reasoning, so the thought is not the answer's own text.
 _REASONING_SALT = 0x7468696E6B696E67
 # The service's default seed when none is sent (seed API page); omitting it equals sending it.
@@ -361,8 +363,8 @@ def cut_exactly(text: str, limit: int, model: str) -> tuple[str, list[int]]:
     """A prefix of ``text`` that encodes to exactly ``limit`` tokens where one exists near the cut.
 
     A budget is met exactly by the service (WAVE2 A.2); a cut inside a character or a
-    re-merge at the edge can miss by one, so a few longer prefixes are tried before
-    falling back to the longest one under the limit.
+    re-merge at the edge can miss, so a few longer prefixes are tried, then the longest one
+    under the limit is topped up with one-token marks.
     """
     ids = tokens.encode(text, model)
     if len(ids) <= limit:
@@ -373,7 +375,14 @@ def cut_exactly(text: str, limit: int, model: str) -> tuple[str, list[int]]:
             again = tokens.encode(prefix, model)
             if len(again) == limit:
                 return prefix, again
-    return cut_to_tokens(text, limit, model, ids)
+    prefix, again = cut_to_tokens(text, limit, model, ids)
+    for mark in _TOP_UP_MARKS * 4:  # a split character leaves at most a few tokens to fill
+        if len(again) == limit:
+            break
+        longer = tokens.encode(prefix + mark, model)
+        if len(longer) == len(again) + 1:
+            prefix, again = prefix + mark, longer
+    return prefix, again
 
 
 def _finish(text: str, stops: list[str], max_tokens: int, forced_tokens: int | None, model: str) -> Generation:
