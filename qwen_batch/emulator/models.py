@@ -145,9 +145,19 @@ BEHAVIOURS: Mapping[str, Behaviour] = {
 }
 
 
+# Whole families (WAVE2 A.1 names them as families), for snapshots and sizes the table does not list.
+_FAMILIES: tuple[tuple[str, Behaviour], ...] = (
+    ("qwen3.5", _QWEN35_PLUS), ("qwen3.6", _QWEN35_PLUS), ("qwen3.7", _QWEN35_PLUS), ("qwen3.8", _QWEN35_PLUS),
+    ("qvq", _QVQ), ("qwq", _QWQ),
+)
+
+
 def behaviour(model: str) -> Behaviour:
-    """The behaviour of ``model``; a model not in the table is a classic text model."""
-    return BEHAVIOURS.get(model, CLASSIC)
+    """The behaviour of ``model``: its entry, else its family's; any other model is a classic text model."""
+    rules = BEHAVIOURS.get(model)
+    if rules is not None:
+        return rules
+    return next((rules for prefix, rules in _FAMILIES if model.startswith(prefix)), CLASSIC)
 
 
 _LIMITS_35 = ("262,144 context per the zh Batch page ('单次请求的上下文 Token 数最大支持 256K', WAVE2 E.1); "

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..catalog import Catalog, ModelInfo
 from ..wire import ERRORS
-from .models import NativePath, behaviour
+from .models import Behaviour, NativePath, behaviour
 from .usage import input_tokens as count_input
 
 SEED_MAX_NATIVE = 2**63 - 1
@@ -316,7 +316,8 @@ def validate_native(
 ) -> ChatRequest:
     """A native body on ``path`` → ChatRequest, or ApiError in the service's order of checks."""
     model = _model(catalog, body, compatible=False)
-    if behaviour(model.name).path != path:
+    model_rules = behaviour(model.name)
+    if model_rules.path != path:
         # A stream hears it as HTTP 200 with an SSE error event (tongyi.py: "the url error also
         # arrives as a 200 SSE error event").
         raise ApiError("InvalidParameter", URL_ERROR, 400, stream_status=200)
@@ -339,17 +340,16 @@ def validate_native(
         raise invalid(RESULT_FORMAT_INVALID)
     if multimodal:
         result_format = "message"  # the multimodal path always answers with choices
-    incremental = _incremental(params.get("incremental_output"), model.name, stream)
-    thinking, budget = check_thinking(params, model.name, stream=stream, result_format=result_format,
+    incremental = _incremental(params.get("incremental_output"), model_rules, stream)
+    thinking, budget = check_thinking(params, model.name, model_rules, stream=stream, result_format=result_format,
                                       incremental=incremental)
     count = _check_input_length(messages, model, usage_mode)
     return ChatRequest(model, messages, params, max_tokens, result_format, incremental, count,
                        stream=stream, thinking=thinking, thinking_budget=budget)
 
 
-def _incremental(value: Any, model: str, stream: bool) -> bool:
+def _incremental(value: Any, rules: Behaviour, stream: bool) -> bool:
     """The effective ``incremental_output``: the model's default when not sent; a locked false refused."""
-    rules = behaviour(model)
     if value is None:
         return rules.incremental_default
     # Only checked on a stream, where the parameter means something (UNCONFIRMED otherwise).
@@ -359,13 +359,13 @@ def _incremental(value: Any, model: str, stream: bool) -> bool:
 
 
 def check_thinking(
-    params: dict[str, Any], model: str, *, stream: bool, result_format: str, incremental: bool
+    params: dict[str, Any], model: str, rules: Behaviour, *, stream: bool, result_format: str, incremental: bool
 ) -> tuple[bool, int]:
-    """Whether the request thinks, and its budget; or the documented refusal (PROTO §1.3, WAVE2 A.1).
+    """Whether a request to ``model`` (behaving as ``rules``) thinks, and its budget; or the
+    documented refusal (PROTO §1.3, WAVE2 A.1).
 
     A ``thinking_budget`` on a request that does not think is ignored (UNCONFIRMED).
     """
-    rules = behaviour(model)
     enable = params.get("enable_thinking")
     if enable is not None and not isinstance(enable, bool):
         raise invalid(ENABLE_THINKING_NOT_BOOLEAN)
@@ -413,7 +413,8 @@ def validate_compatible(body: dict[str, Any], catalog: Catalog, *, rules: str, u
     options = body.get("stream_options")
     include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
     # Compatible mode has no result_format and streams deltas only (reference section 6).
-    thinking, budget = check_thinking(params, model.name, stream=stream, result_format="message", incremental=True)
+    thinking, budget = check_thinking(params, model.name, behaviour(model.name), stream=stream, result_format="message",
+                                      incremental=True)
     count = _check_input_length(messages, model, usage_mode)
     return ChatRequest(model, messages, params, max_tokens, "message", True, count, stream, include_usage,
                        thinking=thinking, thinking_budget=budget)

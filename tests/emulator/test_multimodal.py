@@ -134,3 +134,13 @@ def test_faults_work_on_the_multimodal_path(emu: RunningEmulator) -> None:
     assert final["output"]["choices"][0]["finish_reason"] == "stop"
     throttled = _multimodal(emu, _body("x [[emu: fail=Throttling.RateQuota times=1]]"))
     assert throttled.status_code == 429 and throttled.json()["code"] == "Throttling.RateQuota"
+
+
+def test_a_new_snapshot_of_a_multimodal_family_is_bound_to_its_path(start_emulator: Any) -> None:
+    from qwen_batch.catalog import ModelInfo
+
+    name = "qwen3.6-plus-2026-09-01"
+    emu = start_emulator(extra_models={name: ModelInfo(name, 262144, 196608, 65536, 65536, "message")})
+    assert _multimodal(emu, _body("hi", model=name)).status_code == 200
+    wrong = native(emu, {"model": name, "input": {"prompt": "hi"}, "parameters": {}})
+    assert wrong.status_code == 400 and wrong.json()["message"] == URL_ERROR
