@@ -66,37 +66,41 @@ _COMMERCIAL_HYBRID = Behaviour(
     "the FAQ says otherwise: UNCONFIRMED, the emulator follows the API ref); max thinking length UNCONFIRMED",
     thinking_stream_only=True, stream_only_message=THINKING_NEEDS_STREAM, max_thinking_tokens=38912,
 )
-_QWEN3_OPEN = Behaviour(
-    "hybrid", True, "text",
+
+
+def _streamed_thinker(thinking: ThinkingMode, path: NativePath, source: str, message: str, max_thinking: int) -> Behaviour:
+    """A model that thinks by default and only streams while it does, with ``incremental_output`` locked on."""
+    return Behaviour(thinking, True, path, source, thinking_stream_only=True, stream_only_message=message,
+                     incremental_default=True, incremental_locked=True, max_thinking_tokens=max_thinking)
+
+
+_QWEN3_OPEN = _streamed_thinker(
+    "hybrid", "text",
     "WAVE2 A.1 (Qwen3 open: default true, stream only while thinking, the 400 text of langchain4j#3974); "
     "PROTO §1.3 (incremental_output default true, false refused); max thinking length UNCONFIRMED",
-    thinking_stream_only=True, stream_only_message=THINKING_NEEDS_STREAM,
-    incremental_default=True, incremental_locked=True, max_thinking_tokens=38912,
+    THINKING_NEEDS_STREAM, 38912,
 )
-_QWEN3_THINKING_2507 = Behaviour(
-    "only", True, "text",
+_QWEN3_THINKING_2507 = _streamed_thinker(
+    "only", "text",
     "WAVE2 A.1 (Qwen3 -thinking-2507: thinking only; stream only UNCONFIRMED for DashScope, so the QwQ text "
     "is used, UNCONFIRMED); max thinking length UNCONFIRMED",
-    thinking_stream_only=True, stream_only_message=QWQ_STREAM_ONLY,
-    incremental_default=True, incremental_locked=True, max_thinking_tokens=81920,
+    QWQ_STREAM_ONLY, 81920,
 )
 _QWEN3_INSTRUCT_2507 = Behaviour(
     "none", False, "text", "WAVE2 A.1 (Qwen3 -instruct-2507: 'does not support enable_thinking')",
     incremental_default=True, incremental_locked=True,
 )
-_QWQ = Behaviour(
-    "only", True, "text",
+_QWQ = _streamed_thinker(
+    "only", "text",
     "WAVE2 A.1 (QwQ: thinking only, every non-streaming call refused, ragflow#5912 text with its trailing space; "
     "native shape UNCONFIRMED); PROTO §1.3 (incremental_output locked); max thinking length UNCONFIRMED",
-    thinking_stream_only=True, stream_only_message=QWQ_STREAM_ONLY,
-    incremental_default=True, incremental_locked=True, max_thinking_tokens=32768,
+    QWQ_STREAM_ONLY, 32768,
 )
-_QVQ = Behaviour(
-    "only", True, "multimodal",
+_QVQ = _streamed_thinker(
+    "only", "multimodal",
     "WAVE2 A.1 (QVQ: thinking only, stream only, multimodal path; refusal text UNCONFIRMED, QwQ's used); "
     "PROTO §1.3 (incremental_output locked); max thinking length UNCONFIRMED",
-    thinking_stream_only=True, stream_only_message=QWQ_STREAM_ONLY,
-    incremental_default=True, incremental_locked=True, max_thinking_tokens=16384,
+    QWQ_STREAM_ONLY, 16384,
 )
 _QWEN35_PLUS = Behaviour(
     "hybrid", True, "multimodal",

@@ -22,12 +22,6 @@ MULTIMODAL_PATH = "/services/aigc/multimodal-generation/generation"
 URL_ERROR = "url error, please check url！"
 
 
-@pytest.fixture
-def sdk(emu: RunningEmulator, monkeypatch: pytest.MonkeyPatch) -> RunningEmulator:
-    monkeypatch.setattr(dashscope, "base_http_api_url", emu.base_url)
-    return emu
-
-
 def _converse(sdk: RunningEmulator, model: str, content: Any, **parameters: Any) -> Any:
     messages = [{"role": "user", "content": content}]
     return dashscope.MultiModalConversation.call(model=model, messages=messages, api_key=sdk.api_key, **parameters)

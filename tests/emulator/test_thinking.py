@@ -22,13 +22,6 @@ QWQ_MESSAGE = "This model only support stream mode, please enable the stream par
 THINKING_NEEDS_STREAM = "parameter.enable_thinking must be set to false for non-streaming calls"
 
 
-@pytest.fixture
-def sdk(emu: RunningEmulator, monkeypatch: pytest.MonkeyPatch) -> RunningEmulator:
-    """The dashscope SDK pointed at the emulator."""
-    monkeypatch.setattr(dashscope, "base_http_api_url", emu.base_url)
-    return emu
-
-
 def _call(sdk: RunningEmulator, model: str, prompt: str = "What is 1+1?", **parameters: Any) -> Any:
     return dashscope.Generation.call(model=model, prompt=prompt, api_key=sdk.api_key, **parameters)
 
