@@ -71,13 +71,11 @@ class NativeDialect:
         return web.Response(body=payload, status=error.status, headers=headers)
 
     def reply(self, chat: ChatRequest, generation: Generation, request_id: str, created: int) -> bytes:
-        if chat.thinking:
-            message = {"role": "assistant", "content": self._content(generation.text),
-                       "reasoning_content": generation.reasoning}
+        if chat.result_format == "message":  # always so when it thinks
+            message = {"role": "assistant", "content": self._content(generation.text)}
+            if chat.thinking:
+                message["reasoning_content"] = generation.reasoning
             output: dict[str, Any] = {"choices": [{"finish_reason": generation.finish_reason, "message": message}]}
-        elif chat.result_format == "message":
-            output = {"choices": [{"finish_reason": generation.finish_reason,
-                                   "message": {"role": "assistant", "content": self._content(generation.text)}}]}
         else:
             output = {"finish_reason": generation.finish_reason, "text": generation.text}
         usage = _usage(chat, generation.output_tokens, generation.reasoning_tokens, parts=self.path == "multimodal")

@@ -198,3 +198,10 @@ def test_openai_non_stream_thinking_on_qwen35_carries_message_reasoning_content(
     message = completion.choices[0].message
     assert tokens.count_text(message.reasoning_content, "qwen3.5-flash") == 12
     assert completion.usage.completion_tokens_details.reasoning_tokens == 12
+
+
+def test_an_unreadable_think_directive_is_a_400_naming_it(emu: RunningEmulator) -> None:
+    body = {"model": "qwq-plus", "input": {"prompt": "x [[emu: think=lots]]"}, "parameters": {}}
+    response = native(emu, body, stream=True)
+    assert response.status_code == 400
+    assert "think='lots' is not a token count" in json.loads(sse_events(response.text)[0]["data"])["message"]
