@@ -83,6 +83,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="stream only on X-DashScope-SSE: enable, not on Accept: text/event-stream")
     protocol.add_argument("--reply-median-tokens", type=positive, default=80, help="median natural reply length (default 80)")
     protocol.add_argument("--reply-max-tokens", type=positive, default=600, help="longest natural reply (default 600)")
+    protocol.add_argument("--thinking-median-tokens", type=positive, default=60,
+                          help="median natural reasoning length of a thinking reply (default 60)")
+    protocol.add_argument("--thinking-max-tokens", type=positive, default=600,
+                          help="longest natural reasoning (default 600)")
     protocol.add_argument("--stream-chunk-tokens", type=positive, default=4, help="tokens per stream event (default 4)")
 
     faults = parser.add_argument_group("faults (probabilities per attempt, reproducible from --fault-seed)")
@@ -121,6 +125,8 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         sse_via_accept=not args.no_sse_via_accept,
         reply_median_tokens=args.reply_median_tokens,
         reply_max_tokens=args.reply_max_tokens,
+        thinking_median_tokens=args.thinking_median_tokens,
+        thinking_max_tokens=args.thinking_max_tokens,
         stream_chunk_tokens=args.stream_chunk_tokens,
         fault_seed=args.fault_seed,
         faults=rates,

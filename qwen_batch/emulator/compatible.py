@@ -2,7 +2,10 @@
 
 Streaming is asked for in the body (``"stream": true``); errors are OpenAI's
 ``{"error": {"message", "type", "param", "code"}}``; SSE events are bare ``data:`` lines
-ending with ``data: [DONE]`` (reference section 6).
+ending with ``data: [DONE]`` (reference section 6). Thinking (``enable_thinking`` and
+``thinking_budget`` as top-level keys) streams ``delta.reasoning_content`` before
+``delta.content``, and usage gains ``completion_tokens_details.reasoning_tokens``
+(research-wave2 A.3); every model is served here, whatever its native path.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class CompatibleDialect:
         exchange.seed = body.get("seed")
         exchange.stream = body.get("stream") is True
 
-    def validate(self, body: dict[str, Any]) -> ChatRequest:
+    def validate(self, body: dict[str, Any], stream: bool) -> ChatRequest:
         config = self._config
         return validate_compatible(body, self._catalog, rules=config.role_rules, usage_mode=config.usage_mode)
 
@@ -52,8 +55,11 @@ class CompatibleDialect:
         return web.Response(body=payload, status=error.status, headers=headers)
 
     def reply(self, chat: ChatRequest, generation: Generation, request_id: str, created: int) -> bytes:
+        message = {"role": "assistant", "content": generation.text}
+        if chat.thinking:
+            message["reasoning_content"] = generation.reasoning
         return json_bytes({
-            "choices": [{"message": {"role": "assistant", "content": generation.text},
+            "choices": [{"message": message,
                          "finish_reason": generation.finish_reason, "index": 0, "logprobs": None}],
             "object": "chat.completion",
             "usage": _usage(chat, generation),
@@ -90,6 +96,9 @@ class CompatibleStream:
         return (self._chunk({"delta": {"content": "", "role": "assistant"}, "index": 0, "logprobs": None,
                              "finish_reason": None}),)
 
+    def thought(self, cumulative: str, delta: str, reasoning_tokens: int) -> bytes:
+        return self._chunk({"finish_reason": None, "delta": {"reasoning_content": delta}, "index": 0, "logprobs": None})
+
     def piece(self, cumulative: str, delta: str, output_tokens: int) -> bytes:
         return self._chunk({"finish_reason": None, "delta": {"content": delta}, "index": 0, "logprobs": None})
 
@@ -113,9 +122,12 @@ def _data(payload: bytes) -> bytes:
     return b"data: " + payload + b"\n\n"
 
 
-def _usage(chat: ChatRequest, generation: Generation) -> dict[str, int]:
-    return {"prompt_tokens": chat.input_tokens, "completion_tokens": generation.output_tokens,
-            "total_tokens": chat.input_tokens + generation.output_tokens}
+def _usage(chat: ChatRequest, generation: Generation) -> dict[str, Any]:
+    usage: dict[str, Any] = {"prompt_tokens": chat.input_tokens, "completion_tokens": generation.output_tokens,
+                             "total_tokens": chat.input_tokens + generation.output_tokens}
+    if chat.thinking:
+        usage["completion_tokens_details"] = {"reasoning_tokens": generation.reasoning_tokens}
+    return usage
 
 
 def _error_body(error: ApiError, request_id: str) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..catalog import Catalog, ModelInfo, builtin
+from .models import MODELS as EMULATED_MODELS
 
 UsageMode = Literal["chatml", "raw-2024q1"]
 RoleRules = Literal["strict", "lenient"]
@@ -75,6 +76,8 @@ class EmulatorConfig:
       sse_via_accept: ``Accept: text/event-stream`` alone also turns on streaming.
     Replies
       reply_median_tokens, reply_max_tokens: the spread of natural reply lengths.
+      thinking_median_tokens, thinking_max_tokens: the same for a thinking reply's reasoning
+        (before ``thinking_budget`` cuts it), short enough that small budgets are often reached.
       stream_chunk_tokens: tokens per streamed event.
     Faults (all off by default; reproducible from ``fault_seed``)
       faults: probabilities per attempt; retry_after: seconds sent in ``Retry-After`` with
@@ -101,6 +104,8 @@ class EmulatorConfig:
     sse_via_accept: bool = True
     reply_median_tokens: int = 80
     reply_max_tokens: int = 600
+    thinking_median_tokens: int = 60
+    thinking_max_tokens: int = 600
     stream_chunk_tokens: int = 4
     fault_seed: int = 0
     faults: FaultRates = field(default_factory=FaultRates)
@@ -126,8 +131,9 @@ class EmulatorConfig:
             raise ValueError(f"stream_error_mode must be 'status' or 'http200', not {self.stream_error_mode!r}")
         if self.rate_window_s <= 0:
             raise ValueError("rate_window_s must be positive")
-        if self.stream_chunk_tokens < 1 or self.reply_median_tokens < 1 or self.reply_max_tokens < 1:
-            raise ValueError("stream_chunk_tokens, reply_median_tokens and reply_max_tokens must be >= 1")
+        if min(self.stream_chunk_tokens, self.reply_median_tokens, self.reply_max_tokens,
+               self.thinking_median_tokens, self.thinking_max_tokens) < 1:
+            raise ValueError("stream_chunk_tokens and the reply and thinking token spreads must be >= 1")
         if self.other_load and self.other_load[0] <= 0:
             raise ValueError("other_load must be (requests per second > 0, start_s, end_s)")
         if any(end <= start for start, end in self.outages):
@@ -137,8 +143,9 @@ class EmulatorConfig:
                 raise ValueError(f"{name} must not be negative")
 
     def catalog(self) -> Catalog:
-        """The built-in models plus those of ``models_path`` and ``extra_models``; reads the file."""
-        catalog = builtin()
+        """The built-in models, the current families (``models.MODELS``), then ``models_path`` and
+        ``extra_models``; reads the file."""
+        catalog = builtin().with_models(EMULATED_MODELS)
         if self.models_path is not None:
             extra = Catalog.from_json(Path(self.models_path).read_text(encoding="utf-8"))
             catalog = catalog.with_models(extra.models)

@@ -11,6 +11,9 @@ Directive syntax (anywhere in any message's content, one directive per brackets)
     [[emu: hang|reset|malformed|truncated [times=N]]]
     [[emu: latency=SECONDS [times=N]]]
     [[emu: length=TOKENS]]
+    [[emu: think=TOKENS]]                a thinking reply's natural reasoning length
+    [[emu: think_overflow]]              a thinking reply runs out of tokens inside its thinking:
+                                         finish_reason "length", an empty answer
 
 ``times=N`` limits a directive to the first N attempts of that exact body (default: all).
 The first directive (in text order) that applies to an attempt decides its fault.
@@ -29,7 +32,8 @@ from .config import FaultRates
 FaultKind = Literal["error", "reset", "hang", "malformed", "truncated"]
 DIRECTIVE_MARK = "[[emu:"
 _DIRECTIVE = re.compile(r"\[\[emu:([^\]]*)\]\]")
-_ACTIONS = frozenset({"fail", "always", "hang", "reset", "malformed", "truncated", "latency", "length"})
+_ACTIONS = frozenset({"fail", "always", "hang", "reset", "malformed", "truncated", "latency", "length", "think",
+                      "think_overflow"})
 # What an output-side DataInspectionFailed says when it interrupts a stream.
 OUTPUT_INSPECTION_MESSAGE = "Output data may contain inappropriate content."
 
@@ -101,7 +105,7 @@ def parse_directive(inner: str) -> Directive:
                 raise DirectiveError(f"unknown emulator directive option {word!r}")
         except ValueError:
             raise DirectiveError(f"emulator directive option {word!r} needs an integer") from None
-    if action in ("fail", "always", "latency", "length") and not value:
+    if action in ("fail", "always", "latency", "length", "think") and not value:
         raise DirectiveError(f"emulator directive {action!r} needs a value ({action}=...)")
     if action == "always":
         action, times = "fail", None
@@ -110,8 +114,8 @@ def parse_directive(inner: str) -> Directive:
             float(value)
         except ValueError:
             raise DirectiveError(f"latency={value!r} is not a number of seconds") from None
-    if action == "length" and not value.isdigit():
-        raise DirectiveError(f"length={value!r} is not a token count")
+    if action in ("length", "think") and not value.isdigit():
+        raise DirectiveError(f"{action}={value!r} is not a token count")
     return Directive(action, value or None, times, status, midstream)
 
 
@@ -135,8 +139,17 @@ class Script:
         return sum(float(d.value or 0) for d in self.directives if d.action == "latency" and d.applies(attempt))
 
     def length(self) -> int | None:
+        return self._count("length")
+
+    def think(self) -> int | None:
+        return self._count("think")
+
+    def think_overflow(self) -> bool:
+        return any(d.action == "think_overflow" for d in self.directives)
+
+    def _count(self, action: str) -> int | None:
         for d in self.directives:
-            if d.action == "length":
+            if d.action == action:
                 return int(d.value or 0)
         return None
 

@@ -24,10 +24,17 @@ from typing import Any
 
 from .. import tokens
 
-# Parameters that shape or cut the output but do not change what the "model" would say.
+# Parameters that shape or cut the output but do not change what the "model" would say. The
+# thinking switches are among them: a budget cuts the same thought shorter, and the answer is
+# the same whether the thought was shown or not.
 NON_SAMPLING_PARAMETERS = frozenset(
-    {"max_tokens", "stop", "incremental_output", "result_format", "stream", "stream_options"}
+    {"max_tokens", "stop", "incremental_output", "result_format", "stream", "stream_options",
+     "enable_thinking", "thinking_budget"}
 )
+# One-token endings that fill a thought cut short of its budget by a split character.
+_TOP_UP_MARKS = ("\n", "。", ".", " ")
+# Mixed into the draft seed for the reasoning, so the thought is not the answer's own text.
+_REASONING_SALT = 0x7468696E6B696E67
 # The service's default seed when none is sent (seed API page); omitting it equals sending it.
 DEFAULT_SEED = 1234
 MIN_REPLY_TOKENS = 8
@@ -75,15 +82,39 @@ _SAMPLE_CHARS = 2000
 
 @dataclass(frozen=True, slots=True)
 class Generation:
-    """One reply: its text, why it ended, and its exact token ids (``output_tokens`` = their count)."""
+    """One reply: its answer, why it ended, the answer's exact token ids, and its reasoning (if it thought).
+
+    ``output_tokens`` counts both, as the service bills them; ``reasoning_tokens`` the thought alone.
+    """
 
     text: str
     finish_reason: str
     token_ids: tuple[int, ...]
+    reasoning: str = ""
+    reasoning_ids: tuple[int, ...] = ()
 
     @property
     def output_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + len(self.reasoning_ids)
+
+    @property
+    def reasoning_tokens(self) -> int:
+        return len(self.reasoning_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class Thinking:
+    """How a thinking request thinks: its budget, the spread of natural thought lengths, directives.
+
+    ``forced_tokens`` (the ``think=N`` directive) fixes the natural length; ``overflow`` (the
+    ``think_overflow`` directive) makes the reply run out of tokens inside its thinking.
+    """
+
+    budget: int
+    median_tokens: int = 60
+    max_tokens: int = 600
+    forced_tokens: int | None = None
+    overflow: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,12 +300,32 @@ def generate(
     median_tokens: int = 80,
     max_draft_tokens: int = 600,
     forced_tokens: int | None = None,
+    thinking: Thinking | None = None,
 ) -> Generation:
     """The reply to a request: the draft, cut at the first stop string, then at ``max_tokens``.
 
     ``forced_tokens`` (the ``length=N`` directive) makes the natural reply exactly that long
-    (or the nearest token boundary below it); ``max_tokens`` still applies on top.
+    (or the nearest token boundary below it); ``max_tokens`` still applies on top. With
+    ``thinking`` a reasoning comes first; ``max_tokens`` caps only the answer (WAVE2 A.2).
     """
+    answer = _answer(model, messages, parameters, max_tokens, median_tokens, max_draft_tokens, forced_tokens)
+    if thinking is None:
+        return answer
+    reasoning, reasoning_ids = think(model, messages, parameters, thinking)
+    if thinking.overflow:
+        return Generation("", "length", (), reasoning, reasoning_ids)
+    return Generation(answer.text, answer.finish_reason, answer.token_ids, reasoning, reasoning_ids)
+
+
+def _answer(
+    model: str,
+    messages: Sequence[Mapping[str, Any]],
+    parameters: Mapping[str, Any],
+    max_tokens: int,
+    median_tokens: int,
+    max_draft_tokens: int,
+    forced_tokens: int | None,
+) -> Generation:
     stops = stop_strings(parameters.get("stop"), model)
     # Only the first max_tokens tokens can be returned: compose a margin beyond them, no more.
     cap = max_tokens + max_tokens // 4 + 16 + max((len(s) for s in stops), default=0)
@@ -286,6 +337,52 @@ def generate(
         text, _ = _draft(model, messages, parameters, median_tokens, max_draft_tokens, forced_tokens, None)
         result = _finish(text, stops, max_tokens, forced_tokens, model)
     return result
+
+
+def think(
+    model: str, messages: Sequence[Mapping[str, Any]], parameters: Mapping[str, Any], thinking: Thinking
+) -> tuple[str, tuple[int, ...]]:
+    """The reasoning of a thinking request and its token ids, cut at the budget exactly.
+
+    Seeded like the draft (the budget excluded), so a smaller budget gives a prefix of the
+    same thought; its natural length varies per request around ``thinking.median_tokens``.
+    """
+    rng = random.Random(draft_seed(model, messages, parameters) ^ _REASONING_SALT)
+    if thinking.forced_tokens is not None:
+        natural = thinking.forced_tokens
+    else:
+        natural = _target_tokens(rng, thinking.median_tokens, thinking.max_tokens)
+    keep = min(natural, thinking.budget)
+    pool = _pool(detect_language(_last_user_text(messages)), model)
+    text = _compose(rng, pool, keep + keep // 5 + 8)
+    text, ids = cut_exactly(text, keep, model)
+    return text, tuple(ids)
+
+
+def cut_exactly(text: str, limit: int, model: str) -> tuple[str, list[int]]:
+    """A prefix of ``text`` that encodes to exactly ``limit`` tokens where one exists near the cut.
+
+    A budget is met exactly by the service (WAVE2 A.2); a cut inside a character or a
+    re-merge at the edge can miss, so a few longer prefixes are tried, then the longest one
+    under the limit is topped up with one-token marks.
+    """
+    ids = tokens.encode(text, model)
+    if len(ids) <= limit:
+        return text, ids
+    for k in range(limit, min(len(ids), limit + 4) + 1):
+        prefix = tokens.decode(ids[:k], model)
+        if not prefix.endswith("\ufffd"):
+            again = tokens.encode(prefix, model)
+            if len(again) == limit:
+                return prefix, again
+    prefix, again = cut_to_tokens(text, limit, model, ids)
+    for mark in _TOP_UP_MARKS * 4:  # a split character leaves at most a few tokens to fill
+        if len(again) == limit:
+            break
+        longer = tokens.encode(prefix + mark, model)
+        if len(longer) == len(again) + 1:
+            prefix, again = prefix + mark, longer
+    return prefix, again
 
 
 def _finish(text: str, stops: list[str], max_tokens: int, forced_tokens: int | None, model: str) -> Generation:

@@ -1,9 +1,13 @@
-"""The native DashScope dialect (``/api/v1/services/aigc/text-generation/generation``) and its tokenizer.
+"""The native DashScope dialects (text-generation and multimodal-generation paths) and the tokenizer.
 
 Streaming is asked for by header (``X-DashScope-SSE: enable``, or ``Accept:
 text/event-stream`` when ``sse_via_accept``); errors are ``{"code", "message",
 "request_id"}``; SSE events carry ``id:``, ``event:`` and ``:HTTP_STATUS/`` lines
-(reference sections 1-3).
+(reference sections 1-3). Each model answers on one path only (``models.py``); on the
+multimodal path a message's content is a list of parts ``[{"text": ...}]`` both ways, and
+usage has no ``total_tokens`` ([CNB multimodal-generation-vl-*], 2024-11). A thinking reply
+carries ``reasoning_content`` and ``usage.output_tokens_details.reasoning_tokens``
+([CNB single-generation-message-reasoning-sse], research-wave2 A.2).
 """
 
 from __future__ import annotations
@@ -17,14 +21,16 @@ from ..catalog import Catalog
 from ..wire import REQUEST_ID_HEADER, SSE_HEADER
 from .config import EmulatorConfig
 from .generate import Generation
+from .models import NativePath
 from .pipeline import JSON_CONTENT_TYPE, SSE_CONTENT_TYPE, Exchange, Pipeline, json_bytes, new_request_id
 from .validate import ApiError, ChatRequest, invalid, parse_body, validate_native
 
 
 class NativeDialect:
-    """The native protocol, as the pipeline's ``Dialect``."""
+    """The native protocol on the text-generation path, as the pipeline's ``Dialect``."""
 
     endpoint = "native"
+    path: NativePath = "text"
     auth_message: str | None = None
 
     def __init__(self, config: EmulatorConfig, catalog: Catalog) -> None:
@@ -43,9 +49,10 @@ class NativeDialect:
         params = body.get("parameters")
         exchange.seed = params.get("seed") if isinstance(params, dict) else None
 
-    def validate(self, body: dict[str, Any]) -> ChatRequest:
+    def validate(self, body: dict[str, Any], stream: bool) -> ChatRequest:
         config = self._config
-        return validate_native(body, self._catalog, rules=config.role_rules, usage_mode=config.usage_mode)
+        return validate_native(body, self._catalog, rules=config.role_rules, usage_mode=config.usage_mode,
+                               path=self.path, stream=stream)
 
     def error_response(self, error: ApiError, exchange: Exchange, headers: dict[str, str]) -> web.Response:
         return self.error(error, exchange.request_id, stream=exchange.stream, headers=headers)
@@ -56,20 +63,26 @@ class NativeDialect:
         headers = {REQUEST_ID_HEADER: request_id, **headers}
         if stream:
             status = error.status if self._config.stream_error_mode == "status" else 200
+            if error.stream_status is not None:
+                status = error.stream_status
             headers["Content-Type"] = SSE_CONTENT_TYPE
             return web.Response(body=_sse_error(1, error.status, payload), status=status, headers=headers)
         headers["Content-Type"] = JSON_CONTENT_TYPE
         return web.Response(body=payload, status=error.status, headers=headers)
 
     def reply(self, chat: ChatRequest, generation: Generation, request_id: str, created: int) -> bytes:
-        if chat.result_format == "message":
-            output: dict[str, Any] = {"choices": [{"finish_reason": generation.finish_reason,
-                                                   "message": {"role": "assistant", "content": generation.text}}]}
+        if chat.result_format == "message":  # always so when it thinks
+            message = {"role": "assistant", "content": self._content(generation.text)}
+            if chat.thinking:
+                message["reasoning_content"] = generation.reasoning
+            output: dict[str, Any] = {"choices": [{"finish_reason": generation.finish_reason, "message": message}]}
         else:
             output = {"finish_reason": generation.finish_reason, "text": generation.text}
-        usage = {"total_tokens": chat.input_tokens + generation.output_tokens,
-                 "output_tokens": generation.output_tokens, "input_tokens": chat.input_tokens}
+        usage = _usage(chat, generation.output_tokens, generation.reasoning_tokens, parts=self.path == "multimodal")
         return json_bytes({"output": output, "usage": usage, "request_id": request_id})
+
+    def _content(self, text: str) -> Any:
+        return text
 
     def reply_stream(self, chat: ChatRequest, generation: Generation, request_id: str, created: int) -> NativeStream:
         return NativeStream(chat, generation, request_id)
@@ -78,6 +91,19 @@ class NativeDialect:
         """A GET on the generation path: the service's 400, with no ledger line."""
         error = invalid(f"Request method '{request.method}' is not supported.")
         return self.error(error, new_request_id(), stream=False, headers={})
+
+
+class MultimodalDialect(NativeDialect):
+    """The native protocol on the multimodal-generation path: content as parts, both ways."""
+
+    endpoint = "multimodal"
+    path: NativePath = "multimodal"
+
+    def _content(self, text: str) -> Any:
+        return [{"text": text}]
+
+    def reply_stream(self, chat: ChatRequest, generation: Generation, request_id: str, created: int) -> NativeStream:
+        return PartsStream(chat, generation, request_id)
 
 
 class NativeStream:
@@ -94,14 +120,33 @@ class NativeStream:
         self._event_id += 1
         return self._event_id
 
+    def _frame(self, data: bytes) -> bytes:
+        return b"id:%d\nevent:result\n:HTTP_STATUS/200\ndata:%s\n\n" % (self._next_id(), data)
+
     def _result(self, content: str, finish_reason: str, output_tokens: int) -> bytes:
         chat = self._chat
+        if chat.thinking:
+            return self._thinking_result(content, "", finish_reason, output_tokens, self._generation.reasoning_tokens)
         data = _event_data(chat.result_format == "message", content, finish_reason, chat.input_tokens, output_tokens,
                            self._request_id)
-        return b"id:%d\nevent:result\n:HTTP_STATUS/200\ndata:%s\n\n" % (self._next_id(), data)
+        return self._frame(data)
+
+    def _thinking_result(self, content: str, reasoning: str, finish_reason: str, output_tokens: int,
+                         reasoning_tokens: int) -> bytes:
+        message = {"content": self._content(content), "reasoning_content": reasoning, "role": "assistant"}
+        usage = _usage(self._chat, output_tokens, reasoning_tokens, parts=False)
+        return self._frame(json_bytes({"output": {"choices": [{"message": message, "finish_reason": finish_reason}]},
+                                       "usage": usage, "request_id": self._request_id}))
+
+    def _content(self, text: str) -> Any:
+        return text
 
     def opening(self) -> tuple[bytes, ...]:
         return ()
+
+    def thought(self, cumulative: str, delta: str, reasoning_tokens: int) -> bytes:
+        # Thinking always streams deltas (incremental_output is required with it).
+        return self._thinking_result("", delta, "null", reasoning_tokens, reasoning_tokens)
 
     def piece(self, cumulative: str, delta: str, output_tokens: int) -> bytes:
         return self._result(delta if self._chat.incremental_output else cumulative, "null", output_tokens)
@@ -116,6 +161,36 @@ class NativeStream:
         generation = self._generation
         final = "" if self._chat.incremental_output else generation.text
         return (self._result(final, generation.finish_reason, generation.output_tokens),)
+
+
+class PartsStream(NativeStream):
+    """Multimodal-path SSE: content as a list of parts (empty while thinking), usage without total."""
+
+    def _result(self, content: str, finish_reason: str, output_tokens: int) -> bytes:
+        return self._thinking_result(content, "", finish_reason, output_tokens, self._generation.reasoning_tokens)
+
+    def _thinking_result(self, content: str, reasoning: str, finish_reason: str, output_tokens: int,
+                         reasoning_tokens: int) -> bytes:
+        message: dict[str, Any] = {"content": self._content(content), "role": "assistant"}
+        if self._chat.thinking:
+            message["reasoning_content"] = reasoning
+        usage = _usage(self._chat, output_tokens, reasoning_tokens, parts=True)
+        return self._frame(json_bytes({"output": {"choices": [{"message": message, "finish_reason": finish_reason}]},
+                                       "usage": usage, "request_id": self._request_id}))
+
+    def _content(self, text: str) -> Any:
+        # While it thinks the answer has no part yet (UNCONFIRMED: no capture of a thinking multimodal stream).
+        return [{"text": text}] if text else []
+
+
+def _usage(chat: ChatRequest, output_tokens: int, reasoning_tokens: int, *, parts: bool) -> dict[str, Any]:
+    """Native usage; a thinking reply adds its reasoning count, the multimodal path has no total."""
+    usage: dict[str, Any] = {"input_tokens": chat.input_tokens, "output_tokens": output_tokens}
+    if not parts:
+        usage = {"total_tokens": chat.input_tokens + output_tokens, **usage}
+    if chat.thinking:
+        usage["output_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return usage
 
 
 def _error_body(error: ApiError, request_id: str) -> bytes:

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -27,7 +28,7 @@ from ..catalog import Catalog
 from ..wire import REQUEST_ID_HEADER
 from .config import EmulatorConfig
 from .faults import NO_SCRIPT, DirectiveError, Fault, Script, decide, error_fault, read_script, unit
-from .generate import Generation, generate
+from .generate import Generation, Thinking, generate
 from .ledger import Ledger
 from .limits import WindowLimiter
 from .validate import ApiError, ChatRequest, invalid, parse_body
@@ -105,6 +106,9 @@ class ReplyStream(Protocol):
     def opening(self) -> Sequence[bytes]:
         """Events sent before the first piece of content."""
 
+    def thought(self, cumulative: str, delta: str, reasoning_tokens: int) -> bytes:
+        """The event of one piece of reasoning (the thought so far, what is new, its tokens so far)."""
+
     def piece(self, cumulative: str, delta: str, output_tokens: int) -> bytes:
         """The event of one piece of content (the text so far, what is new, tokens so far)."""
 
@@ -132,8 +136,8 @@ class Dialect(Protocol):
     def note(self, body: dict[str, Any], exchange: Exchange) -> None:
         """Note model, seed and stream for the ledger, from a body not yet validated."""
 
-    def validate(self, body: dict[str, Any]) -> ChatRequest:
-        """The checked request, or ApiError in the service's order of checks."""
+    def validate(self, body: dict[str, Any], stream: bool) -> ChatRequest:
+        """The checked request (``stream``: what the headers asked), or ApiError in the service's order."""
 
     def error_response(self, error: ApiError, exchange: Exchange, headers: dict[str, str]) -> web.Response:
         """The refusal as this protocol sends it; ``headers`` go with it (Retry-After)."""
@@ -185,7 +189,7 @@ class Pipeline:
                 body = parse_body(raw)
                 self.received.append(body)
                 dialect.note(body, exchange)
-                chat = dialect.validate(body)
+                chat = dialect.validate(body, exchange.stream)
                 exchange.input_tokens = chat.input_tokens
                 script, attempt, fault, generation = self.admit(chat, exchange)
             except ApiError as error:
@@ -266,14 +270,20 @@ class Pipeline:
         return any(start <= elapsed < end for start, end in self.config.outages)
 
     def generate(self, chat: ChatRequest, script: Script) -> Generation:
+        config = self.config
+        thinking = None
+        if chat.thinking:
+            thinking = Thinking(chat.thinking_budget, config.thinking_median_tokens, config.thinking_max_tokens,
+                                script.think(), script.think_overflow())
         return generate(
             chat.model.name,
             chat.messages,
             chat.parameters,
             max_tokens=chat.max_tokens,
-            median_tokens=self.config.reply_median_tokens,
-            max_draft_tokens=self.config.reply_max_tokens,
+            median_tokens=config.reply_median_tokens,
+            max_draft_tokens=config.reply_max_tokens,
             forced_tokens=script.length(),
+            thinking=thinking,
         )
 
     def latency(self, sha: str, attempt: int, script: Script) -> float:
@@ -327,15 +337,13 @@ class Pipeline:
         exchange.status = 200
         for event in stream.opening():
             await response.write(event)
-        pieces = _pieces(generation, self.config.stream_chunk_tokens, chat.model.name)
-        stop_after = max(1, len(pieces) // 2) if fault is not None else None
+        count, events = _content_events(stream, generation, self.config.stream_chunk_tokens, chat.model.name)
+        stop_after = max(1, count // 2) if fault is not None else None
         per_token = self.config.latency_per_token_s
-        for index, (cumulative, delta, used) in enumerate(pieces):
-            if stop_after is not None and index >= stop_after:
-                break
+        for event in itertools.islice(events, stop_after):
             if per_token:
                 await asyncio.sleep(per_token * self.config.stream_chunk_tokens)
-            await response.write(stream.piece(cumulative, delta, used))
+            await response.write(event)
         if fault is not None:
             if fault.kind == "error":
                 error = fault_error(fault)
@@ -379,15 +387,31 @@ def abort(request: web.Request) -> None:
         transport.abort()
 
 
-def _pieces(generation: Generation, per_event: int, model: str) -> list[tuple[str, str, int]]:
-    """(cumulative text, delta, output tokens so far) per stream event, cut on whole characters."""
-    ids = generation.token_ids
+def _content_events(
+    stream: ReplyStream, generation: Generation, per_event: int, model: str
+) -> tuple[int, Iterator[bytes]]:
+    """How many content events a streamed reply has, and the events (built as they are sent,
+    so that event numbers stay in order): the reasoning's first, then the answer's."""
+    answer = _pieces(generation.text, generation.token_ids, per_event, model)
+    if not generation.reasoning_ids:
+        return len(answer), (stream.piece(*piece) for piece in answer)
+    thought = _pieces(generation.reasoning, generation.reasoning_ids, per_event, model)
+    spent = generation.reasoning_tokens
+    events = itertools.chain(
+        (stream.thought(*piece) for piece in thought),
+        (stream.piece(cumulative, delta, spent + used) for cumulative, delta, used in answer),
+    )
+    return len(thought) + len(answer), events
+
+
+def _pieces(text: str, ids: tuple[int, ...], per_event: int, model: str) -> list[tuple[str, str, int]]:
+    """(cumulative text, delta, tokens so far) per stream event, cut on whole characters."""
     result: list[tuple[str, str, int]] = []
     previous = ""
     for end in range(per_event, len(ids) + per_event, per_event):
         end = min(end, len(ids))
-        prefix = generation.text if end == len(ids) else tokens.decode(ids[:end], model)
-        if prefix.endswith("\ufffd") or not generation.text.startswith(prefix):
+        prefix = text if end == len(ids) else tokens.decode(ids[:end], model)
+        if prefix.endswith("\ufffd") or not text.startswith(prefix):
             continue  # inside a multi-byte character: wait for the rest of it
         result.append((prefix, prefix[len(previous):], end))
         previous = prefix

@@ -3,6 +3,8 @@
 Routes (reference section 10):
 
 - ``POST /api/v1/services/aigc/text-generation/generation``  native; SSE with ``X-DashScope-SSE: enable``
+- ``POST /api/v1/services/aigc/multimodal-generation/generation``  native, for the models bound to it
+  (Qwen3.5 and later, QVQ); each path answers the other's models 400 "url error"
 - ``POST /api/v1/tokenizer``                                   token ids of the content
 - ``POST /compatible-mode/v1/chat/completions``                OpenAI-compatible, stream or not
 - ``GET  /compatible-mode/v1/models``                          the catalog's names
@@ -29,10 +31,11 @@ from ..wire import API_PREFIX, COMPATIBLE_PATH, NATIVE_PATH
 from .compatible import MODELS_PATH, CompatibleDialect
 from .config import EmulatorConfig
 from .generate import generate
-from .native import NativeDialect, tokenize
+from .native import MultimodalDialect, NativeDialect, tokenize
 from .pipeline import JSON_CONTENT_TYPE, Exchange, Pipeline, json_bytes
 
 NATIVE_ROUTE = API_PREFIX + NATIVE_PATH
+MULTIMODAL_ROUTE = API_PREFIX + "/services/aigc/multimodal-generation/generation"
 TOKENIZER_ROUTE = API_PREFIX + "/tokenizer"
 STATS_ROUTE = "/emulator/stats"
 LEDGER_ROUTE = "/emulator/ledger"
@@ -52,6 +55,7 @@ class Emulator:
         # Every generation body that parsed as JSON, in arrival order (for tests).
         self.received = self.pipeline.received
         self.native = NativeDialect(self.config, self.catalog)
+        self.multimodal = MultimodalDialect(self.config, self.catalog)
         self.compatible = CompatibleDialect(self.config, self.catalog)
 
     def warm_up(self) -> None:
@@ -65,6 +69,8 @@ class Emulator:
         app = web.Application(client_max_size=self.config.max_body_bytes * 4)
         app.router.add_post(NATIVE_ROUTE, self.pipeline.handler(self.native))
         app.router.add_get(NATIVE_ROUTE, self.native.wrong_method)
+        app.router.add_post(MULTIMODAL_ROUTE, self.pipeline.handler(self.multimodal))
+        app.router.add_get(MULTIMODAL_ROUTE, self.multimodal.wrong_method)
         app.router.add_post(TOKENIZER_ROUTE, self.tokenizer)
         app.router.add_post(COMPATIBLE_PATH, self.pipeline.handler(self.compatible))
         app.router.add_get(MODELS_ROUTE, self.models)

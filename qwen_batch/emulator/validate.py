@@ -14,6 +14,7 @@ from typing import Any
 
 from ..catalog import Catalog, ModelInfo
 from ..wire import ERRORS
+from .models import Behaviour, NativePath, behaviour
 from .usage import input_tokens as count_input
 
 SEED_MAX_NATIVE = 2**63 - 1
@@ -37,6 +38,17 @@ STOP_TYPES = (
 # Not documented: the reference gives no text for these two.
 RESULT_FORMAT_INVALID = 'The result_format parameter must be "text" or "message".'
 TOP_K_NOT_INTEGER = "'top_k' must be Integer"
+# Thinking (PROTO §1.3, WAVE2 A.1); the first of these is not documented.
+ENABLE_THINKING_NOT_BOOLEAN = "'enable_thinking' must be Boolean"
+THINKING_NEEDS_MESSAGE = 'The result_format parameter must be "message" when enable_thinking is true'
+THINKING_NEEDS_INCREMENTAL = 'The incremental_output parameter must be "true" when enable_thinking is true'
+INCREMENTAL_LOCKED = "The incremental_output parameter of this model cannot be set to False."
+JSON_WITH_THINKING = "Json mode response is not supported when enable_thinking is true"
+# The gateway's answer for a model bound to the other aigc path (PROTO §1.1, DOC-APIREF: note the
+# full-width "！"); its code is InvalidParameter per dashscope 2.0.2 acli/providers/tongyi.py.
+URL_ERROR = "url error, please check url！"
+# The emulator's own refusal: it generates text only.
+PART_NOT_SERVED = "The emulator serves text only: content part {kind!r} is not supported (use {{\"text\": ...}} parts)."
 
 
 class ApiError(Exception):
@@ -52,8 +64,11 @@ class ApiError(Exception):
         status: int | None = None,
         *,
         compatible_code: str | None = None,
+        stream_status: int | None = None,
     ) -> None:
         spec = ERRORS.get(code)
+        # The HTTP status of this refusal on a stream, where the service is known to fix it.
+        self.stream_status = stream_status
         self.code = code
         self.message = message if message is not None else (spec.message if spec else code)
         self.status = status if status is not None else (spec.status if spec else 500)
@@ -79,6 +94,8 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    thinking: bool = False
+    thinking_budget: int = 0
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -105,7 +122,7 @@ def _model(catalog: Catalog, body: dict[str, Any], *, compatible: bool) -> Model
     return info
 
 
-def _content(message: dict[str, Any], *, compatible: bool) -> str:
+def _content(message: dict[str, Any], *, compatible: bool, parts: bool = False) -> str:
     content = message.get("content")
     if isinstance(content, str):
         return content
@@ -118,10 +135,23 @@ def _content(message: dict[str, Any], *, compatible: bool) -> str:
         texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
         if len(texts) == len(content) and all(isinstance(t, str) for t in texts):
             return "".join(texts)  # type: ignore[arg-type]
+    if parts and isinstance(content, list):
+        return _native_parts_text(content)
     raise invalid(CONTENT_NOT_STRING)
 
 
-def check_messages(raw: Any, rules: str, *, compatible: bool) -> list[dict[str, Any]]:
+def _native_parts_text(content: list[Any]) -> str:
+    """The text of multimodal-path parts (``[{"text": ...}]``); other parts are refused."""
+    texts: list[str] = []
+    for part in content:
+        if not isinstance(part, dict) or not isinstance(part.get("text"), str):
+            kind = next(iter(part), "?") if isinstance(part, dict) and part else type(part).__name__
+            raise invalid(PART_NOT_SERVED.format(kind=kind))
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def check_messages(raw: Any, rules: str, *, compatible: bool, parts: bool = False) -> list[dict[str, Any]]:
     """Messages with string content, checked against the role rules (reference section 5.1)."""
     if not isinstance(raw, list):
         raise invalid(EITHER_PROMPT_OR_MESSAGES if not compatible else ERRORS["InvalidParameter"].message)
@@ -131,7 +161,7 @@ def check_messages(raw: Any, rules: str, *, compatible: bool) -> list[dict[str, 
     for message in raw:
         if not isinstance(message, dict) or message.get("role") not in ALLOWED_ROLES:
             raise invalid(ROLE_OR_EMPTY)
-        content = _content(message, compatible=compatible)
+        content = _content(message, compatible=compatible, parts=parts)
         if not content and message["role"] in ("user", "system"):
             raise invalid(ROLE_OR_EMPTY)
         if content is message.get("content"):
@@ -253,7 +283,7 @@ def _check_input_length(messages: list[dict[str, Any]], model: ModelInfo, usage_
     return count
 
 
-def _native_messages(inp: dict[str, Any], rules: str) -> list[dict[str, Any]]:
+def _native_messages(inp: dict[str, Any], rules: str, parts: bool) -> list[dict[str, Any]]:
     prompt = inp.get("prompt")
     raw = inp.get("messages")
     history = inp.get("history")
@@ -272,12 +302,25 @@ def _native_messages(inp: dict[str, Any], rules: str) -> list[dict[str, Any]]:
     if prompt is not None:
         # The prompt is appended as the last user message (reference section 1.3).
         combined.append({"role": "user", "content": prompt})
-    return check_messages(combined, rules, compatible=False)
+    return check_messages(combined, rules, compatible=False, parts=parts)
 
 
-def validate_native(body: dict[str, Any], catalog: Catalog, *, rules: str, usage_mode: str) -> ChatRequest:
-    """A native body → ChatRequest, or ApiError in the service's order of checks."""
+def validate_native(
+    body: dict[str, Any],
+    catalog: Catalog,
+    *,
+    rules: str,
+    usage_mode: str,
+    path: NativePath = "text",
+    stream: bool = False,
+) -> ChatRequest:
+    """A native body on ``path`` → ChatRequest, or ApiError in the service's order of checks."""
     model = _model(catalog, body, compatible=False)
+    model_rules = behaviour(model.name)
+    if model_rules.path != path:
+        # A stream hears it as HTTP 200 with an SSE error event (tongyi.py: "the url error also
+        # arrives as a 200 SSE error event").
+        raise ApiError("InvalidParameter", URL_ERROR, 400, stream_status=200)
     if "input" not in body or body["input"] is None:
         raise ApiError("BadRequest.EmptyInput")
     inp = body["input"]
@@ -289,19 +332,70 @@ def validate_native(body: dict[str, Any], catalog: Catalog, *, rules: str, usage
         params = {}
     if not isinstance(params, dict):
         raise invalid(BODY_INVALID)
-    messages = _native_messages(inp, rules)
+    multimodal = path == "multimodal"
+    messages = _native_messages(inp, rules, parts=multimodal)
     max_tokens = check_parameters(params, model, compatible=False)
     result_format = params.get("result_format") or model.default_result_format
     if result_format not in ("text", "message"):
         raise invalid(RESULT_FORMAT_INVALID)
-    incremental = params.get("incremental_output")
+    if multimodal:
+        result_format = "message"  # the multimodal path always answers with choices
+    incremental = _incremental(params.get("incremental_output"), model_rules, stream)
+    thinking, budget = check_thinking(params, model.name, model_rules, stream=stream, result_format=result_format,
+                                      incremental=incremental)
     count = _check_input_length(messages, model, usage_mode)
-    return ChatRequest(model, messages, params, max_tokens, result_format, bool(incremental), count)
+    return ChatRequest(model, messages, params, max_tokens, result_format, incremental, count,
+                       stream=stream, thinking=thinking, thinking_budget=budget)
+
+
+def _incremental(value: Any, rules: Behaviour, stream: bool) -> bool:
+    """The effective ``incremental_output``: the model's default when not sent; a locked false refused."""
+    if value is None:
+        return rules.incremental_default
+    # Only checked on a stream, where the parameter means something (UNCONFIRMED otherwise).
+    if stream and rules.incremental_locked and value is False:
+        raise invalid(INCREMENTAL_LOCKED)
+    return bool(value)
+
+
+def check_thinking(
+    params: dict[str, Any], model: str, rules: Behaviour, *, stream: bool, result_format: str, incremental: bool
+) -> tuple[bool, int]:
+    """Whether a request to ``model`` (behaving as ``rules``) thinks, and its budget; or the
+    documented refusal (PROTO §1.3, WAVE2 A.1).
+
+    A ``thinking_budget`` on a request that does not think is ignored (UNCONFIRMED).
+    """
+    enable = params.get("enable_thinking")
+    if enable is not None and not isinstance(enable, bool):
+        raise invalid(ENABLE_THINKING_NOT_BOOLEAN)
+    if enable is True and rules.thinking == "none":
+        raise ApiError("InvalidParameter.NotSupportEnableThinking", f"The model {model} does not support enable_thinking.",
+                       400, compatible_code="invalid_parameter_error")
+    if rules.thinking == "only" and not stream and rules.stream_only_message:
+        raise invalid(rules.stream_only_message)
+    if not rules.thinks(enable):
+        return False, 0
+    ceiling = rules.max_thinking_tokens or 0
+    budget = params.get("thinking_budget")
+    if budget is not None and (not _integer(budget) or not 0 < budget <= ceiling):
+        raise invalid(f"The thinking_budget parameter must be a positive integer and not greater than {ceiling}")
+    if not stream and rules.thinking_stream_only and rules.stream_only_message:
+        raise invalid(rules.stream_only_message)
+    if result_format != "message":
+        raise invalid(THINKING_NEEDS_MESSAGE)
+    if stream and not incremental:
+        raise invalid(THINKING_NEEDS_INCREMENTAL)
+    response_format = params.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema"):
+        raise invalid(JSON_WITH_THINKING)
+    return True, int(budget) if budget is not None else ceiling
 
 
 COMPATIBLE_SAMPLING_KEYS = (
     "seed", "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty",
     "frequency_penalty", "n", "stop", "max_tokens", "enable_search", "response_format",
+    "enable_thinking", "thinking_budget",
 )
 
 
@@ -318,5 +412,9 @@ def validate_compatible(body: dict[str, Any], catalog: Catalog, *, rules: str, u
     stream = body.get("stream") is True
     options = body.get("stream_options")
     include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
+    # Compatible mode has no result_format and streams deltas only (reference section 6).
+    thinking, budget = check_thinking(params, model.name, behaviour(model.name), stream=stream, result_format="message",
+                                      incremental=True)
     count = _check_input_length(messages, model, usage_mode)
-    return ChatRequest(model, messages, params, max_tokens, "message", True, count, stream, include_usage)
+    return ChatRequest(model, messages, params, max_tokens, "message", True, count, stream, include_usage,
+                       thinking=thinking, thinking_budget=budget)

@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import dashscope
 import pytest
 
 from qwen_batch.emulator import EmulatorConfig, RunningEmulator
@@ -29,6 +30,13 @@ def start_emulator() -> Iterator[StartEmulator]:
             return stack.enter_context(EmulatorThread(EmulatorConfig(**fields)))
 
         yield start
+
+
+@pytest.fixture
+def sdk(emu: RunningEmulator, monkeypatch: pytest.MonkeyPatch) -> RunningEmulator:
+    """The dashscope SDK pointed at a default emulator."""
+    monkeypatch.setattr(dashscope, "base_http_api_url", emu.base_url)
+    return emu
 
 
 @pytest.fixture

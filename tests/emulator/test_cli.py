@@ -62,3 +62,8 @@ def test_python_m_emulator_prints_its_url_serves_and_stops_on_sigint() -> None:
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_the_thinking_length_flags_reach_the_config() -> None:
+    config = config_from_args(_parse("--thinking-median-tokens", "30", "--thinking-max-tokens", "90"))
+    assert (config.thinking_median_tokens, config.thinking_max_tokens) == (30, 90)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qwen_batch import tokens
-from qwen_batch.emulator.generate import detect_language, draft_text, generate
+from qwen_batch.emulator.generate import Generation, Thinking, detect_language, draft_text, generate
 from qwen_batch.emulator.usage import input_tokens
 
 texts = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=60)
@@ -89,3 +91,65 @@ def test_the_reply_follows_the_prompt_language() -> None:
     assert detect_language("How do I cook eggs?") == "en"
     chinese = draft_text("qwen-turbo", _messages("介绍一下杭州"), {})
     assert sum("\u4e00" <= ch <= "\u9fff" for ch in chinese) > len(chinese) / 2
+
+
+# ----- thinking -------------------------------------------------------------------------
+
+budgets = st.integers(1, 150)
+
+
+def _thought(text: str, seed: int, budget: int, *, max_tokens: int = 1500, **options: Any) -> Generation:
+    return generate("qwen3-32b", _messages(text), {"seed": seed}, max_tokens=max_tokens,
+                    thinking=Thinking(budget, **options))
+
+
+@fast
+@given(texts, seeds, budgets)
+def test_thinking_budget_caps_the_reasoning_exactly_and_keeps_a_prefix_of_the_thought(
+    text: str, seed: int, budget: int
+) -> None:
+    free = _thought(text, seed, 10_000)
+    capped = _thought(text, seed, budget)
+    assert free.reasoning.startswith(capped.reasoning)
+    assert capped.reasoning_tokens == tokens.count_text(capped.reasoning, "qwen3-32b")
+    if free.reasoning_tokens >= budget:
+        assert capped.reasoning_tokens == budget
+    else:
+        assert capped.reasoning == free.reasoning
+
+
+@fast
+@given(texts, seeds, budgets, st.integers(1, 60))
+def test_max_tokens_caps_only_the_answer_and_output_tokens_count_both(
+    text: str, seed: int, budget: int, max_tokens: int
+) -> None:
+    whole = _thought(text, seed, budget)
+    cut = _thought(text, seed, budget, max_tokens=max_tokens)
+    assert cut.reasoning == whole.reasoning  # max_tokens leaves the thought alone
+    assert len(cut.token_ids) <= max_tokens and whole.text.startswith(cut.text)
+    assert cut.output_tokens == cut.reasoning_tokens + tokens.count_text(cut.text, "qwen3-32b")
+    assert cut.finish_reason == ("length" if len(whole.token_ids) > max_tokens else "stop")
+
+
+@fast
+@given(texts, seeds, budgets)
+def test_a_thinking_reply_is_a_pure_function_of_the_request(text: str, seed: int, budget: int) -> None:
+    assert _thought(text, seed, budget) == _thought(text, seed, budget)
+    plain = generate("qwen3-32b", _messages(text), {"seed": seed}, max_tokens=1500)
+    assert _thought(text, seed, budget).text == plain.text and plain.reasoning_ids == ()
+
+
+def test_reasoning_lengths_vary_and_often_exceed_a_small_budget() -> None:
+    lengths = [_thought(f"Question {i}?", 1, 10_000).reasoning_tokens for i in range(100)]
+    assert len(set(lengths)) > 30
+    assert 20 < sum(n > 50 for n in lengths) < 80
+    assert min(lengths) >= 8 and max(lengths) <= 600
+
+
+def test_the_think_directive_fixes_the_thought_and_overflow_leaves_no_answer() -> None:
+    forced = _thought("hi", 1, 10_000, forced_tokens=333)
+    assert forced.reasoning_tokens == 333 and forced.finish_reason == "stop" and forced.text
+    overflow = _thought("hi", 1, 40, forced_tokens=333, overflow=True)
+    assert (overflow.text, overflow.token_ids, overflow.finish_reason) == ("", (), "length")
+    assert overflow.reasoning_tokens == 40 and overflow.output_tokens == 40
+    assert forced.reasoning.startswith(overflow.reasoning)

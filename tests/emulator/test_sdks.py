@@ -12,13 +12,6 @@ from qwen_batch import tokens
 from qwen_batch.emulator import RunningEmulator
 
 
-@pytest.fixture
-def sdk(emu: RunningEmulator, monkeypatch: pytest.MonkeyPatch) -> RunningEmulator:
-    """The dashscope SDK pointed at the emulator."""
-    monkeypatch.setattr(dashscope, "base_http_api_url", emu.base_url)
-    return emu
-
-
 def test_generation_call_with_messages_returns_text_and_chatml_usage(sdk: RunningEmulator) -> None:
     messages = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "你是谁？"}]
     response = dashscope.Generation.call(model="qwen-turbo", messages=messages, api_key=sdk.api_key)
