@@ -2,7 +2,10 @@
 
 The data lives in ``data/models.json`` and is read on first use. A job spec or the
 emulator may add models or override figures (the service changes them); ``Catalog.with_models``
-returns a new catalog with those entries merged in.
+returns a new catalog with those entries merged in. A user catalog file of the same shape,
+named by ``QWEN_BATCH_CATALOG`` and by the spec's ``catalog:`` key (the spec's on top), adds
+models or overrides the keys its entries give (``load_user_catalog``, ``for_spec``), since
+the service changes models monthly and a release should not be needed to follow it.
 """
 
 from __future__ import annotations
@@ -10,13 +13,19 @@ from __future__ import annotations
 import difflib
 import functools
 import json
+import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, NotRequired, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, NotRequired, TypedDict
+
+if TYPE_CHECKING:
+    from .spec import JobSpec
 
 CATALOG_PATH = Path(__file__).with_name("data") / "models.json"
+CATALOG_ENV = "QWEN_BATCH_CATALOG"  # a user catalog file, read when a command runs
+USER_CATALOG_MAX_BYTES = 16 * 1024 * 1024
 CURRENCY = "CNY"
 ThinkingMode = Literal["none", "hybrid", "only"]
 """``none``: never thinks; ``hybrid``: ``enable_thinking`` turns it on or off; ``only``: always thinks."""
@@ -59,8 +68,16 @@ class Price:
         return self.tiers[-1]
 
     @classmethod
-    def flat(cls, input_per_1k: float, output_per_1k: float, currency: str, source: str) -> Price:
-        return cls((PriceTier(None, input_per_1k * 1000, output_per_1k * 1000),), currency, source)
+    def flat(
+        cls,
+        input_per_1k: float,
+        output_per_1k: float,
+        currency: str,
+        source: str,
+        thinking_output_per_1k: float | None = None,
+    ) -> Price:
+        thinking = None if thinking_output_per_1k is None else thinking_output_per_1k * 1000
+        return cls((PriceTier(None, input_per_1k * 1000, output_per_1k * 1000, thinking),), currency, source)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +108,10 @@ class ModelInfo:
     stream_only: bool = False
     native_path: NativePath = "text"
     max_thinking_tokens: int | None = None
+    # The keys of this entry whose figures no first-hand source confirms (``qwen-batch models`` shows them).
+    unconfirmed: tuple[str, ...] = ()
+    thinking_source: str = ""  # where the thinking and path figures come from
+    notes: str = ""  # what a figure left null would be, and where a user finds it
 
     def with_overrides(self, **changes: Any) -> ModelInfo:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -131,6 +152,9 @@ class ModelJson(TypedDict, total=False):
     stream_only: bool
     native_path: NativePath
     max_thinking_tokens: int | None
+    unconfirmed: list[str]
+    thinking_source: str
+    notes: str
 
 
 def model_from_dict(name: str, data: ModelJson) -> ModelInfo:
@@ -171,6 +195,9 @@ def model_from_dict(name: str, data: ModelJson) -> ModelInfo:
         stream_only=data.get("stream_only", False),
         native_path=data.get("native_path", "text"),
         max_thinking_tokens=data.get("max_thinking_tokens"),
+        unconfirmed=tuple(data.get("unconfirmed", ())),
+        thinking_source=data.get("thinking_source", ""),
+        notes=data.get("notes", ""),
     )
 
 
@@ -180,9 +207,10 @@ def _optional_float(value: float | None) -> float | None:
 
 @dataclass(frozen=True)
 class Catalog:
-    """Models by name."""
+    """Models by name; ``from_user`` names the user catalog file each added or changed model came from."""
 
     models: Mapping[str, ModelInfo]
+    from_user: Mapping[str, Path] = field(default_factory=dict)
 
     def get(self, name: str) -> ModelInfo | None:
         return self.models.get(name)
@@ -205,19 +233,67 @@ class Catalog:
         return by_key[matches[0]] if matches else None
 
     def with_models(self, extra: Mapping[str, ModelInfo]) -> Catalog:
-        return Catalog({**self.models, **extra})
+        return Catalog({**self.models, **extra}, self.from_user)
 
     @classmethod
     def from_json(cls, text: str) -> Catalog:
-        data = json.loads(text)
-        return cls({name: model_from_dict(name, entry) for name, entry in data["models"].items()})
+        return cls({name: model_from_dict(name, entry) for name, entry in _builtin_entries(text).items()})
 
 
 def _name_key(name: str) -> str:
     return re.sub(r"[\s_]+", "-", name.strip().lower())
 
 
+def _builtin_entries(text: str) -> dict[str, ModelJson]:
+    entries: dict[str, ModelJson] = json.loads(text)["models"]
+    return entries
+
+
+@functools.cache
+def _builtin_json() -> dict[str, ModelJson]:
+    return _builtin_entries(CATALOG_PATH.read_text(encoding="utf-8"))
+
+
 @functools.cache
 def builtin() -> Catalog:
     """The catalog shipped with qwen-batch, read once."""
-    return Catalog.from_json(CATALOG_PATH.read_text(encoding="utf-8"))
+    return Catalog({name: model_from_dict(name, entry) for name, entry in _builtin_json().items()})
+
+
+def with_user_files(paths: Sequence[Path]) -> Catalog:
+    """The built-in catalog with each user catalog file laid over it in turn (later files win).
+
+    A user entry for a built-in model replaces only the keys it gives (a ``price`` or
+    ``rate_limits`` it gives replaces that whole object); a new name is a new model.
+    Raises ConfigError naming the file and key for a bad file.
+    """
+    if not paths:
+        return builtin()
+    from .user_catalog import load_user_catalog
+
+    merged: dict[str, ModelJson] = dict(_builtin_json())
+    from_user: dict[str, Path] = {}
+    for path in paths:
+        for name, entry in load_user_catalog(path).items():
+            merged[name] = {**merged.get(name, {}), **entry}  # type: ignore[typeddict-item]
+            from_user[name] = path
+    models = dict(builtin().models)
+    models.update({name: model_from_dict(name, merged[name]) for name in from_user})
+    return Catalog(models, from_user)
+
+
+def user_files(spec_catalog: Path | None, environ: Mapping[str, str] | None = None) -> list[Path]:
+    """The user catalog files in the order they apply: ``QWEN_BATCH_CATALOG``, then the spec's ``catalog:``."""
+    env = os.environ if environ is None else environ
+    paths = []
+    named = env.get(CATALOG_ENV, "").strip()
+    if named:
+        paths.append(Path(os.path.expanduser(named)).absolute())
+    if spec_catalog is not None:
+        paths.append(spec_catalog)
+    return paths
+
+
+def for_spec(spec: JobSpec) -> Catalog:
+    """The catalog a job sees: the built-in one, ``QWEN_BATCH_CATALOG``'s file over it, the spec's on top."""
+    return with_user_files(user_files(spec.catalog))
