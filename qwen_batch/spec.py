@@ -511,6 +511,11 @@ def check_against_model(spec: JobSpec, model_info: ModelInfo | None) -> None:
     """Checks that need the model: ``max_tokens`` within the output limit. Raises SpecError."""
     limit = max_output_tokens(spec, model_info)
     asked = spec.parameters.max_tokens
+    if model_info is not None and asked is None and limit is None and model_info.default_max_tokens is None:
+        raise SpecError(
+            f"{spec.where}: parameters.max_tokens: the catalog does not know {spec.model}'s output limit, so a "
+            "request's worst-case cost is unknown; set parameters.max_tokens (or model_limits.max_output_tokens)"
+        )
     if limit is not None and asked is not None and asked > limit:
         raise SpecError(
             f"{spec.where}: parameters.max_tokens: Range of max_tokens should be [1, {limit}] for {spec.model}, "

@@ -46,7 +46,7 @@ class JobStatus:
 def job_status(spec_path: Path, options: JobOptions) -> JobStatus:
     """Read the spec, the table's size and the checkpoint; send and change nothing."""
     spec = load_spec(spec_path)
-    model_info = resolve_model(spec, catalog_module.builtin())
+    model_info = resolve_model(spec, catalog_module.for_spec(spec))
     price = price_for(spec, model_info)
     output_path = checked_paths(spec, options).output
     table = open_table(spec)
