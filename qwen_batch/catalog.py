@@ -3,9 +3,8 @@
 The data lives in ``data/models.json`` and is read on first use. A job spec or the
 emulator may add models or override figures (the service changes them); ``Catalog.with_models``
 returns a new catalog with those entries merged in. A user catalog file of the same shape,
-named by ``QWEN_BATCH_CATALOG`` and by the spec's ``catalog:`` key (the spec's on top), adds
-models or overrides the keys its entries give (``load_user_catalog``, ``for_spec``), since
-the service changes models monthly and a release should not be needed to follow it.
+named by ``QWEN_BATCH_CATALOG`` and by the spec's ``catalog:`` key, adds models or overrides
+the keys its entries give (``user_catalog.py``), since the service changes models monthly.
 """
 
 from __future__ import annotations
@@ -13,19 +12,14 @@ from __future__ import annotations
 import difflib
 import functools
 import json
-import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NotRequired, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
-if TYPE_CHECKING:
-    from .spec import JobSpec
 
 CATALOG_PATH = Path(__file__).with_name("data") / "models.json"
-CATALOG_ENV = "QWEN_BATCH_CATALOG"  # a user catalog file, read when a command runs
-USER_CATALOG_MAX_BYTES = 16 * 1024 * 1024
 CURRENCY = "CNY"
 ThinkingMode = Literal["none", "hybrid", "only"]
 """``none``: never thinks; ``hybrid``: ``enable_thinking`` turns it on or off; ``only``: always thinks."""
@@ -250,50 +244,12 @@ def _builtin_entries(text: str) -> dict[str, ModelJson]:
 
 
 @functools.cache
-def _builtin_json() -> dict[str, ModelJson]:
+def builtin_json() -> dict[str, ModelJson]:
+    """The built-in entries as ``data/models.json`` has them (a user catalog is laid over these)."""
     return _builtin_entries(CATALOG_PATH.read_text(encoding="utf-8"))
 
 
 @functools.cache
 def builtin() -> Catalog:
     """The catalog shipped with qwen-batch, read once."""
-    return Catalog({name: model_from_dict(name, entry) for name, entry in _builtin_json().items()})
-
-
-def with_user_files(paths: Sequence[Path]) -> Catalog:
-    """The built-in catalog with each user catalog file laid over it in turn (later files win).
-
-    A user entry for a built-in model replaces only the keys it gives (a ``price`` or
-    ``rate_limits`` it gives replaces that whole object); a new name is a new model.
-    Raises ConfigError naming the file and key for a bad file.
-    """
-    if not paths:
-        return builtin()
-    from .user_catalog import load_user_catalog
-
-    merged: dict[str, ModelJson] = dict(_builtin_json())
-    from_user: dict[str, Path] = {}
-    for path in paths:
-        for name, entry in load_user_catalog(path).items():
-            merged[name] = {**merged.get(name, {}), **entry}  # type: ignore[typeddict-item]
-            from_user[name] = path
-    models = dict(builtin().models)
-    models.update({name: model_from_dict(name, merged[name]) for name in from_user})
-    return Catalog(models, from_user)
-
-
-def user_files(spec_catalog: Path | None, environ: Mapping[str, str] | None = None) -> list[Path]:
-    """The user catalog files in the order they apply: ``QWEN_BATCH_CATALOG``, then the spec's ``catalog:``."""
-    env = os.environ if environ is None else environ
-    paths = []
-    named = env.get(CATALOG_ENV, "").strip()
-    if named:
-        paths.append(Path(os.path.expanduser(named)).absolute())
-    if spec_catalog is not None:
-        paths.append(spec_catalog)
-    return paths
-
-
-def for_spec(spec: JobSpec) -> Catalog:
-    """The catalog a job sees: the built-in one, ``QWEN_BATCH_CATALOG``'s file over it, the spec's on top."""
-    return with_user_files(user_files(spec.catalog))
+    return Catalog({name: model_from_dict(name, entry) for name, entry in builtin_json().items()})

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from . import catalog as catalog_module
 from .cache import ResponseCache, ServiceCache, default_cache_path
 from .checkpoint import Checkpoint, set_aside
 from .endpoint import base_url_key, configured_base_url
@@ -33,6 +32,7 @@ from .resume import checkpoint_dir_for, input_identity, record_input_identity, r
 from .runner import STOP_BUDGET
 from .spec import JobSpec, check_base_url, load_spec, price_for, resolve_model
 from .table import open_table
+from .user_catalog import for_job
 from .work import BATCH_ROWS, CheckpointAndCacheSink, work_items
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ def prepare(
     from .configuration import check_model_known, check_native_path
 
     spec = load_spec(spec_path)
-    catalog = catalog_module.for_spec(spec)
+    catalog = for_job(spec.catalog)
     check_model_known(spec, catalog)
     if not options.emulate:
         # The URL is checked for secrets and shape before any message quotes it.

@@ -104,7 +104,7 @@ def _rate_limits(limits: RateLimits | None) -> dict[str, Any] | None:
 
 def catalog_for_listing(catalog_file: Path | None) -> Catalog:
     """The built-in catalog with ``QWEN_BATCH_CATALOG``'s file and then ``--catalog``'s laid over it."""
-    from .catalog import user_files, with_user_files
+    from .user_catalog import user_files, with_user_files
 
     return with_user_files(user_files(catalog_file.absolute() if catalog_file is not None else None))
 

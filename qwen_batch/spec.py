@@ -395,7 +395,7 @@ class JobSpec(BaseModel):
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
     preflight: PreflightSpec = Field(default_factory=PreflightSpec)
     model_limits: ModelLimitsSpec = Field(default_factory=ModelLimitsSpec)
-    catalog: PathStr | None = None  # a user catalog file (catalog.load_user_catalog), over the built-in one
+    catalog: PathStr | None = None  # a user catalog file (user_catalog.py), over the built-in one
 
     _path: Path | None = PrivateAttr(default=None)
 
@@ -529,7 +529,7 @@ def check_against_model(spec: JobSpec, model_info: ModelInfo | None) -> None:
 def load_spec(path: Path, catalog: Catalog | None = None) -> JobSpec:
     """Read, validate and resolve a job file. Every problem is a one-line SpecError.
 
-    ``catalog`` (default: the job's, ``catalog.for_spec``) is used only to check ``max_tokens``
+    ``catalog`` (default: the job's, ``user_catalog.for_job``) is used only to check ``max_tokens``
     against the model's output limit; an unknown model is not an error here (callers warn).
     """
     path = Path(path)
@@ -548,9 +548,9 @@ def load_spec(path: Path, catalog: Catalog | None = None) -> JobSpec:
     except ValidationError as exc:
         raise SpecError(f"{path}: {describe_validation_error(exc)}") from None
     spec = _resolved(spec, path, data)
-    from . import catalog as catalog_module  # the built-in catalog is read on first use, not at import
+    from .user_catalog import for_job  # the catalog is read on first use, not at import
 
-    check_against_model(spec, resolve_model(spec, catalog or catalog_module.for_spec(spec)))
+    check_against_model(spec, resolve_model(spec, catalog or for_job(spec.catalog)))
     return spec
 
 
@@ -651,21 +651,18 @@ _TYPE_WORDS = {
 }
 
 
-def describe_validation_error(exc: ValidationError, root: type[BaseModel] | None = None) -> str:
-    """The first error as ``key: what is wrong, what to do``; later ones are counted, not listed.
-
-    ``root`` (default JobSpec) is the model validated, whose keys a did-you-mean names.
-    """
+def describe_validation_error(exc: ValidationError) -> str:
+    """The first error as ``key: what is wrong, what to do``; later ones are counted, not listed."""
     errors = exc.errors(include_url=False)
     # A misspelt key also makes the real one "missing": report the typo, it is the cause.
     errors.sort(key=lambda error: error["type"] != "extra_forbidden")
-    line = _describe(errors[0], root or JobSpec)
+    line = _describe(errors[0])
     if len(errors) > 1:
         line += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
     return line
 
 
-def _describe(error: ErrorDetails, root: type[BaseModel]) -> str:
+def _describe(error: ErrorDetails) -> str:
     raw = error["loc"]
     # The offending key of an unknown-key error is the user's text, whatever it looks like.
     loc = _clean_loc(raw[:-1]) + (str(raw[-1]),) if error["type"] == "extra_forbidden" and raw else _clean_loc(raw)
@@ -675,7 +672,7 @@ def _describe(error: ErrorDetails, root: type[BaseModel]) -> str:
     value = error.get("input")
     if kind == "extra_forbidden":
         parent, key = loc[:-1], str(loc[-1])
-        valid = _keys_at(parent, root)
+        valid = _keys_at(parent)
         close = difflib.get_close_matches(key, valid, n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
         prefix = f"{'.'.join(parent)}: " if parent else ""
@@ -730,7 +727,7 @@ def _quoted(text: str) -> str:
 def _model_of(annotation: object) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
-    if typing.get_origin(annotation) in (Union, types.UnionType, list, dict):
+    if typing.get_origin(annotation) in (Union, types.UnionType):
         for arg in typing.get_args(annotation):
             found = _model_of(arg)
             if found is not None:
@@ -738,12 +735,10 @@ def _model_of(annotation: object) -> type[BaseModel] | None:
     return None
 
 
-def _keys_at(loc: tuple[str, ...], root: type[BaseModel]) -> list[str]:
-    """The valid keys of the section at ``loc`` (for did-you-mean suggestions); list indexes are skipped."""
-    model: type[BaseModel] | None = root
+def _keys_at(loc: tuple[str, ...]) -> list[str]:
+    """The valid keys of the section at ``loc`` (for did-you-mean suggestions)."""
+    model: type[BaseModel] | None = JobSpec
     for part in loc:
-        if part.isdigit():
-            continue
         field = model.model_fields.get(part) if model is not None else None
         model = _model_of(field.annotation) if field is not None else None
     return list(model.model_fields) if model is not None else []

@@ -1,4 +1,7 @@
-"""A user's catalog file: checked key by key, so a typo is one line naming the file and the key.
+"""User catalog files laid over the built-in catalog, each checked key by key.
+
+The files apply in order: ``QWEN_BATCH_CATALOG``'s, then the spec's ``catalog:`` (so the
+spec's wins where both give a key), then nothing else; ``for_job`` is the catalog a job sees.
 
 The file has the shape of the built-in ``data/models.json``: ``{"models": {name: entry}}``
 (an ``_about`` string may sit beside ``models``). An entry may be partial: it gives only the
@@ -9,14 +12,20 @@ figure.
 
 from __future__ import annotations
 
+import difflib
 import json
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .catalog import ModelJson
+from .catalog import Catalog, ModelJson, builtin, builtin_json, model_from_dict
 from .errors import ConfigError
+
+CATALOG_ENV = "QWEN_BATCH_CATALOG"  # a user catalog file, read when a command runs
+USER_CATALOG_MAX_BYTES = 16 * 1024 * 1024
 
 _STRICT = ConfigDict(extra="forbid", frozen=True, strict=True)
 _TOP_KEYS = ("models", "_about")
@@ -78,9 +87,7 @@ def load_user_catalog(path: Path) -> dict[str, ModelJson]:
 
     Raises ConfigError (exit 2) naming the file and the key for anything wrong.
     """
-    from .catalog import CATALOG_ENV, USER_CATALOG_MAX_BYTES
     from .paths import read_bounded
-    from .spec import describe_validation_error
 
     data = read_bounded(path, "user catalog", f"the catalog: key or {CATALOG_ENV}", USER_CATALOG_MAX_BYTES)
     try:
@@ -100,10 +107,7 @@ def load_user_catalog(path: Path) -> dict[str, ModelJson]:
         try:
             checked = UserModelEntry.model_validate(entry)
         except ValidationError as exc:
-            line = describe_validation_error(exc, UserModelEntry)
-            # "thinking: must be ..." reads as models.<name>.thinking; "unknown key ..." names its own key.
-            joiner = ": " if line.startswith(("unknown key", "missing key")) else "."
-            raise ConfigError(f"{path}: models.{name}{joiner}{line}") from None
+            raise ConfigError(f"{path}: {_described(exc, ('models', name))}") from None
         entries[name] = checked.model_dump(exclude_unset=True)  # type: ignore[assignment]
     return entries
 
@@ -122,3 +126,69 @@ def _models_of(path: Path, document: Any) -> dict[str, Any]:
         if not isinstance(entry, dict):
             raise ConfigError(f"{path}: models.{name}: must be a mapping of keys, got {type(entry).__name__}")
     return models
+
+
+def _described(exc: ValidationError, where: tuple[str, ...]) -> str:
+    """The first error as ``models.<name>.<key>: what is wrong``, with a did-you-mean for a misspelt key."""
+    # A misspelt key also makes the real one "missing": report the typo, it is the cause.
+    error = min(exc.errors(include_url=False), key=lambda found: found["type"] != "extra_forbidden")
+    loc = [str(part) for part in error["loc"]]
+    if error["type"] == "extra_forbidden":
+        parent, key = loc[:-1], loc[-1]
+        valid = _keys_at(parent)
+        close = difflib.get_close_matches(key, valid, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
+        return f"{'.'.join((*where, *parent))}: unknown key {key!r} ({hint})"
+    message = error["msg"].replace("Input should be", "must be").replace("Field required", "missing; add it")
+    if error["type"] == "literal_error":
+        message = f"must be one of {error.get('ctx', {}).get('expected', '')}"
+    got = "" if error["type"] == "missing" else f", got {json.dumps(error.get('input'), ensure_ascii=False)[:60]}"
+    return f"{'.'.join((*where, *loc))}: {message}{got}"
+
+
+def _keys_at(loc: Sequence[str]) -> list[str]:
+    """The keys valid at ``loc`` inside an entry (list indexes skipped)."""
+    models: dict[str, type[BaseModel]] = {"price": _Price, "tiers": _Tier, "rate_limits": _RateLimits}
+    model: type[BaseModel] = UserModelEntry
+    for part in loc:
+        if not part.isdigit():
+            model = models.get(part, model)
+    return list(model.model_fields)
+
+
+def with_user_files(paths: Sequence[Path]) -> Catalog:
+    """The built-in catalog with each user catalog file laid over it in turn (later files win).
+
+    A user entry for a built-in model replaces only the keys it gives (a ``price`` or
+    ``rate_limits`` it gives replaces that whole object); a new name is a new model.
+    Raises ConfigError naming the file and key for a bad file.
+    """
+    if not paths:
+        return builtin()
+    merged: dict[str, ModelJson] = dict(builtin_json())
+    from_user: dict[str, Path] = {}
+    for path in paths:
+        for name, entry in load_user_catalog(path).items():
+            merged[name] = {**merged.get(name, {}), **entry}  # type: ignore[typeddict-item]
+            from_user[name] = path
+    models = dict(builtin().models)
+    models.update({name: model_from_dict(name, merged[name]) for name in from_user})
+    return Catalog(models, from_user)
+
+
+def user_files(spec_catalog: Path | None, environ: Mapping[str, str] | None = None) -> list[Path]:
+    """The user catalog files in the order they apply: ``QWEN_BATCH_CATALOG``, then the spec's ``catalog:``."""
+    env = os.environ if environ is None else environ
+    paths = []
+    named = env.get(CATALOG_ENV, "").strip()
+    if named:
+        paths.append(Path(os.path.expanduser(named)).absolute())
+    if spec_catalog is not None:
+        paths.append(spec_catalog)
+    return paths
+
+
+def for_job(catalog_file: Path | None) -> Catalog:
+    """The catalog a job sees: the built-in one, ``QWEN_BATCH_CATALOG``'s file over it, and the
+    job's ``catalog:`` file (``catalog_file``, absolute) on top."""
+    return with_user_files(user_files(catalog_file))

@@ -12,7 +12,7 @@ from typing import Any
 import polars as pl
 import pytest
 
-from qwen_batch.catalog import CATALOG_ENV, Price, PriceTier, builtin, for_spec
+from qwen_batch.catalog import Price, PriceTier, builtin
 from qwen_batch.checkpoint import RECORD_SCHEMA
 from qwen_batch.cli import main
 from qwen_batch.errors import SpecError
@@ -23,6 +23,7 @@ from qwen_batch.report import render_summary
 from qwen_batch.runner import RunStatistics
 from qwen_batch.spec import Parameters, load_spec, price_for, resolve_model
 from qwen_batch.summary import build_summary
+from qwen_batch.user_catalog import CATALOG_ENV, for_job
 
 from .conftest import write_csv, write_job
 from .refusal import refused, spec
@@ -248,7 +249,7 @@ def test_a_partial_entry_overrides_only_its_keys_and_the_specs_file_wins_over_th
     _catalog(tmp_path / "job.json", {"qwen3-32b": {"max_thinking_tokens": 700}})
     monkeypatch.setenv(CATALOG_ENV, str(env_file))
     path = job(tmp_path, model="qwen3-32b", catalog="job.json", parameters={"max_tokens": 50})
-    info = resolve_model(load_spec(path), for_spec(load_spec(path)))
+    info = resolve_model(load_spec(path), for_job(load_spec(path).catalog))
     built = builtin().get("qwen3-32b")
     assert info is not None and built is not None
     assert (info.max_thinking_tokens, info.max_output_tokens) == (700, 4000)
@@ -258,7 +259,7 @@ def test_a_partial_entry_overrides_only_its_keys_and_the_specs_file_wins_over_th
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
-        ({"models": {"qwen3-32b": {"thinking": "sometimes"}}}, "models.qwen3-32b.thinking: must be one of 'none', 'hybrid' or 'only'"),
+        ({"models": {"qwen3-32b": {"thinking": "sometimes"}}}, "models.qwen3-32b.thinking: must be one of 'none', 'hybrid' or 'only', got \"sometimes\""),
         ({"models": {"qwen3-32b": {"max_thinking_token": 5}}}, "models.qwen3-32b: unknown key 'max_thinking_token' (did you mean 'max_thinking_tokens'?)"),
         ({"models": {"x": {"price": {"tiers": [{"input": 1, "outptu": 2}]}}}}, "models.x.price.tiers.0: unknown key 'outptu'"),
         ({"qwen3-32b": {}}, 'a user catalog is a JSON object {"models"'),
