@@ -70,7 +70,7 @@ EndpointSetting = Literal["auto", "text", "multimodal"]
 DEFAULT_STREAM: StreamSetting = "auto"
 DEFAULT_ENDPOINT: EndpointSetting = "auto"
 # Settings that choose how a request is sent, not what it asks: never wire parameters.
-_NOT_SENT = frozenset({"stream"})
+_NOT_SENT = {"stream"}
 OverLong = Literal["fail", "error"]
 StopValue = Union[str, list[str], list[int], list[list[int]]]
 

@@ -169,7 +169,7 @@ def with_user_files(paths: Sequence[Path]) -> Catalog:
     from_user: dict[str, Path] = {}
     for path in paths:
         for name, entry in load_user_catalog(path).items():
-            merged[name] = {**merged.get(name, {}), **entry}  # type: ignore[typeddict-item]
+            merged[name] = {**merged.get(name, {}), **entry}
             from_user[name] = path
     models = dict(builtin().models)
     models.update({name: model_from_dict(name, merged[name]) for name in from_user})
