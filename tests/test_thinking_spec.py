@@ -11,6 +11,8 @@ from typing import Any
 
 import polars as pl
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from qwen_batch.catalog import Price, PriceTier, builtin
 from qwen_batch.checkpoint import RECORD_SCHEMA
@@ -23,7 +25,7 @@ from qwen_batch.report import render_summary
 from qwen_batch.runner import RunStatistics
 from qwen_batch.spec import Parameters, load_spec, price_for, resolve_model
 from qwen_batch.summary import build_summary
-from qwen_batch.user_catalog import CATALOG_ENV, for_job
+from qwen_batch.user_catalog import CATALOG_ENV, for_job, with_user_files
 
 from .conftest import write_csv, write_job
 from .refusal import refused, spec
@@ -337,3 +339,38 @@ def test_models_table_marks_unconfirmed_figures(capsys: pytest.CaptureFixture[st
 def test_models_refuses_a_name_the_catalog_lacks(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models", "qwen3.5-pluss"]) == 2
     assert "error: models: 'qwen3.5-pluss' is not in the catalog; did you mean 'qwen3.5-plus'?" in capsys.readouterr().err
+
+
+# A value of each scalar key a user entry may give, differing from every built-in model's.
+OVERRIDES: dict[str, Any] = {
+    "context_tokens": 123457,
+    "max_input_tokens": 100001,
+    "max_output_tokens": 4321,
+    "default_max_tokens": 1234,
+    "limits_source": "my notes, 2026-12",
+    "default_result_format": "message",
+    "thinking_default": True,
+    "thinking_needs_stream": True,
+    "stream_only": True,
+    "native_path": "multimodal",
+    "max_thinking_tokens": 777,
+}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(model=st.sampled_from(builtin().names()), keys=st.sets(st.sampled_from(sorted(OVERRIDES))))
+def test_a_partial_entry_changes_exactly_the_keys_it_gives(tmp_path: Path, model: str, keys: set[str]) -> None:
+    catalog = _catalog(tmp_path / f"{len(keys)}.json", {model: {key: OVERRIDES[key] for key in keys}})
+    merged = with_user_files([catalog]).get(model)
+    built = builtin().get(model)
+    assert merged is not None and built is not None
+    for key in OVERRIDES:
+        assert getattr(merged, key) == (OVERRIDES[key] if key in keys else getattr(built, key)), key
+    assert (merged.price, merged.rate_limits, merged.thinking) == (built.price, built.rate_limits, built.thinking)
+
+
+def test_the_estimate_table_shows_reasoning_tokens_apart(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = job(tmp_path, model="qwq-plus", parameters={"max_tokens": 50, "thinking_budget": 40})
+    assert main(["estimate", str(path), "--no-cache"]) == 0
+    out = capsys.readouterr().out
+    assert "reasoning tokens" in out and "0 .. 120 (expected 120, at most 40 a row)" in out
