@@ -110,6 +110,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
         f"{plan.spec.path}: ok: {report.rows} rows, {report.requests} requests, "
         f"{report.input_tokens} input tokens, {report.row_problems} rows with problems"
     )
+    mode = plan.mode
+    if mode.stream or mode.thinking or mode.path != "text":
+        thinking = f"thinking up to {mode.reasoning_cap} reasoning tokens a row" if mode.thinking else "no thinking"
+        sent = "streamed" if mode.stream else "not streamed"
+        print(f"  requests: {sent}, {thinking}, on the {mode.path}-generation path")
     if report.over_long:
         ids = ", ".join(row.row_id for row in report.over_long)
         print(

@@ -374,3 +374,15 @@ def test_the_estimate_table_shows_reasoning_tokens_apart(tmp_path: Path, capsys:
     assert main(["estimate", str(path), "--no-cache"]) == 0
     out = capsys.readouterr().out
     assert "reasoning tokens" in out and "0 .. 120 (expected 120, at most 40 a row)" in out
+
+
+def test_validate_says_how_a_thinking_job_is_sent(
+    tmp_path: Path, job_env: dict[str, str], emulator: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = job(tmp_path, model="qwen3-32b", parameters={"max_tokens": 50, "thinking_budget": 64})
+    assert main(["validate", str(path)]) == 0
+    assert "  requests: streamed, thinking up to 64 reasoning tokens a row, on the text-generation path" in capsys.readouterr().out
+    assert emulator.ledger == []
+    plain = job(tmp_path, "plain.yaml", model="qwen3-32b", parameters={"max_tokens": 50, "enable_thinking": False})
+    assert main(["validate", str(plain)]) == 0
+    assert "requests:" not in capsys.readouterr().out
