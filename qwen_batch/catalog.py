@@ -2,7 +2,9 @@
 
 The data lives in ``data/models.json`` and is read on first use. A job spec or the
 emulator may add models or override figures (the service changes them); ``Catalog.with_models``
-returns a new catalog with those entries merged in.
+returns a new catalog with those entries merged in. A user catalog file of the same shape,
+named by ``QWEN_BATCH_CATALOG`` and by the spec's ``catalog:`` key, adds models or overrides
+the keys its entries give (``user_catalog.py``), since the service changes models monthly.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import functools
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, NotRequired, TypedDict
+
 
 CATALOG_PATH = Path(__file__).with_name("data") / "models.json"
 CURRENCY = "CNY"
@@ -59,8 +62,16 @@ class Price:
         return self.tiers[-1]
 
     @classmethod
-    def flat(cls, input_per_1k: float, output_per_1k: float, currency: str, source: str) -> Price:
-        return cls((PriceTier(None, input_per_1k * 1000, output_per_1k * 1000),), currency, source)
+    def flat(
+        cls,
+        input_per_1k: float,
+        output_per_1k: float,
+        currency: str,
+        source: str,
+        thinking_output_per_1k: float | None = None,
+    ) -> Price:
+        thinking = None if thinking_output_per_1k is None else thinking_output_per_1k * 1000
+        return cls((PriceTier(None, input_per_1k * 1000, output_per_1k * 1000, thinking),), currency, source)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +102,10 @@ class ModelInfo:
     stream_only: bool = False
     native_path: NativePath = "text"
     max_thinking_tokens: int | None = None
+    # The keys of this entry whose figures no first-hand source confirms (``qwen-batch models`` shows them).
+    unconfirmed: tuple[str, ...] = ()
+    thinking_source: str = ""  # where the thinking and path figures come from
+    notes: str = ""  # what a figure left null would be, and where a user finds it
 
     def with_overrides(self, **changes: Any) -> ModelInfo:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -131,6 +146,9 @@ class ModelJson(TypedDict, total=False):
     stream_only: bool
     native_path: NativePath
     max_thinking_tokens: int | None
+    unconfirmed: list[str]
+    thinking_source: str
+    notes: str
 
 
 def model_from_dict(name: str, data: ModelJson) -> ModelInfo:
@@ -171,6 +189,9 @@ def model_from_dict(name: str, data: ModelJson) -> ModelInfo:
         stream_only=data.get("stream_only", False),
         native_path=data.get("native_path", "text"),
         max_thinking_tokens=data.get("max_thinking_tokens"),
+        unconfirmed=tuple(data.get("unconfirmed", ())),
+        thinking_source=data.get("thinking_source", ""),
+        notes=data.get("notes", ""),
     )
 
 
@@ -180,9 +201,10 @@ def _optional_float(value: float | None) -> float | None:
 
 @dataclass(frozen=True)
 class Catalog:
-    """Models by name."""
+    """Models by name; ``from_user`` names the user catalog file each added or changed model came from."""
 
     models: Mapping[str, ModelInfo]
+    from_user: Mapping[str, Path] = field(default_factory=dict)
 
     def get(self, name: str) -> ModelInfo | None:
         return self.models.get(name)
@@ -205,19 +227,29 @@ class Catalog:
         return by_key[matches[0]] if matches else None
 
     def with_models(self, extra: Mapping[str, ModelInfo]) -> Catalog:
-        return Catalog({**self.models, **extra})
+        return Catalog({**self.models, **extra}, self.from_user)
 
     @classmethod
     def from_json(cls, text: str) -> Catalog:
-        data = json.loads(text)
-        return cls({name: model_from_dict(name, entry) for name, entry in data["models"].items()})
+        return cls({name: model_from_dict(name, entry) for name, entry in _builtin_entries(text).items()})
 
 
 def _name_key(name: str) -> str:
     return re.sub(r"[\s_]+", "-", name.strip().lower())
 
 
+def _builtin_entries(text: str) -> dict[str, ModelJson]:
+    entries: dict[str, ModelJson] = json.loads(text)["models"]
+    return entries
+
+
+@functools.cache
+def builtin_json() -> dict[str, ModelJson]:
+    """The built-in entries as ``data/models.json`` has them (a user catalog is laid over these)."""
+    return _builtin_entries(CATALOG_PATH.read_text(encoding="utf-8"))
+
+
 @functools.cache
 def builtin() -> Catalog:
     """The catalog shipped with qwen-batch, read once."""
-    return Catalog.from_json(CATALOG_PATH.read_text(encoding="utf-8"))
+    return Catalog({name: model_from_dict(name, entry) for name, entry in builtin_json().items()})

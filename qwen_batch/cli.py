@@ -110,6 +110,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
         f"{plan.spec.path}: ok: {report.rows} rows, {report.requests} requests, "
         f"{report.input_tokens} input tokens, {report.row_problems} rows with problems"
     )
+    mode = plan.mode
+    if mode.stream or mode.thinking or mode.path != "text":
+        thinking = f"thinking up to {mode.reasoning_cap} reasoning tokens a row" if mode.thinking else "no thinking"
+        sent = "streamed" if mode.stream else "not streamed"
+        print(f"  requests: {sent}, {thinking}, on the {mode.path}-generation path")
     if report.over_long:
         ids = ", ".join(row.row_id for row in report.over_long)
         print(
@@ -183,6 +188,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    """List the model catalog: thinking mode, native path, limits, prices, rate limits, with sources.
+
+    QWEN_BATCH_CATALOG (and --catalog, on top of it) name user catalog files merged in.
+    example: qwen-batch models qwen3.5-plus --json
+    """
+    import json
+
+    from .models_list import catalog_for_listing, listing, render_listing
+
+    data = listing(catalog_for_listing(Path(args.catalog) if args.catalog else None), args.names)
+    if args.json:
+        print(json.dumps(data, ensure_ascii=False, indent=2))
+    else:
+        render_listing(data, sys.stdout)
+    return 0
+
+
 def cmd_emulate(args: argparse.Namespace) -> int:
     """Serve the offline DashScope emulator on loopback until Ctrl-C.
 
@@ -240,6 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     status = add("status", cmd_status)
     status.add_argument("job", help="the job spec (YAML)")
     status.add_argument("--output", help="output Parquet path (overrides output.path)")
+
+    models = add("models", cmd_models)
+    models.add_argument("names", nargs="*", metavar="MODEL", help="only these models (default: all)")
+    models.add_argument("--json", action="store_true", help="print JSON for scripts")
+    models.add_argument("--catalog", help="a user catalog file to merge in (over QWEN_BATCH_CATALOG's)")
 
     emulate = add("emulate", cmd_emulate)
     from .emulator import cli as emulator_cli

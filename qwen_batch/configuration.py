@@ -103,6 +103,11 @@ def _explain_parameter(error: ParameterRefused, spec: JobSpec, answer: str, para
             f"allow ({answer}); choose another model in model: of {spec.where}"
         )
     value = parameters.get(name)
+    if value is None:  # a key the spec has (issue 14's enable_thinking) but left unset, so never sent
+        return (
+            f"model {_shown(spec.model)} refuses every request without parameters.{name} ({answer}); "
+            f"set parameters.{name} in {spec.where}"
+        )
     origin = "" if name in spec.parameters.model_fields_set else f" (not set in the spec: {value!r} is the default)"
     return (
         f"the service refuses parameters.{name} = {value!r} for model {_shown(spec.model)} in every request "

@@ -5,6 +5,11 @@ are a range, 0 to ``max_tokens`` per row, plus an expected figure: the mean repl
 the rows this job already finished when there are at least ``MIN_DONE_FOR_MEAN`` of them,
 otherwise the documented assumption that a reply is as long as its prompt, capped at
 ``max_tokens`` (right for translation, generous for summaries).
+
+A thinking job's rows also bill reasoning tokens, shown apart: 0 to the job's reasoning cap
+(``thinking_budget``, else the model's longest thought) per row, and expected at the cap,
+since how long a model thinks cannot be told from the prompt; the expected cost is then an
+upper estimate, never one a thinking job overspends.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ if TYPE_CHECKING:
     from .plan import JobPlan
 
 MIN_DONE_FOR_MEAN = 20
+REASONING_BASIS = "assumption: every row thinks up to its cap (thinking length cannot be told from the prompt)"
 
 
 def expected_output_per_row(plan: JobPlan, done_mean: float | None, done_rows: int) -> tuple[float, str]:
@@ -42,12 +48,14 @@ def build_estimate(
     to_send = report.to_send
     expected_per_row, basis = expected_output_per_row(plan, done_mean_output, done_rows)
     expected_output = expected_per_row * to_send
+    expected_reasoning = report.to_send_max_reasoning_tokens
     cost: dict[str, Any] = {"currency": plan.price.currency if plan.price else None}
     if report.to_send_cost_min is not None and report.to_send_output_price is not None:
         mean_output_price = report.to_send_output_price / to_send if to_send else 0.0
+        reasoning_cost = report.reasoning_cap * (report.to_send_reasoning_price or 0.0)
         cost.update(
             min=round(report.to_send_cost_min, 6),
-            expected=round(report.to_send_cost_min + expected_output * mean_output_price, 6),
+            expected=round(report.to_send_cost_min + expected_output * mean_output_price + reasoning_cost, 6),
             max=round(report.to_send_cost_max or 0.0, 6),
             source=plan.price.source if plan.price else None,
         )
@@ -57,7 +65,7 @@ def build_estimate(
     if requests_per_minute:
         minutes.append(to_send / requests_per_minute)
     if tokens_per_minute:
-        minutes.append((report.to_send_input_tokens + expected_output) / tokens_per_minute)
+        minutes.append((report.to_send_input_tokens + expected_output + expected_reasoning) / tokens_per_minute)
     return {
         "job": plan.spec.name,
         "model": plan.spec.model,
@@ -73,6 +81,13 @@ def build_estimate(
             "expected": round(expected_output),
             "max": report.to_send_max_output_tokens,
             "expected_basis": basis,
+        },
+        "reasoning_tokens": {
+            "min": 0,
+            "expected": expected_reasoning,
+            "max": report.to_send_max_reasoning_tokens,
+            "per_row_cap": report.reasoning_cap,
+            "expected_basis": REASONING_BASIS if report.reasoning_cap else "the job does not think",
         },
         "cost": cost,
         "time": {

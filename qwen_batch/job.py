@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from . import catalog as catalog_module
 from .cache import ResponseCache, ServiceCache, default_cache_path
 from .checkpoint import Checkpoint, set_aside
 from .endpoint import base_url_key, configured_base_url
+from .catalog import ModelInfo
 from .errors import InputError, QwenBatchError
+from .modes import Mode, resolve_mode
 from .output import check_input_columns
 from .plan import JobOptions, JobPlan, checked_paths
 from .preflight import PreflightReport, rendered, run_preflight
@@ -31,6 +32,7 @@ from .resume import checkpoint_dir_for, input_identity, record_input_identity, r
 from .runner import STOP_BUDGET
 from .spec import JobSpec, check_base_url, load_spec, price_for, resolve_model
 from .table import open_table
+from .user_catalog import for_job
 from .work import BATCH_ROWS, CheckpointAndCacheSink, work_items
 
 if TYPE_CHECKING:
@@ -56,7 +58,7 @@ def prepare(
     from .configuration import check_model_known, check_native_path
 
     spec = load_spec(spec_path)
-    catalog = catalog_module.builtin()
+    catalog = for_job(spec.catalog)
     check_model_known(spec, catalog)
     if not options.emulate:
         # The URL is checked for secrets and shape before any message quotes it.
@@ -64,10 +66,11 @@ def prepare(
         check_base_url(base_url, spec.api.allow_insecure_http, source=source)
         check_native_path(base_url, source)
     model_info = resolve_model(spec, catalog)
+    mode = job_mode(spec, model_info)
     warnings: list[str] = []
     if model_info is None:
         warnings.append(
-            f"model {spec.model!r} is not in the built-in catalog: no input-length check, "
+            f"model {spec.model!r} is not in the catalog: no input-length check, "
             "and cost is unknown unless the spec has a pricing section"
         )
     price = price_for(spec, model_info)
@@ -94,6 +97,7 @@ def prepare(
         price=price,
         cache=cache,
         max_tokens=renderer.max_tokens,
+        reasoning_cap=mode.reasoning_cap,
     )
     if report.mismatched_row_ids:
         raise InputError(
@@ -126,6 +130,22 @@ def prepare(
         input_identity=identity,
         warnings=warnings,
         cache_path=paths.cache,
+        mode=mode,
+    )
+
+
+def job_mode(spec: JobSpec, model_info: ModelInfo | None) -> Mode:
+    """How the job's requests are sent; a setting every request would be refused for is a SpecError."""
+    parameters = spec.parameters
+    return resolve_mode(
+        spec.where,
+        spec.model,
+        model_info,
+        stream=parameters.stream,
+        enable_thinking=parameters.enable_thinking,
+        thinking_budget=parameters.thinking_budget,
+        endpoint=spec.api.endpoint,
+        result_format=parameters.result_format,
     )
 
 

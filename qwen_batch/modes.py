@@ -45,13 +45,20 @@ def resolve_mode(
     enable_thinking: bool | None = None,
     thinking_budget: int | None = None,
     endpoint: EndpointSetting = "auto",
+    result_format: str | None = None,
 ) -> Mode:
     """The Mode of a job on ``model`` (``info`` its catalog entry, None if unknown).
 
-    ``where`` names the job file in messages. Raises SpecError for a combination that every
-    request would be refused for.
+    ``where`` names the job file in messages; ``result_format`` is the spec's (None when unset).
+    Raises SpecError for a combination that every request would be refused for.
     """
     thinking = _thinks(where, model, info, enable_thinking)
+    if thinking and result_format == "text":
+        raise SpecError(
+            f"{where}: parameters.result_format: {model} thinks with these parameters, and the service answers "
+            'thinking only in the message format (The result_format parameter must be "message" when '
+            "enable_thinking is true); remove `result_format: text` or set parameters.enable_thinking: false"
+        )
     if thinking_budget is not None and not thinking:
         raise SpecError(
             f"{where}: parameters.thinking_budget: {model} does not think with these parameters, so a thinking "

@@ -49,6 +49,14 @@ class PreflightReport:
     to_send_cost_max: float | None
     to_send_output_price: float | None
     mismatched_row_ids: tuple[str, ...]
+    # Thinking rows (issue 14): the reasoning tokens each row to send may bill at most, and the
+    # price of one reasoning token summed over those rows, each at its own tier.
+    reasoning_cap: int = 0
+    to_send_reasoning_price: float | None = None
+
+    @property
+    def to_send_max_reasoning_tokens(self) -> int:
+        return self.reasoning_cap * self.to_send
 
 
 # Only a resume that keeps its finished rows checks them as DoneRows: skipping them yields none.
@@ -123,6 +131,7 @@ def run_preflight(
     price: Price | None = None,
     cache: ServiceCache | None = None,
     max_tokens: int = 0,
+    reasoning_cap: int = 0,
 ) -> PreflightReport:
     """Count and check every rendered row; see PreflightReport.
 
@@ -130,13 +139,15 @@ def run_preflight(
     replies), ``to_send_cost_max`` (every reply ``max_tokens`` long) and
     ``to_send_output_price`` (the price of one output token summed over those rows, each at
     its own tier), from which an expected cost follows for any expected reply length.
+    A thinking job's rows may also bill ``reasoning_cap`` reasoning tokens each: the maximum
+    counts them at the thinking price (``to_send_reasoning_price`` sums it like the output's).
     With a cache, rows it would answer count as ``cached``, not as rows to send.
     When ``resume.verified``, the finished rows are not in ``batches`` at all: they are
     counted from the resume index (each with ``max_tokens``), and not listed as over-long.
     """
     rows = requests = problems = tokens = max_out = cached = 0
     to_send = to_send_tokens = to_send_max_out = 0
-    cost_min = cost_max = output_price = 0.0
+    cost_min = cost_max = output_price = reasoning_price = 0.0
     over_long: list[OverLongRow] = []
     mismatched: list[str] = []
     first_problem: RowProblem | None = None
@@ -175,8 +186,11 @@ def run_preflight(
                 tier = price.tier_for(item.input_tokens)
                 input_cost = item.input_tokens * tier.input_per_million / 1_000_000
                 cost_min += input_cost
+                reasoning = tier.reasoning_per_million / 1_000_000
                 cost_max += input_cost + item.max_tokens * tier.output_per_million / 1_000_000
+                cost_max += reasoning_cap * reasoning
                 output_price += tier.output_per_million / 1_000_000
+                reasoning_price += reasoning
     if resume is not None and resume.verified:
         finished = resume.count()
         rows += finished
@@ -200,4 +214,6 @@ def run_preflight(
         to_send_cost_max=cost_max if price is not None else None,
         to_send_output_price=output_price if price is not None else None,
         mismatched_row_ids=tuple(mismatched),
+        reasoning_cap=reasoning_cap,
+        to_send_reasoning_price=reasoning_price if price is not None else None,
     )

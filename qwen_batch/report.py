@@ -230,6 +230,9 @@ def render_summary(summary: dict[str, Any], out: TextIO) -> None:
         table.add_row(f"  error {code}", str(count))
     tokens = summary["tokens"]
     table.add_row("tokens", f"{tokens['input']} in, {tokens['output']} out, {tokens['total']} total")
+    if tokens["reasoning"]:
+        reasoning_cost = _money(cost["reasoning"], currency)
+        table.add_row("  reasoning", f"{tokens['reasoning']} of the output tokens, costing {reasoning_cost}")
     table.add_row("cost", _money(cost["total"], currency))
     table.add_row("price source", cost["price_source"])
     cache = summary["cache"]
@@ -241,6 +244,14 @@ def render_summary(summary: dict[str, Any], out: TextIO) -> None:
     # A terminal gets a table of its own width; a file or pipe one wide enough for the path.
     width = None if out.isatty() else max(100, len(summary["output"]) + 20)
     Console(file=out, width=width).print(table)
+    truncated = rows["truncated_in_thinking"]
+    if truncated:
+        print(
+            f"warning: {truncated} row(s) ran out of tokens inside their thinking and have no answer "
+            "(finish_reason length, empty output_text); raise parameters.max_tokens or lower "
+            "parameters.thinking_budget, then re-run them with --fresh",
+            file=out,
+        )
 
 
 def render_status(status: Any, out: TextIO) -> None:
@@ -282,6 +293,13 @@ def render_estimate(estimate: dict[str, Any], out: TextIO) -> None:
     table.add_row("input tokens (exact)", str(estimate["input_tokens"]["to_send"]))
     table.add_row("output tokens", f"0 .. {tokens['max']} (expected {tokens['expected']})")
     table.add_row("  expected from", tokens["expected_basis"])
+    reasoning = estimate["reasoning_tokens"]
+    if reasoning["per_row_cap"]:
+        table.add_row(
+            "reasoning tokens",
+            f"0 .. {reasoning['max']} (expected {reasoning['expected']}, at most {reasoning['per_row_cap']} a row)",
+        )
+        table.add_row("  expected from", reasoning["expected_basis"])
     if cost["min"] is None:
         table.add_row("cost", "unknown (no price for this model)")
     else:

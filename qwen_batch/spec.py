@@ -65,6 +65,12 @@ _SHORT = reprlib.Repr()  # messages quote the user's values through this, so a h
 _SHORT.maxstring = _SHORT.maxother = _SHORT.maxlong = 60
 
 ResultFormat = Literal["text", "message"]
+StreamSetting = Literal["auto"] | bool
+EndpointSetting = Literal["auto", "text", "multimodal"]
+DEFAULT_STREAM: StreamSetting = "auto"
+DEFAULT_ENDPOINT: EndpointSetting = "auto"
+# Settings that choose how a request is sent, not what it asks: never wire parameters.
+_NOT_SENT = {"stream"}
 OverLong = Literal["fail", "error"]
 StopValue = Union[str, list[str], list[int], list[list[int]]]
 
@@ -130,6 +136,13 @@ def _check_stop(value: Any) -> StopValue | None:
         '(DashScope: The "stop" parameter must be of type "str", "list[str]", "list[int]", or '
         '"list[list[int]]", and all elements within the list must be of the same type.)',
     )
+
+
+def _check_stream(value: Any) -> StreamSetting:
+    """``auto``, ``true`` or ``false``: YAML gives a bool or a string, and only these three mean anything."""
+    if value == "auto" or isinstance(value, bool):
+        return value  # type: ignore[no-any-return]
+    raise PydanticCustomError("stream_value", "must be auto, true or false, got {got}", {"got": _show(value)})
 
 
 def _check_name(value: str) -> str:
@@ -258,10 +271,14 @@ class Parameters(BaseModel):
     stop: Annotated[Any, AfterValidator(_check_stop)] = None
     enable_search: bool | None = None
     result_format: ResultFormat | None = None
+    # How to send (see modes.resolve_mode); kept out of to_wire so fingerprints do not change.
+    stream: Annotated[Any, AfterValidator(_check_stream)] = DEFAULT_STREAM
+    enable_thinking: bool | None = None
+    thinking_budget: PositiveInt | None = None
 
     def to_wire(self) -> dict[str, Any]:
         """The parameters that are set, as DashScope names them (seed always)."""
-        return {k: v for k, v in self.model_dump().items() if v is not None}
+        return {k: v for k, v in self.model_dump(exclude=_NOT_SENT).items() if v is not None}
 
 
 class ExecutionSpec(BaseModel):
@@ -291,8 +308,9 @@ class OutputSpec(BaseModel):
 class ApiSpec(BaseModel):
     """The endpoint. ``DASHSCOPE_HTTP_BASE_URL`` overrides ``base_url`` (the caller reads it).
 
-    ``allow_unknown_model`` says a model outside the built-in catalog is deliberate (the
-    service has models the catalog lacks); without it such a name is refused before sending.
+    ``allow_unknown_model`` says a model outside the catalog is deliberate (the service has
+    models the catalog lacks); without it such a name is refused before sending. ``endpoint``
+    picks the native path: ``auto`` takes the catalog's binding for the model.
     """
 
     model_config = _CONFIG
@@ -300,6 +318,7 @@ class ApiSpec(BaseModel):
     base_url: Annotated[str, Field(min_length=1)] = DEFAULT_BASE_URL
     allow_insecure_http: bool = False
     allow_unknown_model: bool = False
+    endpoint: EndpointSetting = DEFAULT_ENDPOINT
 
     @model_validator(mode="after")
     def _safe_url(self) -> ApiSpec:
@@ -317,6 +336,8 @@ class PricingSpec(BaseModel):
     currency: Annotated[str, Field(min_length=1)] = DEFAULT_CURRENCY
     input_per_1k: Annotated[float, _in_range(0, None)]
     output_per_1k: Annotated[float, _in_range(0, None)]
+    # What a reasoning token costs; without it, output_per_1k (shared/NOTES.md, "Prices with thinking").
+    thinking_output_per_1k: Annotated[float, _in_range(0, None)] | None = None
 
 
 class CacheSpec(BaseModel):
@@ -374,6 +395,7 @@ class JobSpec(BaseModel):
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
     preflight: PreflightSpec = Field(default_factory=PreflightSpec)
     model_limits: ModelLimitsSpec = Field(default_factory=ModelLimitsSpec)
+    catalog: PathStr | None = None  # a user catalog file (user_catalog.py), over the built-in one
 
     _path: Path | None = PrivateAttr(default=None)
 
@@ -474,7 +496,7 @@ def price_for(spec: JobSpec, model_info: ModelInfo | None) -> Price | None:
     """The spec's pricing override if any, else the catalog's price, else None (cost unknown)."""
     if spec.pricing is not None:
         p = spec.pricing
-        return Price.flat(p.input_per_1k, p.output_per_1k, p.currency, PRICING_SOURCE)
+        return Price.flat(p.input_per_1k, p.output_per_1k, p.currency, PRICING_SOURCE, p.thinking_output_per_1k)
     return model_info.price if model_info is not None else None
 
 
@@ -489,6 +511,11 @@ def check_against_model(spec: JobSpec, model_info: ModelInfo | None) -> None:
     """Checks that need the model: ``max_tokens`` within the output limit. Raises SpecError."""
     limit = max_output_tokens(spec, model_info)
     asked = spec.parameters.max_tokens
+    if model_info is not None and asked is None and limit is None and model_info.default_max_tokens is None:
+        raise SpecError(
+            f"{spec.where}: parameters.max_tokens: the catalog does not know {spec.model}'s output limit, so a "
+            "request's worst-case cost is unknown; set parameters.max_tokens (or model_limits.max_output_tokens)"
+        )
     if limit is not None and asked is not None and asked > limit:
         raise SpecError(
             f"{spec.where}: parameters.max_tokens: Range of max_tokens should be [1, {limit}] for {spec.model}, "
@@ -502,8 +529,8 @@ def check_against_model(spec: JobSpec, model_info: ModelInfo | None) -> None:
 def load_spec(path: Path, catalog: Catalog | None = None) -> JobSpec:
     """Read, validate and resolve a job file. Every problem is a one-line SpecError.
 
-    ``catalog`` (default: the built-in one) is used only to check ``max_tokens`` against the
-    model's output limit; an unknown model is not an error here (callers warn).
+    ``catalog`` (default: the job's, ``user_catalog.for_job``) is used only to check ``max_tokens``
+    against the model's output limit; an unknown model is not an error here (callers warn).
     """
     path = Path(path)
     text = _read_job_file(path)
@@ -521,9 +548,9 @@ def load_spec(path: Path, catalog: Catalog | None = None) -> JobSpec:
     except ValidationError as exc:
         raise SpecError(f"{path}: {describe_validation_error(exc)}") from None
     spec = _resolved(spec, path, data)
-    from . import catalog as catalog_module  # the built-in catalog is read on first use, not at import
+    from .user_catalog import for_job  # the catalog is read on first use, not at import
 
-    check_against_model(spec, resolve_model(spec, catalog or catalog_module.builtin()))
+    check_against_model(spec, resolve_model(spec, catalog or for_job(spec.catalog)))
     return spec
 
 
@@ -569,12 +596,19 @@ def _resolved(spec: JobSpec, path: Path, data: dict[str, Any]) -> JobSpec:
     cache = spec.cache
     if cache.path is not None:
         cache = cache.model_copy(update={"path": absolute("cache", CACHE_FILE_NAME)})
+    user_catalog = None
+    if spec.catalog is not None:
+        raw_catalog = data["catalog"]
+        if names_folder(raw_catalog):
+            raise SpecError(f"{path}: catalog: {raw_catalog!r} ends in '/', so it names a folder; name one JSON file")
+        user_catalog = resolved(base / expanded(raw_catalog), "catalog", SpecError)
     resolved_spec = spec.model_copy(
         update={
             "name": name,
             "input": spec.input.model_copy(update={"path": input_path}),
             "output": spec.output.model_copy(update={"path": output_path}),
             "cache": cache,
+            "catalog": user_catalog,
         }
     )
     resolved_spec._path = path

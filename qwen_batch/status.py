@@ -15,6 +15,7 @@ from .render import Renderer
 from .resume import checkpoint_dir_for, request_manifest
 from .spec import load_spec, price_for, resolve_model
 from .table import open_table
+from .user_catalog import for_job
 
 
 def checkpoint_status(plan: JobPlan) -> CheckpointSummary | None:
@@ -46,7 +47,7 @@ class JobStatus:
 def job_status(spec_path: Path, options: JobOptions) -> JobStatus:
     """Read the spec, the table's size and the checkpoint; send and change nothing."""
     spec = load_spec(spec_path)
-    model_info = resolve_model(spec, catalog_module.builtin())
+    model_info = resolve_model(spec, for_job(spec.catalog))
     price = price_for(spec, model_info)
     output_path = checked_paths(spec, options).output
     table = open_table(spec)

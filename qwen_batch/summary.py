@@ -1,4 +1,9 @@
-"""The run summary: the whole job's figures from its durable records, plus this run's timing."""
+"""The run summary: the whole job's figures from its durable records, plus this run's timing.
+
+A thinking job's reasoning tokens and what they cost are shown apart, and rows that ran out
+of tokens inside their thinking (``finish_reason`` ``length``, an empty answer, reasoning
+billed) are counted as ``rows.truncated_in_thinking``: ok to the service, no answer to the user.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +16,14 @@ from .checkpoint import billed
 if TYPE_CHECKING:
     import polars as pl
 
+    from .catalog import Price
     from .plan import JobPlan
     from .runner import RunStatistics
 
 
 COST_DECIMALS = 10  # sums of float costs, without binary noise like 0.03820000000000001
 SUMMARY_COLUMNS = ["index", "status", "error_code", "input_tokens", "output_tokens", "cost", "cached"]
+TRUNCATED_IN_THINKING = "truncated_in_thinking"
 
 
 def build_summary(
@@ -32,7 +39,7 @@ def build_summary(
     import polars as pl
 
     frame = (
-        log.select(SUMMARY_COLUMNS)
+        log.select(*SUMMARY_COLUMNS, pl.col("reasoning_tokens").fill_null(0), truncated_in_thinking())
         .filter(pl.col("index") < plan.rows)
         # The last record of each index, as a filter: unique(keep="last") took 460 MB on a
         # million-row log where this takes 180 MB.
@@ -46,14 +53,19 @@ def build_summary(
     paid = frame.filter(billed())
     input_tokens = int(paid["input_tokens"].fill_null(0).sum())
     output_tokens = int(paid["output_tokens"].fill_null(0).sum())
+    reasoning_tokens = int(paid["reasoning_tokens"].sum())
     price = plan.price
     cost = round(float(frame["cost"].fill_null(0.0).sum()), COST_DECIMALS) if price is not None else None
     saved = None
     if price is not None:
         saved = round(
             sum(
-                pricing.cost(price, i or 0, o or 0) or 0.0
-                for i, o in zip(cached["input_tokens"].to_list(), cached["output_tokens"].to_list())
+                pricing.cost(price, i or 0, o or 0, r) or 0.0
+                for i, o, r in zip(
+                    cached["input_tokens"].to_list(),
+                    cached["output_tokens"].to_list(),
+                    cached["reasoning_tokens"].to_list(),
+                )
             ),
             COST_DECIMALS,
         )
@@ -69,13 +81,20 @@ def build_summary(
             "ok": ok.height,
             "error": errors.height,
             "not_done": plan.rows - frame.height,
+            TRUNCATED_IN_THINKING: int(ok[TRUNCATED_IN_THINKING].sum()),
         },
         "errors_by_code": {row[0] or "Unknown": int(row[1]) for row in by_code.iter_rows()},
-        "tokens": {"input": input_tokens, "output": output_tokens, "total": input_tokens + output_tokens},
+        "tokens": {
+            "input": input_tokens,
+            "output": output_tokens,
+            "reasoning": reasoning_tokens,
+            "total": input_tokens + output_tokens,
+        },
         "cost": {
             "currency": price.currency if price else CURRENCY,
             "total": cost,
             "by_model": {model: cost},
+            "reasoning": _reasoning_cost(paid, price),
             "price_source": price.source if price else "unknown: no price for this model",
         },
         "cache": {"hits": cached.height, "saved_cost": saved},
@@ -91,3 +110,35 @@ def build_summary(
         "wall_time_s": round(statistics.elapsed_s, 3),
         "rows_per_second": round(statistics.rows_per_second, 2),
     }
+
+
+def truncated_in_thinking() -> pl.Expr:
+    """True for a row that thought until it ran out of tokens and never answered (null in older logs: False)."""
+    import polars as pl
+
+    return (
+        (pl.col("finish_reason") == "length")
+        & (pl.col("output_text").fill_null("") == "")
+        & (pl.col("reasoning_tokens").fill_null(0) > 0)
+    ).fill_null(False).alias(TRUNCATED_IN_THINKING)
+
+
+def _reasoning_cost(paid: pl.DataFrame, price: Price | None) -> float | None:
+    """What the billed reasoning tokens cost at the thinking price of each row's tier; None when unknown."""
+    import polars as pl
+
+    if price is None:
+        return None
+    # Each row's tier by its input size, as Price.tier_for picks it, in one vectorised pass.
+    per_million: pl.Expr = pl.lit(price.tiers[-1].reasoning_per_million)
+    for tier in reversed(price.tiers):
+        if tier.up_to_input_tokens is None:
+            per_million = pl.lit(tier.reasoning_per_million)
+        else:
+            per_million = (
+                pl.when(pl.col("input_tokens").fill_null(0) <= tier.up_to_input_tokens)
+                .then(pl.lit(tier.reasoning_per_million))
+                .otherwise(per_million)
+            )
+    total = paid.select((pl.col("reasoning_tokens") * per_million).sum()).item()
+    return round(float(total or 0.0) / 1_000_000, COST_DECIMALS)

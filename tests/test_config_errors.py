@@ -295,11 +295,13 @@ def test_a_refused_parameter_names_the_spec_key_and_its_value() -> None:
     assert "(not set in the spec: 1234 is the default)" in explained(seed, spec_of(model="qwen-turbo"))
 
 
-def test_a_parameter_the_model_implies_asks_for_another_model() -> None:
+def test_a_parameter_the_spec_left_unset_asks_to_set_it() -> None:
     error = ParameterRefused("InvalidParameter", "parameter.enable_thinking must be set to false for non-streaming calls",
                              parameter="enable_thinking", status=400)
     line = explained(error, spec_of(model="qwen3-32b"))
-    assert "'qwen3-32b' needs enable_thinking" in line and "choose another model in model: of job spec" in line
+    # Since issue 14 the spec has the key: the fix is to set it.
+    assert "model 'qwen3-32b' refuses every request without parameters.enable_thinking" in line
+    assert line.endswith("set parameters.enable_thinking in job spec")
 
 
 def test_a_model_on_the_multimodal_path_asks_for_a_text_model() -> None:

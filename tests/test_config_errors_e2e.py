@@ -50,7 +50,7 @@ def assert_stopped_within_the_requests_in_flight(tmp_path: Path, emulator: Any) 
     assert not output.exists()
     summary = read_summary(output)
     assert summary["stopped"] == "configuration"
-    assert summary["rows"] == {"total": ROWS, "ok": 0, "error": 0, "not_done": ROWS}
+    assert summary["rows"] == {"total": ROWS, "ok": 0, "error": 0, "not_done": ROWS, "truncated_in_thinking": 0}
 
 
 def assert_a_rerun_finishes_every_row(tmp_path: Path, job: Path, emulator: Any) -> None:

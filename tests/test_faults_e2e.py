@@ -85,7 +85,7 @@ def test_under_the_fault_matrix_every_row_ends_ok_or_with_its_last_error_once(tm
     # a row's latency here also holds its backoffs and the throttle's pacing after random 429s.)
     # The summary tells the same story as the output.
     summary = read_summary(output)
-    assert summary["rows"] == {"total": len(texts), "ok": ok.height, "error": failed.height, "not_done": 0}
+    assert summary["rows"] == {"total": len(texts), "ok": ok.height, "error": failed.height, "not_done": 0, "truncated_in_thinking": 0}
     assert sum(summary["errors_by_code"].values()) == failed.height
     assert summary["retries"] == frame["attempts"].sum() - len(texts)
     assert summary["tokens"]["output"] == ok["output_tokens"].sum()

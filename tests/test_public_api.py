@@ -97,7 +97,7 @@ def test_run_takes_a_prepared_plan_but_not_options_for_it_as_well(tmp_path: Path
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_run_async_runs_on_the_callers_event_loop(tmp_path: Path, job_env: dict, emulator: Any) -> None:
     result = await qwen_batch.run_async(sentences_job(tmp_path, ["one", "two"]), limit=1)
-    assert result.summary["rows"] == {"total": 1, "ok": 1, "error": 0, "not_done": 0}
+    assert result.summary["rows"] == {"total": 1, "ok": 1, "error": 0, "not_done": 0, "truncated_in_thinking": 0}
     assert len(emulator.ledger) == 1
 
 

@@ -56,7 +56,7 @@ def test_cost_is_the_price_table_times_the_reported_usage(tmp_path: Path, job_en
     expected = [(i + o) * 0.008 / 1000 for i, o in zip(frame["input_tokens"], frame["output_tokens"])]
     assert frame["cost"].to_list() == pytest.approx(expected)
     summary = read_summary(output)
-    assert summary["rows"] == {"total": 4, "ok": 4, "error": 0, "not_done": 0}
+    assert summary["rows"] == {"total": 4, "ok": 4, "error": 0, "not_done": 0, "truncated_in_thinking": 0}
     assert summary["cost"]["currency"] == "CNY"
     assert summary["cost"]["total"] == pytest.approx(sum(expected))
     assert summary["tokens"]["input"] == frame["input_tokens"].sum()
