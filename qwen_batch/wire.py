@@ -163,19 +163,8 @@ def parse_native_reply(body: Any) -> Reply:
     or empty) and ``usage.output_tokens_details.reasoning_tokens`` its count.
     """
     try:
-        output = body["output"]
         usage = body["usage"]
-        text: Any
-        reasoning = None
-        if output.get("choices"):
-            choice = output["choices"][0]
-            message = choice["message"]
-            text = content_text(message["content"])
-            reasoning = message.get("reasoning_content") or None
-            finish_reason = choice["finish_reason"]
-        else:
-            text = output["text"]
-            finish_reason = output["finish_reason"]
+        text, reasoning, finish_reason = _output_fields(body["output"])
         input_tokens = int(usage["input_tokens"])
         output_tokens = int(usage["output_tokens"])
         reasoning_tokens, cached_tokens = usage_details(usage)
@@ -197,6 +186,16 @@ def parse_native_reply(body: Any) -> Reply:
     )
 
 
+def _output_fields(output: Any) -> tuple[Any, Any, Any]:
+    """``(text, reasoning, finish_reason)`` of a body's ``output``, either result format, either
+    path, unchecked; raises KeyError, IndexError, TypeError or AttributeError when it has no such shape."""
+    if output.get("choices"):
+        choice = output["choices"][0]
+        message = choice["message"]
+        return content_text(message["content"]), message.get("reasoning_content") or None, choice.get("finish_reason")
+    return output["text"], None, output.get("finish_reason")
+
+
 def read_stream_event(body: Any) -> tuple[str, str | None, str | None, Mapping[str, Any] | None]:
     """``(text, reasoning, finish_reason, usage)`` of one incremental SSE ``result`` event.
 
@@ -205,24 +204,13 @@ def read_stream_event(body: Any) -> tuple[str, str | None, str | None, Mapping[s
     is the cumulative usage so far, None if the event has none.
     """
     try:
-        output = body["output"]
-        text: Any
-        reasoning = None
-        if output.get("choices"):
-            choice = output["choices"][0]
-            message = choice["message"]
-            text = content_text(message.get("content") or "")
-            reasoning = message.get("reasoning_content") or None
-            finish_reason = choice.get("finish_reason")
-        else:
-            text = output.get("text") or ""
-            finish_reason = output.get("finish_reason")
+        text, reasoning, finish_reason = _output_fields(body["output"])
         usage = body.get("usage")
     except (KeyError, IndexError, TypeError, AttributeError) as exc:
         raise MalformedReply(f"not a generation stream event: missing or wrong {exc!s}") from None
     if not isinstance(text, str) or (reasoning is not None and not isinstance(reasoning, str)):
         raise MalformedReply("not a generation stream event: content or reasoning_content is not text")
-    if finish_reason == "null" or not isinstance(finish_reason, str):
+    if finish_reason == "null" or not isinstance(finish_reason, str):  # "null" (a string) until the end
         finish_reason = None
     return text, reasoning, finish_reason, usage if isinstance(usage, dict) else None
 

@@ -342,3 +342,26 @@ async def test_over_loopback_a_stream_spoiled_half_way_is_one_error(emulator: An
     assert isinstance(info.value, error_class)
     if code is not None:
         assert info.value.code == code
+
+
+def test_the_registered_factory_takes_the_jobs_mode() -> None:
+    from qwen_batch.backends import backend_factory
+
+    made = backend_factory("dashscope")(BASE, KEY, timeout_s=5, max_connections=2, stream=True, path="multimodal", path_known=False)
+    assert isinstance(made, DashScopeBackend)
+    assert (made.streamed, made.path, made.path_known) == (True, "multimodal", False)
+    plain = backend_factory("dashscope")(BASE, KEY, timeout_s=5, max_connections=2)
+    assert isinstance(plain, DashScopeBackend) and (plain.streamed, plain.path) == (False, "text")
+
+
+@pytest.mark.anyio
+async def test_a_url_error_after_deltas_is_never_resent_on_the_other_path() -> None:
+    sent: list[str] = []
+    late = b"id:9\nevent:error\n:HTTP_STATUS/400\ndata:" + json.dumps(URL_ERROR).encode() + b"\n\n"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.url.path)
+        return sse([THINKING_STREAM[2], late])(request)
+
+    error = await failure(handler, path_known=False, notify=lambda note: None)
+    assert isinstance(error, ModelNotOnEndpoint) and len(sent) == 1

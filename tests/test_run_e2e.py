@@ -240,7 +240,7 @@ def test_emulate_flag_needs_no_key(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert pl.read_parquet(tmp_path / "out" / "result.parquet")["status"].to_list() == ["ok"] * 4
 
 
-@pytest.mark.parametrize("job_name", ["translate.yaml", "summarize.yaml", "eval.yaml"])
+@pytest.mark.parametrize("job_name", ["translate.yaml", "summarize.yaml", "eval.yaml", "reasoning.yaml"])
 def test_the_sample_jobs_run_on_the_emulator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, job_name: str) -> None:
     monkeypatch.setenv("QWEN_BATCH_CACHE_DIR", str(tmp_path / "cache"))
     repo_jobs = Path(__file__).resolve().parent.parent / "jobs"

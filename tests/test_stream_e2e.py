@@ -28,6 +28,7 @@ from qwen_batch.modes import Mode
 from qwen_batch.testing import EmulatorThread, FakeBackend
 
 from .conftest import sentences_job
+from .test_resume_e2e import _env, _texts
 
 STREAMED = Mode(stream=True, thinking=False, path="text", path_known=True, reasoning_cap=0)
 STREAMED_RUN = """
@@ -88,18 +89,6 @@ def test_a_streamed_job_over_the_emulator_writes_what_the_whole_replies_would(tm
     assert whole["first_token_s"].null_count() == 12
     assert streamed["first_token_s"].null_count() == 0
     assert all(0 <= first <= latency for first, latency in zip(streamed["first_token_s"], streamed["latency_s"]))
-
-
-def _texts(n: int) -> list[str]:
-    return [f"row number {i}: 请把这句话翻译成英文 {i}" for i in range(n)]
-
-
-def _env(emu: Any, tmp_path: Path, name: str) -> dict[str, str]:
-    return {
-        "DASHSCOPE_API_KEY": emu.api_key,
-        "DASHSCOPE_HTTP_BASE_URL": emu.base_url,
-        "QWEN_BATCH_CACHE_DIR": str(tmp_path / f"cache-{name}"),
-    }
 
 
 def _streamed_run(job: Path, env: dict[str, str], script: Path) -> subprocess.Popen[str]:

@@ -105,7 +105,7 @@ class DashScopeBackend:
         self.streamed = streamed
         self.path: NativePath = path
         self._first_path: NativePath = path
-        self._path_known = path_known
+        self.path_known = path_known
         self._notify = notify
         self._errors = {name: ErrorTranslator(api_key, str(url)) for name, url in self._urls.items()}
         if transport is None:
@@ -173,7 +173,7 @@ class DashScopeBackend:
     def _switch_after_url_error(self, refused_path: NativePath, model: str) -> bool:
         """Whether a "url error" on ``refused_path`` moves the run to the other path (and the
         refused request is to be sent again there). Once per run, for an unknown model only."""
-        if self._path_known or refused_path != self._first_path:
+        if self.path_known or refused_path != self._first_path:
             return False
         if self.path == refused_path:
             self.path = _OTHER_PATH[refused_path]
@@ -250,14 +250,17 @@ class DashScopeBackend:
     async def _streamed(self, request: Request) -> AsyncIterator[Event]:
         """The events of ``request``, on the other path if the first says "url error" (see above)."""
         path = self.path
+        began = False  # a refusal after deltas is not a path's: never resend on top of them
         async with aclosing(self._stream_on(request, path)) as events:
             async for event in events:
                 if (
-                    type(event) is Failed
+                    not began
+                    and type(event) is Failed
                     and isinstance(event.error, ModelNotOnEndpoint)
                     and self._switch_after_url_error(path, request.model)
                 ):
                     break
+                began = True
                 yield event
             else:
                 return
