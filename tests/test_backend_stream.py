@@ -365,3 +365,19 @@ async def test_a_url_error_after_deltas_is_never_resent_on_the_other_path() -> N
 
     error = await failure(handler, path_known=False, notify=lambda note: None)
     assert isinstance(error, ModelNotOnEndpoint) and len(sent) == 1
+
+
+@pytest.mark.anyio
+async def test_by_default_the_switch_is_said_once_as_a_warning_line_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    sent: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=MULTIMODAL_REPLY)
+
+    async with DashScopeBackend(BASE, KEY, timeout_s=5, max_connections=2, path_known=False,
+                                transport=httpx.MockTransport(bound_to(MULTIMODAL_PATH, answer, sent))) as backend:
+        for _ in range(3):
+            await collect(backend.stream(REQUEST))
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: the service does not serve 'qwen-plus' on the text path")
+    assert KEY not in lines[0]
