@@ -90,29 +90,30 @@ async def test_the_budget_reserves_the_reasoning_cap_and_stops_before_it_would_n
 async def test_first_token_s_runs_from_the_final_attempts_start_to_its_first_delta() -> None:
     from qwen_batch.errors import TransportError
 
-    ticks = iter(float(i) for i in range(1000))
+    now = [0.0]
     attempts = 0
 
     class CutOnce:
-        """The first attempt's stream is cut after a delta; the second completes."""
+        """The first attempt's first token takes 5 s and its stream is cut; the second's takes 0.5 s."""
 
         async def stream(self, request: Request) -> AsyncIterator[Event]:
             nonlocal attempts
             attempts += 1
+            now[0] += 5.0 if attempts == 1 else 0.5
             yield TextDelta("par")
             if attempts == 1:
                 raise TransportError("TruncatedReply", "cut")
+            now[0] += 2.0
             yield TextDelta("tial")
             yield Usage(request.input_tokens, 2)
             yield Finished("stop", "rid")
 
     sink = ListSink()
-    await runner_for(CutOnce(), sink, 1, clock=lambda: next(ticks)).run(iter([[thinking_request(0)]]))
+    await runner_for(CutOnce(), sink, 1, clock=lambda: now[0]).run(iter([[thinking_request(0)]]))
     (outcome,) = sink.outcomes
-    # The clock: 0 run start, 1 the row's start, 2 attempt 1, 3 its delta, 4 attempt 2, 5 its delta, ...
     assert (outcome.status, outcome.attempts, outcome.output_text) == ("ok", 2, "partial")
-    assert outcome.first_token_s == 1.0
-    assert outcome.latency_s is not None and outcome.latency_s > outcome.first_token_s
+    assert outcome.first_token_s == 0.5
+    assert outcome.latency_s == 7.5
 
 
 @pytest.mark.anyio
