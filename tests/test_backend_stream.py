@@ -229,6 +229,7 @@ async def test_the_multimodal_path_streams_content_parts() -> None:
 # -- the url-error switch ------------------------------------------------------------
 
 URL_ERROR = {"code": "InvalidParameter", "message": "url error, please check url！", "request_id": "rid-u"}
+URL_ERROR_EVENT = b"id:1\nevent:error\n:HTTP_STATUS/400\ndata:" + json.dumps(URL_ERROR).encode() + b"\n\n"
 
 
 def bound_to(path: str, answer: Callable[[httpx.Request], httpx.Response], sent: list[str]) -> Callable[[httpx.Request], httpx.Response]:
@@ -282,11 +283,10 @@ async def test_a_url_error_for_a_catalog_model_is_refused_at_once() -> None:
 async def test_a_url_error_sent_as_a_200_sse_event_switches_too() -> None:
     # "the url error also arrives as a 200 SSE error event" on a stream (research-wave2.md item 1).
     sent: list[str] = []
-    url_event = b"id:1\nevent:error\n:HTTP_STATUS/400\ndata:" + json.dumps(URL_ERROR).encode() + b"\n\n"
 
     def handler(request: httpx.Request) -> httpx.Response:
         sent.append(request.url.path)
-        return sse(THINKING_STREAM if request.url.path.endswith(MULTIMODAL_PATH) else [url_event])(request)
+        return sse(THINKING_STREAM if request.url.path.endswith(MULTIMODAL_PATH) else [URL_ERROR_EVENT])(request)
 
     reply = await call(handler, path_known=False, notify=lambda note: None)
     assert reply.text == "1+1=2" and len(sent) == 2
@@ -357,11 +357,10 @@ def test_the_registered_factory_takes_the_jobs_mode() -> None:
 @pytest.mark.anyio
 async def test_a_url_error_after_deltas_is_never_resent_on_the_other_path() -> None:
     sent: list[str] = []
-    late = b"id:9\nevent:error\n:HTTP_STATUS/400\ndata:" + json.dumps(URL_ERROR).encode() + b"\n\n"
 
     def handler(request: httpx.Request) -> httpx.Response:
         sent.append(request.url.path)
-        return sse([THINKING_STREAM[2], late])(request)
+        return sse([THINKING_STREAM[2], URL_ERROR_EVENT])(request)
 
     error = await failure(handler, path_known=False, notify=lambda note: None)
     assert isinstance(error, ModelNotOnEndpoint) and len(sent) == 1
