@@ -158,6 +158,76 @@ def latency(
     return result
 
 
+# -- 2b. streaming: the same two questions, every reply streamed ---------------------------
+
+
+def _streamed_command(job: Path) -> list[str]:
+    return [h.PYTHON, "-m", "bench.streamed", str(job)]
+
+
+def _streaming_pair(case: str, emulator_args: tuple[str, ...], rows: int, concurrency: int, runs: int,
+                    latency_s: float) -> tuple[dict[str, float], list[float], dict[str, list[float]]]:
+    """Median rows/s of a streamed qwen-batch job and of the bare streaming loop, run in turns."""
+    figures: dict[str, list[float]] = {"qwen-batch": [], "stream-loop": []}
+    with h.workdir() as folder, h.emulator(*emulator_args) as emu:
+        input_path = h.make_input(folder, rows)
+        env = h.run_env(emu, folder)
+        h.run_child(_reference_command("stream", emu, h.make_input(folder, 500), concurrency), env)  # warm-up
+        for run in range(runs):
+            for name in figures:
+                if name == "qwen-batch":
+                    argv = _streamed_command(h.write_job(folder, input_path, name=f"{case}-{run}", concurrency=concurrency))
+                else:
+                    argv = _reference_command("stream", emu, input_path, concurrency)
+                figure = _measure(emu, argv, env, rows, latency_s=latency_s)
+                figures[name].append(figure["rate"])
+                print(f"  {case} run {run + 1}: {name:11} {figure['rate']:8,.1f} rows/s "
+                      f"(process {figure['wall_s']:.1f} s, CPU {figure['cpu_s']:.1f} s)", flush=True)
+    medians = {name: h.median(values) for name, values in figures.items()}
+    pair_ratios = [q / s for q, s in zip(figures["qwen-batch"], figures["stream-loop"])]
+    return medians, pair_ratios, figures
+
+
+def _streaming_result(case: str, rows: int, concurrency: int, medians: dict[str, float], pair_ratios: list[float],
+                      figures: dict[str, list[float]], goal: str, floor: float, **extra: Any) -> Result:
+    ratio = medians["qwen-batch"] / medians["stream-loop"]
+    return {
+        "case": case,
+        "rows": rows,
+        "concurrency": concurrency,
+        **extra,
+        "rows_per_second": medians,
+        "all_runs": {name: [round(v, 1) for v in values] for name, values in figures.items()},
+        "ratio_to_stream_loop": ratio,
+        "ratio_per_run": [round(r, 3) for r in pair_ratios],
+        "goal": goal,
+        "met": ratio >= floor,
+        "headline": f"{medians['qwen-batch']:,.1f} rows/s vs {medians['stream-loop']:,.1f} (bare streaming loop) "
+        f"= {ratio:.1%} (per-run median {h.median(pair_ratios):.1%})",
+    }
+
+
+def stream_overhead(rows: int = 10_000, concurrency: int = 64, runs: int = 3) -> Result:
+    """Streamed rows per second against a zero-latency emulator, next to the bare streaming loop."""
+    medians, pair_ratios, figures = _streaming_pair("stream_overhead", (), rows, concurrency, runs, 0.0)
+    return _streaming_result("stream_overhead", rows, concurrency, medians, pair_ratios, figures,
+                             "a streamed qwen-batch job >= 85% of the bare streaming loop", 0.85, runs=runs)
+
+
+def stream_latency(rows: int = 5_120, concurrency: int = 256, latency_s: float = 0.9, jitter_s: float = 0.2,
+                   runs: int = 3) -> Result:
+    """Streamed rows per second with ~1 s latency before each stream, against the bare streaming loop."""
+    mean_latency = latency_s + jitter_s / 2
+    emulator_args = ("--latency", str(latency_s), "--latency-jitter", str(jitter_s))
+    medians, pair_ratios, figures = _streaming_pair("stream_latency", emulator_args, rows, concurrency, runs, mean_latency)
+    return _streaming_result(
+        "stream_latency", rows, concurrency, medians, pair_ratios, figures,
+        "a streamed qwen-batch job within 3% of the bare streaming loop at concurrency 256", 0.97,
+        runs=runs, latency_s=f"{latency_s} + uniform[0, {jitter_s}] (mean {mean_latency})",
+        ideal_rows_per_second=concurrency / mean_latency,
+    )
+
+
 # -- 3. rate-limit accuracy ----------------------------------------------------------------
 
 
@@ -545,6 +615,8 @@ def throttle(window_s: float = 4.0, configured: float = 30.0, scale: float = 1.0
 CASES = {
     "overhead": overhead,
     "latency": latency,
+    "stream_overhead": stream_overhead,
+    "stream_latency": stream_latency,
     "rate_limit": rate_limit,
     "memory": memory,
     "startup": startup,

@@ -2,6 +2,7 @@
 
     python bench/reference.py httpx     BASE_URL INPUT.parquet --concurrency 64
     python bench/reference.py transport BASE_URL INPUT.parquet --concurrency 64
+    python bench/reference.py stream    BASE_URL INPUT.parquet --concurrency 64
     python bench/reference.py aiohttp   BASE_URL INPUT.parquet --concurrency 64
     python bench/reference.py sdk       BASE_URL INPUT.parquet --concurrency 64
 
@@ -13,6 +14,11 @@ reply's JSON decoded, its text kept. No rate limit, retry, checkpoint or output.
 no ``AsyncClient`` (no cookie jar, auth or redirect steps) -- how qwen-batch sends.
 
 ``aiohttp``: the same loop on a bare ``aiohttp.ClientSession``, with no httpx at all.
+
+``stream``: the ``transport`` loop streamed, as a careful hand-written client would: the SSE
+headers and ``incremental_output: true``, the body read line by line as it arrives
+(``aiter_lines``), each ``data:`` line's JSON decoded and its text delta kept, the reply done
+at the event whose ``finish_reason`` is not ``"null"``.
 
 ``sdk``: the official ``dashscope`` SDK driven the usual way: ``AioGeneration.call`` per row
 under an ``asyncio.Semaphore``, all rows gathered at once.
@@ -103,6 +109,59 @@ async def transport_loop(base_url: str, texts: list[str], concurrency: int) -> i
     return failures
 
 
+async def stream_loop(base_url: str, texts: list[str], concurrency: int) -> int:
+    import httpx
+    from httpx_aiohttp import AiohttpTransport
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    headers = [
+        ("Authorization", f"Bearer {KEY}"),
+        ("Content-Type", "application/json"),
+        ("Accept", "text/event-stream"),
+        ("X-DashScope-SSE", "enable"),
+    ]
+    timeout = {"connect": 60, "read": 60, "write": 60, "pool": None}
+    url = httpx.URL(base_url + NATIVE_PATH)
+    replies: list[str] = []
+    failures = 0
+    pending = iter(texts)
+    transport = AiohttpTransport(limits=limits)
+
+    async def one(text: str) -> str | None:
+        body = _body(text, incremental_output=True)
+        request = httpx.Request("POST", url, headers=headers, content=body, extensions={"timeout": timeout})
+        response = await transport.handle_async_request(request)
+        pieces: list[str] = []
+        try:
+            if response.status_code != 200:
+                return None
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                output = json.loads(line[5:])["output"]
+                pieces.append(output["text"])
+                if output["finish_reason"] != "null":
+                    return "".join(pieces)
+        finally:
+            await response.aclose()
+        return None
+
+    async def worker() -> None:
+        nonlocal failures
+        for text in pending:
+            reply = await one(text)
+            if reply is None:
+                failures += 1
+            else:
+                replies.append(reply)
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    finally:
+        await transport.aclose()
+    return failures
+
+
 async def aiohttp_loop(base_url: str, texts: list[str], concurrency: int) -> int:
     import aiohttp
 
@@ -128,12 +187,11 @@ async def aiohttp_loop(base_url: str, texts: list[str], concurrency: int) -> int
     return failures
 
 
-def _body(text: str) -> bytes:
-    body = {
-        "model": MODEL,
-        "input": {"messages": [{"role": "user", "content": text}]},
-        "parameters": {"seed": SEED, "max_tokens": MAX_TOKENS, "result_format": RESULT_FORMAT},
-    }
+def _body(text: str, *, incremental_output: bool = False) -> bytes:
+    parameters: dict[str, object] = {"seed": SEED, "max_tokens": MAX_TOKENS, "result_format": RESULT_FORMAT}
+    if incremental_output:
+        parameters["incremental_output"] = True
+    body = {"model": MODEL, "input": {"messages": [{"role": "user", "content": text}]}, "parameters": parameters}
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
@@ -160,7 +218,13 @@ async def sdk_loop(base_url: str, texts: list[str], concurrency: int) -> int:
     return sum(1 for r in results if r is None)
 
 
-LOOPS = {"httpx": httpx_loop, "transport": transport_loop, "aiohttp": aiohttp_loop, "sdk": sdk_loop}
+LOOPS = {
+    "httpx": httpx_loop,
+    "transport": transport_loop,
+    "stream": stream_loop,
+    "aiohttp": aiohttp_loop,
+    "sdk": sdk_loop,
+}
 
 
 def main() -> int:

@@ -41,9 +41,14 @@ CREATE TABLE IF NOT EXISTS replies (
     input_tokens  INTEGER NOT NULL,
     output_tokens INTEGER NOT NULL,
     request_id    TEXT,
-    created_at    REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0)
+    created_at    REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0),
+    reasoning        TEXT,
+    reasoning_tokens INTEGER
 ) WITHOUT ROWID
 """
+# Columns added since the first cache format, each with its type: an older file gains them
+# (null for the replies it already holds, which had no reasoning).
+_ADDED_COLUMNS = (("reasoning", "TEXT"), ("reasoning_tokens", "INTEGER"))
 
 
 def default_cache_path() -> Path:
@@ -105,6 +110,14 @@ class ResponseCache:
         expected = {"fingerprint", "text", "finish_reason", "input_tokens", "output_tokens", "request_id"}
         if not expected <= columns:
             raise sqlite3.DatabaseError(f"table replies lacks {sorted(expected - columns)}")
+        for name, kind in _ADDED_COLUMNS:
+            if name not in columns:
+                try:
+                    self._db.execute(f"ALTER TABLE replies ADD COLUMN {name} {kind}")
+                except sqlite3.OperationalError as exc:
+                    # Another process added it between our look and our ALTER.
+                    if "duplicate column" not in str(exc):
+                        raise
 
     def _error(self, problem: str) -> StorageError:
         return StorageError(
@@ -125,12 +138,20 @@ class ResponseCache:
                     chunk = unique[start : start + _MAX_PARAMETERS]
                     marks = ",".join("?" * len(chunk))
                     rows = self._db.execute(
-                        "SELECT fingerprint, text, finish_reason, input_tokens, output_tokens, request_id "
-                        f"FROM replies WHERE fingerprint IN ({marks})",
+                        "SELECT fingerprint, text, finish_reason, input_tokens, output_tokens, request_id, "
+                        f"reasoning, reasoning_tokens FROM replies WHERE fingerprint IN ({marks})",
                         chunk,
                     )
-                    for fingerprint, text, finish_reason, input_tokens, output_tokens, request_id in rows:
-                        found[fingerprint] = Reply(text, finish_reason, input_tokens, output_tokens, request_id)
+                    for fingerprint, text, finish, input_tokens, output_tokens, request_id, reasoning, thought in rows:
+                        found[fingerprint] = Reply(
+                            text,
+                            finish,
+                            input_tokens,
+                            output_tokens,
+                            request_id,
+                            reasoning=reasoning,
+                            reasoning_tokens=thought,
+                        )
             except sqlite3.Error as exc:
                 raise self._error(f"read failed ({exc})") from None
         return found
@@ -143,7 +164,8 @@ class ResponseCache:
         if not items:
             return
         rows = [
-            (fp, r.text, r.finish_reason, r.input_tokens, r.output_tokens, r.request_id) for fp, r in items
+            (fp, r.text, r.finish_reason, r.input_tokens, r.output_tokens, r.request_id, r.reasoning, r.reasoning_tokens)
+            for fp, r in items
         ]
         with self._lock:
             try:
@@ -153,7 +175,7 @@ class ResponseCache:
                 try:
                     self._db.executemany(
                         "INSERT INTO replies (fingerprint, text, finish_reason, input_tokens, "
-                        "output_tokens, request_id) VALUES (?, ?, ?, ?, ?, ?) "
+                        "output_tokens, request_id, reasoning, reasoning_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
                         "ON CONFLICT(fingerprint) DO NOTHING",
                         rows,
                     )

@@ -23,7 +23,7 @@ from .errors import (
     UnknownModel,
 )
 from .spec import JobSpec, Parameters
-from .wire import API_PREFIX, DEFAULT_BASE_URL
+from .wire import API_PREFIX, DEFAULT_BASE_URL, MULTIMODAL_PATH
 
 # A model name is quoted at most this long (a runaway value must not flood the terminal).
 MAX_SHOWN_NAME_CHARS = 80
@@ -80,10 +80,11 @@ def explain(
     if isinstance(error, UnknownModel):
         return f"the service does not know model {_shown(spec.model)} ({answer}); {_model_fix(spec, catalog)}"
     if isinstance(error, ModelNotOnEndpoint):
+        other = "text" if error.url.endswith(MULTIMODAL_PATH) else "multimodal"
         return (
-            f"{error.url} does not serve model {_shown(spec.model)} ({answer}): Qwen3.5 and later, VL and audio "
-            "models use the multimodal-generation endpoint, which qwen-batch does not speak; "
-            f"choose a text-generation model in model: of {where}"
+            f"{error.url} does not serve model {_shown(spec.model)} ({answer}): each model answers on one native "
+            "path (Qwen3.5 and later, VL and audio models on multimodal-generation); "
+            f"set api.endpoint: {other} in {where}, or check model:"
         )
     if isinstance(error, EndpointNotFound):
         return (

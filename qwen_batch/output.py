@@ -46,6 +46,10 @@ _RESULT_FIELDS: list[pa.Field[pa.DataType]] = [
     pa.field("model", pa.string()),
     pa.field("seed", pa.int64()),
     pa.field("preflight_input_tokens", pa.int64()),
+    # Issue 14, after the older columns so that their positions stay.
+    pa.field("reasoning_text", pa.string()),
+    pa.field("reasoning_tokens", pa.int64()),
+    pa.field("first_token_s", pa.float64()),
 ]
 RESULT_SCHEMA = pa.schema(_RESULT_FIELDS)
 RESULT_COLUMNS: tuple[str, ...] = tuple(RESULT_SCHEMA.names)
@@ -80,6 +84,9 @@ _RECORD_COLUMNS = (
     "preflight_input_tokens",
     "model",
     "seed",
+    "reasoning_text",
+    "reasoning_tokens",
+    "first_token_s",
 )
 
 
@@ -217,6 +224,12 @@ def _result_columns(
         rec_col("preflight_input_tokens")
         .fill_null(pl.when(~is_billed).then(rec_col("input_tokens")))
         .alias("preflight_input_tokens"),
+        rec_col("reasoning_text").alias("reasoning_text"),
+        # Every answer has a count, 0 without reasoning (an older log's answers too); errors have none.
+        pl.when(rec_col("status") == "ok")
+        .then(rec_col("reasoning_tokens").fill_null(0))
+        .alias("reasoning_tokens"),
+        rec_col("first_token_s").alias("first_token_s"),
         is_missing.alias(_MISSING),
     ]
 

@@ -86,10 +86,14 @@ class Renderer:
     ``protocol`` names the service's protocol, whose canonical encoding the fingerprints
     hash (``wire.CANONICAL_FRAMES``). Raises SpecError when ``max_tokens`` exceeds the
     model's output limit, or when the model is unknown and neither ``parameters.max_tokens``
-    nor ``model_limits.max_output_tokens`` is set.
+    nor ``model_limits.max_output_tokens`` is set. ``reasoning_cap`` is the most reasoning
+    tokens a request may bill on top of its answer (``modes.Mode.reasoning_cap``), carried by
+    every request for the budget's worst case.
     """
 
-    def __init__(self, spec: JobSpec, model_info: ModelInfo | None, *, protocol: str = DASHSCOPE) -> None:
+    def __init__(
+        self, spec: JobSpec, model_info: ModelInfo | None, *, protocol: str = DASHSCOPE, reasoning_cap: int = 0
+    ) -> None:
         check_against_model(spec, model_info)
         params = spec.parameters.to_wire()
         max_tokens = spec.parameters.max_tokens
@@ -107,6 +111,7 @@ class Renderer:
             params["result_format"] = model_info.default_result_format if model_info else DEFAULT_RESULT_FORMAT
         self.model = spec.model
         self.max_tokens = max_tokens
+        self.reasoning_cap = reasoning_cap
         self._parameters = params
         prompt = spec.prompt
         self._system = prompt.system
@@ -168,6 +173,7 @@ class Renderer:
             input_tokens=input_tokens,
             max_tokens=self.max_tokens,
             unit=_new_unit(UnitKey, (index, 0, 0)),
+            reasoning_cap=self.reasoning_cap,
         )
 
     def fingerprint(self, index: int, row: Mapping[str, Any]) -> tuple[str, str] | RowProblem:

@@ -216,7 +216,10 @@ class Runner:
     async def _send_within_budget(self, request: Request) -> Outcome | None:
         worst = 0.0
         if self._budget is not None:
-            worst = pricing.worst_case_cost(self._price, request.input_tokens, request.max_tokens) or 0.0
+            worst = (
+                pricing.worst_case_cost(self._price, request.input_tokens, request.max_tokens, request.reasoning_cap)
+                or 0.0
+            )
             if not self._budget.try_reserve(worst):
                 self.request_stop(STOP_BUDGET)
                 return None
@@ -251,11 +254,13 @@ class Runner:
                 counters.throttled += 1
                 limits.on_throttled(error)
 
-        started = self._clock()
+        clock = self._clock
+        started = clock()
         counters.in_flight += 1
         try:
             reply, attempts = await call_with_retries(
-                lambda: collect(self._backend.stream(request)),
+                # Each attempt's own clock start: a streamed reply's first_token_s is the final one's.
+                lambda: collect(self._backend.stream(request), clock=clock),
                 self._retry_policy,
                 before_attempt=before_attempt,
                 on_error=on_error,
@@ -292,7 +297,7 @@ class Runner:
         return Outcome.answered(
             request,
             reply,
-            cost=pricing.cost(self._price, reply.input_tokens, reply.output_tokens),
+            cost=pricing.cost(self._price, reply.input_tokens, reply.output_tokens, reply.reasoning_tokens or 0),
             attempts=attempts,
             latency_s=self._clock() - started,
         )
@@ -330,7 +335,13 @@ class Runner:
                 if outcome.cached:
                     c.cached += 1
                     c.cache_saved_cost += (
-                        pricing.cost(self._price, outcome.input_tokens or 0, outcome.output_tokens or 0) or 0.0
+                        pricing.cost(
+                            self._price,
+                            outcome.input_tokens or 0,
+                            outcome.output_tokens or 0,
+                            outcome.reasoning_tokens or 0,
+                        )
+                        or 0.0
                     )
                 else:
                     c.input_tokens += outcome.input_tokens or 0

@@ -17,7 +17,7 @@ import threading
 from collections.abc import AsyncIterator
 from types import TracebackType
 
-from .backends.base import Event, WholeReply
+from .backends.base import Event, Finished, ReasoningDelta, TextDelta, Usage, WholeReply
 from .emulator import EmulatorConfig, RunningEmulator, open_emulator
 from .types import Reply, Request
 
@@ -30,24 +30,59 @@ class FakeBackend:
     """Answers each request with ``text`` (``output_tokens`` long, finished by "stop"), sending nothing.
 
     The input tokens are the preflight's exact count of the request; ``sent`` counts the
-    requests answered. Replies are cached apart from every real service's.
+    requests answered. ``reasoning`` (``reasoning_tokens`` of the output tokens) makes it a
+    thinking model's reply; ``streamed`` sends it as a stream's events (the reasoning, then
+    the answer, in two deltas each; the usage; the finish), as a streaming backend does.
+    Replies are cached apart from every real service's.
     """
 
-    def __init__(self, text: str = "A short reply.", *, output_tokens: int = 4) -> None:
+    def __init__(
+        self,
+        text: str = "A short reply.",
+        *,
+        output_tokens: int = 4,
+        reasoning: str | None = None,
+        reasoning_tokens: int = 0,
+        streamed: bool = False,
+    ) -> None:
         self.text = text
         self.output_tokens = output_tokens
+        self.reasoning = reasoning
+        self.reasoning_tokens = reasoning_tokens
+        self.streamed = streamed
         self.sent = 0
 
     def __repr__(self) -> str:
-        return f"FakeBackend({self.text!r}, output_tokens={self.output_tokens})"
+        return f"FakeBackend({self.text!r}, output_tokens={self.output_tokens}, streamed={self.streamed})"
 
     def stream(self, request: Request) -> AsyncIterator[Event]:
-        """The reply as a stream of one event, as every whole-reply backend gives it."""
+        """The reply as a stream: of one event, as every whole-reply backend gives it, unless ``streamed``."""
+        if self.streamed:
+            return self._events(request)
         return WholeReply(self._answer, request)
 
     async def _answer(self, request: Request) -> Reply:
         self.sent += 1
-        return Reply(self.text, "stop", request.input_tokens, self.output_tokens, f"fake-{request.index}")
+        return Reply(
+            self.text,
+            "stop",
+            request.input_tokens,
+            self.output_tokens,
+            f"fake-{request.index}",
+            reasoning=self.reasoning,
+            reasoning_tokens=self.reasoning_tokens if self.reasoning is not None else None,
+        )
+
+    async def _events(self, request: Request) -> AsyncIterator[Event]:
+        self.sent += 1
+        for text, event in ((self.reasoning, ReasoningDelta), (self.text, TextDelta)):
+            if text:
+                half = len(text) // 2
+                yield event(text[:half])
+                yield event(text[half:])
+        reasoning_tokens = self.reasoning_tokens if self.reasoning is not None else None
+        yield Usage(request.input_tokens, self.output_tokens, reasoning_tokens)
+        yield Finished("stop", f"fake-{request.index}")
 
 
 class EmulatorThread:

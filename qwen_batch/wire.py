@@ -18,6 +18,10 @@ DASHSCOPE = "dashscope"
 
 DEFAULT_BASE_URL = "https://dashscope.aliyuncs.com/api/v1"
 NATIVE_PATH = "/services/aigc/text-generation/generation"
+MULTIMODAL_PATH = "/services/aigc/multimodal-generation/generation"
+"""Where Qwen3.5 and later, VL and audio models answer (research-wave2.md, item 1)."""
+NATIVE_PATHS = {"text": NATIVE_PATH, "multimodal": MULTIMODAL_PATH}
+"""The native path of each ``catalog.NativePath``."""
 COMPATIBLE_PATH = "/compatible-mode/v1/chat/completions"
 API_PREFIX = "/api/v1"
 
@@ -81,6 +85,13 @@ NON_TRANSIENT_429_CODES = frozenset({"PrepaidBillOverdue", "PostpaidBillOverdue"
 FREE_QUOTA_EXHAUSTED_MESSAGE = "Free allocated quota exceeded."
 
 
+def error_body_status(body: Mapping[str, Any]) -> int:
+    """The HTTP status an error body sent with 200 (or as an SSE ``event:error``) stands for:
+    its code's documented status, else 400 (what SDK 2.0.2 reports for an in-stream error)."""
+    code = str(body.get("code") or "")
+    return ERRORS[code].status if code in ERRORS else 400
+
+
 def native_error_body(code: str, message: str, request_id: str) -> dict[str, Any]:
     """The native error JSON: ``{"code", "message", "request_id"}``."""
     return {"code": code, "message": message, "request_id": request_id}
@@ -94,6 +105,26 @@ def compatible_error_body(code: str, message: str, request_id: str, error_type: 
 def native_body(request: Request) -> dict[str, Any]:
     """The native JSON body of ``request``: ``{"model", "input": {"messages"}, "parameters"}``."""
     return {"model": request.model, "input": {"messages": request.messages}, "parameters": request.parameters}
+
+
+def multimodal_body(request: Request) -> dict[str, Any]:
+    """The body of ``request`` on the multimodal path: each message's content as a list of parts,
+    ``[{"text": ...}]``, the shape that path reads (research-wave2.md item 1; its captures)."""
+    messages = [
+        {**message, "content": [{"text": content}]} if isinstance(content := message.get("content"), str) else message
+        for message in request.messages
+    ]
+    return {"model": request.model, "input": {"messages": messages}, "parameters": request.parameters}
+
+
+def content_text(content: Any) -> str:
+    """A message's content as text: a string as it is, a multimodal list of parts joined
+    (each part's ``text``; parts without text, such as images, add nothing)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str))
+    raise MalformedReply(f"not a generation result: the content is a {type(content).__name__}")
 
 
 _canonical_dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
@@ -126,21 +157,68 @@ class MalformedReply(ValueError):
 
 
 def parse_native_reply(body: Any) -> Reply:
-    """Read a native 200 body of either result format into a Reply."""
+    """Read a native 200 body of either result format, on either path, into a Reply.
+
+    A thinking model's ``reasoning_content`` becomes ``Reply.reasoning`` (None when absent
+    or empty) and ``usage.output_tokens_details.reasoning_tokens`` its count.
+    """
     try:
-        output = body["output"]
         usage = body["usage"]
-        if output.get("choices"):
-            choice = output["choices"][0]
-            text = choice["message"]["content"]
-            finish_reason = choice["finish_reason"]
-        else:
-            text = output["text"]
-            finish_reason = output["finish_reason"]
+        text, reasoning, finish_reason = _output_fields(body["output"])
         input_tokens = int(usage["input_tokens"])
         output_tokens = int(usage["output_tokens"])
+        reasoning_tokens, cached_tokens = usage_details(usage)
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
         raise MalformedReply(f"not a generation result: missing or wrong {exc!s}") from None
     if not isinstance(text, str) or not isinstance(finish_reason, str):
         raise MalformedReply("not a generation result: text or finish_reason is not a string")
-    return Reply(text, finish_reason, input_tokens, output_tokens, body.get("request_id"))
+    if reasoning is not None and not isinstance(reasoning, str):
+        raise MalformedReply("not a generation result: reasoning_content is not a string")
+    return Reply(
+        text,
+        finish_reason,
+        input_tokens,
+        output_tokens,
+        body.get("request_id"),
+        reasoning=reasoning,
+        reasoning_tokens=reasoning_tokens,
+        cached_tokens=cached_tokens,
+    )
+
+
+def _output_fields(output: Any) -> tuple[Any, Any, Any]:
+    """``(text, reasoning, finish_reason)`` of a body's ``output``, either result format, either
+    path, unchecked; raises KeyError, IndexError, TypeError or AttributeError when it has no such shape."""
+    if output.get("choices"):
+        choice = output["choices"][0]
+        message = choice["message"]
+        return content_text(message["content"]), message.get("reasoning_content") or None, choice.get("finish_reason")
+    return output["text"], None, output.get("finish_reason")
+
+
+def read_stream_event(body: Any) -> tuple[str, str | None, str | None, Mapping[str, Any] | None]:
+    """``(text, reasoning, finish_reason, usage)`` of one incremental SSE ``result`` event.
+
+    The text and reasoning are this event's deltas (``""`` and None when it has none);
+    ``finish_reason`` is None until the last event (the service writes ``"null"``); ``usage``
+    is the cumulative usage so far, None if the event has none.
+    """
+    try:
+        text, reasoning, finish_reason = _output_fields(body["output"])
+        usage = body.get("usage")
+    except (KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise MalformedReply(f"not a generation stream event: missing or wrong {exc!s}") from None
+    if not isinstance(text, str) or (reasoning is not None and not isinstance(reasoning, str)):
+        raise MalformedReply("not a generation stream event: content or reasoning_content is not text")
+    if finish_reason == "null" or not isinstance(finish_reason, str):  # "null" (a string) until the end
+        finish_reason = None
+    return text, reasoning, finish_reason, usage if isinstance(usage, dict) else None
+
+
+def usage_details(usage: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    """``(reasoning_tokens, cached_tokens)`` of a usage object; None where it does not say."""
+    output_details = usage.get("output_tokens_details")
+    prompt_details = usage.get("prompt_tokens_details")
+    reasoning = output_details.get("reasoning_tokens") if isinstance(output_details, dict) else None
+    cached = prompt_details.get("cached_tokens") if isinstance(prompt_details, dict) else None
+    return (int(reasoning) if reasoning is not None else None, int(cached) if cached is not None else None)

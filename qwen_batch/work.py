@@ -88,6 +88,19 @@ def _answer_from_cache(items: list[WorkItem], cache: ServiceCache) -> list[WorkI
     ]
 
 
+def _stored_reply(outcome: Outcome) -> Reply:
+    """What the cache keeps of an answered outcome: the reply, its reasoning included."""
+    return Reply(
+        outcome.output_text or "",
+        outcome.finish_reason or "",
+        outcome.input_tokens or 0,
+        outcome.output_tokens or 0,
+        outcome.request_id,
+        reasoning=outcome.reasoning_text,
+        reasoning_tokens=outcome.reasoning_tokens,
+    )
+
+
 def _cached_outcome(request: Request, reply: Reply) -> Outcome:
     """A cache hit: the stored reply, at no cost this time."""
     return Outcome.answered(request, reply, cost=0.0, attempts=0, latency_s=0.0, cached=True)
@@ -104,10 +117,6 @@ class CheckpointAndCacheSink:
         self._checkpoint.append(outcomes)
         if self._cache is None:
             return
-        fresh = [
-            (o.fingerprint, Reply(o.output_text or "", o.finish_reason or "", o.input_tokens or 0, o.output_tokens or 0, o.request_id))
-            for o in outcomes
-            if o.status == "ok" and not o.cached
-        ]
+        fresh = [(o.fingerprint, _stored_reply(o)) for o in outcomes if o.status == "ok" and not o.cached]
         if fresh:
             self._cache.put_many(fresh)

@@ -37,7 +37,7 @@ from qwen_batch.retry import RetryPolicy
 from qwen_batch.runner import STOP_CONFIGURATION, Runner
 from qwen_batch.spec import JobSpec
 from qwen_batch.types import Reply, Request, UnitKey
-from qwen_batch.wire import DEFAULT_BASE_URL, NATIVE_PATH
+from qwen_batch.wire import DEFAULT_BASE_URL, MULTIMODAL_PATH, NATIVE_PATH
 
 from .test_runner import ListSink, _no_sleep, request
 
@@ -308,7 +308,10 @@ def test_a_model_on_the_multimodal_path_asks_for_a_text_model() -> None:
     error = ModelNotOnEndpoint("InvalidURL", "url error, please check url！", status=400, url="http://h/x")
     line = explained(error, spec_of(model="qwen3.5-plus"))
     assert line.startswith("http://h/x does not serve model 'qwen3.5-plus' (HTTP 400 InvalidURL: url error")
-    assert "choose a text-generation model in model: of job spec" in line
+    assert "set api.endpoint: multimodal in job spec" in line
+    # Refused on the multimodal path, the fix is the text path.
+    error = ModelNotOnEndpoint("InvalidURL", "url error", status=400, url="http://h/api/v1" + MULTIMODAL_PATH)
+    assert "set api.endpoint: text in job spec" in explained(error, spec_of(model="qwen-turbo"))
 
 
 # -- before sending: the catalog check ----------------------------------------------------

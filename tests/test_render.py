@@ -338,3 +338,15 @@ def test_text_that_cannot_be_encoded_is_a_row_problem() -> None:
     assert "not valid Unicode" in problem(renderer(), {"id": 1, "text": "bad \ud800"}).message
     convo = renderer(prompt={"messages_column": "c"})
     assert "not valid Unicode" in problem(convo, {"id": 1, "c": conv((U, "\udfff"))}).message
+
+
+def test_the_reasoning_cap_rides_on_every_request_and_leaves_the_fingerprint_alone() -> None:
+    spec = spec_of()
+    info = resolve_model(spec, builtin())
+    plain, thinking = Renderer(spec, info), Renderer(spec, info, reasoning_cap=4000)
+    row = {"text": "hello"}
+    without, with_cap = request(plain, row), request(thinking, row)
+    assert (without.reasoning_cap, with_cap.reasoning_cap) == (0, 4000)
+    assert with_cap.worst_case_tokens == without.worst_case_tokens + 4000
+    # The cap is the budget's bound, not part of what is asked: the same request either way.
+    assert with_cap.fingerprint == without.fingerprint and native_body(with_cap) == native_body(without)

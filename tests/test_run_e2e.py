@@ -18,6 +18,7 @@ RESULT_COLUMNS = [
     "request_id", "output_text", "finish_reason", "input_tokens", "output_tokens", "total_tokens",
     "cost", "status", "error_code", "error_message", "attempts", "latency_s", "model", "seed",
     "preflight_input_tokens",
+    "reasoning_text", "reasoning_tokens", "first_token_s",
 ]
 TEXTS = ["今天天气很好。", "The quick brown fox.", "数据 {text} 和 {{braces}} 以及 %s", "Hello again, world."]
 
@@ -36,6 +37,7 @@ def test_run_writes_one_ok_row_per_input_row_in_order(tmp_path: Path, job_env: d
     types = {field.name: str(field.type) for field in table.schema}
     assert types["input_tokens"] == "int64" and types["cost"] == "double" and types["seed"] == "int64"
     assert types["error_code"] == "string" and types["attempts"] == "int64"
+    assert (types["reasoning_text"], types["reasoning_tokens"], types["first_token_s"]) == ("string", "int64", "double")
     frame = pl.read_parquet(output)
     assert frame["id"].to_list() == [f"r{i:03d}" for i in range(len(TEXTS))]
     assert frame["status"].to_list() == ["ok"] * len(TEXTS)
@@ -44,6 +46,9 @@ def test_run_writes_one_ok_row_per_input_row_in_order(tmp_path: Path, job_env: d
     assert (frame["total_tokens"] == frame["input_tokens"] + frame["output_tokens"]).all()
     assert frame["preflight_input_tokens"].to_list() == frame["input_tokens"].to_list()
     assert frame["model"].unique().to_list() == ["qwen-turbo"] and frame["seed"].unique().to_list() == [7]
+    # A model that does not think, not streamed: no reasoning, 0 reasoning tokens, no first-token time.
+    assert frame["reasoning_text"].null_count() == frame["first_token_s"].null_count() == len(TEXTS)
+    assert frame["reasoning_tokens"].to_list() == [0] * len(TEXTS)
     assert len(billable(emulator)) == len(TEXTS)
 
 
@@ -240,7 +245,7 @@ def test_emulate_flag_needs_no_key(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert pl.read_parquet(tmp_path / "out" / "result.parquet")["status"].to_list() == ["ok"] * 4
 
 
-@pytest.mark.parametrize("job_name", ["translate.yaml", "summarize.yaml", "eval.yaml"])
+@pytest.mark.parametrize("job_name", ["translate.yaml", "summarize.yaml", "eval.yaml", "reasoning.yaml"])
 def test_the_sample_jobs_run_on_the_emulator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, job_name: str) -> None:
     monkeypatch.setenv("QWEN_BATCH_CACHE_DIR", str(tmp_path / "cache"))
     repo_jobs = Path(__file__).resolve().parent.parent / "jobs"

@@ -6,23 +6,58 @@ Apart from ``base`` so that the protocol sits below every backend: a backend mod
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..errors import ConfigError
 from ..wire import DASHSCOPE
 from .base import OpenBackend
 
+if TYPE_CHECKING:
+    from ..catalog import NativePath
+
 
 class BackendFactory(Protocol):
-    """Makes a backend that sends to ``base_url`` with ``api_key`` (raises ConfigError on bad settings)."""
+    """Makes a backend that sends to ``base_url`` with ``api_key`` (raises ConfigError on bad settings).
 
-    def __call__(self, base_url: str, api_key: str, *, timeout_s: float, max_connections: int) -> OpenBackend: ...
+    ``stream``, ``path`` and ``path_known`` are the job's ``modes.Mode``: stream the replies,
+    on which native path, and whether that path is known (when not, a "url error" answer
+    may move the run to the other one).
+    """
+
+    def __call__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout_s: float,
+        max_connections: int,
+        stream: bool = False,
+        path: NativePath = "text",
+        path_known: bool = True,
+    ) -> OpenBackend: ...
 
 
-def _dashscope(base_url: str, api_key: str, *, timeout_s: float, max_connections: int) -> OpenBackend:
+def _dashscope(
+    base_url: str,
+    api_key: str,
+    *,
+    timeout_s: float,
+    max_connections: int,
+    stream: bool = False,
+    path: NativePath = "text",
+    path_known: bool = True,
+) -> OpenBackend:
     from .dashscope import DashScopeBackend
 
-    return DashScopeBackend(base_url, api_key, timeout_s=timeout_s, max_connections=max_connections)
+    return DashScopeBackend(
+        base_url,
+        api_key,
+        timeout_s=timeout_s,
+        max_connections=max_connections,
+        streamed=stream,
+        path=path,
+        path_known=path_known,
+    )
 
 
 _FACTORIES: dict[str, BackendFactory] = {DASHSCOPE: _dashscope}

@@ -73,11 +73,15 @@ def _service_backend(plan: JobPlan, base_url: str, api_key: str) -> OpenBackend:
     from ..backends.registry import backend_factory
     from ..wire import DASHSCOPE
 
+    mode = plan.mode
     return backend_factory(DASHSCOPE)(
         base_url,
         api_key,
         timeout_s=plan.spec.execution.request_timeout_s,
         max_connections=plan.workers,
+        stream=mode.stream,
+        path=mode.path,
+        path_known=mode.path_known,
     )
 
 
