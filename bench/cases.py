@@ -161,10 +161,6 @@ def latency(
 # -- 2b. streaming: the same two questions, every reply streamed ---------------------------
 
 
-def _streamed_command(job: Path) -> list[str]:
-    return [h.PYTHON, "-m", "bench.streamed", str(job)]
-
-
 def _streaming_pair(case: str, emulator_args: tuple[str, ...], rows: int, concurrency: int, runs: int,
                     latency_s: float) -> tuple[dict[str, float], list[float], dict[str, list[float]]]:
     """Median rows/s of a streamed qwen-batch job and of the bare streaming loop, run in turns."""
@@ -176,7 +172,8 @@ def _streaming_pair(case: str, emulator_args: tuple[str, ...], rows: int, concur
         for run in range(runs):
             for name in figures:
                 if name == "qwen-batch":
-                    argv = _streamed_command(h.write_job(folder, input_path, name=f"{case}-{run}", concurrency=concurrency))
+                    job = h.write_job(folder, input_path, name=f"{case}-{run}", concurrency=concurrency, stream=True)
+                    argv = h.run_command(job)
                 else:
                     argv = _reference_command("stream", emu, input_path, concurrency)
                 figure = _measure(emu, argv, env, rows, latency_s=latency_s)

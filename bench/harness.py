@@ -162,17 +162,20 @@ def write_job(
     tokens_per_minute: float | None = UNLIMITED_TPM,
     max_retries: int = 0,
     request_timeout_s: float | None = None,
+    stream: bool | None = None,
 ) -> Path:
-    """A job spec: template ``{text}``, seed and max_tokens fixed, the cache off."""
+    """A job spec: template ``{text}``, seed and max_tokens fixed, the cache off; ``stream`` sets
+    ``parameters.stream`` (unset: the default, ``auto``)."""
     rpm = f"  requests_per_minute: {requests_per_minute}\n" if requests_per_minute else ""
     rpm += f"  tokens_per_minute: {tokens_per_minute}\n" if tokens_per_minute else ""
     rpm += f"  request_timeout_s: {request_timeout_s}\n" if request_timeout_s else ""
+    streamed = f"  stream: {str(stream).lower()}\n" if stream is not None else ""
     spec = (
         f"name: {name}\n"
         f"model: {MODEL}\n"
         f"input:\n  path: {input_path}\n  id_column: id\n"
         'prompt:\n  template: "{text}"\n'
-        f"parameters:\n  seed: {SEED}\n  max_tokens: {MAX_TOKENS}\n"
+        f"parameters:\n  seed: {SEED}\n  max_tokens: {MAX_TOKENS}\n{streamed}"
         f"execution:\n  concurrency: {concurrency}\n{rpm}  max_retries: {max_retries}\n"
         f"output:\n  path: {folder / 'out' / (name + '.parquet')}\n"
         "cache:\n  enabled: false\n"

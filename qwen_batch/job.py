@@ -22,7 +22,7 @@ from .checkpoint import Checkpoint, set_aside
 from .endpoint import base_url_key, configured_base_url
 from .catalog import ModelInfo
 from .errors import InputError, QwenBatchError
-from .modes import Mode, resolve_mode
+from .modes import mode_of
 from .output import check_input_columns
 from .plan import JobOptions, JobPlan, checked_paths
 from .preflight import PreflightReport, rendered, run_preflight
@@ -66,7 +66,7 @@ def prepare(
         check_base_url(base_url, spec.api.allow_insecure_http, source=source)
         check_native_path(base_url, source)
     model_info = resolve_model(spec, catalog)
-    mode = job_mode(spec, model_info)
+    mode = mode_of(spec, model_info)
     warnings: list[str] = []
     if model_info is None:
         warnings.append(
@@ -81,7 +81,7 @@ def prepare(
     table = open_table(spec)
     check_input_columns(table.columns)
     rows = table.num_rows if options.limit is None else min(options.limit, table.num_rows)
-    renderer = Renderer(spec, model_info)
+    renderer = Renderer(spec, model_info, reasoning_cap=mode.reasoning_cap, thinking=mode.thinking)
     manifest = request_manifest(spec, renderer)
     checkpoint_dir = checkpoint_dir_for(output_path)
     identity = input_identity(spec.input.path)
@@ -131,21 +131,6 @@ def prepare(
         warnings=warnings,
         cache_path=paths.cache,
         mode=mode,
-    )
-
-
-def job_mode(spec: JobSpec, model_info: ModelInfo | None) -> Mode:
-    """How the job's requests are sent; a setting every request would be refused for is a SpecError."""
-    parameters = spec.parameters
-    return resolve_mode(
-        spec.where,
-        spec.model,
-        model_info,
-        stream=parameters.stream,
-        enable_thinking=parameters.enable_thinking,
-        thinking_budget=parameters.thinking_budget,
-        endpoint=spec.api.endpoint,
-        result_format=parameters.result_format,
     )
 
 

@@ -14,10 +14,13 @@ the other path once when the service answers "url error".
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from .catalog import ModelInfo, NativePath
 from .errors import SpecError
+
+if TYPE_CHECKING:
+    from .spec import JobSpec
 
 StreamSetting = Literal["auto"] | bool
 EndpointSetting = Literal["auto", "text", "multimodal"]
@@ -34,6 +37,21 @@ class Mode:
     path: NativePath
     path_known: bool
     reasoning_cap: int
+
+
+def mode_of(spec: JobSpec, model_info: ModelInfo | None) -> Mode:
+    """How ``spec``'s requests are sent; a setting every request would be refused for is a SpecError."""
+    parameters = spec.parameters
+    return resolve_mode(
+        spec.where,
+        spec.model,
+        model_info,
+        stream=parameters.stream,
+        enable_thinking=parameters.enable_thinking,
+        thinking_budget=parameters.thinking_budget,
+        endpoint=spec.api.endpoint,
+        result_format=parameters.result_format,
+    )
 
 
 def resolve_mode(
@@ -71,7 +89,10 @@ def resolve_mode(
             f"{where}: parameters.stream: {model} {why}; remove `stream: false` (or set parameters.enable_thinking: "
             "false where the model allows it)"
         )
-    streamed = needs_stream if stream == "auto" else bool(stream)
+    # auto streams every thinking request, not only where the service insists: a whole reply
+    # is one wait for data that a long thought can stretch past request_timeout_s, while a
+    # stream's events keep arriving (and first_token_s is measured).
+    streamed = (needs_stream or thinking) if stream == "auto" else bool(stream)
     if endpoint == "auto":
         path: NativePath = info.native_path if info is not None else "text"
         path_known = info is not None

@@ -88,11 +88,18 @@ class Renderer:
     model's output limit, or when the model is unknown and neither ``parameters.max_tokens``
     nor ``model_limits.max_output_tokens`` is set. ``reasoning_cap`` is the most reasoning
     tokens a request may bill on top of its answer (``modes.Mode.reasoning_cap``), carried by
-    every request for the budget's worst case.
+    every request for the budget's worst case; ``thinking`` says the requests think, so an
+    unset ``result_format`` is "message" whatever the model's default.
     """
 
     def __init__(
-        self, spec: JobSpec, model_info: ModelInfo | None, *, protocol: str = DASHSCOPE, reasoning_cap: int = 0
+        self,
+        spec: JobSpec,
+        model_info: ModelInfo | None,
+        *,
+        protocol: str = DASHSCOPE,
+        reasoning_cap: int = 0,
+        thinking: bool = False,
     ) -> None:
         check_against_model(spec, model_info)
         params = spec.parameters.to_wire()
@@ -108,7 +115,9 @@ class Renderer:
             )
         params["max_tokens"] = max_tokens
         if "result_format" not in params:
-            params["result_format"] = model_info.default_result_format if model_info else DEFAULT_RESULT_FORMAT
+            # The service answers a thinking request only in the message format.
+            default = model_info.default_result_format if model_info else DEFAULT_RESULT_FORMAT
+            params["result_format"] = "message" if thinking else default
         self.model = spec.model
         self.max_tokens = max_tokens
         self.reasoning_cap = reasoning_cap

@@ -13,6 +13,7 @@ from .checkpoint import Checkpoint, CheckpointSummary, manifest_changes
 from .plan import JobOptions, JobPlan, checked_paths
 from .render import Renderer
 from .resume import checkpoint_dir_for, request_manifest
+from .modes import mode_of
 from .spec import load_spec, price_for, resolve_model
 from .table import open_table
 from .user_catalog import for_job
@@ -58,7 +59,9 @@ def job_status(spec_path: Path, options: JobOptions) -> JobStatus:
             done = checkpoint.summary()
             # A checkpoint with no rows is taken over by a changed job (Checkpoint.open).
             if done.rows_done:
-                changed = manifest_changes(checkpoint.manifest, request_manifest(spec, Renderer(spec, model_info)))
+                mode = mode_of(spec, model_info)
+                renderer = Renderer(spec, model_info, reasoning_cap=mode.reasoning_cap, thinking=mode.thinking)
+                changed = manifest_changes(checkpoint.manifest, request_manifest(spec, renderer))
     assert spec.name is not None  # load_spec names every spec (after its file, by default)
     return JobStatus(
         name=spec.name,

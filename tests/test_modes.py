@@ -36,8 +36,12 @@ def test_thinking_off_on_a_hybrid_model_needs_no_stream() -> None:
     assert resolve_mode("job.yaml", "qwen3-32b", QWEN3_OPEN, enable_thinking=False) == Mode(False, False, "text", True, 0)
 
 
-def test_a_multimodal_model_thinks_without_streaming_on_its_own_path() -> None:
-    assert resolve_mode("job.yaml", "qwen3.5-plus", QWEN35) == Mode(False, True, "multimodal", True, 81920)
+def test_auto_streams_every_thinking_request_even_where_the_service_would_answer_whole() -> None:
+    assert resolve_mode("job.yaml", "qwen3.5-plus", QWEN35) == Mode(True, True, "multimodal", True, 81920)
+
+
+def test_a_thinking_model_may_still_be_asked_whole_where_the_service_allows_it() -> None:
+    assert resolve_mode("job.yaml", "qwen3.5-plus", QWEN35, stream=False) == Mode(False, True, "multimodal", True, 81920)
 
 
 def test_an_unknown_model_goes_on_the_text_path_unless_told_and_may_switch() -> None:

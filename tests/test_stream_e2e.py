@@ -1,18 +1,13 @@
 """Streamed jobs end to end: the output columns, the cache, and the crash bound when killed mid-stream.
 
-Until the spec's ``parameters.stream`` lands (another branch), a job is made to stream the
-way a library caller can: ``qwen_batch.prepare`` and a ``JobPlan`` whose ``mode`` streams.
-The crash test runs that in a subprocess (``STREAMED_RUN``), killed with SIGKILL while its
-streams are open.
+A job streams with ``parameters.stream: true``; the crash test runs the real CLI in a
+subprocess, killed with SIGKILL while its streams are open.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,21 +19,12 @@ from polars.testing import assert_frame_equal
 
 import qwen_batch
 from qwen_batch.emulator import EmulatorConfig
-from qwen_batch.modes import Mode
 from qwen_batch.testing import EmulatorThread, FakeBackend
 
 from .conftest import sentences_job
-from .test_resume_e2e import _env, _texts
+from .test_resume_e2e import _env, _start, _texts
 
-STREAMED = Mode(stream=True, thinking=False, path="text", path_known=True, reasoning_cap=0)
-STREAMED_RUN = """
-import dataclasses, sys
-import qwen_batch
-from qwen_batch.modes import Mode
-plan = qwen_batch.prepare(sys.argv[1])
-plan = dataclasses.replace(plan, mode=Mode(stream=True, thinking=False, path="text", path_known=True, reasoning_cap=0))
-sys.exit(qwen_batch.run(plan).exit_code)
-"""
+STREAM = {"seed": 7, "max_tokens": 200, "stream": True}
 ROWS = 120
 CONCURRENCY = 8
 VOLATILE = ["request_id", "latency_s", "attempts", "first_token_s"]
@@ -80,8 +66,7 @@ def test_a_streamed_job_over_the_emulator_writes_what_the_whole_replies_would(tm
     whole_folder.mkdir()
     streamed_folder.mkdir()
     assert qwen_batch.run(sentences_job(whole_folder, texts), no_cache=True).exit_code == 0
-    plan = qwen_batch.prepare(sentences_job(streamed_folder, texts), no_cache=True)
-    assert qwen_batch.run(dataclasses.replace(plan, mode=STREAMED)).exit_code == 0
+    assert qwen_batch.run(sentences_job(streamed_folder, texts, parameters=STREAM), no_cache=True).exit_code == 0
     assert [entry["stream"] for entry in emulator.ledger] == [False] * 12 + [True] * 12
     whole = pl.read_parquet(whole_folder / "out" / "result.parquet")
     streamed = pl.read_parquet(streamed_folder / "out" / "result.parquet")
@@ -89,16 +74,6 @@ def test_a_streamed_job_over_the_emulator_writes_what_the_whole_replies_would(tm
     assert whole["first_token_s"].null_count() == 12
     assert streamed["first_token_s"].null_count() == 0
     assert all(0 <= first <= latency for first, latency in zip(streamed["first_token_s"], streamed["latency_s"]))
-
-
-def _streamed_run(job: Path, env: dict[str, str], script: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, str(script), str(job)],
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def _wait_for_open_streams(emu: Any, done: int, process: subprocess.Popen[str], timeout: float = 60) -> None:
@@ -115,27 +90,27 @@ def _wait_for_open_streams(emu: Any, done: int, process: subprocess.Popen[str], 
 
 @pytest.mark.parametrize("kill_after", [1, ROWS // 2])
 def test_sigkill_mid_stream_then_resume_loses_at_most_concurrency_paid_requests(tmp_path: Path, kill_after: int) -> None:
-    script = tmp_path / "streamed_run.py"
-    script.write_text(STREAMED_RUN, encoding="utf-8")
     # Each event waits a little, so a stream is open for a while: the kill lands mid-stream.
     config = EmulatorConfig(latency_per_token_s=0.001)
     reference_folder, folder = tmp_path / "reference", tmp_path / "killed"
     reference_folder.mkdir()
     folder.mkdir()
     with EmulatorThread(config) as emu:
-        reference_job = sentences_job(reference_folder, _texts(ROWS), execution={"concurrency": CONCURRENCY})
-        done = _streamed_run(reference_job, _env(emu, tmp_path, "reference"), script)
+        reference_job = sentences_job(
+            reference_folder, _texts(ROWS), parameters=STREAM, execution={"concurrency": CONCURRENCY}
+        )
+        done = _start(reference_job, _env(emu, tmp_path, "reference"))
         assert done.wait(timeout=120) == 0, done.communicate()[1]
     reference = pl.read_parquet(reference_folder / "out" / "result.parquet").drop(VOLATILE)
     with EmulatorThread(config) as emu:
         env = _env(emu, tmp_path, "killed")
-        job = sentences_job(folder, _texts(ROWS), execution={"concurrency": CONCURRENCY})
-        process = _streamed_run(job, env, script)
+        job = sentences_job(folder, _texts(ROWS), parameters=STREAM, execution={"concurrency": CONCURRENCY})
+        process = _start(job, env)
         _wait_for_open_streams(emu, kill_after, process)
         assert process.poll() is None, "the run ended before the kill"
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=10)
-        resumed = _streamed_run(job, env, script)
+        resumed = _start(job, env)
         assert resumed.wait(timeout=120) == 0, resumed.communicate()[1]
         # Every request whose stream began counts as paid, cut or not: the strict reading.
         paid = Counter(entry["body_sha256"] for entry in emu.ledger if entry["status"] == 200)

@@ -87,7 +87,7 @@ def test_the_catalog_key_is_taken_from_the_job_files_folder(tmp_path: Path) -> N
         ("qwen3-32b", {"enable_thinking": False}, Mode(False, False, "text", True, 0)),
         ("qwen-plus", {}, Mode(False, False, "text", True, 0)),
         ("qwen-plus", {"enable_thinking": True, "thinking_budget": 500}, Mode(True, True, "text", True, 500)),
-        ("qwen3.5-plus", {"thinking_budget": 200}, Mode(False, True, "multimodal", True, 200)),
+        ("qwen3.5-plus", {"thinking_budget": 200}, Mode(True, True, "multimodal", True, 200)),
     ],
 )
 def test_prepare_puts_the_resolved_mode_on_the_plan(
