@@ -480,6 +480,9 @@ class _Trial:
     answers_before: int
     early_from: float  # EARLY_VERDICT of a window after the cut
     clean_from: float  # a whole window after the cut
+    base: float  # the rate the cut was made from
+    appeared: bool  # the 429s came after a sample without excess: something changed
+    deep: bool = False  # the second, deeper cut of an appeared share that a shallow cut did not move
     answers: int = 0  # since early_from
     refused: int = 0
     clean_answers: int = 0  # since a whole window after the cut
@@ -538,7 +541,7 @@ class _RateController:
     __slots__ = (
         "ceiling", "rate", "next_slot", "knee", "baseline", "decreases", "restores", "_decrease", "_floor",
         "_window_s", "_trial", "_admitted", "_last_increase", "_probe_start", "_knee_since", "_step", "_largest_cut",
-        "_ramp_factor",
+        "_ramp_factor", "_quiet",
     )
 
     def __init__(self, ceiling: float | None, now: float, *, decrease: float, floor: float, window_s: float) -> None:
@@ -560,6 +563,7 @@ class _RateController:
         self._step = 0.0
         self._largest_cut = 0.0
         self._ramp_factor = 1.0
+        self._quiet = False  # a sample without excess 429s since the start or the last restore
 
     @property
     def in_trial(self) -> bool:
@@ -580,10 +584,10 @@ class _RateController:
             return False
         trial = self._trial
         if trial is not None:
-            self._follow_trial(now, trial, answers, refused)
-            return False
+            return self._follow_trial(now, trial, answers, refused)
         share = refused / answers
         if refused < 2 or not _excess(share, self.baseline, answers):
+            self._quiet = True
             if self.rate is None or (self.knee is not None and self.rate <= self.knee):
                 # At a rate that proved right (or not pacing at all), what is still refused
                 # is refused whatever the rate: learn it, slowly.
@@ -612,13 +616,20 @@ class _RateController:
             first = self._admitted.first
             start = max(now - self._window_s, first if first is not None else now)
             sending_s = now - start - paused_since(start, now)
-            estimate = min(self._admitted.count(now) / max(sending_s, 1.0), sent_rate * (1.0 - share))
+            estimate = min(self._admitted.count(now) / max(sending_s, self._window_s / 60.0), sent_rate * (1.0 - share))
         estimate /= 1.0 - self.baseline
         target = min(base, estimate) * (1.0 - ESTIMATE_MARGIN)
-        self.rate = max(self._floor, base * self._decrease, target)
+        trial = _Trial(before, share, answers, 0.0, 0.0, base, appeared=self._quiet)
+        self._start_trial(now, trial, max(self._floor, base * self._decrease, target), ramp_factor)
+
+    def _start_trial(self, now: float, trial: _Trial, rate: float, ramp_factor: float) -> None:
+        """Cut to ``rate`` and judge it from now on."""
+        base = trial.base
+        self.rate = rate
         self.next_slot = max(self.next_slot, now)
         self.decreases += 1
-        self._trial = _Trial(before, share, answers, now + EARLY_VERDICT * self._window_s, now + self._window_s)
+        trial.early_from, trial.clean_from = now + EARLY_VERDICT * self._window_s, now + self._window_s
+        self._trial = trial
         # Regain the cut over the ramp, never slower than a quarter of the largest cut so far,
         # nor than what gets back to the ceiling in one ramp.
         self._largest_cut = max(self._largest_cut, base - self.rate)
@@ -627,55 +638,71 @@ class _RateController:
             self._step = max(self._step, self.ceiling - self.rate)
         self._ramp_factor = ramp_factor
 
-    def _follow_trial(self, now: float, trial: _Trial, answers: int, refused: int) -> None:
+    def _follow_trial(self, now: float, trial: _Trial, answers: int, refused: int) -> bool:
         """Judge the cut under test. From half a window after it (the server's window has
         forgotten most of what we sent before): right as soon as the 429 share is clearly
         lower. Anything else is judged from a whole window after it (nothing from before is
         left there): still lower is right, no change is wrong, higher was too shallow. That
         verdict takes ``2 * SAMPLE_ANSWERS`` answers, or a second window when fewer come: a
         short window holds few answers, and a verdict on 20 of them restores too many cuts
-        that were right (and learns their 429s as the rate-independent share)."""
+        that were right (and learns their 429s as the rate-independent share). True when it cut
+        deeper (see ``_end_trial``)."""
         if now <= trial.early_from:
-            return
+            return False
         before, n_before = trial.share_before, trial.answers_before
         trial.answers += answers
         trial.refused += refused
         if trial.answers >= 2 * SAMPLE_ANSWERS and _differs(before, n_before, trial.refused / trial.answers, trial.answers) < 0:
-            self._end_trial(now, -1, trial.refused / trial.answers)
-            return
+            return self._end_trial(now, -1, trial.refused / trial.answers)
         if now <= trial.clean_from:
-            return
+            return False
         trial.clean_answers += answers
         trial.clean_refused += refused
         if trial.clean_answers >= 2 * SAMPLE_ANSWERS or (
             trial.clean_answers >= MIN_SAMPLE_ANSWERS and now > trial.clean_from + self._window_s
         ):
             after = trial.clean_refused / trial.clean_answers
-            self._end_trial(now, _differs(before, n_before, after, trial.clean_answers), after)
+            return self._end_trial(now, _differs(before, n_before, after, trial.clean_answers), after)
+        return False
 
-    def _end_trial(self, now: float, verdict: int, after: float) -> None:
+    def _end_trial(self, now: float, verdict: int, after: float) -> bool:
+        """Act on a verdict; True when it cut deeper instead of ending the trial."""
         trial = self._trial
-        assert trial is not None
+        assert trial is not None and self.rate is not None
         if verdict < 0:
             self.knee = self.rate
-            self.baseline = min(self.baseline, after)
+            # Lower the rate-independent share only as far as the verdict's answers show it lower:
+            # a chance low share would make the next sample's random 429s look like excess.
+            answers = trial.clean_answers or trial.answers
+            self.baseline = min(self.baseline, after + 2.0 * math.sqrt(after * (1.0 - after) / answers))
+        elif verdict == 0 and trial.appeared and not trial.deep and self.rate > trial.base * self._decrease:
+            # 429s that appeared at a rate that had none (another client started, say) and that a
+            # shallow cut did not move are no evidence of randomness: the excess may be larger than
+            # the cut. Cut by the whole decrease first; only if that does not help either are they
+            # learned as the rate-independent share.
+            trial.deep, trial.answers, trial.refused, trial.clean_answers, trial.clean_refused = True, 0, 0, 0, 0
+            self._start_trial(now, trial, max(self._floor, trial.base * self._decrease), self._ramp_factor)
+            return True
         elif verdict == 0:
             # The share did not change with the rate: those 429s are not ours. Undo the cut.
             self.rate = trial.rate_before
             self.restores += 1
             self.baseline = min(after, MAX_BASELINE)
+            self._quiet = False  # the share learned is the one to be quiet against now
         # else the share rose though the rate fell: the cut was not deep enough (the window
         # was still filling). Keep it; the next sample with excess 429s cuts again.
         self._trial = None
         self._last_increase = self._knee_since = self._probe_start = now
+        return False
 
     def increase(self, now: float, ramp_s: float) -> None:
         rate = self.rate
         if rate is None or rate >= self.ceiling or self._trial is not None:
             self._last_increase = now
             return
-        # Time since the last increase, capped so an idle pause does not jump the rate.
-        elapsed = min(now - self._last_increase, 1.0)
+        # Time since the last increase, capped (a second of a minute's window) so an idle pause
+        # does not jump the rate.
+        elapsed = min(now - self._last_increase, self._window_s / 60.0)
         self._last_increase = now
         if elapsed <= 0:
             return
