@@ -93,8 +93,10 @@ class RequestRateLimiter:
 
     aiolimiter's ``AsyncLimiter(rpm, 60)`` lets a whole minute's requests through at once,
     which a sliding-window server answers with 429s. Here the bucket holds 50 ms of
-    requests (at least 1) and leaks at ``min(limit * 0.995, limit - bucket) / window``,
+    requests (at least 1) and leaks at ``(limit * 0.995 - bucket) / window``,
     so the start is smooth and any window of the server's length sees at most the limit.
+    ``server_window_s``: the server's window when it is not ``window_s`` (a scaled-down
+    emulator): the bucket then has to fit under that window's share of the limit.
     """
 
     def __init__(
@@ -103,6 +105,7 @@ class RequestRateLimiter:
         *,
         window_s: float = DEFAULT_WINDOW_S,
         margin: float = DEFAULT_MARGIN,
+        server_window_s: float | None = None,
     ) -> None:
         if requests_per_minute <= 0:
             raise ValueError(f"requests_per_minute must be positive, not {requests_per_minute}")
@@ -110,7 +113,11 @@ class RequestRateLimiter:
         # A bucket of 50 ms of requests (at least 1) absorbs late timer wake-ups, which a
         # bucket of exactly 1 turns into lost capacity (-20% measured at 120 req/s).
         bucket = max(1.0, math.floor(requests_per_minute / window_s * BURST_S))
-        self.rate_per_s = _bucket_rate(requests_per_minute, bucket, window_s, margin)
+        span = server_window_s or window_s
+        limit = requests_per_minute * span / window_s
+        # The margin for clock drift comes on top of the bucket: at hundreds of requests per
+        # second in a window of seconds, a bucket as large as the margin left no room for jitter.
+        self.rate_per_s = _bucket_rate(limit, bucket + limit * margin, span, 0.0)
         self._limiter = AsyncLimiter(bucket, bucket / self.rate_per_s)
 
     def __repr__(self) -> str:
@@ -541,7 +548,7 @@ class _RateController:
     __slots__ = (
         "ceiling", "rate", "next_slot", "knee", "baseline", "decreases", "restores", "_decrease", "_floor",
         "_window_s", "_trial", "_admitted", "_last_increase", "_probe_start", "_knee_since", "_step", "_largest_cut",
-        "_ramp_factor", "_quiet",
+        "_ramp_factor", "_quiet_rate",
     )
 
     def __init__(self, ceiling: float | None, now: float, *, decrease: float, floor: float, window_s: float) -> None:
@@ -563,7 +570,8 @@ class _RateController:
         self._step = 0.0
         self._largest_cut = 0.0
         self._ramp_factor = 1.0
-        self._quiet = False  # a sample without excess 429s since the start or the last restore
+        # The rate of the last sample without excess 429s since the start or the last restore.
+        self._quiet_rate: float | None = None
 
     @property
     def in_trial(self) -> bool:
@@ -587,7 +595,7 @@ class _RateController:
             return self._follow_trial(now, trial, answers, refused)
         share = refused / answers
         if refused < 2 or not _excess(share, self.baseline, answers):
-            self._quiet = True
+            self._quiet_rate = self.rate if self.rate is not None else self.ceiling
             if self.rate is None or (self.knee is not None and self.rate <= self.knee):
                 # At a rate that proved right (or not pacing at all), what is still refused
                 # is refused whatever the rate: learn it, slowly.
@@ -619,8 +627,15 @@ class _RateController:
             estimate = min(self._admitted.count(now) / max(sending_s, self._window_s / 60.0), sent_rate * (1.0 - share))
         estimate /= 1.0 - self.baseline
         target = min(base, estimate) * (1.0 - ESTIMATE_MARGIN)
-        trial = _Trial(before, share, answers, 0.0, 0.0, base, appeared=self._quiet)
-        self._start_trial(now, trial, max(self._floor, base * self._decrease, target), ramp_factor)
+        quiet = self._quiet_rate
+        trial = _Trial(before, share, answers, 0.0, 0.0, base, appeared=quiet is not None)
+        rate = max(self._floor, base * self._decrease, target)
+        if quiet is not None and (before if before is not None else self.ceiling) <= quiet:
+            # 429s that appeared at a rate that had none: the rate did not cause them, a newcomer
+            # taking part of the quota may have. What it takes does not show yet (the window is
+            # still full of ours), so cut by the whole decrease; a verdict of no change restores.
+            rate, trial.deep = max(self._floor, base * self._decrease), True
+        self._start_trial(now, trial, rate, ramp_factor)
 
     def _start_trial(self, now: float, trial: _Trial, rate: float, ramp_factor: float) -> None:
         """Cut to ``rate`` and judge it from now on."""
@@ -688,7 +703,7 @@ class _RateController:
             self.rate = trial.rate_before
             self.restores += 1
             self.baseline = min(after, MAX_BASELINE)
-            self._quiet = False  # the share learned is the one to be quiet against now
+            self._quiet_rate = None  # the share learned is the one to be quiet against now
         # else the share rose though the rate fell: the cut was not deep enough (the window
         # was still filling). Keep it; the next sample with excess 429s cuts again.
         self._trial = None
@@ -759,11 +774,13 @@ class Limits:
         window_s: float | None = None,
     ) -> Limits:
         """Limits for the configured RPM and TPM (``None``: no such limit); the throttle reacts
-        over ``window_s``, by default the service's window (``rate_window_s()``)."""
+        over ``window_s``, by default the service's window (``rate_window_s()``), and the
+        request limiter's burst fits under that window's share of the RPM."""
+        window_s = window_s if window_s is not None else rate_window_s()
         return cls(
-            requests=RequestRateLimiter(requests_per_minute) if requests_per_minute else None,
+            requests=RequestRateLimiter(requests_per_minute, server_window_s=window_s) if requests_per_minute else None,
             tokens=TokenRateLimiter(tokens_per_minute) if tokens_per_minute else None,
-            window_s=window_s if window_s is not None else rate_window_s(),
+            window_s=window_s,
         )
 
     def __repr__(self) -> str:
