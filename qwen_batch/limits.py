@@ -702,7 +702,9 @@ class _RateController:
             # The share did not change with the rate: those 429s are not ours. Undo the cut.
             self.rate = trial.rate_before
             self.restores += 1
-            self.baseline = min(after, MAX_BASELINE)
+            # Learned from every answer since the verdict could start, not only the last ones: a
+            # share learned low by chance makes later random 429s look like excess.
+            self.baseline = min(trial.refused / trial.answers, MAX_BASELINE)
             self._quiet_rate = None  # the share learned is the one to be quiet against now
         # else the share rose though the rate fell: the cut was not deep enough (the window
         # was still filling). Keep it; the next sample with excess 429s cuts again.
