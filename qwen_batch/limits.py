@@ -381,12 +381,14 @@ class AdaptiveThrottle:
         paused = self._paused(now)
         active = max(now - sample.start - (paused - sample.paused_at_start), 1e-3)
         busy = self._busy_fraction
+        paused_in = paused > sample.paused_at_start
         cut = self._requests.judge(
             now, sample.answers, sample.refused_requests, sample.sent / active, busy, self._paused_since,
-            ramp_factor=2.0 if sample.refused_bursts * 2 > sample.refused_requests else 1.0,
+            ramp_factor=2.0 if sample.refused_bursts * 2 > sample.refused_requests else 1.0, paused_in=paused_in,
         )
         cut = self._tokens.judge(
-            now, sample.answers, sample.refused_tokens, sample.sent_tokens / active, busy, self._paused_since
+            now, sample.answers, sample.refused_tokens, sample.sent_tokens / active, busy, self._paused_since,
+            paused_in=paused_in,
         ) or cut
         self._sample = _Sample(now, paused)
         if cut:
@@ -583,11 +585,11 @@ class _RateController:
 
     def judge(
         self, now: float, answers: int, refused: int, sent_rate: float, busy_fraction: float,
-        paused_since: Callable[[float, float], float], *, ramp_factor: float = 1.0,
+        paused_since: Callable[[float, float], float], *, ramp_factor: float = 1.0, paused_in: bool = False,
     ) -> bool:
         """One finished sample (``sent_rate``: per second of sending time in it, cool-downs
-        excluded; ``paused_since(start, now)``: the pool's cool-downs in between): feed the
-        trial, or cut on excess 429s. True when it cut."""
+        excluded; ``paused_since(start, now)``: the pool's cool-downs in between; ``paused_in``:
+        it spans one): feed the trial, or cut on excess 429s. True when it cut."""
         if answers <= 0:
             return False
         trial = self._trial
@@ -603,12 +605,12 @@ class _RateController:
             return False
         if self.rate is not None and sent_rate < busy_fraction * self.rate:
             return False  # not sending near the rate: these 429s are not about the rate
-        self._cut(now, share, answers, sent_rate, paused_since, ramp_factor)
+        self._cut(now, share, answers, sent_rate, paused_since, ramp_factor, paused_in)
         return True
 
     def _cut(
         self, now: float, share: float, answers: int, sent_rate: float,
-        paused_since: Callable[[float, float], float], ramp_factor: float,
+        paused_since: Callable[[float, float], float], ramp_factor: float, paused_in: bool,
     ) -> None:
         before = self.rate
         base = min(before if before is not None else self.ceiling, max(sent_rate, self._floor))
@@ -630,10 +632,11 @@ class _RateController:
         quiet = self._quiet_rate
         trial = _Trial(before, share, answers, 0.0, 0.0, base, appeared=quiet is not None)
         rate = max(self._floor, base * self._decrease, target)
-        if quiet is not None and (before if before is not None else self.ceiling) <= quiet:
-            # 429s that appeared at a rate that had none: the rate did not cause them, a newcomer
-            # taking part of the quota may have. What it takes does not show yet (the window is
-            # still full of ours), so cut by the whole decrease; a verdict of no change restores.
+        if quiet is not None and not paused_in and (before if before is not None else self.ceiling) <= quiet:
+            # 429s that appeared at a rate that had none, without a pause between: the rate did
+            # not cause them, a newcomer taking part of the quota may have. What it takes does not
+            # show yet (the window is still full of ours), so cut by the whole decrease; a verdict
+            # of no change restores. (Across a pause the window's count does show it.)
             rate, trial.deep = max(self._floor, base * self._decrease), True
         self._start_trial(now, trial, rate, ramp_factor)
 
