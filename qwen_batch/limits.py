@@ -550,7 +550,7 @@ class _RateController:
     __slots__ = (
         "ceiling", "rate", "next_slot", "knee", "baseline", "decreases", "restores", "_decrease", "_floor",
         "_window_s", "_trial", "_admitted", "_last_increase", "_probe_start", "_knee_since", "_step", "_largest_cut",
-        "_ramp_factor", "_quiet_rate",
+        "_ramp_factor", "_quiet", "_steady_rate",
     )
 
     def __init__(self, ceiling: float | None, now: float, *, decrease: float, floor: float, window_s: float) -> None:
@@ -572,8 +572,9 @@ class _RateController:
         self._step = 0.0
         self._largest_cut = 0.0
         self._ramp_factor = 1.0
-        # The rate of the last sample without excess 429s since the start or the last restore.
-        self._quiet_rate: float | None = None
+        self._quiet = False  # a sample without excess 429s since the start or the last restore
+        # The rate of the last such sample when no cool-down came since (else None).
+        self._steady_rate: float | None = None
 
     @property
     def in_trial(self) -> bool:
@@ -592,12 +593,16 @@ class _RateController:
         it spans one): feed the trial, or cut on excess 429s. True when it cut."""
         if answers <= 0:
             return False
+        if paused_in:
+            self._steady_rate = None
         trial = self._trial
         if trial is not None:
             return self._follow_trial(now, trial, answers, refused)
         share = refused / answers
         if refused < 2 or not _excess(share, self.baseline, answers):
-            self._quiet_rate = self.rate if self.rate is not None else self.ceiling
+            self._quiet = True
+            if not paused_in:
+                self._steady_rate = self.rate if self.rate is not None else self.ceiling
             if self.rate is None or (self.knee is not None and self.rate <= self.knee):
                 # At a rate that proved right (or not pacing at all), what is still refused
                 # is refused whatever the rate: learn it, slowly.
@@ -605,12 +610,12 @@ class _RateController:
             return False
         if self.rate is not None and sent_rate < busy_fraction * self.rate:
             return False  # not sending near the rate: these 429s are not about the rate
-        self._cut(now, share, answers, sent_rate, paused_since, ramp_factor, paused_in)
+        self._cut(now, share, answers, sent_rate, paused_since, ramp_factor)
         return True
 
     def _cut(
         self, now: float, share: float, answers: int, sent_rate: float,
-        paused_since: Callable[[float, float], float], ramp_factor: float, paused_in: bool,
+        paused_since: Callable[[float, float], float], ramp_factor: float,
     ) -> None:
         before = self.rate
         base = min(before if before is not None else self.ceiling, max(sent_rate, self._floor))
@@ -629,10 +634,10 @@ class _RateController:
             estimate = min(self._admitted.count(now) / max(sending_s, self._window_s / 60.0), sent_rate * (1.0 - share))
         estimate /= 1.0 - self.baseline
         target = min(base, estimate) * (1.0 - ESTIMATE_MARGIN)
-        quiet = self._quiet_rate
-        trial = _Trial(before, share, answers, 0.0, 0.0, base, appeared=quiet is not None)
+        steady = self._steady_rate
+        trial = _Trial(before, share, answers, 0.0, 0.0, base, appeared=self._quiet)
         rate = max(self._floor, base * self._decrease, target)
-        if quiet is not None and not paused_in and (before if before is not None else self.ceiling) <= quiet:
+        if steady is not None and (before if before is not None else self.ceiling) <= steady:
             # 429s that appeared at a rate that had none, without a pause between: the rate did
             # not cause them, a newcomer taking part of the quota may have. What it takes does not
             # show yet (the window is still full of ours), so cut by the whole decrease; a verdict
@@ -708,7 +713,7 @@ class _RateController:
             # Learned from every answer since the verdict could start, not only the last ones: a
             # share learned low by chance makes later random 429s look like excess.
             self.baseline = min(trial.refused / trial.answers, MAX_BASELINE)
-            self._quiet_rate = None  # the share learned is the one to be quiet against now
+            self._quiet, self._steady_rate = False, None  # the share learned is the one to be quiet against now
         # else the share rose though the rate fell: the cut was not deep enough (the window
         # was still filling). Keep it; the next sample with excess 429s cuts again.
         self._trial = None
