@@ -698,11 +698,13 @@ class _RateController:
             # a chance low share would make the next sample's random 429s look like excess.
             answers = trial.clean_answers or trial.answers
             self.baseline = min(self.baseline, after + 2.0 * math.sqrt(after * (1.0 - after) / answers))
-        elif verdict == 0 and trial.appeared and not trial.deep and self.rate > trial.base * self._decrease:
-            # 429s that appeared at a rate that had none (another client started, say) and that a
-            # shallow cut did not move are no evidence of randomness: the excess may be larger than
-            # the cut. Cut by the whole decrease first; only if that does not help either are they
-            # learned as the rate-independent share.
+        elif (verdict == 0 and trial.appeared and not trial.deep and self.rate > trial.base * self._decrease
+              and _excess(after, self.baseline, trial.clean_answers or trial.answers)):
+            # 429s that appeared at a rate that had none (another client started, say), that a
+            # shallow cut did not move and that are still in excess are no evidence of randomness:
+            # the excess may be larger than the cut. Cut by the whole decrease first; only if that
+            # does not help either are they learned as the rate-independent share. (Not in excess
+            # any more: the sample that caused the cut was high by chance.)
             trial.deep, trial.answers, trial.refused, trial.clean_answers, trial.clean_refused = True, 0, 0, 0, 0
             self._start_trial(now, trial, max(self._floor, trial.base * self._decrease), self._ramp_factor)
             return True
