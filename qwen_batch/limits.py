@@ -66,6 +66,9 @@ SAMPLE_TIME = 1 / 6
 # least MIN_EXCESS and by EXCESS_SIGMAS standard deviations of that share over the sample.
 MIN_EXCESS = 0.03
 EXCESS_SIGMAS = 3.0
+# 429s that appear at a steady rate take the whole decrease only when this many times further
+# above the expected share.
+STEADY_EXCESS_FACTOR = 2.0
 # A sample refused at least this much met a full server window: what the window let through of
 # ours over its whole length is then exactly what is left for us, even early in a run.
 FULL_WINDOW_SHARE = 0.75
@@ -235,16 +238,25 @@ class AdaptiveThrottle:
       sample refused ``FULL_WINDOW_SHARE`` or more met a full window: the sample's own rate
       then says nothing (about zero got through), and the window's count is taken over its
       whole length even early in a run (the start's burst filled it faster than it empties).
+      429s that *appear* at a steady rate (after a sample without excess at no lower rate,
+      no cool-down between) were not caused by the rate: a newcomer taking part of the quota
+      may have, and what it takes does not show yet in a window still full of ours, so that
+      cut takes the whole ``decrease``.
     * A cut starts a trial; no other cut until it ends, so at most one per reaction window
       (``window_s``: the service's rate-limit window, the time a sliding window needs to
       forget what we sent before the cut). From ``EARLY_VERDICT`` of the window on, a
       429 share clearly lower than the one that caused the cut ends it: the cut was right
       and its rate is the ``knee``. Otherwise the verdict waits a whole window, until the
       server's window holds nothing from before the cut: lower still, right; no different,
-      the cut was wrong: the rate before it is restored and that share becomes the
-      ``baseline`` (429s that do not depend on the rate thus cost one cut for one window,
-      and can never push the rate to a floor); higher, the cut was too shallow and the
-      next sample with excess 429s cuts again.
+      the cut was wrong: the rate before it is restored and that share (over all the
+      trial's answers) becomes the ``baseline`` (429s that do not depend on the rate thus
+      cost one cut for one window, and can never push the rate to a floor); higher, the cut
+      was too shallow and the next sample with excess 429s cuts again. One exception: a
+      share that appeared after quiet samples, that a cut shallower than ``decrease`` did
+      not move and that is still in excess may be larger than that cut, so the whole
+      ``decrease`` is tried for another trial before the share is learned (a cut judged
+      right lowers ``baseline`` only as far as its answers show: a share learned low by
+      chance would make random 429s look like excess).
     * Outside a trial, each success raises the rate linearly in time (additive increase),
       back to the ceiling within ``ramp_s``. At or above the ``knee`` it first probes at
       ``PROBE_FRACTION`` of the knee per ``ramp_s``, doubling every ``PROBE_DOUBLING``
@@ -351,6 +363,10 @@ class AdaptiveThrottle:
                 break
             # A 429 arrived while we waited: our slot was planned at the old rate.
         sample = self._sample
+        if sample.sent == 0 and sample.answers == 0:
+            # A sample's sending time starts with its first request: the first one's would
+            # otherwise count the run's start-up before it (and cut from a rate never tried).
+            sample.start = now
         sample.sent += 1
         sample.sent_tokens += tokens
 
@@ -498,10 +514,11 @@ class _Trial:
     clean_refused: int = 0
 
 
-def _excess(share: float, baseline: float, answers: int) -> bool:
-    """Whether ``share`` over ``answers`` answers is above ``baseline`` by more than its noise."""
+def _excess(share: float, baseline: float, answers: int, factor: float = 1.0) -> bool:
+    """Whether ``share`` over ``answers`` answers is above ``baseline`` by more than ``factor``
+    times its noise."""
     noise = EXCESS_SIGMAS * math.sqrt(baseline * (1.0 - baseline) / answers)
-    return share > baseline + max(MIN_EXCESS, noise)
+    return share > baseline + factor * max(MIN_EXCESS, noise)
 
 
 def _differs(before: float, n_before: int, after: float, n_after: int) -> int:
@@ -637,11 +654,14 @@ class _RateController:
         steady = self._steady_rate
         trial = _Trial(before, share, answers, 0.0, 0.0, base, appeared=self._quiet)
         rate = max(self._floor, base * self._decrease, target)
-        if steady is not None and (before if before is not None else self.ceiling) <= steady:
-            # 429s that appeared at a rate that had none, without a pause between: the rate did
-            # not cause them, a newcomer taking part of the quota may have. What it takes does not
-            # show yet (the window is still full of ours), so cut by the whole decrease; a verdict
-            # of no change restores. (Across a pause the window's count does show it.)
+        if (steady is not None and (before if before is not None else self.ceiling) <= steady
+                and _excess(share, self.baseline, answers, STEADY_EXCESS_FACTOR)):
+            # 429s that appeared at a rate that had none, without a pause between, and far above
+            # the noise (a chance-high sample is judged "right" by the next, which is lower by
+            # chance: a half cut on one would cost a window): the rate did not cause them, a
+            # newcomer taking part of the quota may have. What it takes does not show yet (the
+            # window is still full of ours), so cut by the whole decrease; a verdict of no change
+            # restores. (Across a pause the window's count does show it.)
             rate, trial.deep = max(self._floor, base * self._decrease), True
         self._start_trial(now, trial, rate, ramp_factor)
 
