@@ -66,9 +66,10 @@ SAMPLE_TIME = 1 / 6
 # least MIN_EXCESS and by EXCESS_SIGMAS standard deviations of that share over the sample.
 MIN_EXCESS = 0.03
 EXCESS_SIGMAS = 3.0
-# 429s that appear at a steady rate take the whole decrease only when this many times further
-# above the expected share.
-STEADY_EXCESS_FACTOR = 2.0
+# 429s that appear at a steady rate take the whole decrease only when this many standard
+# deviations above the expected share (twice the evidence a cut needs: 16 of 50 answers at a
+# learned 15% are 3 deviations, and come by chance about once in a few hundred samples).
+STEADY_EXCESS_SIGMAS = 6.0
 # A sample refused at least this much met a full server window: what the window let through of
 # ours over its whole length is then exactly what is left for us, even early in a run.
 FULL_WINDOW_SHARE = 0.75
@@ -514,11 +515,11 @@ class _Trial:
     clean_refused: int = 0
 
 
-def _excess(share: float, baseline: float, answers: int, factor: float = 1.0) -> bool:
-    """Whether ``share`` over ``answers`` answers is above ``baseline`` by more than ``factor``
-    times its noise."""
-    noise = EXCESS_SIGMAS * math.sqrt(baseline * (1.0 - baseline) / answers)
-    return share > baseline + factor * max(MIN_EXCESS, noise)
+def _excess(share: float, baseline: float, answers: int, sigmas: float = EXCESS_SIGMAS) -> bool:
+    """Whether ``share`` over ``answers`` answers is above ``baseline`` by more than its noise
+    (``MIN_EXCESS``, or ``sigmas`` standard deviations of the share over that many answers)."""
+    noise = sigmas * math.sqrt(baseline * (1.0 - baseline) / answers)
+    return share > baseline + max(MIN_EXCESS, noise)
 
 
 def _differs(before: float, n_before: int, after: float, n_after: int) -> int:
@@ -655,7 +656,7 @@ class _RateController:
         trial = _Trial(before, share, answers, 0.0, 0.0, base, appeared=self._quiet)
         rate = max(self._floor, base * self._decrease, target)
         if (steady is not None and (before if before is not None else self.ceiling) <= steady
-                and _excess(share, self.baseline, answers, STEADY_EXCESS_FACTOR)):
+                and _excess(share, self.baseline, answers, STEADY_EXCESS_SIGMAS)):
             # 429s that appeared at a rate that had none, without a pause between, and far above
             # the noise (a chance-high sample is judged "right" by the next, which is lower by
             # chance: a half cut on one would cost a window): the rate did not cause them, a
