@@ -240,9 +240,10 @@ class AdaptiveThrottle:
       then says nothing (about zero got through), and the window's count is taken over its
       whole length even early in a run (the start's burst filled it faster than it empties).
       429s that *appear* at a steady rate (after a sample without excess at no lower rate,
-      no cool-down between) were not caused by the rate: a newcomer taking part of the quota
-      may have, and what it takes does not show yet in a window still full of ours, so that
-      cut takes the whole ``decrease``.
+      no cool-down between) and far above the noise (``STEADY_EXCESS_SIGMAS``) were not
+      caused by the rate: a newcomer taking part of the quota may have, and what it takes
+      does not show yet in a window still full of ours, so that cut takes the whole
+      ``decrease``.
     * A cut starts a trial; no other cut until it ends, so at most one per reaction window
       (``window_s``: the service's rate-limit window, the time a sliding window needs to
       forget what we sent before the cut). From ``EARLY_VERDICT`` of the window on, a
