@@ -66,6 +66,10 @@ SAMPLE_TIME = 1 / 6
 # least MIN_EXCESS and by EXCESS_SIGMAS standard deviations of that share over the sample.
 MIN_EXCESS = 0.03
 EXCESS_SIGMAS = 3.0
+# 429s that appear at a steady rate take the whole decrease only when this many standard
+# deviations above the expected share (twice the evidence a cut needs: 16 of 50 answers at a
+# learned 15% are 3 deviations, and come by chance about once in a few hundred samples).
+STEADY_EXCESS_SIGMAS = 6.0
 # A sample refused at least this much met a full server window: what the window let through of
 # ours over its whole length is then exactly what is left for us, even early in a run.
 FULL_WINDOW_SHARE = 0.75
@@ -93,8 +97,10 @@ class RequestRateLimiter:
 
     aiolimiter's ``AsyncLimiter(rpm, 60)`` lets a whole minute's requests through at once,
     which a sliding-window server answers with 429s. Here the bucket holds 50 ms of
-    requests (at least 1) and leaks at ``min(limit * 0.995, limit - bucket) / window``,
+    requests (at least 1) and leaks at ``(limit * 0.995 - bucket) / window``,
     so the start is smooth and any window of the server's length sees at most the limit.
+    ``server_window_s``: the server's window when it is not ``window_s`` (a scaled-down
+    emulator): the bucket then has to fit under that window's share of the limit.
     """
 
     def __init__(
@@ -103,6 +109,7 @@ class RequestRateLimiter:
         *,
         window_s: float = DEFAULT_WINDOW_S,
         margin: float = DEFAULT_MARGIN,
+        server_window_s: float | None = None,
     ) -> None:
         if requests_per_minute <= 0:
             raise ValueError(f"requests_per_minute must be positive, not {requests_per_minute}")
@@ -110,7 +117,11 @@ class RequestRateLimiter:
         # A bucket of 50 ms of requests (at least 1) absorbs late timer wake-ups, which a
         # bucket of exactly 1 turns into lost capacity (-20% measured at 120 req/s).
         bucket = max(1.0, math.floor(requests_per_minute / window_s * BURST_S))
-        self.rate_per_s = _bucket_rate(requests_per_minute, bucket, window_s, margin)
+        span = server_window_s or window_s
+        limit = requests_per_minute * span / window_s
+        # The margin for clock drift comes on top of the bucket: at hundreds of requests per
+        # second in a window of seconds, a bucket as large as the margin left no room for jitter.
+        self.rate_per_s = _bucket_rate(limit, bucket + limit * margin, span, 0.0)
         self._limiter = AsyncLimiter(bucket, bucket / self.rate_per_s)
 
     def __repr__(self) -> str:
@@ -228,16 +239,26 @@ class AdaptiveThrottle:
       sample refused ``FULL_WINDOW_SHARE`` or more met a full window: the sample's own rate
       then says nothing (about zero got through), and the window's count is taken over its
       whole length even early in a run (the start's burst filled it faster than it empties).
+      429s that *appear* at a steady rate (after a sample without excess at no lower rate,
+      no cool-down between) and far above the noise (``STEADY_EXCESS_SIGMAS``) were not
+      caused by the rate: a newcomer taking part of the quota may have, and what it takes
+      does not show yet in a window still full of ours, so that cut takes the whole
+      ``decrease``.
     * A cut starts a trial; no other cut until it ends, so at most one per reaction window
       (``window_s``: the service's rate-limit window, the time a sliding window needs to
       forget what we sent before the cut). From ``EARLY_VERDICT`` of the window on, a
       429 share clearly lower than the one that caused the cut ends it: the cut was right
       and its rate is the ``knee``. Otherwise the verdict waits a whole window, until the
       server's window holds nothing from before the cut: lower still, right; no different,
-      the cut was wrong: the rate before it is restored and that share becomes the
-      ``baseline`` (429s that do not depend on the rate thus cost one cut for one window,
-      and can never push the rate to a floor); higher, the cut was too shallow and the
-      next sample with excess 429s cuts again.
+      the cut was wrong: the rate before it is restored and that share (over all the
+      trial's answers) becomes the ``baseline`` (429s that do not depend on the rate thus
+      cost one cut for one window, and can never push the rate to a floor); higher, the cut
+      was too shallow and the next sample with excess 429s cuts again. One exception: a
+      share that appeared after quiet samples, that a cut shallower than ``decrease`` did
+      not move and that is still in excess may be larger than that cut, so the whole
+      ``decrease`` is tried for another trial before the share is learned (a cut judged
+      right lowers ``baseline`` only as far as its answers show: a share learned low by
+      chance would make random 429s look like excess).
     * Outside a trial, each success raises the rate linearly in time (additive increase),
       back to the ceiling within ``ramp_s``. At or above the ``knee`` it first probes at
       ``PROBE_FRACTION`` of the knee per ``ramp_s``, doubling every ``PROBE_DOUBLING``
@@ -344,6 +365,10 @@ class AdaptiveThrottle:
                 break
             # A 429 arrived while we waited: our slot was planned at the old rate.
         sample = self._sample
+        if sample.sent == 0 and sample.answers == 0:
+            # A sample's sending time starts with its first request: the first one's would
+            # otherwise count the run's start-up before it (and cut from a rate never tried).
+            sample.start = now
         sample.sent += 1
         sample.sent_tokens += tokens
 
@@ -374,12 +399,14 @@ class AdaptiveThrottle:
         paused = self._paused(now)
         active = max(now - sample.start - (paused - sample.paused_at_start), 1e-3)
         busy = self._busy_fraction
+        paused_in = paused > sample.paused_at_start
         cut = self._requests.judge(
             now, sample.answers, sample.refused_requests, sample.sent / active, busy, self._paused_since,
-            ramp_factor=2.0 if sample.refused_bursts * 2 > sample.refused_requests else 1.0,
+            ramp_factor=2.0 if sample.refused_bursts * 2 > sample.refused_requests else 1.0, paused_in=paused_in,
         )
         cut = self._tokens.judge(
-            now, sample.answers, sample.refused_tokens, sample.sent_tokens / active, busy, self._paused_since
+            now, sample.answers, sample.refused_tokens, sample.sent_tokens / active, busy, self._paused_since,
+            paused_in=paused_in,
         ) or cut
         self._sample = _Sample(now, paused)
         if cut:
@@ -480,15 +507,19 @@ class _Trial:
     answers_before: int
     early_from: float  # EARLY_VERDICT of a window after the cut
     clean_from: float  # a whole window after the cut
+    base: float  # the rate the cut was made from
+    appeared: bool  # the 429s came after a sample without excess: something changed
+    deep: bool = False  # the second, deeper cut of an appeared share that a shallow cut did not move
     answers: int = 0  # since early_from
     refused: int = 0
     clean_answers: int = 0  # since a whole window after the cut
     clean_refused: int = 0
 
 
-def _excess(share: float, baseline: float, answers: int) -> bool:
-    """Whether ``share`` over ``answers`` answers is above ``baseline`` by more than its noise."""
-    noise = EXCESS_SIGMAS * math.sqrt(baseline * (1.0 - baseline) / answers)
+def _excess(share: float, baseline: float, answers: int, sigmas: float = EXCESS_SIGMAS) -> bool:
+    """Whether ``share`` over ``answers`` answers is above ``baseline`` by more than its noise
+    (``MIN_EXCESS``, or ``sigmas`` standard deviations of the share over that many answers)."""
+    noise = sigmas * math.sqrt(baseline * (1.0 - baseline) / answers)
     return share > baseline + max(MIN_EXCESS, noise)
 
 
@@ -538,7 +569,7 @@ class _RateController:
     __slots__ = (
         "ceiling", "rate", "next_slot", "knee", "baseline", "decreases", "restores", "_decrease", "_floor",
         "_window_s", "_trial", "_admitted", "_last_increase", "_probe_start", "_knee_since", "_step", "_largest_cut",
-        "_ramp_factor",
+        "_ramp_factor", "_quiet", "_steady_rate",
     )
 
     def __init__(self, ceiling: float | None, now: float, *, decrease: float, floor: float, window_s: float) -> None:
@@ -560,6 +591,9 @@ class _RateController:
         self._step = 0.0
         self._largest_cut = 0.0
         self._ramp_factor = 1.0
+        self._quiet = False  # a sample without excess 429s since the start or the last restore
+        # The rate of the last such sample when no cool-down came since (else None).
+        self._steady_rate: float | None = None
 
     @property
     def in_trial(self) -> bool:
@@ -571,19 +605,23 @@ class _RateController:
 
     def judge(
         self, now: float, answers: int, refused: int, sent_rate: float, busy_fraction: float,
-        paused_since: Callable[[float, float], float], *, ramp_factor: float = 1.0,
+        paused_since: Callable[[float, float], float], *, ramp_factor: float = 1.0, paused_in: bool = False,
     ) -> bool:
         """One finished sample (``sent_rate``: per second of sending time in it, cool-downs
-        excluded; ``paused_since(start, now)``: the pool's cool-downs in between): feed the
-        trial, or cut on excess 429s. True when it cut."""
+        excluded; ``paused_since(start, now)``: the pool's cool-downs in between; ``paused_in``:
+        it spans one): feed the trial, or cut on excess 429s. True when it cut."""
         if answers <= 0:
             return False
+        if paused_in:
+            self._steady_rate = None
         trial = self._trial
         if trial is not None:
-            self._follow_trial(now, trial, answers, refused)
-            return False
+            return self._follow_trial(now, trial, answers, refused)
         share = refused / answers
         if refused < 2 or not _excess(share, self.baseline, answers):
+            self._quiet = True
+            if not paused_in:
+                self._steady_rate = self.rate if self.rate is not None else self.ceiling
             if self.rate is None or (self.knee is not None and self.rate <= self.knee):
                 # At a rate that proved right (or not pacing at all), what is still refused
                 # is refused whatever the rate: learn it, slowly.
@@ -612,13 +650,31 @@ class _RateController:
             first = self._admitted.first
             start = max(now - self._window_s, first if first is not None else now)
             sending_s = now - start - paused_since(start, now)
-            estimate = min(self._admitted.count(now) / max(sending_s, 1.0), sent_rate * (1.0 - share))
+            estimate = min(self._admitted.count(now) / max(sending_s, self._window_s / 60.0), sent_rate * (1.0 - share))
         estimate /= 1.0 - self.baseline
         target = min(base, estimate) * (1.0 - ESTIMATE_MARGIN)
-        self.rate = max(self._floor, base * self._decrease, target)
+        steady = self._steady_rate
+        trial = _Trial(before, share, answers, 0.0, 0.0, base, appeared=self._quiet)
+        rate = max(self._floor, base * self._decrease, target)
+        if (steady is not None and (before if before is not None else self.ceiling) <= steady
+                and _excess(share, self.baseline, answers, STEADY_EXCESS_SIGMAS)):
+            # 429s that appeared at a rate that had none, without a pause between, and far above
+            # the noise (a chance-high sample is judged "right" by the next, which is lower by
+            # chance: a half cut on one would cost a window): the rate did not cause them, a
+            # newcomer taking part of the quota may have. What it takes does not show yet (the
+            # window is still full of ours), so cut by the whole decrease; a verdict of no change
+            # restores. (Across a pause the window's count does show it.)
+            rate, trial.deep = max(self._floor, base * self._decrease), True
+        self._start_trial(now, trial, rate, ramp_factor)
+
+    def _start_trial(self, now: float, trial: _Trial, rate: float, ramp_factor: float) -> None:
+        """Cut to ``rate`` and judge it from now on."""
+        base = trial.base
+        self.rate = rate
         self.next_slot = max(self.next_slot, now)
         self.decreases += 1
-        self._trial = _Trial(before, share, answers, now + EARLY_VERDICT * self._window_s, now + self._window_s)
+        trial.early_from, trial.clean_from = now + EARLY_VERDICT * self._window_s, now + self._window_s
+        self._trial = trial
         # Regain the cut over the ramp, never slower than a quarter of the largest cut so far,
         # nor than what gets back to the ceiling in one ramp.
         self._largest_cut = max(self._largest_cut, base - self.rate)
@@ -627,55 +683,75 @@ class _RateController:
             self._step = max(self._step, self.ceiling - self.rate)
         self._ramp_factor = ramp_factor
 
-    def _follow_trial(self, now: float, trial: _Trial, answers: int, refused: int) -> None:
+    def _follow_trial(self, now: float, trial: _Trial, answers: int, refused: int) -> bool:
         """Judge the cut under test. From half a window after it (the server's window has
         forgotten most of what we sent before): right as soon as the 429 share is clearly
         lower. Anything else is judged from a whole window after it (nothing from before is
         left there): still lower is right, no change is wrong, higher was too shallow. That
         verdict takes ``2 * SAMPLE_ANSWERS`` answers, or a second window when fewer come: a
         short window holds few answers, and a verdict on 20 of them restores too many cuts
-        that were right (and learns their 429s as the rate-independent share)."""
+        that were right (and learns their 429s as the rate-independent share). True when it cut
+        deeper (see ``_end_trial``)."""
         if now <= trial.early_from:
-            return
+            return False
         before, n_before = trial.share_before, trial.answers_before
         trial.answers += answers
         trial.refused += refused
         if trial.answers >= 2 * SAMPLE_ANSWERS and _differs(before, n_before, trial.refused / trial.answers, trial.answers) < 0:
-            self._end_trial(now, -1, trial.refused / trial.answers)
-            return
+            return self._end_trial(now, -1, trial.refused / trial.answers)
         if now <= trial.clean_from:
-            return
+            return False
         trial.clean_answers += answers
         trial.clean_refused += refused
         if trial.clean_answers >= 2 * SAMPLE_ANSWERS or (
             trial.clean_answers >= MIN_SAMPLE_ANSWERS and now > trial.clean_from + self._window_s
         ):
             after = trial.clean_refused / trial.clean_answers
-            self._end_trial(now, _differs(before, n_before, after, trial.clean_answers), after)
+            return self._end_trial(now, _differs(before, n_before, after, trial.clean_answers), after)
+        return False
 
-    def _end_trial(self, now: float, verdict: int, after: float) -> None:
+    def _end_trial(self, now: float, verdict: int, after: float) -> bool:
+        """Act on a verdict; True when it cut deeper instead of ending the trial."""
         trial = self._trial
-        assert trial is not None
+        assert trial is not None and self.rate is not None
         if verdict < 0:
             self.knee = self.rate
-            self.baseline = min(self.baseline, after)
+            # Lower the rate-independent share only as far as the verdict's answers show it lower:
+            # a chance low share would make the next sample's random 429s look like excess.
+            answers = trial.clean_answers or trial.answers
+            self.baseline = min(self.baseline, after + 2.0 * math.sqrt(after * (1.0 - after) / answers))
+        elif (verdict == 0 and trial.appeared and not trial.deep and self.rate > trial.base * self._decrease
+              and _excess(after, self.baseline, trial.clean_answers or trial.answers)):
+            # 429s that appeared at a rate that had none (another client started, say), that a
+            # shallow cut did not move and that are still in excess are no evidence of randomness:
+            # the excess may be larger than the cut. Cut by the whole decrease first; only if that
+            # does not help either are they learned as the rate-independent share. (Not in excess
+            # any more: the sample that caused the cut was high by chance.)
+            trial.deep, trial.answers, trial.refused, trial.clean_answers, trial.clean_refused = True, 0, 0, 0, 0
+            self._start_trial(now, trial, max(self._floor, trial.base * self._decrease), self._ramp_factor)
+            return True
         elif verdict == 0:
             # The share did not change with the rate: those 429s are not ours. Undo the cut.
             self.rate = trial.rate_before
             self.restores += 1
-            self.baseline = min(after, MAX_BASELINE)
+            # Learned from every answer since the verdict could start, not only the last ones: a
+            # share learned low by chance makes later random 429s look like excess.
+            self.baseline = min(trial.refused / trial.answers, MAX_BASELINE)
+            self._quiet, self._steady_rate = False, None  # the share learned is the one to be quiet against now
         # else the share rose though the rate fell: the cut was not deep enough (the window
         # was still filling). Keep it; the next sample with excess 429s cuts again.
         self._trial = None
         self._last_increase = self._knee_since = self._probe_start = now
+        return False
 
     def increase(self, now: float, ramp_s: float) -> None:
         rate = self.rate
         if rate is None or rate >= self.ceiling or self._trial is not None:
             self._last_increase = now
             return
-        # Time since the last increase, capped so an idle pause does not jump the rate.
-        elapsed = min(now - self._last_increase, 1.0)
+        # Time since the last increase, capped (a second of a minute's window) so an idle pause
+        # does not jump the rate.
+        elapsed = min(now - self._last_increase, self._window_s / 60.0)
         self._last_increase = now
         if elapsed <= 0:
             return
@@ -732,11 +808,13 @@ class Limits:
         window_s: float | None = None,
     ) -> Limits:
         """Limits for the configured RPM and TPM (``None``: no such limit); the throttle reacts
-        over ``window_s``, by default the service's window (``rate_window_s()``)."""
+        over ``window_s``, by default the service's window (``rate_window_s()``), and the
+        request limiter's burst fits under that window's share of the RPM."""
+        window_s = window_s if window_s is not None else rate_window_s()
         return cls(
-            requests=RequestRateLimiter(requests_per_minute) if requests_per_minute else None,
+            requests=RequestRateLimiter(requests_per_minute, server_window_s=window_s) if requests_per_minute else None,
             tokens=TokenRateLimiter(tokens_per_minute) if tokens_per_minute else None,
-            window_s=window_s if window_s is not None else rate_window_s(),
+            window_s=window_s,
         )
 
     def __repr__(self) -> str:

@@ -20,11 +20,18 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 from tenacity.wait import wait_base, wait_random_exponential
 
 from .errors import BackendError, RateLimited, RetryableError
+from .limits import DEFAULT_WINDOW_S, rate_window_s
 
 T = TypeVar("T")
 
 DEFAULT_BASE_DELAY_S = 0.5
 DEFAULT_MAX_DELAY_S = 30.0
+
+
+def _window_scaled(seconds: float) -> float:
+    """``seconds`` for DashScope's one-minute rate window, scaled to the window in use
+    (``QWEN_BATCH_RATE_WINDOW_S``): a scaled-down emulator run keeps its backoff in proportion."""
+    return seconds * rate_window_s() / DEFAULT_WINDOW_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,13 +40,14 @@ class RetryPolicy:
 
     ``max_retries`` counts the extra attempts (0: send once). The n-th wait is drawn
     uniformly from ``[0, min(max_delay_s, base_delay_s * 2**(n-1))]`` ("full jitter"),
-    then raised to the error's ``retry_after`` when it has one. ``sleep`` is the seam
+    then raised to the error's ``retry_after`` when it has one. The default delays (0.5 s and
+    30 s) scale with ``QWEN_BATCH_RATE_WINDOW_S`` when it is set. ``sleep`` is the seam
     tests replace to run instantly.
     """
 
     max_retries: int
-    base_delay_s: float = DEFAULT_BASE_DELAY_S
-    max_delay_s: float = DEFAULT_MAX_DELAY_S
+    base_delay_s: float = field(default_factory=lambda: _window_scaled(DEFAULT_BASE_DELAY_S))
+    max_delay_s: float = field(default_factory=lambda: _window_scaled(DEFAULT_MAX_DELAY_S))
     sleep: Callable[[float], Awaitable[None]] = field(default=anyio.sleep, compare=False)
 
     def __post_init__(self) -> None:

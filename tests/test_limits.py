@@ -204,6 +204,38 @@ async def test_the_pools_own_cool_down_does_not_lower_the_estimate_a_cut_goes_to
 
 
 @pytest.mark.anyio
+async def test_429s_that_appear_at_a_steady_rate_get_the_whole_decrease_at_once() -> None:
+    """Quiet at 100/s, then a fifth refused at the same rate (another client took part of the
+    quota): the window is still full of ours, so what got through (80/s) says too little; half."""
+    throttle, clock = fake_throttle(request_rate=100.0, window_s=WINDOW_S)
+    await send(throttle, clock, 600, seconds=6.0)
+    await send(throttle, clock, 60, every=5, seconds=0.6)
+    stats = throttle.statistics()
+    assert stats.decreases == 1
+    assert stats.request_rate == pytest.approx(50.0, rel=0.02)
+
+
+@pytest.mark.anyio
+async def test_a_shallow_cut_that_does_not_move_an_appeared_share_cuts_deeper_before_learning_it() -> None:
+    """Quiet, a Retry-After, then a fifth refused: the cut goes to the estimate (78/s); the share
+    stays, so a full cut (50/s) is tried before those 429s are learned as rate-independent."""
+    throttle, clock = fake_throttle(request_rate=100.0, window_s=WINDOW_S)
+    await send(throttle, clock, 600, seconds=6.0)
+    throttle.on_throttled(throttle_429(retry_after=1.0))
+    await send(throttle, clock, 60, every=5, seconds=0.6)
+    stats = throttle.statistics()
+    assert stats.decreases == 1 and stats.request_rate == pytest.approx(0.97 * 80.0, rel=0.03)
+    await send(throttle, clock, 6000, every=5, seconds=1.2 * WINDOW_S)
+    stats = throttle.statistics()
+    assert (stats.decreases, stats.restores) == (2, 0) and stats.baseline_share < 0.01  # not learned yet
+    assert stats.request_rate == pytest.approx(50.0, rel=0.02)
+    await send(throttle, clock, 6000, every=5, seconds=1.2 * WINDOW_S)
+    stats = throttle.statistics()
+    assert (stats.decreases, stats.restores, stats.request_rate) == (2, 1, None)
+    assert stats.baseline_share == pytest.approx(0.2, abs=0.01)
+
+
+@pytest.mark.anyio
 async def test_at_most_one_cut_per_reaction_window() -> None:
     throttle, clock = fake_throttle(request_rate=100.0, window_s=WINDOW_S)
     await send(throttle, clock, 60, every=2, seconds=0.6)  # half refused: cut by half

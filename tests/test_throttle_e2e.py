@@ -1,16 +1,16 @@
 """Adaptive throttling end to end: the real CLI against the emulator over loopback.
 
-The six cases of issue 12, scaled down: the emulator's rate window is 4 s instead of a minute
-and the throttle is told so (``QWEN_BATCH_RATE_WINDOW_S``), which scales its own time constants
-the same way. Every figure is a ratio to the configured rate or to the emulator's limit, from
-the emulator's ledger of the same run. The bounds are the issue's thresholds less a margin
-for a loaded 2-core machine and for this scale (case 5's 429 share excepted: see there): a 4 s
-window at these rates holds 60-120 requests, so a sample of answers is a third of it and the
-figures move from run to run (the same set-up on a fake clock, tests/test_throttle_sim.py,
-over seeds 0-7: case 2 90-97% of the limit with 1.7-6.0% 429s, case 3 80-95%, case 5
-2.7-3.8% 429s). The issue's thresholds are asserted exactly on a fake clock at DashScope's
-60 s window there, and
-``python -m bench throttle`` records both (BENCHMARKS.md).
+The six cases of issue 12, scaled down in time but not in counts: the emulator's rate window
+is 2 s instead of a minute and the throttle is told so (``QWEN_BATCH_RATE_WINDOW_S``, which
+scales its time constants and the retry backoff the same way); 300/s configured, so a window
+holds 600 requests, half of what qwen-turbo's 1,200 RPM puts in a real minute (a sample of
+answers is then as small a part of a window as for real), and a run is ten windows or more.
+Every figure is a ratio to the configured rate or to the emulator's limit, from the
+emulator's ledger of the same run. The bounds are the issue's thresholds where the runs
+meet them with room (the measured figures are in BENCHMARKS.md), else the issue's less a
+margin for a loaded 2-core machine, said where. The thresholds are asserted exactly on a fake
+clock at DashScope's 60 s window in tests/test_throttle_sim.py, and ``python -m bench
+throttle`` measures the cases at a 4 s window (1,200 requests per window, twenty windows).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from qwen_batch.wire import ERRORS
 
 from .conftest import read_summary, sentences_job
 
-WINDOW_S = 4.0
-CONFIGURED = 30.0  # requests per second (1,800 RPM)
+WINDOW_S = 2.0
+CONFIGURED = 300.0  # requests per second (18,000 RPM)
 
 
 def run_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: EmulatorConfig, rows: int,
@@ -43,7 +43,7 @@ def run_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: EmulatorCon
         monkeypatch.setenv("DASHSCOPE_HTTP_BASE_URL", emu.base_url)
         monkeypatch.setenv("QWEN_BATCH_CACHE_DIR", str(tmp_path / "cache"))
         monkeypatch.setenv(RATE_WINDOW_ENV, str(WINDOW_S))
-        settings = {"concurrency": 8, "max_retries": 30, "request_timeout_s": 5,
+        settings = {"concurrency": 16, "max_retries": 30, "request_timeout_s": 5,
                     "requests_per_minute": configured * 60} | execution
         job = sentences_job(tmp_path, [f"row {i}" for i in range(rows)], execution=settings)
         code = main(["run", str(job), "--quiet"])
@@ -67,14 +67,13 @@ def report(label: str, text: str) -> None:
 
 @pytest.mark.parametrize("p", [0.15, 0.30])
 def test_case_1_random_429s_do_not_slow_the_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, p: float) -> None:
-    """The issue's set-up: qwen-turbo's 1,200 RPM, concurrency 16, no server limit."""
-    configured = 20.0
-    code, ledger = run_job(tmp_path, monkeypatch, EmulatorConfig(faults=FaultRates(rate_quota=p), fault_seed=1), 240,
-                           configured, concurrency=16)
+    """No server limit; ten windows of rows (the 429s retried take more)."""
+    rows = int(10 * WINDOW_S * CONFIGURED * (1 - p))
+    code, ledger = run_job(tmp_path, monkeypatch, EmulatorConfig(faults=FaultRates(rate_quota=p), fault_seed=1), rows)
     assert code == 0
     attempts = len(ledger) / span(ledger)
-    report(f"case 1 p={p}", f"{attempts:.1f} attempts/s = {attempts / configured:.0%} of the configured rate")
-    assert attempts >= 0.7 * configured
+    report(f"case 1 p={p}", f"{attempts:.1f} attempts/s = {attempts / CONFIGURED:.0%} of the configured rate")
+    assert attempts >= 0.8 * CONFIGURED
 
 
 def test_case_2_against_a_server_limit_half_the_configured_one_the_run_converges_with_few_429s(
@@ -83,7 +82,8 @@ def test_case_2_against_a_server_limit_half_the_configured_one_the_run_converges
     """From the third window on (the first two are the burst into an empty window)."""
     limit = CONFIGURED / 2
     config = EmulatorConfig(rpm_limit=int(limit * WINDOW_S), rate_window_s=WINDOW_S)
-    code, ledger = run_job(tmp_path, monkeypatch, config, 400)
+    rows = int(10 * WINDOW_S * limit)
+    code, ledger = run_job(tmp_path, monkeypatch, config, rows)
     assert code == 0
     end = span(ledger)
     admitted = rate(ledger, 2 * WINDOW_S, end, (200,))
@@ -91,57 +91,61 @@ def test_case_2_against_a_server_limit_half_the_configured_one_the_run_converges
     later = [e for e in ledger if e["time"] - t0 >= 2 * WINDOW_S]
     share = sum(e["status"] == 429 for e in later) / len(later)
     report("case 2", f"{admitted:.2f}/s = {admitted / limit:.0%} of the limit, 429 share {share:.1%}")
-    assert admitted >= 0.85 * limit  # the issue: 95% (88-97% measured: bench and pytest, loaded machine)
-    assert share < 0.07  # the issue: 5%
-    assert read_summary(tmp_path / "out" / "result.parquet")["rows"]["ok"] == 400
+    assert admitted >= 0.92 * limit  # the issue: 95% (96.6-97.8% measured; a loaded machine sends later)
+    assert share < 0.05
+    assert read_summary(tmp_path / "out" / "result.parquet")["rows"]["ok"] == rows
 
 
 def test_case_3_a_server_limit_and_random_429s(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     limit = CONFIGURED / 2
     config = EmulatorConfig(rpm_limit=int(limit * WINDOW_S), rate_window_s=WINDOW_S,
                             faults=FaultRates(rate_quota=0.10), fault_seed=2)
-    code, ledger = run_job(tmp_path, monkeypatch, config, 400)
+    code, ledger = run_job(tmp_path, monkeypatch, config, int(10 * WINDOW_S * limit))
     assert code == 0
     admitted = rate(ledger, 2 * WINDOW_S, span(ledger), (200,))
     report("case 3", f"{admitted:.2f}/s = {admitted / limit:.0%} of the limit")
-    assert admitted >= 0.75 * limit  # the issue: 85%
+    assert admitted >= 0.80 * limit  # the issue: 85% (fake clock, this set-up, seeds 0-7: 82.8-96.4%)
 
 
 def test_case_4_after_an_outage_the_rate_comes_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every attempt is answered 503 from 3 s to 9 s; then the rate is back within 6 s."""
-    code, ledger = run_job(tmp_path, monkeypatch, EmulatorConfig(outages=((3.0, 9.0),)), 450)
+    """Every attempt is answered 503 for half a window (the issue's 30 s of a minute), from one
+    window in; then the rate is back at 90% of the configured within half a window (the issue),
+    asserted within a window: 0.1 s and 1.8 s measured, the workers' retry backoff (scaled, up to
+    1 s) decides, and a loaded machine sends later."""
+    start, end = WINDOW_S, 1.5 * WINDOW_S
+    code, ledger = run_job(tmp_path, monkeypatch, EmulatorConfig(outages=((start, end),)), int(5 * WINDOW_S * CONFIGURED))
     assert code == 0
     assert {e["status"] for e in ledger} == {200, 503}
-    back = next((t for t in range(9, 40) if rate(ledger, t, t + 2, (200,)) >= 0.9 * CONFIGURED), None)
-    report("case 4", f"back at 90% of the configured rate {back - 9 if back is not None else None} s after service returned")
-    assert back is not None and back - 9 <= 6
+    step, span_s = WINDOW_S / 20, WINDOW_S / 4
+    back = next((i * step for i in range(60) if rate(ledger, end + i * step, end + i * step + span_s, (200,))
+                 >= 0.9 * CONFIGURED), None)
+    report("case 4", f"back at 90% of the configured rate {back:.2f} s after service returned" if back is not None else "not back")
+    assert back is not None and back <= WINDOW_S
 
 
 def test_case_5_another_client_takes_half_the_limit_then_stops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The limit is the configured rate; another client of the account sends half of it for
-    six windows, from 4 s to 28 s after our first request."""
-    limit, start, stop = CONFIGURED, WINDOW_S, 7 * WINDOW_S
+    six windows, from two windows after our first request."""
+    limit, start, stop = CONFIGURED, 2 * WINDOW_S, 8 * WINDOW_S
     config = EmulatorConfig(rpm_limit=int(limit * WINDOW_S), rate_window_s=WINDOW_S,
                             other_load=(limit / 2, start, stop))
-    code, ledger = run_job(tmp_path, monkeypatch, config, 1000)
+    code, ledger = run_job(tmp_path, monkeypatch, config, int(11 * WINDOW_S * limit))
     assert code == 0
     t0 = ledger[0]["time"]
     during = [e for e in ledger if start <= e["time"] - t0 < stop]
     share = sum(e["status"] == 429 for e in during) / len(during)
     settled = rate(ledger, start + 2 * WINDOW_S, stop, (200,)) / (limit / 2)
-    back = next((t for t in range(int(stop), 60) if rate(ledger, t, t + 2, (200,)) >= 0.9 * limit), None)
+    step, span_s = WINDOW_S / 20, WINDOW_S / 4
+    back = next((i * step for i in range(80) if rate(ledger, stop + i * step, stop + i * step + span_s, (200,))
+                 >= 0.9 * limit), None)
     report("case 5", f"429 share while it runs {share:.1%}; settled at {settled:.0%} of what is left; "
-           f"90% of the limit {back - stop if back else None} s after it stops")
-    # Not the issue's 5%: 5.5-22.8% measured with this controller (2.7-3.8% on a fake clock). When
-    # the first cut, at the other client's onset, is shallow (2 of 20 answers refused), the
-    # 429 share barely moves with it (the other client loses the window instead), so the cut
-    # is undone and that share learned as rate-independent: later cuts then need 26% refused
-    # in a sample of 20. This bound guards against worse, not for the issue's threshold.
-    assert share < 0.30
-    assert settled >= 0.75
-    # Three windows, not two: a cut held for its verdict (a window, then 100 answers or a second
-    # window) holds the rate after the other client stops; 0-12 s measured (BENCHMARKS.md).
-    assert back is not None and back - stop <= 3 * WINDOW_S
+           f"90% of the limit {back if back is None else round(back, 2)} s after it stops")
+    assert share < 0.05
+    assert settled >= 0.85
+    # The issue: one window (60 s); not always met. A cut just before the other client stops
+    # holds its rate for its verdict, and the probe from the knee then needs most of a window
+    # (fake clock, 60 s, seeds 0-7: 0.48-1.45 windows; here 0.5-1.6 measured). A guard.
+    assert back is not None and back <= 2 * WINDOW_S
 
 
 def test_case_6_a_heavy_fault_mix_at_the_default_limits_finishes_in_bounded_time(

@@ -91,6 +91,14 @@ class Server:
         return "ok"
 
 
+def scaled_to(window_s: float) -> dict[str, float]:
+    """``Simulation`` options for a run whose window is ``window_s`` instead of DashScope's minute:
+    the latency (0.2 s) and the retry backoff (0.5 s to 30 s) scale with it, as the CLI's do
+    under ``QWEN_BATCH_RATE_WINDOW_S`` (the throttle's own constants scale with its window_s)."""
+    scale = window_s / 60.0
+    return {"latency_s": 0.2 * scale, "base_delay_s": 0.5 * scale, "max_delay_s": 30.0 * scale}
+
+
 @dataclass
 class Attempt:
     time: float
