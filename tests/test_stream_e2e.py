@@ -25,6 +25,7 @@ from .conftest import sentences_job
 from .test_resume_e2e import _env, _start, _texts
 
 STREAM = {"seed": 7, "max_tokens": 200, "stream": True}
+PARAMETERS = {"qwen-turbo": STREAM, "qwq-plus": {"seed": 7, "max_tokens": 60, "thinking_budget": 60}}
 ROWS = 120
 CONCURRENCY = 8
 VOLATILE = ["request_id", "latency_s", "attempts", "first_token_s"]
@@ -88,8 +89,13 @@ def _wait_for_open_streams(emu: Any, done: int, process: subprocess.Popen[str], 
         emu.wait_for_request(timeout=1.0)
 
 
-@pytest.mark.parametrize("kill_after", [1, ROWS // 2])
-def test_sigkill_mid_stream_then_resume_loses_at_most_concurrency_paid_requests(tmp_path: Path, kill_after: int) -> None:
+@pytest.mark.parametrize(
+    ("model", "kill_after"),
+    [("qwen-turbo", 1), ("qwen-turbo", ROWS // 2), ("qwq-plus", ROWS // 2)],  # qwq-plus: killed mid-thought too
+)
+def test_sigkill_mid_stream_then_resume_loses_at_most_concurrency_paid_requests(
+    tmp_path: Path, model: str, kill_after: int
+) -> None:
     # Each event waits a little, so a stream is open for a while: the kill lands mid-stream.
     config = EmulatorConfig(latency_per_token_s=0.001)
     reference_folder, folder = tmp_path / "reference", tmp_path / "killed"
@@ -97,14 +103,16 @@ def test_sigkill_mid_stream_then_resume_loses_at_most_concurrency_paid_requests(
     folder.mkdir()
     with EmulatorThread(config) as emu:
         reference_job = sentences_job(
-            reference_folder, _texts(ROWS), parameters=STREAM, execution={"concurrency": CONCURRENCY}
+            reference_folder, _texts(ROWS), model=model, parameters=PARAMETERS[model], execution={"concurrency": CONCURRENCY}
         )
         done = _start(reference_job, _env(emu, tmp_path, "reference"))
         assert done.wait(timeout=120) == 0, done.communicate()[1]
     reference = pl.read_parquet(reference_folder / "out" / "result.parquet").drop(VOLATILE)
     with EmulatorThread(config) as emu:
         env = _env(emu, tmp_path, "killed")
-        job = sentences_job(folder, _texts(ROWS), parameters=STREAM, execution={"concurrency": CONCURRENCY})
+        job = sentences_job(
+            folder, _texts(ROWS), model=model, parameters=PARAMETERS[model], execution={"concurrency": CONCURRENCY}
+        )
         process = _start(job, env)
         _wait_for_open_streams(emu, kill_after, process)
         assert process.poll() is None, "the run ended before the kill"
@@ -119,3 +127,4 @@ def test_sigkill_mid_stream_then_resume_loses_at_most_concurrency_paid_requests(
     assert sum(count - 1 for count in paid.values()) <= CONCURRENCY
     output = pl.read_parquet(folder / "out" / "result.parquet").drop(VOLATILE)
     assert_frame_equal(output, reference)
+    assert (output["reasoning_tokens"] > 0).all() == (model == "qwq-plus")
