@@ -64,7 +64,8 @@ def prepare(
         # The URL is checked for secrets and shape before any message quotes it.
         base_url, source = configured_base_url(spec), base_url_key(spec)
         check_base_url(base_url, spec.api.allow_insecure_http, source=source)
-        check_native_path(base_url, source)
+        if spec.api.protocol == "dashscope":
+            check_native_path(base_url, source)
     model_info = resolve_model(spec, catalog)
     mode = mode_of(spec, model_info)
     warnings: list[str] = []

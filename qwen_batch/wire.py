@@ -23,6 +23,10 @@ MULTIMODAL_PATH = "/services/aigc/multimodal-generation/generation"
 NATIVE_PATHS = {"text": NATIVE_PATH, "multimodal": MULTIMODAL_PATH}
 """The native path of each ``catalog.NativePath``."""
 COMPATIBLE_PATH = "/compatible-mode/v1/chat/completions"
+OPENAI = "openai"
+"""The protocol name of OpenAI's chat completions (DashScope compatible mode, local servers)."""
+COMPATIBLE_BASE_URL = "https://dashscope.aliyuncs.com/compatible-mode/v1"
+CHAT_COMPLETIONS_ROUTE = "/chat/completions"
 API_PREFIX = "/api/v1"
 
 SSE_HEADER = "X-DashScope-SSE"
