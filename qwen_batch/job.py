@@ -82,7 +82,13 @@ def prepare(
     table = open_table(spec)
     check_input_columns(table.columns)
     rows = table.num_rows if options.limit is None else min(options.limit, table.num_rows)
-    renderer = Renderer(spec, model_info, reasoning_cap=mode.reasoning_cap, thinking=mode.thinking)
+    renderer = Renderer(
+        spec, model_info, protocol=spec.api.protocol, reasoning_cap=mode.reasoning_cap, thinking=mode.thinking
+    )
+    if spec.api.protocol == "openai" and spec.api.server != "auto":
+        from .servers import check_dialect
+
+        check_dialect(spec.where, spec.api.server, renderer.parameters)
     manifest = request_manifest(spec, renderer)
     checkpoint_dir = checkpoint_dir_for(output_path)
     identity = input_identity(spec.input.path)

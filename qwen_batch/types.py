@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 Status = Literal["ok", "error"]
+UsageSource = Literal["service", "estimated"]
+"""Who counted a reply's tokens: the service, or the client (the service reported none)."""
 
 
 class UnitKey(NamedTuple):
@@ -84,6 +86,7 @@ class Reply:
     reasoning_tokens: int | None = None
     cached_tokens: int | None = None
     first_token_s: float | None = None
+    usage_source: UsageSource = "service"
 
     @property
     def total_tokens(self) -> int:
