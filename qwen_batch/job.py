@@ -9,6 +9,7 @@ is on disk. Stopping on a signal is the caller's (the CLI's) business, through `
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
@@ -75,7 +76,11 @@ def prepare(
             "and cost is unknown unless the spec has a pricing section"
         )
     price = price_for(spec, model_info)
-    if price is None and model_info is not None:
+    if spec.api.protocol == "openai" and spec.api.server not in ("auto", "dashscope"):
+        # A server the user runs has no price: one note, and null costs (no warning per row).
+        price = None
+        warnings.append(f"a {spec.api.server} server has no price: cost will be null")
+    elif price is None and model_info is not None:
         warnings.append(f"no known price for {spec.model!r}: cost will be null (add a pricing section)")
     paths = checked_paths(spec, options)
     output_path = paths.output
@@ -242,7 +247,9 @@ async def execute(
                 )
             )
             wrote_output = True
-        summary = build_summary(plan, log, statistics, stop_reason)
+        # A local server has no price: the summary's cost is null, not the catalog's.
+        priced = plan if execution.price is plan.price else dataclasses.replace(plan, price=execution.price)
+        summary = build_summary(priced, log, statistics, stop_reason)
         write_summary_json(plan.summary_path, summary)
     return JobResult(statistics, summary, stop_reason, execution.stop_detail, wrote_output)
 

@@ -18,6 +18,7 @@ from ..runner import Runner
 
 if TYPE_CHECKING:
     from ..backends.base import Backend, OpenBackend
+    from ..catalog import Price
     from ..errors import ConfigurationRefused
     from ..plan import JobPlan
     from ..runner import OutcomeSink, RunStatistics, WorkItem
@@ -57,7 +58,7 @@ class OnlineExecutor:
                 server = await _server(plan, base_url, api_key)
                 local = _is_local(server)
                 backend = await stack.enter_async_context(_service_backend(plan, base_url, api_key, server))
-            yield OnlineExecution(plan, _runner(plan, backend, sink, local=local), base_url)
+            yield OnlineExecution(plan, _runner(plan, backend, sink, local=local), base_url, local=local)
 
 
 async def _endpoint(plan: JobPlan, stack: AsyncExitStack) -> tuple[str, str | None]:
@@ -83,9 +84,10 @@ async def _server(plan: JobPlan, base_url: str, api_key: str | None) -> str:
     if api.protocol != "openai":
         return "dashscope"
     server = api.server
-    if server == "auto":
-        server, why = await detect_server(base_url, api_key, timeout_s=min(plan.spec.execution.request_timeout_s, 10.0))
-        _note(f"api.server auto: speaking {server}'s dialect ({why}); set api.server to choose")
+    if server != "auto":
+        return server  # its parameters were checked, and its price dropped, by prepare
+    server, why = await detect_server(base_url, api_key, timeout_s=min(plan.spec.execution.request_timeout_s, 10.0))
+    _note(f"api.server auto: speaking {server}'s dialect ({why}); set api.server to choose")
     check_dialect(plan.spec.where, server, plan.renderer.parameters)
     if _is_local(server):
         _note(f"a {server} server has no price: cost is null for this run")
@@ -143,11 +145,12 @@ def _runner(plan: JobPlan, backend: Backend, sink: OutcomeSink, *, local: bool =
 class OnlineExecution:
     """A running pool: ``Runner`` plus what explains its stop to the user."""
 
-    def __init__(self, plan: JobPlan, runner: Runner, base_url: str | None) -> None:
+    def __init__(self, plan: JobPlan, runner: Runner, base_url: str | None, *, local: bool = False) -> None:
         self._plan = plan
         self._runner = runner
         self._base_url = base_url
         self.rate_limits = plan.rate_limits
+        self.price: Price | None = None if local else plan.price
 
     @property
     def stop_reason(self) -> str | None:
