@@ -5,6 +5,7 @@
     python bench/reference.py stream    BASE_URL INPUT.parquet --concurrency 64
     python bench/reference.py aiohttp   BASE_URL INPUT.parquet --concurrency 64
     python bench/reference.py sdk       BASE_URL INPUT.parquet --concurrency 64
+    python bench/reference.py openai    COMPATIBLE_BASE_URL INPUT.parquet --concurrency 64
 
 ``httpx``: the minimal asyncio loop -- N tasks pulling from one iterator, an
 ``httpx.AsyncClient`` on the ``httpx-aiohttp`` transport, a JSON body built per row, the
@@ -19,6 +20,9 @@ no ``AsyncClient`` (no cookie jar, auth or redirect steps) -- how qwen-batch sen
 headers and ``incremental_output: true``, the body read line by line as it arrives
 (``aiter_lines``), each ``data:`` line's JSON decoded and its text delta kept, the reply done
 at the event whose ``finish_reason`` is not ``"null"``.
+
+``openai``: the ``transport`` loop on chat completions (``{base}/chat/completions``, the
+compatible-mode body), its reply's ``choices[0].message.content`` kept.
 
 ``sdk``: the official ``dashscope`` SDK driven the usual way: ``AioGeneration.call`` per row
 under an ``asyncio.Semaphore``, all rows gathered at once.
@@ -162,6 +166,42 @@ async def stream_loop(base_url: str, texts: list[str], concurrency: int) -> int:
     return failures
 
 
+async def openai_loop(base_url: str, texts: list[str], concurrency: int) -> int:
+    import httpx
+    from httpx_aiohttp import AiohttpTransport
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    headers = [("Authorization", f"Bearer {KEY}"), ("Content-Type", "application/json")]
+    timeout = {"connect": 60, "read": 60, "write": 60, "pool": None}
+    url = httpx.URL(base_url + "/chat/completions")
+    replies: list[str] = []
+    failures = 0
+    pending = iter(texts)
+    transport = AiohttpTransport(limits=limits)
+
+    async def worker() -> None:
+        nonlocal failures
+        for text in pending:
+            body = {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": MAX_TOKENS, "seed": SEED}
+            content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+            request = httpx.Request("POST", url, headers=headers, content=content, extensions={"timeout": timeout})
+            response = await transport.handle_async_request(request)
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
+            if response.status_code == 200:
+                replies.append(json.loads(response.content)["choices"][0]["message"]["content"])
+            else:
+                failures += 1
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    finally:
+        await transport.aclose()
+    return failures
+
+
 async def aiohttp_loop(base_url: str, texts: list[str], concurrency: int) -> int:
     import aiohttp
 
@@ -223,6 +263,7 @@ LOOPS = {
     "transport": transport_loop,
     "stream": stream_loop,
     "aiohttp": aiohttp_loop,
+    "openai": openai_loop,
     "sdk": sdk_loop,
 }
 
