@@ -142,3 +142,18 @@ def test_a_non_qwen_model_on_ollama_is_marked_an_estimate(tmp_path: Path, monkey
     assert all(body.get("reasoning_effort") == "none" for body in server.bodies)
     assert "llama3.2:1b" in result.summary["tokens"]["estimate"] and "not a Qwen model" in result.summary["tokens"]["estimate"]
     assert result.summary["cost"]["total"] is None
+
+
+def test_the_local_vllm_sample_job_runs_with_emulate(tmp_path: Path, monkeypatch: Any, capsys: Any) -> None:
+    from qwen_batch.cli import main
+
+    monkeypatch.delenv("DASHSCOPE_API_KEY", raising=False)
+    monkeypatch.delenv("DASHSCOPE_HTTP_BASE_URL", raising=False)
+    monkeypatch.setenv("QWEN_BATCH_CACHE_DIR", str(tmp_path / "cache"))
+    job = Path(__file__).resolve().parent.parent / "jobs" / "local-vllm.yaml"
+    output = tmp_path / "local.parquet"
+    assert main(["run", str(job), "--emulate", "--quiet", "--output", str(output)]) == 0
+    assert "api.server auto: speaking" in capsys.readouterr().err
+    frame = pl.read_parquet(output)
+    assert frame.height > 0 and frame["status"].to_list() == ["ok"] * frame.height
+    assert frame["usage_source"].to_list() == ["service"] * frame.height

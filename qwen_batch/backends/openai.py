@@ -35,6 +35,7 @@ from ..version import __version__
 from ..wire import (
     CHAT_COMPLETIONS_ROUTE,
     COMPATIBLE_NOT_SENT,
+    ERRORS,
     REQUEST_ID_HEADER,
     MalformedReply,
     compatible_usage,
@@ -49,15 +50,16 @@ RETRIED_FINISH_REASONS = frozenset({"abort", "error"})
 """vLLM's: the engine dropped the request (a restart, a preemption): sending it again may pass."""
 ERROR_FINISH_REASONS = frozenset({"content_filter"})
 """The answer was cut by a filter: the text is not the model's whole answer, and asking again will not help."""
-ESTIMATED = "estimated"
 
 
 def finish_problem(finish_reason: str, request_id: str | None) -> BackendError | None:
     """The error a finish reason stands for (see the module docstring), or None for a kept one."""
+    code = f"finish_reason:{finish_reason}"
     if finish_reason in RETRIED_FINISH_REASONS:
-        return ServerError(f"finish_reason:{finish_reason}", f"the server ended the reply with finish_reason {finish_reason!r}", status=200, request_id=request_id)
+        message = f"the server ended the reply with finish_reason {finish_reason!r}"
+        return ServerError(code, message, status=200, request_id=request_id)
     if finish_reason in ERROR_FINISH_REASONS:
-        return BadRequest(f"finish_reason:{finish_reason}", "the server's content filter cut the answer", status=200, request_id=request_id)
+        return BadRequest(code, "the server's content filter cut the answer", status=200, request_id=request_id)
     return None
 
 
@@ -189,14 +191,18 @@ class OpenAIBackend:
         except orjson.JSONDecodeError:
             raise errors.unreadable_body(content, response.headers) from None
         if isinstance(data, dict) and "choices" not in data and ("error" in data or data.get("object") == "error"):
-            raise errors.status_error(_error_status(data), content, response.headers, sent_parameters=request.parameters) from None
+            raise errors.status_error(
+                _error_status(data), content, response.headers, sent_parameters=request.parameters
+            ) from None
         try:
             text, reasoning, finish_reason = read_compatible_choice(data)
         except MalformedReply as exc:
             raise TransportError("MalformedReply", errors.scrub(str(exc)), status=200) from None
         request_id = response.headers.get(REQUEST_ID_HEADER) or _reply_id(data)
         if finish_reason is None:
-            raise TransportError("MalformedReply", "the chat completion has no finish_reason", status=200, request_id=request_id)
+            raise TransportError(
+                "MalformedReply", "the chat completion has no finish_reason", status=200, request_id=request_id
+            )
         if (problem := finish_problem(finish_reason, request_id)) is not None:
             raise problem
         usage = compatible_usage(data.get("usage"))
@@ -216,7 +222,7 @@ class OpenAIBackend:
             reasoning=reasoning,
             reasoning_tokens=reasoning_tokens,
             cached_tokens=cached,
-            usage_source="service" if usage is not None else ESTIMATED,
+            usage_source="service" if usage is not None else "estimated",
         )
 
     # -- streamed --------------------------------------------------------------------
@@ -298,7 +304,9 @@ class _ChunkReader:
             self.failure = TransportError("MalformedReply", "a stream chunk is not a JSON object", status=200)
             return []
         if "error" in body or body.get("object") == "error":
-            self.failure = self._errors.status_error(_error_status(body), data, {}, sent_parameters=self._request.parameters)
+            self.failure = self._errors.status_error(
+                _error_status(body), data, {}, sent_parameters=self._request.parameters
+            )
             return []
         if self._request_id is None:
             self._request_id = _reply_id(body)
@@ -345,8 +353,6 @@ def _error_status(body: dict[str, Any]) -> int:
     code = fields.get("code")  # type: ignore[union-attr]
     if isinstance(code, int) and 400 <= code <= 599:
         return code
-    from ..wire import ERRORS
-
     spec = next((spec for spec in ERRORS.values() if spec.compatible_code == code), None)
     return spec.status if spec is not None else 400
 

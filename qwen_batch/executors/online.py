@@ -83,9 +83,8 @@ async def _server(plan: JobPlan, base_url: str, api_key: str | None) -> str:
     api = plan.spec.api
     if api.protocol != "openai":
         return "dashscope"
-    server = api.server
-    if server != "auto":
-        return server  # its parameters were checked, and its price dropped, by prepare
+    if api.server != "auto":
+        return api.server  # its parameters were checked, and its price dropped, by prepare
     server, why = await detect_server(base_url, api_key, timeout_s=min(plan.spec.execution.request_timeout_s, 10.0))
     _note(f"api.server auto: speaking {server}'s dialect ({why}); set api.server to choose")
     check_dialect(plan.spec.where, server, plan.renderer.parameters)
