@@ -37,6 +37,8 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Callable
+from typing import Any
 
 MODEL = "qwen-turbo"
 MAX_TOKENS = 64
@@ -80,13 +82,26 @@ async def httpx_loop(base_url: str, texts: list[str], concurrency: int) -> int:
 
 
 async def transport_loop(base_url: str, texts: list[str], concurrency: int) -> int:
+    return await _bare_transport_loop(base_url + NATIVE_PATH, _body, lambda reply: reply["output"]["text"], texts, concurrency)
+
+
+async def openai_loop(base_url: str, texts: list[str], concurrency: int) -> int:
+    return await _bare_transport_loop(
+        base_url + "/chat/completions", _chat_body, lambda reply: reply["choices"][0]["message"]["content"], texts, concurrency
+    )
+
+
+async def _bare_transport_loop(
+    url_text: str, body_of: Callable[[str], bytes], text_of: Callable[[Any], str], texts: list[str], concurrency: int
+) -> int:
+    """N tasks handing each ``httpx.Request`` straight to the httpx-aiohttp transport."""
     import httpx
     from httpx_aiohttp import AiohttpTransport
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     headers = [("Authorization", f"Bearer {KEY}"), ("Content-Type", "application/json")]
     timeout = {"connect": 60, "read": 60, "write": 60, "pool": None}
-    url = httpx.URL(base_url + NATIVE_PATH)
+    url = httpx.URL(url_text)
     replies: list[str] = []
     failures = 0
     pending = iter(texts)
@@ -95,14 +110,14 @@ async def transport_loop(base_url: str, texts: list[str], concurrency: int) -> i
     async def worker() -> None:
         nonlocal failures
         for text in pending:
-            request = httpx.Request("POST", url, headers=headers, content=_body(text), extensions={"timeout": timeout})
+            request = httpx.Request("POST", url, headers=headers, content=body_of(text), extensions={"timeout": timeout})
             response = await transport.handle_async_request(request)
             try:
                 await response.aread()
             finally:
                 await response.aclose()
             if response.status_code == 200:
-                replies.append(json.loads(response.content)["output"]["text"])
+                replies.append(text_of(json.loads(response.content)))
             else:
                 failures += 1
 
@@ -166,42 +181,6 @@ async def stream_loop(base_url: str, texts: list[str], concurrency: int) -> int:
     return failures
 
 
-async def openai_loop(base_url: str, texts: list[str], concurrency: int) -> int:
-    import httpx
-    from httpx_aiohttp import AiohttpTransport
-
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    headers = [("Authorization", f"Bearer {KEY}"), ("Content-Type", "application/json")]
-    timeout = {"connect": 60, "read": 60, "write": 60, "pool": None}
-    url = httpx.URL(base_url + "/chat/completions")
-    replies: list[str] = []
-    failures = 0
-    pending = iter(texts)
-    transport = AiohttpTransport(limits=limits)
-
-    async def worker() -> None:
-        nonlocal failures
-        for text in pending:
-            body = {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": MAX_TOKENS, "seed": SEED}
-            content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-            request = httpx.Request("POST", url, headers=headers, content=content, extensions={"timeout": timeout})
-            response = await transport.handle_async_request(request)
-            try:
-                await response.aread()
-            finally:
-                await response.aclose()
-            if response.status_code == 200:
-                replies.append(json.loads(response.content)["choices"][0]["message"]["content"])
-            else:
-                failures += 1
-
-    try:
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    finally:
-        await transport.aclose()
-    return failures
-
-
 async def aiohttp_loop(base_url: str, texts: list[str], concurrency: int) -> int:
     import aiohttp
 
@@ -232,6 +211,11 @@ def _body(text: str, *, incremental_output: bool = False) -> bytes:
     if incremental_output:
         parameters["incremental_output"] = True
     body = {"model": MODEL, "input": {"messages": [{"role": "user", "content": text}]}, "parameters": parameters}
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _chat_body(text: str) -> bytes:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": MAX_TOKENS, "seed": SEED}
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 

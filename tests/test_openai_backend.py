@@ -4,7 +4,7 @@ local servers' bodies (research-wave2 D.1) through ``httpx.MockTransport``."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -18,6 +18,8 @@ from qwen_batch.servers import DIALECTS
 from qwen_batch.testing import EmulatorThread
 from qwen_batch.tokens import count_text
 from qwen_batch.types import Reply, Request, UnitKey
+
+from .test_backend_stream import Chunks
 
 KEY = "sk-secret-0123456789abcdef"
 BASE = "http://server.test/v1"
@@ -40,17 +42,6 @@ def make_request(parameters: dict[str, Any] | None = None, model: str = "qwen-pl
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-class Chunks(httpx.AsyncByteStream):
-    def __init__(self, chunks: list[bytes], then: BaseException | None = None) -> None:
-        self.chunks, self.then = chunks, then
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        for chunk in self.chunks:
-            yield chunk
-        if self.then is not None:
-            raise self.then
 
 
 Handler = Callable[[httpx.Request], httpx.Response]

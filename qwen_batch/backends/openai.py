@@ -43,7 +43,7 @@ from ..wire import (
 )
 from .base import Event, Failed, Finished, ReasoningDelta, TextDelta, Usage, WholeReply
 from .errors import TRANSPORT_EXCEPTIONS, ErrorTranslator
-from .sse import SSEDecoder
+from .streaming import stream_events
 
 _DONE = b"[DONE]"
 RETRIED_FINISH_REASONS = frozenset({"abort", "error"})
@@ -227,7 +227,7 @@ class OpenAIBackend:
 
     # -- streamed --------------------------------------------------------------------
 
-    async def _streamed(self, request: Request) -> AsyncGenerator[Event, None]:
+    def _streamed(self, request: Request) -> AsyncGenerator[Event, None]:
         """POST ``request`` for SSE and yield its events as they arrive; every failure is the last
         event, a ``Failed`` (see ``DashScopeBackend._stream_on``)."""
         errors = self._errors
@@ -235,48 +235,19 @@ class OpenAIBackend:
             "POST", self._url, headers=self._stream_headers, content=self._body(request, streamed=True),
             extensions={"timeout": self._timeout},
         )
-        failure: BackendError | None = None
-        response: httpx.Response | None = None
-        try:
-            response = await self._transport.handle_async_request(outgoing)
-        except TRANSPORT_EXCEPTIONS as exc:
-            failure = errors.transport_error(exc)
-        if response is None:
-            yield Failed(failure or TransportError("ConnectionError", "no response"))
-            return
-        try:
-            if response.status_code != 200:
-                try:
-                    content = await response.aread()
-                except TRANSPORT_EXCEPTIONS:
-                    content = b""
-                failure = errors.status_error(
-                    response.status_code, content, response.headers, sent_parameters=request.parameters
-                )
-            else:
-                reader = _ChunkReader(request, errors, response.headers.get(REQUEST_ID_HEADER))
-                decoder = SSEDecoder()
-                try:
-                    async for chunk in response.aiter_bytes():
-                        for _kind, data in decoder.feed(chunk):
-                            for event in reader.read(data):
-                                yield event
-                        if reader.failure is not None or reader.done:
-                            break
-                except TRANSPORT_EXCEPTIONS as exc:
-                    if not reader.done:
-                        failure = errors.transport_error(exc)
-                failure = failure or reader.failure
-            if failure is not None:
-                yield Failed(failure)
-        finally:
-            await response.aclose()
+        return stream_events(
+            self._transport,
+            outgoing,
+            errors,
+            request.parameters,
+            lambda response: _ChunkReader(request, errors, response.headers.get(REQUEST_ID_HEADER)),
+        )
 
 
 class _ChunkReader:
     """Turns one stream's ``data:`` events into ``Event``s; usage and finish wait for ``[DONE]``."""
 
-    __slots__ = ("_request", "_errors", "_request_id", "_usage", "_finish", "_text", "_reasoning", "done", "failure")
+    __slots__ = ("_request", "_errors", "_request_id", "_usage", "_finish", "_text", "_reasoning", "finished", "failure")
 
     def __init__(self, request: Request, errors: ErrorTranslator, request_id: str | None) -> None:
         self._request = request
@@ -286,12 +257,13 @@ class _ChunkReader:
         self._finish: str | None = None
         self._text: list[str] = []  # kept only to count a reply that reports no usage
         self._reasoning: list[str] = []
-        self.done = False
+        self.finished = False
         self.failure: BackendError | None = None
 
-    def read(self, data: bytes) -> list[Event]:
-        """The events of one ``data:`` payload; sets ``failure`` (and returns none) for an error."""
-        if self.done or self.failure is not None:
+    def read(self, kind: bytes, data: bytes) -> list[Event]:
+        """The events of one ``data:`` payload (bare, so ``kind`` is always the default);
+        sets ``failure`` (and returns none) for an error."""
+        if self.finished or self.failure is not None:
             return []
         if data == _DONE:
             return self._end()
@@ -332,7 +304,7 @@ class _ChunkReader:
         return events
 
     def _end(self) -> list[Event]:
-        self.done = True
+        self.finished = True
         finish = self._finish
         if finish is None:
             return []  # collect: the stream ended without its finish
