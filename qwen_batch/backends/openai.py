@@ -198,7 +198,7 @@ class OpenAIBackend:
             text, reasoning, finish_reason = read_compatible_choice(data)
         except MalformedReply as exc:
             raise TransportError("MalformedReply", errors.scrub(str(exc)), status=200) from None
-        request_id = response.headers.get(REQUEST_ID_HEADER) or _reply_id(data)
+        request_id = _reply_id(data) or response.headers.get(REQUEST_ID_HEADER)
         if finish_reason is None:
             raise TransportError(
                 "MalformedReply", "the chat completion has no finish_reason", status=200, request_id=request_id
