@@ -157,3 +157,21 @@ def test_the_local_vllm_sample_job_runs_with_emulate(tmp_path: Path, monkeypatch
     frame = pl.read_parquet(output)
     assert frame.height > 0 and frame["status"].to_list() == ["ok"] * frame.height
     assert frame["usage_source"].to_list() == ["service"] * frame.height
+
+
+def test_a_local_server_keeps_no_dashscope_quota(tmp_path: Path, monkeypatch: Any) -> None:
+    """qwen-plus has DashScope's documented RPM/TPM; on a local server only the spec's own limits apply."""
+    import anyio
+
+    monkeypatch.delenv("DASHSCOPE_HTTP_BASE_URL", raising=False)
+    server = LocalServer("sglang")
+    with _serve(server) as base_url:
+        plan = qwen_batch.prepare(_local_job(tmp_path, base_url, "qwen-plus"))
+        assert plan.rate_limits == (600000, 1200000)  # the job's RPM, the catalog's TPM (DashScope's)
+
+        async def limits() -> Any:
+            async with qwen_batch.OnlineExecutor().open(plan, sink=None) as execution:  # type: ignore[arg-type]
+                return execution.rate_limits, execution.price
+
+        assert anyio.run(limits) == ((600000, None), None)
+    assert server.bodies == []  # opening sends no row

@@ -122,11 +122,19 @@ def _service_backend(plan: JobPlan, base_url: str, api_key: str | None, server: 
     )
 
 
+def _rate_limits(plan: JobPlan, local: bool) -> tuple[float | None, float | None]:
+    """The run's RPM and TPM: a local server has no DashScope quota, so only the spec's own apply."""
+    if local:
+        execution = plan.spec.execution
+        return execution.requests_per_minute, execution.tokens_per_minute
+    return plan.rate_limits
+
+
 def _runner(plan: JobPlan, backend: Backend, sink: OutcomeSink, *, local: bool = False) -> Runner:
     from ..limits import Limits
     from ..retry import RetryPolicy
 
-    rpm, tpm = plan.rate_limits
+    rpm, tpm = _rate_limits(plan, local)
     max_cost = plan.max_cost
     return Runner(
         backend,
@@ -148,7 +156,7 @@ class OnlineExecution:
         self._plan = plan
         self._runner = runner
         self._base_url = base_url
-        self.rate_limits = plan.rate_limits
+        self.rate_limits = _rate_limits(plan, local)
         self.price: Price | None = None if local else plan.price
 
     @property
