@@ -25,6 +25,7 @@ QUICK = {
     "latency": {"rows": 1_024, "runs": 1},
     "stream_overhead": {"rows": 2_000, "runs": 1},
     "stream_latency": {"rows": 1_024, "runs": 1},
+    "openai_overhead": {"rows": 2_000, "runs": 1},
     "rate_limit": {"seconds": 12.0, "runs": 1},
     "memory": {"rows": (20_000, 100_000)},
     "startup": {"rows": 100_000, "runs": 1},

@@ -5,6 +5,7 @@
     python bench/reference.py stream    BASE_URL INPUT.parquet --concurrency 64
     python bench/reference.py aiohttp   BASE_URL INPUT.parquet --concurrency 64
     python bench/reference.py sdk       BASE_URL INPUT.parquet --concurrency 64
+    python bench/reference.py openai    COMPATIBLE_BASE_URL INPUT.parquet --concurrency 64
 
 ``httpx``: the minimal asyncio loop -- N tasks pulling from one iterator, an
 ``httpx.AsyncClient`` on the ``httpx-aiohttp`` transport, a JSON body built per row, the
@@ -20,6 +21,9 @@ headers and ``incremental_output: true``, the body read line by line as it arriv
 (``aiter_lines``), each ``data:`` line's JSON decoded and its text delta kept, the reply done
 at the event whose ``finish_reason`` is not ``"null"``.
 
+``openai``: the ``transport`` loop on chat completions (``{base}/chat/completions``, the
+compatible-mode body), its reply's ``choices[0].message.content`` kept.
+
 ``sdk``: the official ``dashscope`` SDK driven the usual way: ``AioGeneration.call`` per row
 under an ``asyncio.Semaphore``, all rows gathered at once.
 
@@ -33,6 +37,8 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Callable
+from typing import Any
 
 MODEL = "qwen-turbo"
 MAX_TOKENS = 64
@@ -76,13 +82,26 @@ async def httpx_loop(base_url: str, texts: list[str], concurrency: int) -> int:
 
 
 async def transport_loop(base_url: str, texts: list[str], concurrency: int) -> int:
+    return await _bare_transport_loop(base_url + NATIVE_PATH, _body, lambda reply: reply["output"]["text"], texts, concurrency)
+
+
+async def openai_loop(base_url: str, texts: list[str], concurrency: int) -> int:
+    return await _bare_transport_loop(
+        base_url + "/chat/completions", _chat_body, lambda reply: reply["choices"][0]["message"]["content"], texts, concurrency
+    )
+
+
+async def _bare_transport_loop(
+    url_text: str, body_of: Callable[[str], bytes], text_of: Callable[[Any], str], texts: list[str], concurrency: int
+) -> int:
+    """N tasks handing each ``httpx.Request`` straight to the httpx-aiohttp transport."""
     import httpx
     from httpx_aiohttp import AiohttpTransport
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     headers = [("Authorization", f"Bearer {KEY}"), ("Content-Type", "application/json")]
     timeout = {"connect": 60, "read": 60, "write": 60, "pool": None}
-    url = httpx.URL(base_url + NATIVE_PATH)
+    url = httpx.URL(url_text)
     replies: list[str] = []
     failures = 0
     pending = iter(texts)
@@ -91,14 +110,14 @@ async def transport_loop(base_url: str, texts: list[str], concurrency: int) -> i
     async def worker() -> None:
         nonlocal failures
         for text in pending:
-            request = httpx.Request("POST", url, headers=headers, content=_body(text), extensions={"timeout": timeout})
+            request = httpx.Request("POST", url, headers=headers, content=body_of(text), extensions={"timeout": timeout})
             response = await transport.handle_async_request(request)
             try:
                 await response.aread()
             finally:
                 await response.aclose()
             if response.status_code == 200:
-                replies.append(json.loads(response.content)["output"]["text"])
+                replies.append(text_of(json.loads(response.content)))
             else:
                 failures += 1
 
@@ -195,6 +214,11 @@ def _body(text: str, *, incremental_output: bool = False) -> bytes:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+def _chat_body(text: str) -> bytes:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": MAX_TOKENS, "seed": SEED}
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 async def sdk_loop(base_url: str, texts: list[str], concurrency: int) -> int:
     import dashscope
     from dashscope import AioGeneration
@@ -223,6 +247,7 @@ LOOPS = {
     "transport": transport_loop,
     "stream": stream_loop,
     "aiohttp": aiohttp_loop,
+    "openai": openai_loop,
     "sdk": sdk_loop,
 }
 

@@ -31,18 +31,30 @@ class ApiKey:
         return f"ApiKey(source={self.source!r})"  # never the value
 
 
-def read_api_key() -> ApiKey:
-    """The key from DASHSCOPE_API_KEY, else from the file DASHSCOPE_API_KEY_FILE_PATH names.
+_KEY_ENVS_READ: set[str] = set()
+"""Every other variable a run read its key from (``api.key_env``): scrubbed from messages too."""
+
+
+def read_api_key(key_env: str = API_KEY_ENV) -> ApiKey:
+    """The key from ``key_env`` (the spec's ``api.key_env``); for the default DASHSCOPE_API_KEY,
+    else from the file DASHSCOPE_API_KEY_FILE_PATH names.
 
     Raises ConfigError (exit 2) when there is none, the file cannot be used, or the key
     holds a character no HTTP header can carry.
     """
-    key = os.environ.get(API_KEY_ENV, "").strip()
-    source = API_KEY_ENV
-    key_file = os.environ.get(API_KEY_FILE_ENV, "")
+    if key_env != API_KEY_ENV:
+        _KEY_ENVS_READ.add(key_env)
+    key = os.environ.get(key_env, "").strip()
+    source = key_env
+    key_file = os.environ.get(API_KEY_FILE_ENV, "") if key_env == API_KEY_ENV else ""
     if not key and key_file:
         key, source = read_key_file(key_file), f"the key file named by {API_KEY_FILE_ENV}"
     if not key:
+        if key_env != API_KEY_ENV:
+            raise ConfigError(
+                f"no API key: export {key_env}=... (the job's api.key_env names it), set api.key_env: null "
+                "for a server that needs no key, or add --emulate to run against the built-in emulator"
+            )
         raise ConfigError(
             f"no API key: export {API_KEY_ENV}=sk-... (or {API_KEY_FILE_ENV}=/path/to/key), "
             "or add --emulate to run against the built-in emulator"
@@ -119,7 +131,7 @@ def _read_at_most(fd: int, limit: int) -> bytes:
 
 def keys_to_scrub() -> list[str]:
     """Every key the environment holds or names, for scrubbing messages; never raises or blocks."""
-    keys = [os.environ.get(API_KEY_ENV, "").strip()]
+    keys = [os.environ.get(name, "").strip() for name in (API_KEY_ENV, *sorted(_KEY_ENVS_READ))]
     key_file = os.environ.get(API_KEY_FILE_ENV, "")
     if key_file:
         if key_file.startswith(KEY_PREFIX) and os.sep not in key_file:

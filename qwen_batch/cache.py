@@ -43,12 +43,13 @@ CREATE TABLE IF NOT EXISTS replies (
     request_id    TEXT,
     created_at    REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0),
     reasoning        TEXT,
-    reasoning_tokens INTEGER
+    reasoning_tokens INTEGER,
+    usage_source     TEXT
 ) WITHOUT ROWID
 """
 # Columns added since the first cache format, each with its type: an older file gains them
 # (null for the replies it already holds, which had no reasoning).
-_ADDED_COLUMNS = (("reasoning", "TEXT"), ("reasoning_tokens", "INTEGER"))
+_ADDED_COLUMNS = (("reasoning", "TEXT"), ("reasoning_tokens", "INTEGER"), ("usage_source", "TEXT"))
 
 
 def default_cache_path() -> Path:
@@ -139,10 +140,10 @@ class ResponseCache:
                     marks = ",".join("?" * len(chunk))
                     rows = self._db.execute(
                         "SELECT fingerprint, text, finish_reason, input_tokens, output_tokens, request_id, "
-                        f"reasoning, reasoning_tokens FROM replies WHERE fingerprint IN ({marks})",
+                        f"reasoning, reasoning_tokens, usage_source FROM replies WHERE fingerprint IN ({marks})",
                         chunk,
                     )
-                    for fingerprint, text, finish, input_tokens, output_tokens, request_id, reasoning, thought in rows:
+                    for fingerprint, text, finish, input_tokens, output_tokens, request_id, reasoning, thought, source in rows:
                         found[fingerprint] = Reply(
                             text,
                             finish,
@@ -151,6 +152,7 @@ class ResponseCache:
                             request_id,
                             reasoning=reasoning,
                             reasoning_tokens=thought,
+                            usage_source=source or "service",
                         )
             except sqlite3.Error as exc:
                 raise self._error(f"read failed ({exc})") from None
@@ -164,7 +166,7 @@ class ResponseCache:
         if not items:
             return
         rows = [
-            (fp, r.text, r.finish_reason, r.input_tokens, r.output_tokens, r.request_id, r.reasoning, r.reasoning_tokens)
+            (fp, r.text, r.finish_reason, r.input_tokens, r.output_tokens, r.request_id, r.reasoning, r.reasoning_tokens, r.usage_source)
             for fp, r in items
         ]
         with self._lock:
@@ -175,7 +177,7 @@ class ResponseCache:
                 try:
                     self._db.executemany(
                         "INSERT INTO replies (fingerprint, text, finish_reason, input_tokens, "
-                        "output_tokens, request_id, reasoning, reasoning_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                        "output_tokens, request_id, reasoning, reasoning_tokens, usage_source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
                         "ON CONFLICT(fingerprint) DO NOTHING",
                         rows,
                     )

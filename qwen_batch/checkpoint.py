@@ -86,6 +86,8 @@ RECORD_SCHEMA: dict[str, pl.DataType] = {
     "reasoning_text": pl.String(),
     "reasoning_tokens": pl.Int64(),
     "first_token_s": pl.Float64(),
+    # Who counted the tokens (issue 15): "service", or "estimated" when it reported none.
+    "usage_source": pl.String(),
 }
 DONE_COLUMNS = ("index", "fingerprint", "status", "retryable", "cost", "cached")
 _SUMMARY_COLUMNS = (

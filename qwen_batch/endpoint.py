@@ -23,11 +23,15 @@ def base_url_key(spec: JobSpec) -> str:
     return BASE_URL_ENV if os.environ.get(BASE_URL_ENV) else f"api.base_url in {spec.where}"
 
 
-def resolve_api(spec: JobSpec) -> tuple[str, str]:
-    """Base URL and key for a real run; a missing or unsendable key is exit 2 with how to fix it."""
+def resolve_api(spec: JobSpec) -> tuple[str, str | None]:
+    """Base URL and key for a real run; a missing or unsendable key is exit 2 with how to fix it.
+
+    The key is None when ``api.key_env`` is null: a server that needs none (nothing is read).
+    """
     from .apikey import read_api_key
     from .spec import check_base_url
 
     base_url = configured_base_url(spec)
     check_base_url(base_url, spec.api.allow_insecure_http, source=base_url_key(spec))
-    return base_url, read_api_key().value
+    key_env = spec.api.key_env
+    return base_url, read_api_key(key_env).value if key_env is not None else None

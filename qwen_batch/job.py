@@ -9,6 +9,7 @@ is on disk. Stopping on a signal is the caller's (the CLI's) business, through `
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
@@ -64,7 +65,8 @@ def prepare(
         # The URL is checked for secrets and shape before any message quotes it.
         base_url, source = configured_base_url(spec), base_url_key(spec)
         check_base_url(base_url, spec.api.allow_insecure_http, source=source)
-        check_native_path(base_url, source)
+        if spec.api.protocol == "dashscope":
+            check_native_path(base_url, source)
     model_info = resolve_model(spec, catalog)
     mode = mode_of(spec, model_info)
     warnings: list[str] = []
@@ -74,14 +76,24 @@ def prepare(
             "and cost is unknown unless the spec has a pricing section"
         )
     price = price_for(spec, model_info)
-    if price is None and model_info is not None:
+    if spec.api.protocol == "openai" and spec.api.server not in ("auto", "dashscope"):
+        # A server the user runs has no price: one note, and null costs (no warning per row).
+        price = None
+        warnings.append(f"a {spec.api.server} server has no price: cost will be null")
+    elif price is None and model_info is not None:
         warnings.append(f"no known price for {spec.model!r}: cost will be null (add a pricing section)")
     paths = checked_paths(spec, options)
     output_path = paths.output
     table = open_table(spec)
     check_input_columns(table.columns)
     rows = table.num_rows if options.limit is None else min(options.limit, table.num_rows)
-    renderer = Renderer(spec, model_info, reasoning_cap=mode.reasoning_cap, thinking=mode.thinking)
+    renderer = Renderer(
+        spec, model_info, protocol=spec.api.protocol, reasoning_cap=mode.reasoning_cap, thinking=mode.thinking
+    )
+    if spec.api.protocol == "openai" and spec.api.server != "auto":
+        from .servers import check_dialect
+
+        check_dialect(spec.where, spec.api.server, renderer.parameters)
     manifest = request_manifest(spec, renderer)
     checkpoint_dir = checkpoint_dir_for(output_path)
     identity = input_identity(spec.input.path)
@@ -235,7 +247,9 @@ async def execute(
                 )
             )
             wrote_output = True
-        summary = build_summary(plan, log, statistics, stop_reason)
+        # A local server has no price: the summary's cost is null, not the catalog's.
+        priced = plan if execution.price is plan.price else dataclasses.replace(plan, price=execution.price)
+        summary = build_summary(priced, log, statistics, stop_reason)
         write_summary_json(plan.summary_path, summary)
     return JobResult(statistics, summary, stop_reason, execution.stop_detail, wrote_output)
 

@@ -50,6 +50,8 @@ _RESULT_FIELDS: list[pa.Field[pa.DataType]] = [
     pa.field("reasoning_text", pa.string()),
     pa.field("reasoning_tokens", pa.int64()),
     pa.field("first_token_s", pa.float64()),
+    # Issue 15: who counted the tokens ("service", or "estimated" when the server sent none).
+    pa.field("usage_source", pa.string()),
 ]
 RESULT_SCHEMA = pa.schema(_RESULT_FIELDS)
 RESULT_COLUMNS: tuple[str, ...] = tuple(RESULT_SCHEMA.names)
@@ -87,6 +89,7 @@ _RECORD_COLUMNS = (
     "reasoning_text",
     "reasoning_tokens",
     "first_token_s",
+    "usage_source",
 )
 
 
@@ -230,6 +233,10 @@ def _result_columns(
         .then(rec_col("reasoning_tokens").fill_null(0))
         .alias("reasoning_tokens"),
         rec_col("first_token_s").alias("first_token_s"),
+        # An answer in an older log was counted by the service (the only source then).
+        pl.when(rec_col("status") == "ok")
+        .then(rec_col("usage_source").fill_null(pl.lit("service", dtype=pl.String)))
+        .alias("usage_source"),
         is_missing.alias(_MISSING),
     ]
 

@@ -230,6 +230,8 @@ def render_summary(summary: dict[str, Any], out: TextIO) -> None:
         table.add_row(f"  error {code}", str(count))
     tokens = summary["tokens"]
     table.add_row("tokens", f"{tokens['input']} in, {tokens['output']} out, {tokens['total']} total")
+    if tokens.get("estimate"):
+        table.add_row("tokens counted here", f"{tokens['estimated_rows']} rows: {tokens['estimate']}")
     if tokens["reasoning"]:
         reasoning_cost = _money(cost["reasoning"], currency)
         table.add_row("  reasoning", f"{tokens['reasoning']} of the output tokens, costing {reasoning_cost}")

@@ -41,7 +41,7 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 
 from .catalog import Catalog, ModelInfo, Price
 from .errors import ConfigError, SpecError
-from .wire import DEFAULT_BASE_URL
+from .wire import COMPATIBLE_BASE_URL, DEFAULT_BASE_URL
 from .yaml12 import YamlRefused, load_yaml
 
 # --- defaults (named so docs, CLI help and tests can refer to them) -------------------------
@@ -69,6 +69,11 @@ StreamSetting = Literal["auto"] | bool
 EndpointSetting = Literal["auto", "text", "multimodal"]
 DEFAULT_STREAM: StreamSetting = "auto"
 DEFAULT_ENDPOINT: EndpointSetting = "auto"
+ProtocolSetting = Literal["dashscope", "openai"]
+ServerSetting = Literal["auto", "dashscope", "vllm", "sglang", "ollama", "llamacpp"]
+DEFAULT_PROTOCOL: ProtocolSetting = "dashscope"
+DEFAULT_SERVER: ServerSetting = "auto"
+DEFAULT_KEY_ENV = "DASHSCOPE_API_KEY"
 # Settings that choose how a request is sent, not what it asks: never wire parameters.
 _NOT_SENT = {"stream"}
 OverLong = Literal["fail", "error"]
@@ -310,7 +315,11 @@ class ApiSpec(BaseModel):
 
     ``allow_unknown_model`` says a model outside the catalog is deliberate (the service has
     models the catalog lacks); without it such a name is refused before sending. ``endpoint``
-    picks the native path: ``auto`` takes the catalog's binding for the model.
+    picks the native path: ``auto`` takes the catalog's binding for the model. ``protocol``
+    ``openai`` speaks chat completions at ``{base_url}/chat/completions`` (an unset
+    ``base_url`` is then DashScope's compatible-mode base); ``server`` names whose dialect
+    to speak there (``auto``: decided once at start, ``servers.py``); ``key_env`` names the
+    variable that holds the key, or is null for a server that needs none.
     """
 
     model_config = _CONFIG
@@ -319,12 +328,29 @@ class ApiSpec(BaseModel):
     allow_insecure_http: bool = False
     allow_unknown_model: bool = False
     endpoint: EndpointSetting = DEFAULT_ENDPOINT
+    protocol: ProtocolSetting = DEFAULT_PROTOCOL
+    server: ServerSetting = DEFAULT_SERVER
+    key_env: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = DEFAULT_KEY_ENV
+
+    @model_validator(mode="before")
+    @classmethod
+    def _protocol_default_url(cls, data: Any) -> Any:
+        # The openai protocol's default is DashScope's compatible-mode base, not the native one.
+        if isinstance(data, dict) and data.get("protocol") == "openai" and "base_url" not in data:
+            return {**data, "base_url": COMPATIBLE_BASE_URL}
+        return data
 
     @model_validator(mode="after")
     def _safe_url(self) -> ApiSpec:
         problem = base_url_problem(self.base_url, self.allow_insecure_http)
         if problem is not None:
             raise PydanticCustomError("bad_url", "{why}", {"why": problem, "key": "base_url"})
+        if self.protocol == "dashscope" and self.server not in ("auto", "dashscope"):
+            raise PydanticCustomError(
+                "bad_server",
+                "server {server} speaks the OpenAI-compatible API: set api.protocol: openai",
+                {"server": repr(self.server), "key": "server"},
+            )
         return self
 
 

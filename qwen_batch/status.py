@@ -60,7 +60,9 @@ def job_status(spec_path: Path, options: JobOptions) -> JobStatus:
             # A checkpoint with no rows is taken over by a changed job (Checkpoint.open).
             if done.rows_done:
                 mode = mode_of(spec, model_info)
-                renderer = Renderer(spec, model_info, reasoning_cap=mode.reasoning_cap, thinking=mode.thinking)
+                renderer = Renderer(
+                    spec, model_info, protocol=spec.api.protocol, reasoning_cap=mode.reasoning_cap, thinking=mode.thinking
+                )
                 changed = manifest_changes(checkpoint.manifest, request_manifest(spec, renderer))
     assert spec.name is not None  # load_spec names every spec (after its file, by default)
     return JobStatus(

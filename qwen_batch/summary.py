@@ -24,6 +24,17 @@ if TYPE_CHECKING:
 COST_DECIMALS = 10  # sums of float costs, without binary noise like 0.03820000000000001
 SUMMARY_COLUMNS = ["index", "status", "error_code", "input_tokens", "output_tokens", "cost", "cached"]
 TRUNCATED_IN_THINKING = "truncated_in_thinking"
+ESTIMATED = "usage_estimated"
+
+
+def _estimate_note(estimated_rows: int, model: str) -> str | None:
+    """How far to trust the counts of rows whose server sent no usage (None when there are none):
+    the Qwen tokenizer is exact for a Qwen model, an approximation for any other."""
+    if not estimated_rows:
+        return None
+    if "qwen" in model.lower():
+        return "counted with the Qwen tokenizer (exact for a Qwen model)"
+    return f"an estimate: {model!r} is not a Qwen model, and the Qwen tokenizer counted its tokens"
 
 
 def build_summary(
@@ -39,7 +50,12 @@ def build_summary(
     import polars as pl
 
     frame = (
-        log.select(*SUMMARY_COLUMNS, pl.col("reasoning_tokens").fill_null(0), truncated_in_thinking())
+        log.select(
+            *SUMMARY_COLUMNS,
+            pl.col("reasoning_tokens").fill_null(0),
+            truncated_in_thinking(),
+            (pl.col("usage_source") == "estimated").fill_null(False).alias(ESTIMATED),
+        )
         .filter(pl.col("index") < plan.rows)
         # The last record of each index, as a filter: unique(keep="last") took 460 MB on a
         # million-row log where this takes 180 MB.
@@ -89,6 +105,8 @@ def build_summary(
             "output": output_tokens,
             "reasoning": reasoning_tokens,
             "total": input_tokens + output_tokens,
+            "estimated_rows": int(paid[ESTIMATED].sum()),
+            "estimate": _estimate_note(int(paid[ESTIMATED].sum()), model),
         },
         "cost": {
             "currency": price.currency if price else CURRENCY,

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 Status = Literal["ok", "error"]
+UsageSource = Literal["service", "estimated"]
+"""Who counted a reply's tokens: the service, or the client (the service reported none)."""
 
 
 class UnitKey(NamedTuple):
@@ -84,6 +86,7 @@ class Reply:
     reasoning_tokens: int | None = None
     cached_tokens: int | None = None
     first_token_s: float | None = None
+    usage_source: UsageSource = "service"
 
     @property
     def total_tokens(self) -> int:
@@ -105,6 +108,7 @@ class Outcome:
     ``reasoning_tokens`` are a thinking model's reasoning (``output_tokens`` includes its
     tokens; an answered row without reasoning has None and 0); ``first_token_s`` is the time
     from the final attempt's send to its first streamed token (None when not streamed).
+    ``usage_source`` says who counted an answer's tokens (None for an error).
     """
 
     index: int
@@ -128,6 +132,7 @@ class Outcome:
     reasoning_text: str | None = None
     reasoning_tokens: int | None = None
     first_token_s: float | None = None
+    usage_source: UsageSource | None = None
 
     @classmethod
     def answered(
@@ -160,6 +165,7 @@ class Outcome:
             reasoning_text=reply.reasoning,
             reasoning_tokens=reply.reasoning_tokens or 0,
             first_token_s=reply.first_token_s,
+            usage_source=reply.usage_source,
         )
 
     @property

@@ -23,6 +23,10 @@ MULTIMODAL_PATH = "/services/aigc/multimodal-generation/generation"
 NATIVE_PATHS = {"text": NATIVE_PATH, "multimodal": MULTIMODAL_PATH}
 """The native path of each ``catalog.NativePath``."""
 COMPATIBLE_PATH = "/compatible-mode/v1/chat/completions"
+OPENAI = "openai"
+"""The protocol name of OpenAI's chat completions (DashScope compatible mode, local servers)."""
+COMPATIBLE_BASE_URL = "https://dashscope.aliyuncs.com/compatible-mode/v1"
+CHAT_COMPLETIONS_ROUTE = "/chat/completions"
 API_PREFIX = "/api/v1"
 
 SSE_HEADER = "X-DashScope-SSE"
@@ -148,7 +152,27 @@ def native_canonical_frame(model: str, parameters: Mapping[str, Any]) -> tuple[s
     return head, tail
 
 
-CANONICAL_FRAMES: dict[str, CanonicalFrame] = {DASHSCOPE: native_canonical_frame}
+COMPATIBLE_NOT_SENT = frozenset({"result_format", "incremental_output"})
+"""Native parameters with no meaning in chat completions (the message format is its only one)."""
+
+
+def compatible_canonical_frame(model: str, parameters: Mapping[str, Any]) -> tuple[str, str]:
+    """The fixed parts of the chat-completions request's canonical JSON (sorted keys, compact).
+
+    ``{..., "messages":[...], "model":..., ...}``: the model, the messages and every sent
+    parameter under its DashScope name at the top level, as DashScope's compatible mode reads
+    them. Where a local server reads an extension elsewhere is a detail of its dialect: the
+    cache is keyed per service (its base URL) already, so it need not be hashed.
+    """
+    body = {key: value for key, value in parameters.items() if key not in COMPATIBLE_NOT_SENT}
+    body["model"] = model
+    body["messages"] = []
+    # Keys are sorted and a quote inside a string is escaped, so the key is the one match.
+    head, _, tail = _canonical_dumps(body).partition('"messages":[]')
+    return head + '"messages":[', "]" + tail
+
+
+CANONICAL_FRAMES: dict[str, CanonicalFrame] = {DASHSCOPE: native_canonical_frame, OPENAI: compatible_canonical_frame}
 """Each protocol's canonical form, by protocol name: what the fingerprint of a request hashes."""
 
 
@@ -222,3 +246,53 @@ def usage_details(usage: Mapping[str, Any]) -> tuple[int | None, int | None]:
     reasoning = output_details.get("reasoning_tokens") if isinstance(output_details, dict) else None
     cached = prompt_details.get("cached_tokens") if isinstance(prompt_details, dict) else None
     return (int(reasoning) if reasoning is not None else None, int(cached) if cached is not None else None)
+
+
+def compatible_usage(usage: Any) -> tuple[int, int, int | None, int | None] | None:
+    """``(input, output, reasoning, cached)`` tokens of a chat-completions ``usage``; None when
+    it has no counts (absent, null, or a server's partial object): usage unknown, not zero."""
+    if not isinstance(usage, dict):
+        return None
+    try:
+        input_tokens, output_tokens = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    output_details = usage.get("completion_tokens_details")
+    prompt_details = usage.get("prompt_tokens_details")
+    reasoning = output_details.get("reasoning_tokens") if isinstance(output_details, dict) else None
+    cached = prompt_details.get("cached_tokens") if isinstance(prompt_details, dict) else None
+    return (
+        input_tokens,
+        output_tokens,
+        int(reasoning) if isinstance(reasoning, int) else None,
+        int(cached) if isinstance(cached, int) else None,
+    )
+
+
+def message_reasoning(message: Mapping[str, Any]) -> Any:
+    """A message's (or delta's) reasoning: ``reasoning_content`` (DashScope, SGLang, llama.cpp)
+    or ``reasoning`` (vLLM since late 2025, Ollama); research-wave2 D.1."""
+    return message.get("reasoning_content") or message.get("reasoning") or None
+
+
+def read_compatible_choice(body: Any) -> tuple[str, str | None, str | None]:
+    """``(text, reasoning, finish_reason)`` of a chat completion's first choice (message or delta);
+    raises MalformedReply when it has no such shape. A null content (a reply that is all
+    reasoning, or a tool call) is the empty text."""
+    try:
+        choice = body["choices"][0]
+        message = choice["message"] if "message" in choice else choice["delta"]
+        text = message.get("content")
+        reasoning = message_reasoning(message)
+        finish_reason = choice.get("finish_reason")
+    except (KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise MalformedReply(f"not a chat completion: missing or wrong {exc!s}") from None
+    if text is None:
+        text = ""
+    elif not isinstance(text, str):
+        text = content_text(text)
+    if reasoning is not None and not isinstance(reasoning, str):
+        raise MalformedReply("not a chat completion: the reasoning is not text")
+    if finish_reason is not None and not isinstance(finish_reason, str):
+        raise MalformedReply("not a chat completion: finish_reason is not a string")
+    return text, reasoning, finish_reason

@@ -98,6 +98,7 @@ def _stored_reply(outcome: Outcome) -> Reply:
         outcome.request_id,
         reasoning=outcome.reasoning_text,
         reasoning_tokens=outcome.reasoning_tokens,
+        usage_source=outcome.usage_source or "service",
     )
 
 

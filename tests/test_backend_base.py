@@ -21,7 +21,7 @@ from qwen_batch.backends.base import (
 )
 from qwen_batch.errors import ConfigError, ServerError, TransportError
 from qwen_batch.types import Reply, Request, UnitKey
-from qwen_batch.wire import CANONICAL_FRAMES, DASHSCOPE
+from qwen_batch.wire import CANONICAL_FRAMES, DASHSCOPE, OPENAI
 
 REQUEST = Request(0, "r0", "qwen-turbo", [{"role": "user", "content": "hi"}], {"seed": 1}, "f", 5, 10, UnitKey(0))
 REPLY = Reply("hello", "stop", 5, 1, "rid")
@@ -115,7 +115,7 @@ def test_an_unknown_protocol_is_a_config_error_naming_the_known_ones() -> None:
 
 
 def test_every_protocol_with_a_backend_has_a_canonical_encoding_for_its_fingerprints() -> None:
-    assert protocols() == tuple(sorted(CANONICAL_FRAMES)) == (DASHSCOPE,)
+    assert protocols() == tuple(sorted(CANONICAL_FRAMES)) == (DASHSCOPE, OPENAI)
 
 
 def test_a_registered_factory_is_found_by_its_name() -> None:

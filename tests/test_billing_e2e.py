@@ -76,7 +76,7 @@ def test_cache_hits_cost_nothing_and_add_no_billed_usage(tmp_path: Path, job_env
     assert hits["input_tokens"].null_count() == 2 and hits["output_tokens"].null_count() == 2
     assert hits["preflight_input_tokens"].to_list() == first.filter(pl.col("status") == "ok")["input_tokens"].to_list()
     assert summary["cache"]["hits"] == 2 and summary["cache"]["saved_cost"] == pytest.approx(first["cost"].sum())
-    assert summary["tokens"] == {"input": 0, "output": 0, "reasoning": 0, "total": 0} and summary["cost"]["total"] == 0.0
+    assert summary["tokens"] == {"input": 0, "output": 0, "reasoning": 0, "total": 0, "estimated_rows": 0, "estimate": None} and summary["cost"]["total"] == 0.0
     assert len(_paid(emulator)) == 2  # nothing sent the second time
     assert frame["cost"].sum() == pytest.approx(summary["cost"]["total"])
 

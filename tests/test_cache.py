@@ -72,6 +72,7 @@ def test_many_fingerprints_at_once(tmp_path: Path) -> None:
             input_tokens=st.integers(0, 2**40),
             output_tokens=st.integers(0, 2**40),
             request_id=st.one_of(st.none(), st.text(max_size=10)),
+            usage_source=st.sampled_from(["service", "estimated"]),
         ),
         max_size=10,
     )

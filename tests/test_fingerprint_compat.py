@@ -104,8 +104,9 @@ def test_a_checkpoint_in_the_pre13_record_format_resumes_with_nothing_sent(tmp_p
     rows_path = tmp_path / "out" / "result.parquet.checkpoint" / "rows.jsonl"
     records = [json.loads(line) for line in rows_path.read_bytes().splitlines()]
     assert {(r["model"], r["seed"]) for r in records} == {("qwen-turbo", 7)}
-    # pre13 records had neither model and seed nor issue 14's reasoning and first-token fields.
-    later = ("model", "seed", "reasoning_text", "reasoning_tokens", "first_token_s")
+    # pre13 records had neither model and seed nor issue 14's reasoning and first-token fields
+    # nor issue 15's usage_source.
+    later = ("model", "seed", "reasoning_text", "reasoning_tokens", "first_token_s", "usage_source")
     old = [{k: v for k, v in r.items() if k not in later} for r in records]
     assert all(set(r) == PRE13_RECORD_FIELDS for r in old)
     rows_path.write_bytes(b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in old))

@@ -18,7 +18,7 @@ RESULT_COLUMNS = [
     "request_id", "output_text", "finish_reason", "input_tokens", "output_tokens", "total_tokens",
     "cost", "status", "error_code", "error_message", "attempts", "latency_s", "model", "seed",
     "preflight_input_tokens",
-    "reasoning_text", "reasoning_tokens", "first_token_s",
+    "reasoning_text", "reasoning_tokens", "first_token_s", "usage_source",
 ]
 TEXTS = ["今天天气很好。", "The quick brown fox.", "数据 {text} 和 {{braces}} 以及 %s", "Hello again, world."]
 
@@ -38,6 +38,7 @@ def test_run_writes_one_ok_row_per_input_row_in_order(tmp_path: Path, job_env: d
     assert types["input_tokens"] == "int64" and types["cost"] == "double" and types["seed"] == "int64"
     assert types["error_code"] == "string" and types["attempts"] == "int64"
     assert (types["reasoning_text"], types["reasoning_tokens"], types["first_token_s"]) == ("string", "int64", "double")
+    assert types["usage_source"] == "string" and table.column("usage_source").to_pylist() == ["service"] * len(TEXTS)
     frame = pl.read_parquet(output)
     assert frame["id"].to_list() == [f"r{i:03d}" for i in range(len(TEXTS))]
     assert frame["status"].to_list() == ["ok"] * len(TEXTS)

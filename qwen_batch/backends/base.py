@@ -44,6 +44,7 @@ class Usage:
     output_tokens: int
     reasoning_tokens: int | None = None
     cached_tokens: int | None = None
+    estimated: bool = False  # counted by the client: the service reported none
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +176,7 @@ async def _collect_events(events: AsyncIterator[Event], clock: Callable[[], floa
         reasoning_tokens=usage.reasoning_tokens,
         cached_tokens=usage.cached_tokens,
         first_token_s=first_token_s,
+        usage_source="estimated" if usage.estimated else "service",
     )
 
 

@@ -50,7 +50,7 @@ from ..wire import (
 )
 from .base import Event, Failed, Finished, ReasoningDelta, TextDelta, Usage, WholeReply
 from .errors import TRANSPORT_EXCEPTIONS, ErrorTranslator
-from .sse import SSEDecoder
+from .streaming import stream_events
 
 _OTHER_PATH: dict[NativePath, NativePath] = {"text": "multimodal", "multimodal": "text"}
 
@@ -268,7 +268,7 @@ class DashScopeBackend:
             async for event in events:
                 yield event
 
-    async def _stream_on(self, request: Request, path: NativePath) -> AsyncGenerator[Event, None]:
+    def _stream_on(self, request: Request, path: NativePath) -> AsyncGenerator[Event, None]:
         """POST ``request`` to ``path`` for SSE and yield its events as they arrive.
 
         Every failure is the last event, a ``Failed``: a refusal before the stream, an
@@ -284,45 +284,13 @@ class DashScopeBackend:
             content=self._body(request, path, streamed=True),
             extensions={"timeout": self._timeout},
         )
-        failure: BackendError | None = None
-        response: httpx.Response | None = None
-        try:
-            response = await self._transport.handle_async_request(outgoing)
-        except TRANSPORT_EXCEPTIONS as exc:
-            failure = errors.transport_error(exc)
-        if response is None:
-            yield Failed(failure or TransportError("ConnectionError", "no response"))
-            return
-        try:
-            if response.status_code != 200:
-                failure = await self._refusal(response, request, errors)
-            else:
-                reader = _StreamReader(request, errors, response.headers.get(REQUEST_ID_HEADER))
-                decoder = SSEDecoder()
-                try:
-                    async for chunk in response.aiter_bytes():
-                        for kind, data in decoder.feed(chunk):
-                            for event in reader.read(kind, data):
-                                yield event
-                        if reader.failure is not None:
-                            break
-                except TRANSPORT_EXCEPTIONS as exc:
-                    # After the finishing event the reply is whole: a cut then loses nothing.
-                    if not reader.finished:
-                        failure = errors.transport_error(exc)
-                failure = failure or reader.failure
-            if failure is not None:
-                yield Failed(failure)
-        finally:
-            await response.aclose()
-
-    async def _refusal(self, response: httpx.Response, request: Request, errors: ErrorTranslator) -> BackendError:
-        """The error of a streaming request answered with a non-200 status (its body JSON or SSE)."""
-        try:
-            content = await response.aread()
-        except TRANSPORT_EXCEPTIONS:
-            content = b""
-        return errors.status_error(response.status_code, content, response.headers, sent_parameters=request.parameters)
+        return stream_events(
+            self._transport,
+            outgoing,
+            errors,
+            request.parameters,
+            lambda response: _StreamReader(request, errors, response.headers.get(REQUEST_ID_HEADER)),
+        )
 
 
 class _StreamReader:

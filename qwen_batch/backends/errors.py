@@ -153,7 +153,8 @@ class ErrorTranslator:
 
     def scrub(self, text: str) -> str:
         """Remove the API key from text that came from outside (a server may echo it)."""
-        return text.replace(self._api_key, _REDACTED) if self._api_key in text else text
+        # A keyless server has the empty key, which is in every text and is no secret.
+        return text.replace(self._api_key, _REDACTED) if self._api_key and self._api_key in text else text
 
 
 # Words of the service's 429 messages that name the limit (protocol reference section 4.2),
@@ -281,6 +282,9 @@ def error_fields(content: bytes) -> tuple[str | None, str | None, str | None]:
     if isinstance(data.get("error"), dict):  # the OpenAI-compatible shape
         fields = data["error"]
     code, message, request_id = fields.get("code"), fields.get("message"), data.get("request_id")
+    if (isinstance(code, int) or (isinstance(code, str) and code.isdigit())) and isinstance(fields.get("type"), str):
+        # vLLM, SGLang and llama.cpp put the HTTP status in ``code``: their ``type`` names the error.
+        code = fields["type"] or code
     return (
         str(code) if code else None,
         str(message) if message else None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 from ..errors import ConfigError
-from ..wire import DASHSCOPE
+from ..wire import DASHSCOPE, OPENAI
 from .base import OpenBackend
 
 if TYPE_CHECKING:
@@ -21,37 +21,40 @@ class BackendFactory(Protocol):
 
     ``stream``, ``path`` and ``path_known`` are the job's ``modes.Mode``: stream the replies,
     on which native path, and whether that path is known (when not, a "url error" answer
-    may move the run to the other one).
+    may move the run to the other one). ``server`` is the OpenAI-compatible server whose
+    dialect to speak (``servers.DIALECTS``); ``api_key`` None is a server that needs none.
     """
 
     def __call__(
         self,
         base_url: str,
-        api_key: str,
+        api_key: str | None,
         *,
         timeout_s: float,
         max_connections: int,
         stream: bool = False,
         path: NativePath = "text",
         path_known: bool = True,
+        server: str = DASHSCOPE,
     ) -> OpenBackend: ...
 
 
 def _dashscope(
     base_url: str,
-    api_key: str,
+    api_key: str | None,
     *,
     timeout_s: float,
     max_connections: int,
     stream: bool = False,
     path: NativePath = "text",
     path_known: bool = True,
+    server: str = DASHSCOPE,
 ) -> OpenBackend:
     from .dashscope import DashScopeBackend
 
     return DashScopeBackend(
         base_url,
-        api_key,
+        api_key or "",
         timeout_s=timeout_s,
         max_connections=max_connections,
         streamed=stream,
@@ -60,7 +63,31 @@ def _dashscope(
     )
 
 
-_FACTORIES: dict[str, BackendFactory] = {DASHSCOPE: _dashscope}
+def _openai(
+    base_url: str,
+    api_key: str | None,
+    *,
+    timeout_s: float,
+    max_connections: int,
+    stream: bool = False,
+    path: NativePath = "text",
+    path_known: bool = True,
+    server: str = DASHSCOPE,
+) -> OpenBackend:
+    from ..servers import DIALECTS
+    from .openai import OpenAIBackend
+
+    return OpenAIBackend(
+        base_url,
+        api_key,
+        timeout_s=timeout_s,
+        max_connections=max_connections,
+        streamed=stream,
+        dialect=DIALECTS[server],
+    )
+
+
+_FACTORIES: dict[str, BackendFactory] = {DASHSCOPE: _dashscope, OPENAI: _openai}
 
 
 def register_backend(protocol: str, factory: BackendFactory) -> None:

@@ -7,6 +7,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from ..catalog import Price
     from ..plan import JobPlan
     from ..runner import OutcomeSink, RunStatistics, WorkItem
 
@@ -24,6 +25,10 @@ class Execution(Protocol):
     @property
     def rate_limits(self) -> tuple[float | None, float | None]:
         """The requests and tokens per minute this execution keeps to (None: no such limit)."""
+
+    @property
+    def price(self) -> Price | None:
+        """The price this execution's rows are billed at (None: unknown, or a local server, which has none)."""
 
     def statistics(self) -> RunStatistics: ...
 

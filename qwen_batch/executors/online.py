@@ -18,6 +18,7 @@ from ..runner import Runner
 
 if TYPE_CHECKING:
     from ..backends.base import Backend, OpenBackend
+    from ..catalog import Price
     from ..errors import ConfigurationRefused
     from ..plan import JobPlan
     from ..runner import OutcomeSink, RunStatistics, WorkItem
@@ -51,30 +52,65 @@ class OnlineExecutor:
     @asynccontextmanager
     async def open(self, plan: JobPlan, sink: OutcomeSink) -> AsyncIterator[OnlineExecution]:
         async with AsyncExitStack() as stack:
-            backend, base_url = self._backend, None
+            backend, base_url, local = self._backend, None, False
             if backend is None:
                 base_url, api_key = await _endpoint(plan, stack)
-                backend = await stack.enter_async_context(_service_backend(plan, base_url, api_key))
-            yield OnlineExecution(plan, _runner(plan, backend, sink), base_url)
+                server = await _server(plan, base_url, api_key)
+                local = _is_local(server)
+                backend = await stack.enter_async_context(_service_backend(plan, base_url, api_key, server))
+            yield OnlineExecution(plan, _runner(plan, backend, sink, local=local), base_url, local=local)
 
 
-async def _endpoint(plan: JobPlan, stack: AsyncExitStack) -> tuple[str, str]:
-    """Base URL and key: the built-in emulator's (started here) or the configured service's."""
+async def _endpoint(plan: JobPlan, stack: AsyncExitStack) -> tuple[str, str | None]:
+    """Base URL and key: the built-in emulator's (started here) or the configured service's.
+
+    On the openai protocol the emulator's base is its compatible-mode one.
+    """
     if plan.options.emulate:
         from ..emulator import open_emulator
 
         emulator = await stack.enter_async_context(open_emulator())
-        return emulator.base_url, emulator.api_key or "sk-emulator"
+        base_url = emulator.compatible_base_url if plan.spec.api.protocol == "openai" else emulator.base_url
+        return base_url, emulator.api_key or "sk-emulator"
     return resolve_api(plan.spec)
 
 
-def _service_backend(plan: JobPlan, base_url: str, api_key: str) -> OpenBackend:
-    """The registered backend of the job's protocol (DashScope's native one, today)."""
+async def _server(plan: JobPlan, base_url: str, api_key: str | None) -> str:
+    """The server whose dialect the run speaks: the spec's, or decided once here (and said);
+    a parameter that server does not read stops the run before anything is sent."""
+    from ..servers import check_dialect, detect_server
+
+    api = plan.spec.api
+    if api.protocol != "openai":
+        return "dashscope"
+    if api.server != "auto":
+        return api.server  # its parameters were checked, and its price dropped, by prepare
+    server, why = await detect_server(base_url, api_key, timeout_s=min(plan.spec.execution.request_timeout_s, 10.0))
+    _note(f"api.server auto: speaking {server}'s dialect ({why}); set api.server to choose")
+    check_dialect(plan.spec.where, server, plan.renderer.parameters)
+    if _is_local(server):
+        _note(f"a {server} server has no price: cost is null for this run")
+    return server
+
+
+def _is_local(server: str) -> bool:
+    from ..servers import DIALECTS
+
+    return DIALECTS[server].local
+
+
+def _note(message: str) -> None:
+    import sys
+
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def _service_backend(plan: JobPlan, base_url: str, api_key: str | None, server: str) -> OpenBackend:
+    """The registered backend of the job's protocol, speaking ``server``'s dialect."""
     from ..backends.registry import backend_factory
-    from ..wire import DASHSCOPE
 
     mode = plan.mode
-    return backend_factory(DASHSCOPE)(
+    return backend_factory(plan.spec.api.protocol)(
         base_url,
         api_key,
         timeout_s=plan.spec.execution.request_timeout_s,
@@ -82,14 +118,23 @@ def _service_backend(plan: JobPlan, base_url: str, api_key: str) -> OpenBackend:
         stream=mode.stream,
         path=mode.path,
         path_known=mode.path_known,
+        server=server,
     )
 
 
-def _runner(plan: JobPlan, backend: Backend, sink: OutcomeSink) -> Runner:
+def _rate_limits(plan: JobPlan, local: bool) -> tuple[float | None, float | None]:
+    """The run's RPM and TPM: a local server has no DashScope quota, so only the spec's own apply."""
+    if local:
+        execution = plan.spec.execution
+        return execution.requests_per_minute, execution.tokens_per_minute
+    return plan.rate_limits
+
+
+def _runner(plan: JobPlan, backend: Backend, sink: OutcomeSink, *, local: bool = False) -> Runner:
     from ..limits import Limits
     from ..retry import RetryPolicy
 
-    rpm, tpm = plan.rate_limits
+    rpm, tpm = _rate_limits(plan, local)
     max_cost = plan.max_cost
     return Runner(
         backend,
@@ -97,7 +142,7 @@ def _runner(plan: JobPlan, backend: Backend, sink: OutcomeSink) -> Runner:
         concurrency=plan.workers,
         limits=Limits.from_settings(rpm, tpm),
         retry_policy=RetryPolicy(max_retries=plan.spec.execution.max_retries),
-        price=plan.price,
+        price=None if local else plan.price,
         rows_total=plan.rows,
         budget=Budget(max_cost, spent=plan.previous_cost) if max_cost is not None else None,
         max_error_rate=plan.spec.execution.max_error_rate,
@@ -107,11 +152,12 @@ def _runner(plan: JobPlan, backend: Backend, sink: OutcomeSink) -> Runner:
 class OnlineExecution:
     """A running pool: ``Runner`` plus what explains its stop to the user."""
 
-    def __init__(self, plan: JobPlan, runner: Runner, base_url: str | None) -> None:
+    def __init__(self, plan: JobPlan, runner: Runner, base_url: str | None, *, local: bool = False) -> None:
         self._plan = plan
         self._runner = runner
         self._base_url = base_url
-        self.rate_limits = plan.rate_limits
+        self.rate_limits = _rate_limits(plan, local)
+        self.price: Price | None = None if local else plan.price
 
     @property
     def stop_reason(self) -> str | None:
