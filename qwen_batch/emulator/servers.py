@@ -27,9 +27,9 @@ _EXTRA_SAMPLING = ("top_k", "repetition_penalty")
 def _template_switch(body: Mapping[str, Any]) -> bool | None:
     """``chat_template_kwargs.enable_thinking``, then ``reasoning_effort: "none"`` (vLLM
     ``chat_completion/protocol.py`` ~l.660: the kwargs win)."""
-    kwargs = body.get("chat_template_kwargs")
-    if isinstance(kwargs, dict) and isinstance(kwargs.get("enable_thinking"), bool):
-        return kwargs["enable_thinking"]
+    switch = _kwargs_switch(body)
+    if switch is not None:
+        return switch
     return False if body.get("reasoning_effort") == "none" else None
 
 
@@ -43,9 +43,8 @@ def _effort_switch(body: Mapping[str, Any]) -> bool | None:
 def _kwargs_switch(body: Mapping[str, Any]) -> bool | None:
     """llama.cpp with ``--jinja``: ``chat_template_kwargs.enable_thinking`` only (WAVE2 D.1, 3P)."""
     kwargs = body.get("chat_template_kwargs")
-    if isinstance(kwargs, dict) and isinstance(kwargs.get("enable_thinking"), bool):
-        return kwargs["enable_thinking"]
-    return None
+    enable = kwargs.get("enable_thinking") if isinstance(kwargs, dict) else None
+    return enable if isinstance(enable, bool) else None
 
 
 @dataclass(frozen=True)

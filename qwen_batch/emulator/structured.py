@@ -12,6 +12,7 @@ can be tested against a seeded request.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from collections.abc import Mapping, Sequence
@@ -102,23 +103,25 @@ def value_for(schema: Mapping[str, Any], rng: random.Random, words: Sequence[str
             return value_for(schema[key][0], rng, words, depth + 1)
     kind = _type_of(schema)
     if kind == "object":
-        properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
-        if depth >= _MAX_DEPTH:
+        properties = schema.get("properties")
+        if depth >= _MAX_DEPTH or not isinstance(properties, dict):
             return {}
         return {name: value_for(sub, rng, words, depth + 1) for name, sub in properties.items()}
     if kind == "array":
         low = int(schema.get("minItems", 1))
         high = max(low, min(int(schema.get("maxItems", 3)), low + 3))
-        items = schema.get("items") if isinstance(schema.get("items"), dict) else {"type": "string"}
+        items = schema.get("items")
+        if not isinstance(items, dict):
+            items = {"type": "string"}
         if depth >= _MAX_DEPTH:
             return []
         return [value_for(items, rng, words, depth + 1) for _ in range(rng.randint(low, high))]
     if kind == "integer":
-        low, high = _bounds(schema, 0, 100)
-        return rng.randint(int(low), int(high))
+        least, most = _bounds(schema, 0, 100)
+        return rng.randint(math.ceil(least), max(math.ceil(least), math.floor(most)))
     if kind == "number":
-        low, high = _bounds(schema, 0.0, 100.0)
-        return round(rng.uniform(low, high), 2) if high > low else low
+        least, most = _bounds(schema, 0.0, 100.0)
+        return min(most, max(least, round(rng.uniform(least, most), 2)))
     if kind == "boolean":
         return rng.random() < 0.5
     if kind == "null":
@@ -156,9 +159,10 @@ def _type_of(schema: Mapping[str, Any]) -> str:
 
 
 def _bounds(schema: Mapping[str, Any], low: float, high: float) -> tuple[float, float]:
-    low = schema.get("minimum", low)
-    high = schema.get("maximum", max(high, low))
-    return low, max(low, high)
+    """The inclusive range of a number: the schema's bounds, the defaults where it has none."""
+    minimum = float(schema.get("minimum", low))
+    maximum = float(schema.get("maximum", max(high, minimum)))
+    return minimum, max(minimum, maximum)
 
 
 def _string(schema: Mapping[str, Any], rng: random.Random, words: Sequence[str]) -> str:

@@ -494,5 +494,6 @@ def _local_thinking(body: dict[str, Any], model: str, server: Server) -> tuple[b
     if not thinks:
         return False, 0
     budget = body.get(server.budget_key) if server.budget_key else None
-    ceiling = rules.max_thinking_tokens or 1 << 20  # no budget: the thought's natural length
-    return True, int(budget) if _integer(budget) and budget > 0 else ceiling
+    if isinstance(budget, int) and not isinstance(budget, bool) and budget > 0:
+        return True, budget
+    return True, rules.max_thinking_tokens or 1 << 20  # no budget: the thought's natural length
