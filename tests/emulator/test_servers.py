@@ -201,3 +201,16 @@ def test_a_local_server_queues_beyond_its_slots() -> None:
         assert reasons == ["stop"] * 6
         stats = emu.stats()
         assert stats["peak_in_flight"] == 2 and stats["by_status"] == {"200": 6}
+
+
+def test_sglang_errors_are_flat_but_nested_inside_a_stream(start_emulator: Any) -> None:
+    emu = start_emulator(server="sglang")
+    url = emu.compatible_base_url + "/chat/completions"
+    body = {"model": "qwen-plus", "messages": [{"role": "user", "content": "go [[emu: fail=InternalError midstream]]"}]}
+    whole = httpx.post(url, json=body, timeout=5)
+    assert whole.status_code == 500 and whole.json()["object"] == "error" and whole.json()["code"] == 500
+    streamed = httpx.post(url, json={**body, "stream": True}, timeout=5)
+    assert streamed.status_code == 200
+    last = streamed.text.rstrip("\n").split("\n\n")[-1]
+    assert last.startswith('data: {"error":') and '"code":500' in last
+    assert "[DONE]" not in streamed.text
