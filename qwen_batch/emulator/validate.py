@@ -410,16 +410,7 @@ COMPATIBLE_SAMPLING_KEYS = (
 def validate_compatible(body: dict[str, Any], catalog: Catalog, *, rules: str, usage_mode: str) -> ChatRequest:
     """An OpenAI-compatible body → ChatRequest (parameters under their native names)."""
     model = _model(catalog, body, compatible=True)
-    if "messages" not in body:
-        raise invalid(ERRORS["InvalidParameter"].message)
-    messages = check_messages(body["messages"], rules, compatible=True)
-    params = {key: body[key] for key in COMPATIBLE_SAMPLING_KEYS if body.get(key) is not None}
-    if "max_tokens" not in params and body.get("max_completion_tokens") is not None:
-        params["max_tokens"] = body["max_completion_tokens"]
-    max_tokens = check_parameters(params, model, compatible=True)
-    stream = body.get("stream") is True
-    options = body.get("stream_options")
-    include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
+    messages, params, max_tokens, stream, include_usage = _chat_fields(body, model, COMPATIBLE_SAMPLING_KEYS, rules)
     # Compatible mode has no result_format and streams deltas only (reference section 6).
     thinking, budget = check_thinking(params, model.name, behaviour(model.name), stream=stream, result_format="message",
                                       incremental=True)
@@ -427,6 +418,24 @@ def validate_compatible(body: dict[str, Any], catalog: Catalog, *, rules: str, u
     count = _check_input_length(messages, model, usage_mode) + json_overhead(mode)
     return ChatRequest(model, messages, params, max_tokens, "message", True, count, stream, include_usage,
                        thinking=thinking, thinking_budget=budget, json_mode=mode, json_schema=schema)
+
+
+def _chat_fields(
+    body: dict[str, Any], model: ModelInfo, sampling_keys: tuple[str, ...], rules: str
+) -> tuple[list[dict[str, Any]], dict[str, Any], int, bool, bool]:
+    """A chat completion's checked messages, the parameters among ``sampling_keys`` (``max_completion_tokens``
+    read as ``max_tokens``), the effective ``max_tokens``, and whether it streams and asks for usage."""
+    if "messages" not in body:
+        raise invalid(ERRORS["InvalidParameter"].message)
+    messages = check_messages(body["messages"], rules, compatible=True)
+    params = {key: body[key] for key in sampling_keys if body.get(key) is not None}
+    if "max_tokens" not in params and body.get("max_completion_tokens") is not None:
+        params["max_tokens"] = body["max_completion_tokens"]
+    max_tokens = check_parameters(params, model, compatible=True)
+    stream = body.get("stream") is True
+    options = body.get("stream_options")
+    include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
+    return messages, params, max_tokens, stream, include_usage
 
 
 def check_response_format(
@@ -463,16 +472,7 @@ def validate_local(body: dict[str, Any], catalog: Catalog, server: Server, *, se
     model = catalog.get(name) if isinstance(name, str) else None
     if model is None:
         raise ApiError("ModelNotFound", LOCAL_MODEL_MISSING.format(name=name), 404)
-    if "messages" not in body:
-        raise invalid(ERRORS["InvalidParameter"].message)
-    messages = check_messages(body["messages"], "lenient", compatible=True)
-    params = {key: body[key] for key in server.sampling_keys if body.get(key) is not None}
-    if "max_tokens" not in params and body.get("max_completion_tokens") is not None:
-        params["max_tokens"] = body["max_completion_tokens"]
-    max_tokens = check_parameters(params, model, compatible=True)
-    stream = body.get("stream") is True
-    options = body.get("stream_options")
-    include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
+    messages, params, max_tokens, stream, include_usage = _chat_fields(body, model, server.sampling_keys, "lenient")
     thinking, budget = _local_thinking(body, model.name, server)
     mode, schema = check_response_format(params, messages, json_word=False)
     count = count_input(messages, model.name, "chatml")
