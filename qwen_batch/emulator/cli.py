@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..argtypes import number, whole_number
 from .config import DEFAULT_API_KEY, DEFAULT_RATE_WINDOW_S, EmulatorConfig, FaultRates
+from .servers import SERVER_NAMES
 from .server import open_emulator
 
 # flag suffix → FaultRates field; each takes a probability per attempt.
@@ -87,6 +88,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="median natural reasoning length of a thinking reply (default 60)")
     protocol.add_argument("--thinking-max-tokens", type=positive, default=600,
                           help="longest natural reasoning (default 600)")
+    protocol.add_argument("--server", choices=SERVER_NAMES, default="dashscope",
+                          help="compatible endpoint's dialect: dashscope (default) or a local server imitated under /v1 "
+                               "(no key, no 429)")
+    protocol.add_argument("--no-usage", action="store_true",
+                          help="compatible endpoint: send no usage at all (a server that sends none)")
+    protocol.add_argument("--max-running", type=positive, metavar="N",
+                          help="requests served at once; the rest queue (default: no limit)")
     protocol.add_argument("--stream-chunk-tokens", type=positive, default=4, help="tokens per stream event (default 4)")
 
     faults = parser.add_argument_group("faults (probabilities per attempt, reproducible from --fault-seed)")
@@ -141,15 +149,22 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         latency_per_token_s=args.latency_per_token,
         directives=not args.no_directives,
         ledger_path=args.ledger,
+        server=args.server,
+        send_usage=not args.no_usage,
+        max_running=args.max_running,
     )
 
 
 async def _serve(config: EmulatorConfig, host: str, port: int) -> None:
     async with open_emulator(config, host=host, port=port) as emu:
         print(f"qwen-batch emulator listening on {emu.root_url}", flush=True)
-        print(f"  native base URL:     {emu.base_url}", flush=True)
-        print(f"  compatible base URL: {emu.compatible_base_url}", flush=True)
-        print(f"  API key:             {config.api_key if config.api_key is not None else '(any)'}", flush=True)
+        if config.server == "dashscope":
+            print(f"  native base URL:     {emu.base_url}", flush=True)
+            print(f"  compatible base URL: {emu.compatible_base_url}", flush=True)
+            print(f"  API key:             {config.api_key if config.api_key is not None else '(any)'}", flush=True)
+        else:
+            print(f"  {config.server} base URL: {emu.compatible_base_url}", flush=True)
+            print("  API key:             (none needed)", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):

@@ -6,6 +6,10 @@ ending with ``data: [DONE]`` (reference section 6). Thinking (``enable_thinking`
 ``thinking_budget`` as top-level keys) streams ``delta.reasoning_content`` before
 ``delta.content``, and usage gains ``completion_tokens_details.reasoning_tokens``
 (research-wave2 A.3); every model is served here, whatever its native path.
+
+With ``EmulatorConfig.server`` set to a local server (``servers.py``) the same endpoint
+speaks that server's dialect under ``/v1``: its reasoning field, thinking switch, error
+bodies, finish reasons and ``owned_by``, with no key needed.
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ from ..wire import REQUEST_ID_HEADER
 from .config import EmulatorConfig
 from .generate import Generation
 from .pipeline import JSON_CONTENT_TYPE, SSE_CONTENT_TYPE, Exchange, json_bytes
-from .validate import ApiError, ChatRequest, validate_compatible
+from .servers import SERVERS, Server, error_body
+from .validate import ApiError, ChatRequest, validate_compatible, validate_local
 
 AUTH_MESSAGE = "Incorrect API key provided. "
-MODELS_PATH = "/compatible-mode/v1/models"
 _DONE = b"data: [DONE]\n\n"
 
 
@@ -35,6 +39,8 @@ class CompatibleDialect:
     def __init__(self, config: EmulatorConfig, catalog: Catalog) -> None:
         self._config = config
         self._catalog = catalog
+        self.server: Server = SERVERS[config.server]
+        self.finish_reasons = self.server.finish_reasons
 
     def start(self, request: web.Request, exchange: Exchange) -> None:
         pass  # the body says whether to stream
@@ -46,45 +52,59 @@ class CompatibleDialect:
 
     def validate(self, body: dict[str, Any], stream: bool) -> ChatRequest:
         config = self._config
-        return validate_compatible(body, self._catalog, rules=config.role_rules, usage_mode=config.usage_mode)
+        if self.server.local:
+            return validate_local(body, self._catalog, self.server, send_usage=config.send_usage)
+        chat = validate_compatible(body, self._catalog, rules=config.role_rules, usage_mode=config.usage_mode)
+        chat.send_usage = config.send_usage
+        return chat
 
     def error_response(self, error: ApiError, exchange: Exchange, headers: dict[str, str]) -> web.Response:
         # A stream refused before generation too: a plain JSON error, which is what the openai package parses.
-        payload = json_bytes(_error_body(error, exchange.request_id))
+        payload = json_bytes(_error_body(self.server, error, exchange.request_id))
         headers = {REQUEST_ID_HEADER: exchange.request_id, "Content-Type": JSON_CONTENT_TYPE, **headers}
         return web.Response(body=payload, status=error.status, headers=headers)
 
     def reply(self, chat: ChatRequest, generation: Generation, request_id: str, created: int) -> bytes:
         message = {"role": "assistant", "content": generation.text}
         if chat.thinking:
-            message["reasoning_content"] = generation.reasoning
-        return json_bytes({
-            "choices": [{"message": message,
-                         "finish_reason": generation.finish_reason, "index": 0, "logprobs": None}],
-            "object": "chat.completion",
-            "usage": _usage(chat, generation),
-            "created": created,
-            "system_fingerprint": None,
-            "model": chat.model.name,
-            "id": f"chatcmpl-{request_id}",
-        })
+            message[self.server.reasoning_field] = generation.reasoning
+        choice: dict[str, Any] = {"message": message, "finish_reason": generation.finish_reason, "index": 0,
+                                  "logprobs": None}
+        if self.server.stop_reason:
+            choice["stop_reason"] = None  # vLLM's extra field (WAVE2 D.1): the stop string or token, if one ended it
+        body: dict[str, Any] = {"choices": [choice], "object": "chat.completion"}
+        if chat.send_usage:
+            body["usage"] = _usage(chat, generation)
+        body.update(created=created, system_fingerprint=None, model=chat.model.name, id=f"chatcmpl-{request_id}")
+        return json_bytes(body)
 
     def reply_stream(self, chat: ChatRequest, generation: Generation, request_id: str, created: int) -> CompatibleStream:
-        return CompatibleStream(chat, generation, request_id, created)
+        return CompatibleStream(chat, generation, request_id, created, self.server)
 
-    def models(self) -> web.Response:
-        """``GET /compatible-mode/v1/models``: the catalog's names."""
-        data = [{"id": name, "object": "model", "owned_by": "system"} for name in self._catalog.names()]
+    def models(self, created: int) -> web.Response:
+        """``GET {base}/models``: the catalog's names, owned by the emulated server (NOTES.md)."""
+        owner = self.server.owned_by
+        data = [{"id": name, "object": "model", "created": created, "owned_by": owner}
+                for name in self._catalog.names()]
         return web.Response(body=json_bytes({"object": "list", "data": data}), content_type=JSON_CONTENT_TYPE)
+
+    def unauthorized(self, request_id: str) -> web.Response:
+        """The 401 of a listing without the key (only DashScope needs one)."""
+        error = ApiError("InvalidApiKey", self.auth_message)
+        payload = json_bytes(_error_body(self.server, error, request_id))
+        return web.Response(body=payload, status=error.status, content_type=JSON_CONTENT_TYPE,
+                            headers={REQUEST_ID_HEADER: request_id})
 
 
 class CompatibleStream:
     """OpenAI chunks: a role chunk, one delta chunk per piece, a finish chunk, usage if asked, [DONE]."""
 
-    def __init__(self, chat: ChatRequest, generation: Generation, request_id: str, created: int) -> None:
+    def __init__(self, chat: ChatRequest, generation: Generation, request_id: str, created: int,
+                 server: Server = SERVERS["dashscope"]) -> None:
         self._chat = chat
         self._generation = generation
         self._request_id = request_id
+        self._server = server
         self._common = {"object": "chat.completion.chunk", "usage": None, "created": created,
                         "system_fingerprint": None, "model": chat.model.name, "id": f"chatcmpl-{request_id}"}
         self.headers = {"Content-Type": SSE_CONTENT_TYPE, REQUEST_ID_HEADER: request_id}
@@ -97,13 +117,14 @@ class CompatibleStream:
                              "finish_reason": None}),)
 
     def thought(self, cumulative: str, delta: str, reasoning_tokens: int) -> bytes:
-        return self._chunk({"finish_reason": None, "delta": {"reasoning_content": delta}, "index": 0, "logprobs": None})
+        return self._chunk({"finish_reason": None, "delta": {self._server.reasoning_field: delta}, "index": 0,
+                            "logprobs": None})
 
     def piece(self, cumulative: str, delta: str, output_tokens: int) -> bytes:
         return self._chunk({"finish_reason": None, "delta": {"content": delta}, "index": 0, "logprobs": None})
 
     def error(self, error: ApiError) -> bytes:
-        return _data(json_bytes(_error_body(error, self._request_id)))
+        return _data(json_bytes(_error_body(self._server, error, self._request_id, in_stream=True)))
 
     def malformed(self) -> bytes:
         return b'data: {"choices":[{"delta":\n\n'
@@ -112,7 +133,7 @@ class CompatibleStream:
         generation = self._generation
         finish = self._chunk({"finish_reason": generation.finish_reason, "delta": {"content": ""}, "index": 0,
                               "logprobs": None})
-        if not self._chat.include_usage:
+        if not (self._chat.include_usage and self._chat.send_usage):
             return finish, _DONE
         usage = _data(json_bytes({**self._common, "choices": [], "usage": _usage(self._chat, generation)}))
         return finish, usage, _DONE
@@ -130,7 +151,9 @@ def _usage(chat: ChatRequest, generation: Generation) -> dict[str, Any]:
     return usage
 
 
-def _error_body(error: ApiError, request_id: str) -> dict[str, Any]:
+def _error_body(server: Server, error: ApiError, request_id: str, *, in_stream: bool = False) -> dict[str, Any]:
+    if server.local:
+        return error_body(server, error.status, error.message, in_stream=in_stream)
     code = error.compatible_code
     if error.status in (400, 401, 404, 413) and code != "data_inspection_failed":
         error_type = "invalid_request_error"

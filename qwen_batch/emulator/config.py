@@ -16,6 +16,7 @@ from typing import Literal
 
 from ..catalog import Catalog, ModelInfo, builtin
 from .models import MODELS as EMULATED_MODELS
+from .servers import SERVER_NAMES, ServerName
 
 UsageMode = Literal["chatml", "raw-2024q1"]
 RoleRules = Literal["strict", "lenient"]
@@ -74,6 +75,13 @@ class EmulatorConfig:
       stream_error_mode: a streaming request refused before generation gets its error status
         ("status") or HTTP 200 ("http200"); the body is an SSE ``event:error`` either way.
       sse_via_accept: ``Accept: text/event-stream`` alone also turns on streaming.
+    Compatible endpoint
+      server: "dashscope" (compatible mode under ``/compatible-mode/v1``, with the native routes) or a
+        local server ("vllm", "sglang", "ollama", "llamacpp") imitated under ``/v1`` alone: its
+        dialect (servers.py), no key needed, and no 429 (it queues).
+      send_usage: False for a server that sends no usage at all (no usage object, no usage chunk).
+      max_running: requests served at once; the rest wait in a queue (None: no limit), as a local
+        server's slots do (``max_num_seqs``).
     Replies
       reply_median_tokens, reply_max_tokens: the spread of natural reply lengths.
       thinking_median_tokens, thinking_max_tokens: the same for a thinking reply's reasoning
@@ -121,6 +129,9 @@ class EmulatorConfig:
     directives: bool = True
     ledger_path: Path | None = None
     max_body_bytes: int = MAX_BODY_BYTES
+    server: ServerName = "dashscope"
+    send_usage: bool = True
+    max_running: int | None = None
 
     def __post_init__(self) -> None:
         if self.usage_mode not in ("chatml", "raw-2024q1"):
@@ -129,6 +140,13 @@ class EmulatorConfig:
             raise ValueError(f"role_rules must be 'strict' or 'lenient', not {self.role_rules!r}")
         if self.stream_error_mode not in ("status", "http200"):
             raise ValueError(f"stream_error_mode must be 'status' or 'http200', not {self.stream_error_mode!r}")
+        if self.server not in SERVER_NAMES:
+            raise ValueError(f"server must be one of {', '.join(SERVER_NAMES)}, not {self.server!r}")
+        if self.server != "dashscope" and (self.rpm_limit is not None or self.tpm_limit is not None or _throttles(self.faults)):
+            raise ValueError(f"a local server ({self.server}) never answers 429, it queues: drop the rate limits and "
+                             "throttling faults, or bound it with max_running")
+        if self.max_running is not None and self.max_running < 1:
+            raise ValueError("max_running must be >= 1")
         if self.rate_window_s <= 0:
             raise ValueError("rate_window_s must be positive")
         if min(self.stream_chunk_tokens, self.reply_median_tokens, self.reply_max_tokens,
@@ -162,6 +180,10 @@ class EmulatorConfig:
             if getattr(self, item.name) != getattr(default, item.name)
         ]
         return f"EmulatorConfig({', '.join(changed)})"
+
+
+def _throttles(faults: FaultRates) -> bool:
+    return bool(faults.rate_quota or faults.allocation_quota or faults.burst_rate)
 
 
 @functools.cache

@@ -14,6 +14,12 @@ Directive syntax (anywhere in any message's content, one directive per brackets)
     [[emu: think=TOKENS]]                a thinking reply's natural reasoning length
     [[emu: think_overflow]]              a thinking reply runs out of tokens inside its thinking:
                                          finish_reason "length", an empty answer
+    [[emu: finish=REASON [times=N]]]     the reply ends with this finish_reason (one the emulated
+                                         server gives; vLLM's ``error`` is its HTTP 500)
+    [[emu: no_usage]]                    compatible endpoint: the reply carries no usage
+    [[emu: bad_json[=N|always]]]         JSON mode: the answer is not valid JSON until the
+                                         conversation holds N re-ask turns (default 1)
+    [[emu: bad_schema[=N|always]]]       json_schema mode: valid JSON that breaks the schema, the same way
 
 ``times=N`` limits a directive to the first N attempts of that exact body (default: all).
 The first directive (in text order) that applies to an attempt decides its fault.
@@ -33,7 +39,9 @@ FaultKind = Literal["error", "reset", "hang", "malformed", "truncated"]
 DIRECTIVE_MARK = "[[emu:"
 _DIRECTIVE = re.compile(r"\[\[emu:([^\]]*)\]\]")
 _ACTIONS = frozenset({"fail", "always", "hang", "reset", "malformed", "truncated", "latency", "length", "think",
-                      "think_overflow"})
+                      "think_overflow", "finish", "no_usage", "bad_json", "bad_schema"})
+# bad_json=always: the answer never parses, however often the model is re-asked.
+NEVER_FIXED = 1 << 30
 # What an output-side DataInspectionFailed says when it interrupts a stream.
 OUTPUT_INSPECTION_MESSAGE = "Output data may contain inappropriate content."
 
@@ -105,7 +113,7 @@ def parse_directive(inner: str) -> Directive:
                 raise DirectiveError(f"unknown emulator directive option {word!r}")
         except ValueError:
             raise DirectiveError(f"emulator directive option {word!r} needs an integer") from None
-    if action in ("fail", "always", "latency", "length", "think") and not value:
+    if action in ("fail", "always", "latency", "length", "think", "finish") and not value:
         raise DirectiveError(f"emulator directive {action!r} needs a value ({action}=...)")
     if action == "always":
         action, times = "fail", None
@@ -116,6 +124,8 @@ def parse_directive(inner: str) -> Directive:
             raise DirectiveError(f"latency={value!r} is not a number of seconds") from None
     if action in ("length", "think") and not value.isdigit():
         raise DirectiveError(f"{action}={value!r} is not a token count")
+    if action in ("bad_json", "bad_schema") and value and value != "always" and not value.isdigit():
+        raise DirectiveError(f"{action}={value!r} is not a number of re-asks (or 'always')")
     return Directive(action, value or None, times, status, midstream)
 
 
@@ -146,6 +156,24 @@ class Script:
 
     def think_overflow(self) -> bool:
         return any(d.action == "think_overflow" for d in self.directives)
+
+    def finish(self, attempt: int) -> str | None:
+        """The finish_reason a ``finish=`` directive imposes on this attempt, if any."""
+        for d in self.directives:
+            if d.action == "finish" and d.applies(attempt):
+                return d.value
+        return None
+
+    def no_usage(self) -> bool:
+        return any(d.action == "no_usage" for d in self.directives)
+
+    def broken_json(self) -> tuple[str, int] | None:
+        """(``bad_json`` or ``bad_schema``, the re-ask turns that fix it), from the first such directive."""
+        for d in self.directives:
+            if d.action in ("bad_json", "bad_schema"):
+                fixed_after = NEVER_FIXED if d.value == "always" else int(d.value or 1)
+                return d.action, fixed_after
+        return None
 
     def _count(self, action: str) -> int | None:
         for d in self.directives:

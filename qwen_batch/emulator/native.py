@@ -32,6 +32,8 @@ class NativeDialect:
     endpoint = "native"
     path: NativePath = "text"
     auth_message: str | None = None
+    # PROTO §2.1 (the native finish reasons).
+    finish_reasons = frozenset({"stop", "length", "tool_calls"})
 
     def __init__(self, config: EmulatorConfig, catalog: Catalog) -> None:
         self._config = config

@@ -12,6 +12,7 @@ behaviour of the service is a new step here.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -27,10 +28,12 @@ from .. import tokens
 from ..catalog import Catalog
 from ..wire import REQUEST_ID_HEADER
 from .config import EmulatorConfig
+from . import structured
 from .faults import NO_SCRIPT, DirectiveError, Fault, Script, decide, error_fault, read_script, unit
-from .generate import Generation, Thinking, generate
+from .generate import Generation, Thinking, cut_to_tokens, draft_seed, generate
 from .ledger import Ledger
 from .limits import WindowLimiter
+from .servers import SERVERS
 from .validate import ApiError, ChatRequest, invalid, parse_body
 
 JSON_CONTENT_TYPE = "application/json"
@@ -129,6 +132,8 @@ class Dialect(Protocol):
     """The ledger's name for the endpoint."""
     auth_message: str | None
     """The message of its 401 (None: the code's own)."""
+    finish_reasons: frozenset[str]
+    """The finish reasons its service gives (what ``[[emu: finish=...]]`` may ask for)."""
 
     def start(self, request: web.Request, exchange: Exchange) -> None:
         """Note what the headers say, before the body is read (native: whether to stream)."""
@@ -169,12 +174,19 @@ class Pipeline:
         # Both fixed for the emulator's life, so a request pays for neither check.
         self._random_faults = config.faults.total() > 0
         self._rate_limited = self.limiter.active
+        self.keyless = SERVERS[config.server].keyless
+        # A local server queues what its slots cannot take (WAVE2 D.1 "Overload": no 429).
+        self._slots = asyncio.Semaphore(config.max_running) if config.max_running else None
 
     def handler(self, dialect: Dialect) -> Handler:
         """The aiohttp handler of a generation endpoint speaking ``dialect``."""
+        slots = self._slots
 
         async def handle(request: web.Request) -> web.StreamResponse:
-            return await self.serve(request, dialect)
+            if slots is None:
+                return await self.serve(request, dialect)
+            async with slots:
+                return await self.serve(request, dialect)
 
         return handle
 
@@ -191,7 +203,7 @@ class Pipeline:
                 dialect.note(body, exchange)
                 chat = dialect.validate(body, exchange.stream)
                 exchange.input_tokens = chat.input_tokens
-                script, attempt, fault, generation = self.admit(chat, exchange)
+                script, attempt, fault, generation = self.admit(chat, exchange, dialect.finish_reasons)
             except ApiError as error:
                 # In native "http200" stream mode the wire says 200, but the ledger keeps the error's status.
                 exchange.status, exchange.code = error.status, error.code
@@ -214,6 +226,8 @@ class Pipeline:
     # ----- steps --------------------------------------------------------------------
 
     def authorized(self, request: web.Request) -> bool:
+        if self.keyless:
+            return True
         header = request.headers.get("Authorization", "")
         if not header.startswith(_BEARER):
             return False
@@ -233,11 +247,14 @@ class Pipeline:
             raise ApiError("BadRequest.TooLarge")
         return raw
 
-    def admit(self, chat: ChatRequest, exchange: Exchange) -> tuple[Script, int, Fault | None, Generation]:
+    def admit(
+        self, chat: ChatRequest, exchange: Exchange, finish_reasons: frozenset[str] = frozenset()
+    ) -> tuple[Script, int, Fault | None, Generation]:
         """Whether and how this attempt is served: its directives, attempt number, fault and reply.
 
         An injected error (unless it is due mid-stream) or a rate limit raises ApiError.
         Injected faults come before the rate limits, so a refused attempt does not count.
+        ``finish_reasons``: those the endpoint's service gives (a ``finish=`` directive is checked against them).
         """
         script, attempt, fault = NO_SCRIPT, 0, None
         if self.config.directives:
@@ -251,10 +268,21 @@ class Pipeline:
             attempt = self._attempts.get(exchange.sha, 0) + 1
             self._attempts[exchange.sha] = attempt
             fault = decide(script, self.config.faults, self.config.fault_seed, exchange.sha, attempt)
+        finish = script.finish(attempt) if script.directives else None
+        if finish is not None:
+            if finish not in finish_reasons:
+                raise invalid(f"finish={finish!r}: this server gives only {', '.join(sorted(finish_reasons))}")
+            if finish == "error" and fault is None:
+                # vLLM turns a finish_reason "error" into HTTP 500 (WAVE2 D.1); in a stream, an error event.
+                fault = error_fault("InternalError", 500, midstream=True)
         if fault is not None and fault.kind == "error" and not (fault.midstream and exchange.stream):
             exchange.fault = fault.name
             raise fault_error(fault)
+        if script.directives and script.no_usage():
+            chat.send_usage = False
         generation = self.generate(chat, script)
+        if finish is not None and finish != "error":
+            generation = dataclasses.replace(generation, finish_reason=finish)
         if self._rate_limited:
             limited = self.limiter.admit(chat.model.name, chat.input_tokens + generation.output_tokens)
             if limited:
@@ -275,6 +303,15 @@ class Pipeline:
         if chat.thinking:
             thinking = Thinking(chat.thinking_budget, config.thinking_median_tokens, config.thinking_max_tokens,
                                 script.think(), script.think_overflow())
+        generation = self._generate(chat, script, thinking)
+        if chat.json_mode is not None:
+            return json_generation(chat, generation, script)
+        if script.directives and script.broken_json():
+            raise invalid("bad_json and bad_schema need response_format json_object or json_schema")
+        return generation
+
+    def _generate(self, chat: ChatRequest, script: Script, thinking: Thinking | None) -> Generation:
+        config = self.config
         return generate(
             chat.model.name,
             chat.messages,
@@ -373,6 +410,30 @@ class Pipeline:
         abort(request)
         # The connection is gone; aiohttp will not manage to send this.
         return web.Response(status=500)
+
+
+def json_generation(chat: ChatRequest, generation: Generation, script: Script) -> Generation:
+    """The reply of a json mode request: the JSON answer in place of the prose (same thought),
+    spoiled while a ``bad_json``/``bad_schema`` directive is not yet fixed by re-asks, cut at max_tokens."""
+    if generation.finish_reason == "length" and not generation.text:
+        return generation  # the thought used every token: no answer to format
+    spoil = None
+    broken = script.broken_json() if script.directives else None
+    if broken is not None:
+        kind, fixed_after = broken
+        if kind == "bad_schema" and chat.json_mode != "json_schema":
+            raise invalid("bad_schema needs response_format json_schema")
+        if structured.reask_turns(chat.messages) < fixed_after:
+            spoil = kind
+    model = chat.model.name
+    seed = draft_seed(model, chat.messages, chat.parameters)
+    text = structured.answer(chat.json_schema, seed, generation.text, spoil)
+    ids = tokens.encode(text, model)
+    finish = "stop"
+    if len(ids) > chat.max_tokens:
+        text, ids = cut_to_tokens(text, chat.max_tokens, model, ids)
+        finish = "length"
+    return Generation(text, finish, tuple(ids), generation.reasoning, generation.reasoning_ids)
 
 
 def fault_error(fault: Fault) -> ApiError:

@@ -7,7 +7,9 @@ Routes (reference section 10):
   (Qwen3.5 and later, QVQ); each path answers the other's models 400 "url error"
 - ``POST /api/v1/tokenizer``                                   token ids of the content
 - ``POST /compatible-mode/v1/chat/completions``                OpenAI-compatible, stream or not
-- ``GET  /compatible-mode/v1/models``                          the catalog's names
+- ``GET  /compatible-mode/v1/models``                          the catalog's names (with the key)
+- with a local ``server`` (vllm, sglang, ollama, llamacpp): only ``POST /v1/chat/completions`` and
+  ``GET /v1/models`` in that server's dialect (plus the emulator's own stats and ledger)
 - ``GET  /emulator/stats``, ``GET /emulator/ledger``            statistics and the billing ledger
 - any other path or method: 404 ``404: Not Found`` (the service's body is not documented), recorded
   in the ledger as endpoint ``not-found``, so a wrong base URL shows in what was sent
@@ -21,14 +23,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from ..wire import API_PREFIX, COMPATIBLE_PATH, NATIVE_PATH
-from .compatible import MODELS_PATH, CompatibleDialect
+from ..wire import API_PREFIX, NATIVE_PATH
+from .compatible import CompatibleDialect
 from .config import EmulatorConfig
 from .generate import generate
 from .native import MultimodalDialect, NativeDialect, tokenize
@@ -39,7 +42,6 @@ MULTIMODAL_ROUTE = API_PREFIX + "/services/aigc/multimodal-generation/generation
 TOKENIZER_ROUTE = API_PREFIX + "/tokenizer"
 STATS_ROUTE = "/emulator/stats"
 LEDGER_ROUTE = "/emulator/ledger"
-MODELS_ROUTE = MODELS_PATH
 # Hung handlers get this long to finish at shutdown before they are cancelled.
 SHUTDOWN_GRACE_S = 0.5
 
@@ -67,13 +69,15 @@ class Emulator:
     def application(self) -> web.Application:
         # Above the service's own limit, so that the service's 413 comes from our check.
         app = web.Application(client_max_size=self.config.max_body_bytes * 4)
-        app.router.add_post(NATIVE_ROUTE, self.pipeline.handler(self.native))
-        app.router.add_get(NATIVE_ROUTE, self.native.wrong_method)
-        app.router.add_post(MULTIMODAL_ROUTE, self.pipeline.handler(self.multimodal))
-        app.router.add_get(MULTIMODAL_ROUTE, self.multimodal.wrong_method)
-        app.router.add_post(TOKENIZER_ROUTE, self.tokenizer)
-        app.router.add_post(COMPATIBLE_PATH, self.pipeline.handler(self.compatible))
-        app.router.add_get(MODELS_ROUTE, self.models)
+        base = self.compatible.server.base_path
+        if not self.compatible.server.local:
+            app.router.add_post(NATIVE_ROUTE, self.pipeline.handler(self.native))
+            app.router.add_get(NATIVE_ROUTE, self.native.wrong_method)
+            app.router.add_post(MULTIMODAL_ROUTE, self.pipeline.handler(self.multimodal))
+            app.router.add_get(MULTIMODAL_ROUTE, self.multimodal.wrong_method)
+            app.router.add_post(TOKENIZER_ROUTE, self.tokenizer)
+        app.router.add_post(base + "/chat/completions", self.pipeline.handler(self.compatible))
+        app.router.add_get(base + "/models", self.models)
         app.router.add_get(STATS_ROUTE, self.stats)
         app.router.add_get(LEDGER_ROUTE, self.ledger_lines)
         # Last: routes are matched in order, so this takes only the requests no route above takes.
@@ -84,7 +88,14 @@ class Emulator:
         return await tokenize(self.pipeline, self.native, request)
 
     async def models(self, request: web.Request) -> web.Response:
-        return self.compatible.models()
+        """The model listing; DashScope asks for the key (UNCONFIRMED: every other route does), a local server does not."""
+        with Exchange(self.ledger, "models", bills=False) as exchange:
+            exchange.sha = hashlib.sha256(await request.read()).hexdigest()
+            if not self.pipeline.authorized(request):
+                exchange.status, exchange.code = 401, "InvalidApiKey"
+                return self.compatible.unauthorized(exchange.request_id)
+            exchange.status = 200
+            return self.compatible.models(int(time.time()))
 
     async def stats(self, request: web.Request) -> web.Response:
         return web.Response(body=json_bytes(self.ledger.statistics()), content_type=JSON_CONTENT_TYPE)
@@ -118,8 +129,8 @@ class RunningEmulator:
 
     @property
     def compatible_base_url(self) -> str:
-        """The OpenAI-compatible base, e.g. ``http://127.0.0.1:PORT/compatible-mode/v1``."""
-        return self.root_url + "/compatible-mode/v1"
+        """The OpenAI-compatible base: ``http://127.0.0.1:PORT/compatible-mode/v1``, or ``.../v1`` for a local server."""
+        return self.root_url + self.emulator.compatible.server.base_path
 
     @property
     def config(self) -> EmulatorConfig:

@@ -15,6 +15,8 @@ from typing import Any
 from ..catalog import Catalog, ModelInfo
 from ..wire import ERRORS
 from .models import Behaviour, NativePath, behaviour
+from .servers import Server
+from .structured import FormatError, check_json_word, json_mode
 from .usage import input_tokens as count_input
 
 SEED_MAX_NATIVE = 2**63 - 1
@@ -96,6 +98,11 @@ class ChatRequest:
     extra: dict[str, Any] = field(default_factory=dict)
     thinking: bool = False
     thinking_budget: int = 0
+    # response_format: "json_object" | "json_schema" | None, and the schema of json_schema.
+    json_mode: str | None = None
+    json_schema: dict[str, Any] | None = None
+    # False: the reply carries no usage (a server that sends none, or the no_usage directive).
+    send_usage: bool = True
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -343,9 +350,10 @@ def validate_native(
     incremental = _incremental(params.get("incremental_output"), model_rules, stream)
     thinking, budget = check_thinking(params, model.name, model_rules, stream=stream, result_format=result_format,
                                       incremental=incremental)
-    count = _check_input_length(messages, model, usage_mode)
+    mode, schema = check_response_format(params, messages, json_word=True)
+    count = _check_input_length(messages, model, usage_mode) + json_overhead(mode)
     return ChatRequest(model, messages, params, max_tokens, result_format, incremental, count,
-                       stream=stream, thinking=thinking, thinking_budget=budget)
+                       stream=stream, thinking=thinking, thinking_budget=budget, json_mode=mode, json_schema=schema)
 
 
 def _incremental(value: Any, rules: Behaviour, stream: bool) -> bool:
@@ -402,19 +410,90 @@ COMPATIBLE_SAMPLING_KEYS = (
 def validate_compatible(body: dict[str, Any], catalog: Catalog, *, rules: str, usage_mode: str) -> ChatRequest:
     """An OpenAI-compatible body → ChatRequest (parameters under their native names)."""
     model = _model(catalog, body, compatible=True)
+    messages, params, max_tokens, stream, include_usage = _chat_fields(body, model, COMPATIBLE_SAMPLING_KEYS, rules)
+    # Compatible mode has no result_format and streams deltas only (reference section 6).
+    thinking, budget = check_thinking(params, model.name, behaviour(model.name), stream=stream, result_format="message",
+                                      incremental=True)
+    mode, schema = check_response_format(params, messages, json_word=True)
+    count = _check_input_length(messages, model, usage_mode) + json_overhead(mode)
+    return ChatRequest(model, messages, params, max_tokens, "message", True, count, stream, include_usage,
+                       thinking=thinking, thinking_budget=budget, json_mode=mode, json_schema=schema)
+
+
+def _chat_fields(
+    body: dict[str, Any], model: ModelInfo, sampling_keys: tuple[str, ...], rules: str
+) -> tuple[list[dict[str, Any]], dict[str, Any], int, bool, bool]:
+    """A chat completion's checked messages, the parameters among ``sampling_keys`` (``max_completion_tokens``
+    read as ``max_tokens``), the effective ``max_tokens``, and whether it streams and asks for usage."""
     if "messages" not in body:
         raise invalid(ERRORS["InvalidParameter"].message)
     messages = check_messages(body["messages"], rules, compatible=True)
-    params = {key: body[key] for key in COMPATIBLE_SAMPLING_KEYS if body.get(key) is not None}
+    params = {key: body[key] for key in sampling_keys if body.get(key) is not None}
     if "max_tokens" not in params and body.get("max_completion_tokens") is not None:
         params["max_tokens"] = body["max_completion_tokens"]
     max_tokens = check_parameters(params, model, compatible=True)
     stream = body.get("stream") is True
     options = body.get("stream_options")
     include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
-    # Compatible mode has no result_format and streams deltas only (reference section 6).
-    thinking, budget = check_thinking(params, model.name, behaviour(model.name), stream=stream, result_format="message",
-                                      incremental=True)
-    count = _check_input_length(messages, model, usage_mode)
+    return messages, params, max_tokens, stream, include_usage
+
+
+def check_response_format(
+    params: dict[str, Any], messages: list[dict[str, Any]], *, json_word: bool
+) -> tuple[str | None, dict[str, Any] | None]:
+    """The json mode and schema of ``response_format``, or the refusal; ``json_word``: DashScope's
+    rule that json_object needs "json" in the messages (WAVE2 B.1)."""
+    try:
+        mode, schema = json_mode(params)
+        if mode == "json_object" and json_word:
+            check_json_word(messages)
+    except FormatError as exc:
+        raise invalid(str(exc)) from None
+    return mode, schema
+
+
+def json_overhead(mode: str | None) -> int:
+    """json_object adds 2 input tokens on DashScope (PROTO §9: 25 vs 23); json_schema's is UNCONFIRMED (0)."""
+    return 2 if mode == "json_object" else 0
+
+
+# vLLM's over-long prompt (WAVE2 D.1, ``renderers/params.py``).
+LOCAL_TOO_LONG = ("This model's maximum context length is {limit} tokens. However, your prompt contains {count} "
+                  "input tokens, which exceeds this limit even without any output tokens.")
+# Not in WAVE2 D.1: vLLM's unknown-model text, used for every local server (UNCONFIRMED).
+LOCAL_MODEL_MISSING = "The model `{name}` does not exist."
+
+
+def validate_local(body: dict[str, Any], catalog: Catalog, server: Server, *, send_usage: bool) -> ChatRequest:
+    """A chat completion as a local server reads it (WAVE2 D.1): only its sampling keys count,
+    thinking is switched where it reads the switch, roles are not ordered, DashScope's json
+    refusals do not apply, and the prompt's length is checked against the model's context."""
+    name = body.get("model")
+    model = catalog.get(name) if isinstance(name, str) else None
+    if model is None:
+        raise ApiError("ModelNotFound", LOCAL_MODEL_MISSING.format(name=name), 404)
+    messages, params, max_tokens, stream, include_usage = _chat_fields(body, model, server.sampling_keys, "lenient")
+    thinking, budget = _local_thinking(body, model.name, server)
+    mode, schema = check_response_format(params, messages, json_word=False)
+    count = count_input(messages, model.name, "chatml")
+    limit = model.max_input_tokens
+    if limit is not None and count > limit and server.name != "ollama":  # Ollama truncates silently
+        raise invalid(LOCAL_TOO_LONG.format(limit=limit, count=count))
     return ChatRequest(model, messages, params, max_tokens, "message", True, count, stream, include_usage,
-                       thinking=thinking, thinking_budget=budget)
+                       thinking=thinking, thinking_budget=budget, json_mode=mode, json_schema=schema,
+                       send_usage=send_usage)
+
+
+def _local_thinking(body: dict[str, Any], model: str, server: Server) -> tuple[bool, int]:
+    """Whether a local server's reply thinks, and its budget: a hybrid model thinks unless switched
+    off where the server reads the switch (the chat template's default, UNCONFIRMED); a model
+    that cannot think ignores the switch."""
+    rules = behaviour(model)
+    enable = server.thinking_switch(body) if server.thinking_switch is not None else None
+    thinks = rules.thinking == "only" or (rules.thinking == "hybrid" and enable is not False)
+    if not thinks:
+        return False, 0
+    budget = body.get(server.budget_key) if server.budget_key else None
+    if isinstance(budget, int) and not isinstance(budget, bool) and budget > 0:
+        return True, budget
+    return True, rules.max_thinking_tokens or 1 << 20  # no budget: the thought's natural length

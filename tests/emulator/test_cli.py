@@ -67,3 +67,34 @@ def test_python_m_emulator_prints_its_url_serves_and_stops_on_sigint() -> None:
 def test_the_thinking_length_flags_reach_the_config() -> None:
     config = config_from_args(_parse("--thinking-median-tokens", "30", "--thinking-max-tokens", "90"))
     assert (config.thinking_median_tokens, config.thinking_max_tokens) == (30, 90)
+
+
+def test_the_server_flags_reach_the_config() -> None:
+    config = config_from_args(_parse("--server", "vllm", "--no-usage", "--max-running", "8"))
+    assert (config.server, config.send_usage, config.max_running) == ("vllm", False, 8)
+
+
+def test_a_local_server_with_a_rate_limit_is_a_one_line_error_exit_2() -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run([sys.executable, "-m", "qwen_batch.emulator", "--server", "vllm", "--rpm", "10"],
+                            capture_output=True, text=True, env=env, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: a local server (vllm) never answers 429")
+    assert result.stderr.count("\n") == 1
+
+
+def test_python_m_emulator_as_vllm_prints_its_v1_base_and_needs_no_key() -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    process = subprocess.Popen([sys.executable, "-m", "qwen_batch.emulator", "--port", "0", "--server", "vllm"],
+                               stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert process.stdout is not None
+        process.stdout.readline()
+        base = re.search(r"vllm base URL: (http://127\.0\.0\.1:\d+/v1)", process.stdout.readline()).group(1)
+        response = httpx.get(base + "/models", timeout=5)
+        assert response.status_code == 200 and response.json()["data"][0]["owned_by"] == "vllm"
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
