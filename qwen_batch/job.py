@@ -76,7 +76,7 @@ def prepare(
             "and cost is unknown unless the spec has a pricing section"
         )
     price = price_for(spec, model_info)
-    if spec.api.protocol == "openai" and spec.api.server not in ("auto", "dashscope"):
+    if spec.api.names_local_server:
         # A server the user runs has no price: one note, and null costs (no warning per row).
         price = None
         warnings.append(f"a {spec.api.server} server has no price: cost will be null")

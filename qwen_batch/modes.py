@@ -51,6 +51,7 @@ def mode_of(spec: JobSpec, model_info: ModelInfo | None) -> Mode:
         thinking_budget=parameters.thinking_budget,
         endpoint=spec.api.endpoint,
         result_format=parameters.result_format,
+        service_rules=not spec.api.names_local_server,
     )
 
 
@@ -64,10 +65,12 @@ def resolve_mode(
     thinking_budget: int | None = None,
     endpoint: EndpointSetting = "auto",
     result_format: str | None = None,
+    service_rules: bool = True,
 ) -> Mode:
     """The Mode of a job on ``model`` (``info`` its catalog entry, None if unknown).
 
     ``where`` names the job file in messages; ``result_format`` is the spec's (None when unset).
+    ``service_rules`` false (a local server): DashScope's stream-only rules do not bind.
     Raises SpecError for a combination that every request would be refused for.
     """
     thinking = _thinks(where, model, info, enable_thinking)
@@ -82,7 +85,7 @@ def resolve_mode(
             f"{where}: parameters.thinking_budget: {model} does not think with these parameters, so a thinking "
             "budget has no effect; remove it or set parameters.enable_thinking: true"
         )
-    needs_stream = info is not None and (info.stream_only or (thinking and info.thinking_needs_stream))
+    needs_stream = service_rules and info is not None and (info.stream_only or (thinking and info.thinking_needs_stream))
     if stream is False and needs_stream:
         why = "answers only when streamed" if info is not None and info.stream_only else "thinks only when streamed"
         raise SpecError(

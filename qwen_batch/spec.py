@@ -353,6 +353,12 @@ class ApiSpec(BaseModel):
             )
         return self
 
+    @property
+    def names_local_server(self) -> bool:
+        """A server the user runs, named in the spec: DashScope's prices and service rules
+        (stream-only models, thinking only when streamed) do not apply to it."""
+        return self.protocol == "openai" and self.server not in ("auto", "dashscope")
+
 
 class PricingSpec(BaseModel):
     """A flat price that replaces the built-in table for this job."""

@@ -44,6 +44,16 @@ def test_a_thinking_model_may_still_be_asked_whole_where_the_service_allows_it()
     assert resolve_mode("job.yaml", "qwen3.5-plus", QWEN35, stream=False) == Mode(False, True, "multimodal", True, 81920)
 
 
+def test_a_local_server_may_be_asked_whole_for_what_dashscope_only_streams() -> None:
+    """vLLM serves Qwen3's thought in a whole reply; DashScope's stream-only rule is the service's own."""
+    with pytest.raises(SpecError, match="thinks only when streamed"):
+        resolve_mode("job.yaml", "qwen3-32b", QWEN3_OPEN, stream=False)
+    assert resolve_mode("job.yaml", "qwen3-32b", QWEN3_OPEN, stream=False, service_rules=False) == Mode(
+        False, True, "text", True, 38912
+    )
+    assert resolve_mode("job.yaml", "qwq-plus", QWQ, stream=False, service_rules=False).stream is False
+
+
 def test_an_unknown_model_goes_on_the_text_path_unless_told_and_may_switch() -> None:
     assert resolve_mode("job.yaml", "x", None) == Mode(False, False, "text", False, 0)
     assert resolve_mode("job.yaml", "x", None, endpoint="multimodal").path_known

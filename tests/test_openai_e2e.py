@@ -39,67 +39,21 @@ def test_openai_rows_over_a_real_socket_reach_the_compatible_endpoint(tmp_path: 
     job = sentences_job(tmp_path, ["one", "two", "three"], api=OPENAI)
     result = qwen_batch.run(job)
     assert result.exit_code == 0
-    assert [entry["endpoint"] for entry in emulator.ledger] == ["compatible"] * 3
+    # api.server auto asks the loopback server's model list once, before any row
+    assert [entry["endpoint"] for entry in emulator.ledger] == ["models"] + ["compatible"] * 3
     assert all("messages" in body and "input" not in body for body in emulator.received)
 
 
-class LocalServer:
-    """A stand-in for a local vLLM or Ollama server over loopback (research-wave2 D.1): it lists its
-    models with ``owned_by``, needs no key, answers with ``reasoning``, and reports no usage."""
+def _local_server(server: str, **config: Any) -> Any:
+    """The emulator imitating a local server (its ``--server`` flag) over loopback, with no usage sent."""
+    from qwen_batch.emulator import EmulatorConfig
+    from qwen_batch.testing import EmulatorThread
 
-    def __init__(self, owner: str) -> None:
-        self.owner = owner
-        self.bodies: list[dict[str, Any]] = []
-        self.authorization: list[str | None] = []
-        self.models_asked = 0
-
-    def application(self) -> Any:
-        from aiohttp import web
-
-        async def models(request: web.Request) -> web.Response:
-            self.models_asked += 1
-            return web.json_response({"object": "list", "data": [{"id": "local-model", "object": "model", "owned_by": self.owner}]})
-
-        async def chat(request: web.Request) -> web.Response:
-            body = await request.json()
-            self.bodies.append(body)
-            self.authorization.append(request.headers.get("Authorization"))
-            answer = "echo: " + body["messages"][-1]["content"]
-            message = {"role": "assistant", "content": answer, "reasoning": "thought"}
-            return web.json_response({"id": "chatcmpl-1", "object": "chat.completion", "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]})
-
-        app = web.Application()
-        app.router.add_get("/v1/models", models)
-        app.router.add_post("/v1/chat/completions", chat)
-        return app
+    return EmulatorThread(EmulatorConfig(server=server, send_usage=False, **config))
 
 
-def _serve(server: LocalServer) -> Any:
-    import asyncio
-    import threading
-    from contextlib import contextmanager
-
-    from aiohttp import web
-
-    @contextmanager
-    def serving() -> Any:
-        loop = asyncio.new_event_loop()
-        runner = web.AppRunner(server.application())
-        loop.run_until_complete(runner.setup())
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        loop.run_until_complete(site.start())
-        port = runner.addresses[0][1]
-        thread = threading.Thread(target=loop.run_forever, daemon=True)
-        thread.start()
-        try:
-            yield f"http://127.0.0.1:{port}/v1"
-        finally:
-            asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(timeout=10)
-            loop.close()
-
-    return serving()
+def _models_asked(emulator: Any) -> int:
+    return sum(entry["endpoint"] == "models" for entry in emulator.ledger)
 
 
 def _local_job(folder: Path, base_url: str, model: str, **api: Any) -> Path:
@@ -114,32 +68,57 @@ def test_a_keyless_local_vllm_server_detected_estimated_and_unpriced(tmp_path: P
     monkeypatch.delenv("DASHSCOPE_API_KEY", raising=False)
     monkeypatch.delenv("DASHSCOPE_HTTP_BASE_URL", raising=False)
     monkeypatch.setenv("QWEN_BATCH_CACHE_DIR", str(tmp_path / "cache"))
-    server = LocalServer("vllm")
-    with _serve(server) as base_url:
-        result = qwen_batch.run(_local_job(tmp_path, base_url, "qwen-plus"))
+    with _local_server("vllm") as emulator:
+        result = qwen_batch.run(_local_job(tmp_path, emulator.compatible_base_url, "qwen-plus"))
+        bodies, models_asked = emulator.received, _models_asked(emulator)
     assert result.exit_code == 0
     err = capsys.readouterr().err
-    assert "speaking vllm's dialect" in err and server.models_asked == 1
+    assert "speaking vllm's dialect" in err and models_asked == 1
     assert err.count("no price") == 1  # one note, not one warning per row
-    assert server.authorization == [None] * 3
-    assert all(body["chat_template_kwargs"] == {"enable_thinking": False} and "enable_thinking" not in body for body in server.bodies)
+    assert all(body["chat_template_kwargs"] == {"enable_thinking": False} and "enable_thinking" not in body for body in bodies)
     frame = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    assert frame["status"].to_list() == ["ok"] * 3
     assert frame["usage_source"].to_list() == ["estimated"] * 3
-    assert frame["reasoning_text"].to_list() == ["thought"] * 3
     assert frame["cost"].to_list() == [None] * 3
     assert all(tokens > 0 for tokens in frame["output_tokens"].to_list())
     assert result.summary["cost"]["total"] is None
     assert result.summary["tokens"]["estimated_rows"] == 3 and "exact" in result.summary["tokens"]["estimate"]
 
 
-def test_a_non_qwen_model_on_ollama_is_marked_an_estimate(tmp_path: Path, monkeypatch: Any) -> None:
+def test_vllms_reasoning_field_becomes_reasoning_text(tmp_path: Path, monkeypatch: Any) -> None:
+    """vLLM sends the thought as ``reasoning`` (DashScope: ``reasoning_content``), streamed or not."""
     monkeypatch.delenv("DASHSCOPE_HTTP_BASE_URL", raising=False)
     monkeypatch.setenv("QWEN_BATCH_CACHE_DIR", str(tmp_path / "cache"))
-    server = LocalServer("library")
-    with _serve(server) as base_url:
-        result = qwen_batch.run(_local_job(tmp_path, base_url, "llama3.2:1b", server="ollama"))
-    assert result.exit_code == 0 and server.models_asked == 0  # named, so not asked
-    assert all(body.get("reasoning_effort") == "none" for body in server.bodies)
+    for streamed in (False, True):
+        folder = tmp_path / f"stream-{streamed}"
+        folder.mkdir()
+        job = sentences_job(
+            folder, ["alpha", "beta"], model="qwen3-32b",
+            parameters={"seed": 7, "max_tokens": 300, "enable_thinking": True, "stream": streamed},
+            api={"protocol": "openai", "key_env": None, "server": "vllm"},
+        )
+        with _local_server("vllm") as emulator:
+            monkeypatch.setenv("DASHSCOPE_HTTP_BASE_URL", emulator.compatible_base_url)
+            assert qwen_batch.run(job).exit_code == 0
+            bodies = emulator.received
+        assert all(body["chat_template_kwargs"] == {"enable_thinking": True} for body in bodies)
+        frame = pl.read_parquet(folder / "out" / "result.parquet")
+        assert frame["status"].to_list() == ["ok", "ok"]
+        assert all(text for text in frame["reasoning_text"].to_list())
+        assert all(text and text not in reasoning for text, reasoning in zip(frame["output_text"], frame["reasoning_text"]))
+
+
+def test_a_non_qwen_model_on_ollama_is_marked_an_estimate(tmp_path: Path, monkeypatch: Any) -> None:
+    from qwen_batch.catalog import ModelInfo
+
+    monkeypatch.delenv("DASHSCOPE_HTTP_BASE_URL", raising=False)
+    monkeypatch.setenv("QWEN_BATCH_CACHE_DIR", str(tmp_path / "cache"))
+    served = {"llama3.2:1b": ModelInfo("llama3.2:1b", 131072, 128000, 8192, 8192, "message")}
+    with _local_server("ollama", extra_models=served) as emulator:
+        result = qwen_batch.run(_local_job(tmp_path, emulator.compatible_base_url, "llama3.2:1b", server="ollama"))
+        bodies, models_asked = emulator.received, _models_asked(emulator)
+    assert result.exit_code == 0 and models_asked == 0  # named, so not asked
+    assert len(bodies) == 3 and all(body.get("reasoning_effort") == "none" for body in bodies)
     assert "llama3.2:1b" in result.summary["tokens"]["estimate"] and "not a Qwen model" in result.summary["tokens"]["estimate"]
     assert result.summary["cost"]["total"] is None
 
@@ -153,7 +132,8 @@ def test_the_local_vllm_sample_job_runs_with_emulate(tmp_path: Path, monkeypatch
     job = Path(__file__).resolve().parent.parent / "jobs" / "local-vllm.yaml"
     output = tmp_path / "local.parquet"
     assert main(["run", str(job), "--emulate", "--quiet", "--output", str(output)]) == 0
-    assert "api.server auto: speaking" in capsys.readouterr().err
+    # --emulate imitates vLLM for a job aimed at a local server, and auto-detection finds it
+    assert "api.server auto: speaking vllm's dialect" in capsys.readouterr().err
     frame = pl.read_parquet(output)
     assert frame.height > 0 and frame["status"].to_list() == ["ok"] * frame.height
     assert frame["usage_source"].to_list() == ["service"] * frame.height
@@ -164,9 +144,8 @@ def test_a_local_server_keeps_no_dashscope_quota(tmp_path: Path, monkeypatch: An
     import anyio
 
     monkeypatch.delenv("DASHSCOPE_HTTP_BASE_URL", raising=False)
-    server = LocalServer("sglang")
-    with _serve(server) as base_url:
-        plan = qwen_batch.prepare(_local_job(tmp_path, base_url, "qwen-plus"))
+    with _local_server("sglang") as emulator:
+        plan = qwen_batch.prepare(_local_job(tmp_path, emulator.compatible_base_url, "qwen-plus"))
         assert plan.rate_limits == (600000, 1200000)  # the job's RPM, the catalog's TPM (DashScope's)
 
         async def limits() -> Any:
@@ -174,4 +153,4 @@ def test_a_local_server_keeps_no_dashscope_quota(tmp_path: Path, monkeypatch: An
                 return execution.rate_limits, execution.price
 
         assert anyio.run(limits) == ((600000, None), None)
-    assert server.bodies == []  # opening sends no row
+        assert emulator.received == []  # opening sends no row

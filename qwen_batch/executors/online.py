@@ -19,9 +19,11 @@ from ..runner import Runner
 if TYPE_CHECKING:
     from ..backends.base import Backend, OpenBackend
     from ..catalog import Price
+    from ..emulator.servers import ServerName
     from ..errors import ConfigurationRefused
     from ..plan import JobPlan
     from ..runner import OutcomeSink, RunStatistics, WorkItem
+    from ..spec import ApiSpec
 
 INJECTED_SERVICE = "qwen-batch injected backend"
 
@@ -64,15 +66,30 @@ class OnlineExecutor:
 async def _endpoint(plan: JobPlan, stack: AsyncExitStack) -> tuple[str, str | None]:
     """Base URL and key: the built-in emulator's (started here) or the configured service's.
 
-    On the openai protocol the emulator's base is its compatible-mode one.
+    On the openai protocol the emulator's base is its compatible-mode one, imitating the server
+    the spec points at (``emulated_server``).
     """
     if plan.options.emulate:
-        from ..emulator import open_emulator
+        from ..emulator import EmulatorConfig, open_emulator
 
-        emulator = await stack.enter_async_context(open_emulator())
+        config = EmulatorConfig(server=emulated_server(plan.spec.api))
+        emulator = await stack.enter_async_context(open_emulator(config))
         base_url = emulator.compatible_base_url if plan.spec.api.protocol == "openai" else emulator.base_url
         return base_url, emulator.api_key or "sk-emulator"
     return resolve_api(plan.spec)
+
+
+def emulated_server(api: ApiSpec) -> ServerName:
+    """The server ``--emulate`` imitates: the one ``api.server`` names; under ``auto``, DashScope's
+    compatible mode for a DashScope base URL, else vLLM, the commonest local server, so
+    that a job written for a local server runs as it would there, auto-detection included."""
+    from ..servers import is_dashscope_host
+
+    if api.protocol != "openai":
+        return "dashscope"
+    if api.server != "auto":
+        return api.server
+    return "dashscope" if is_dashscope_host(api.base_url) else "vllm"
 
 
 async def _server(plan: JobPlan, base_url: str, api_key: str | None) -> str:
