@@ -68,7 +68,7 @@ def prepare(
         if spec.api.protocol == "dashscope":
             check_native_path(base_url, source)
     model_info = resolve_model(spec, catalog)
-    mode = mode_of(spec, model_info)
+    mode = mode_of(spec, model_info, emulate=options.emulate)
     warnings: list[str] = []
     if model_info is None:
         warnings.append(

@@ -39,9 +39,16 @@ class Mode:
     reasoning_cap: int
 
 
-def mode_of(spec: JobSpec, model_info: ModelInfo | None) -> Mode:
-    """How ``spec``'s requests are sent; a setting every request would be refused for is a SpecError."""
+def mode_of(spec: JobSpec, model_info: ModelInfo | None, *, emulate: bool = False) -> Mode:
+    """How ``spec``'s requests are sent; a setting every request would be refused for is a SpecError.
+
+    DashScope's stream rules bind only where the job may reach DashScope (``--emulate`` imitates
+    the server the spec's own base URL names)."""
+    from .endpoint import configured_base_url
+    from .servers import may_be_dashscope
+
     parameters = spec.parameters
+    base_url = spec.api.base_url if emulate else configured_base_url(spec)
     return resolve_mode(
         spec.where,
         spec.model,
@@ -51,7 +58,7 @@ def mode_of(spec: JobSpec, model_info: ModelInfo | None) -> Mode:
         thinking_budget=parameters.thinking_budget,
         endpoint=spec.api.endpoint,
         result_format=parameters.result_format,
-        service_rules=not spec.api.names_local_server,
+        service_rules=may_be_dashscope(spec.api.protocol, spec.api.server, base_url),
     )
 
 

@@ -116,6 +116,16 @@ def is_dashscope_host(base_url: str) -> bool:
     return host == DASHSCOPE_DOMAIN or host.endswith("." + DASHSCOPE_DOMAIN)
 
 
+def may_be_dashscope(protocol: str, server: str, base_url: str) -> bool:
+    """Whether DashScope's own service rules (stream-only models, thinking only when streamed) may
+    bind this job's requests: its native protocol, a server named dashscope, or ``auto`` against a
+    DashScope host. ``auto`` elsewhere is decided at start; a rule the server does hold then
+    surfaces as its refusal."""
+    if protocol != "openai" or server == "dashscope":
+        return True
+    return server == "auto" and is_dashscope_host(base_url)
+
+
 def server_of_models(body: Any) -> str | None:
     """The server a ``GET /models`` body names by its first model's ``owned_by``, or None."""
     try:

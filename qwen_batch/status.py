@@ -59,7 +59,7 @@ def job_status(spec_path: Path, options: JobOptions) -> JobStatus:
             done = checkpoint.summary()
             # A checkpoint with no rows is taken over by a changed job (Checkpoint.open).
             if done.rows_done:
-                mode = mode_of(spec, model_info)
+                mode = mode_of(spec, model_info, emulate=options.emulate)
                 renderer = Renderer(
                     spec, model_info, protocol=spec.api.protocol, reasoning_cap=mode.reasoning_cap, thinking=mode.thinking
                 )
