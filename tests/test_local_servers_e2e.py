@@ -84,3 +84,58 @@ def test_each_servers_reasoning_field_becomes_reasoning_text(tmp_path: Path, mon
     result, frame, _ = _run(tmp_path, monkeypatch, server, ["a lake", "a hill"], streamed=streamed, enable_thinking=True, max_tokens=400)
     assert result.exit_code == 0
     assert all(frame["reasoning_text"].to_list()) and all(frame["output_text"].to_list())
+
+
+WIRE_CASES = {
+    # server: (spec parameters, what the body must hold, what it must not)
+    "vllm": (
+        {"top_k": 5, "repetition_penalty": 1.1, "enable_thinking": True, "thinking_budget": 64},
+        {"top_k": 5, "repetition_penalty": 1.1, "chat_template_kwargs": {"enable_thinking": True}, "thinking_token_budget": 64},
+        ("enable_thinking", "thinking_budget"),
+    ),
+    "sglang": (
+        {"top_k": 5, "repetition_penalty": 1.1, "enable_thinking": False},
+        {"top_k": 5, "repetition_penalty": 1.1, "chat_template_kwargs": {"enable_thinking": False}},
+        ("enable_thinking",),
+    ),
+    "llamacpp": (
+        {"top_k": 5, "repetition_penalty": 1.1, "enable_thinking": False},
+        {"top_k": 5, "repeat_penalty": 1.1, "chat_template_kwargs": {"enable_thinking": False}},
+        ("repetition_penalty", "enable_thinking"),
+    ),
+    "ollama": ({"enable_thinking": False}, {"reasoning_effort": "none"}, ("enable_thinking", "chat_template_kwargs")),
+}
+
+
+@pytest.mark.parametrize("server", sorted(WIRE_CASES))
+def test_every_spec_field_reaches_the_wire_where_the_server_reads_it(tmp_path: Path, monkeypatch: Any, server: str) -> None:
+    parameters, present, absent = WIRE_CASES[server]
+    monkeypatch.setenv("QWEN_BATCH_CACHE_DIR", str(tmp_path / "cache"))
+    job = sentences_job(
+        tmp_path, ["alpha"], model="qwen3-32b",
+        parameters={"seed": 7, "max_tokens": 300, "temperature": 0.3, "top_p": 0.9, **parameters},
+        api={"protocol": "openai", "key_env": None, "server": server},
+    )
+    with EmulatorThread(EmulatorConfig(server=server)) as emulator:
+        monkeypatch.setenv("DASHSCOPE_HTTP_BASE_URL", emulator.compatible_base_url)
+        assert qwen_batch.run(job).exit_code == 0
+        (body,) = emulator.received
+    assert {key: body.get(key) for key in present} == present
+    assert {"seed": 7, "max_tokens": 300, "temperature": 0.3, "top_p": 0.9}.items() <= body.items()
+    assert [key for key in absent if key in body] == []
+
+
+def test_dashscope_compatible_mode_gets_its_extensions_at_the_top_level(tmp_path: Path, job_env: dict, emulator: Any, monkeypatch: Any) -> None:
+    monkeypatch.setenv("DASHSCOPE_HTTP_BASE_URL", emulator.compatible_base_url)
+    job = sentences_job(
+        tmp_path, ["alpha"], model="qwen3-32b",
+        parameters={"seed": 7, "max_tokens": 300, "top_k": 5, "repetition_penalty": 1.1, "enable_search": False,
+                    "enable_thinking": True, "thinking_budget": 64},
+        api={"protocol": "openai", "server": "dashscope"},
+    )
+    assert qwen_batch.run(job).exit_code == 0
+    (body,) = emulator.received
+    expected = {"top_k": 5, "repetition_penalty": 1.1, "enable_search": False, "enable_thinking": True, "thinking_budget": 64}
+    assert {key: body.get(key) for key in expected} == expected
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert "chat_template_kwargs" not in body
