@@ -31,6 +31,7 @@ from .render import Renderer
 from .result import JobResult
 from .resume import checkpoint_dir_for, input_identity, record_input_identity, request_manifest, resume_state
 from .runner import STOP_BUDGET
+from .servers import dashscope_rules_bind
 from .spec import JobSpec, check_base_url, load_spec, price_for, resolve_model
 from .table import open_table
 from .user_catalog import for_job
@@ -68,7 +69,7 @@ def prepare(
         if spec.api.protocol == "dashscope":
             check_native_path(base_url, source)
     model_info = resolve_model(spec, catalog)
-    mode = mode_of(spec, model_info, emulate=options.emulate)
+    mode = mode_of(spec, model_info, service_rules=dashscope_rules_bind(spec, emulate=options.emulate))
     warnings: list[str] = []
     if model_info is None:
         warnings.append(

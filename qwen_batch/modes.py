@@ -39,16 +39,11 @@ class Mode:
     reasoning_cap: int
 
 
-def mode_of(spec: JobSpec, model_info: ModelInfo | None, *, emulate: bool = False) -> Mode:
+def mode_of(spec: JobSpec, model_info: ModelInfo | None, *, service_rules: bool = True) -> Mode:
     """How ``spec``'s requests are sent; a setting every request would be refused for is a SpecError.
 
-    DashScope's stream rules bind only where the job may reach DashScope (``--emulate`` imitates
-    the server the spec's own base URL names)."""
-    from .endpoint import configured_base_url
-    from .servers import may_be_dashscope
-
+    ``service_rules``: whether DashScope's stream rules bind (``servers.dashscope_rules_bind``)."""
     parameters = spec.parameters
-    base_url = spec.api.base_url if emulate else configured_base_url(spec)
     return resolve_mode(
         spec.where,
         spec.model,
@@ -58,7 +53,7 @@ def mode_of(spec: JobSpec, model_info: ModelInfo | None, *, emulate: bool = Fals
         thinking_budget=parameters.thinking_budget,
         endpoint=spec.api.endpoint,
         result_format=parameters.result_format,
-        service_rules=may_be_dashscope(spec.api.protocol, spec.api.server, base_url),
+        service_rules=service_rules,
     )
 
 

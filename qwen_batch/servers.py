@@ -18,10 +18,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from .endpoint import configured_base_url
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .spec import JobSpec
 
 DASHSCOPE_DOMAIN = "aliyuncs.com"
 _THINKING_SWITCH = "enable_thinking"
@@ -116,14 +120,16 @@ def is_dashscope_host(base_url: str) -> bool:
     return host == DASHSCOPE_DOMAIN or host.endswith("." + DASHSCOPE_DOMAIN)
 
 
-def may_be_dashscope(protocol: str, server: str, base_url: str) -> bool:
+def dashscope_rules_bind(spec: JobSpec, *, emulate: bool) -> bool:
     """Whether DashScope's own service rules (stream-only models, thinking only when streamed) may
-    bind this job's requests: its native protocol, a server named dashscope, or ``auto`` against a
-    DashScope host. ``auto`` elsewhere is decided at start; a rule the server does hold then
-    surfaces as its refusal."""
-    if protocol != "openai" or server == "dashscope":
+    bind ``spec``'s requests: its native protocol, a server named dashscope, or ``auto`` against a
+    DashScope host (``--emulate`` imitates the server the spec's own base URL names). ``auto``
+    elsewhere is decided at start; a rule the server does hold then surfaces as its refusal."""
+    api = spec.api
+    if api.protocol != "openai" or api.server == "dashscope":
         return True
-    return server == "auto" and is_dashscope_host(base_url)
+    base_url = api.base_url if emulate else configured_base_url(spec)
+    return api.server == "auto" and is_dashscope_host(base_url)
 
 
 def server_of_models(body: Any) -> str | None:

@@ -13,6 +13,7 @@ from .checkpoint import Checkpoint, CheckpointSummary, manifest_changes
 from .plan import JobOptions, JobPlan, checked_paths
 from .render import Renderer
 from .resume import checkpoint_dir_for, request_manifest
+from .servers import dashscope_rules_bind
 from .modes import mode_of
 from .spec import load_spec, price_for, resolve_model
 from .table import open_table
@@ -59,7 +60,7 @@ def job_status(spec_path: Path, options: JobOptions) -> JobStatus:
             done = checkpoint.summary()
             # A checkpoint with no rows is taken over by a changed job (Checkpoint.open).
             if done.rows_done:
-                mode = mode_of(spec, model_info, emulate=options.emulate)
+                mode = mode_of(spec, model_info, service_rules=dashscope_rules_bind(spec, emulate=options.emulate))
                 renderer = Renderer(
                     spec, model_info, protocol=spec.api.protocol, reasoning_cap=mode.reasoning_cap, thinking=mode.thinking
                 )

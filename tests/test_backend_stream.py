@@ -322,6 +322,9 @@ async def test_over_loopback_a_streamed_reply_equals_the_whole_one(emulator: Any
         whole.text, whole.finish_reason, whole.input_tokens, whole.output_tokens
     )
     assert len(streamed.text) > 20
+    # The server writes a stream's ledger line once its last event is out, which may be after the
+    # client has read it: wait for the line rather than race it.
+    assert emulator.emulator.ledger.wait_for_entries(2, timeout=10)
     streams = [entry["stream"] for entry in emulator.ledger]
     assert streams == [False, True]
 
