@@ -23,7 +23,7 @@ from ..wire import REQUEST_ID_HEADER
 from .batches import BatchService
 from .compatible import CompatibleDialect
 from .config import EmulatorConfig
-from .files import FileApiError, FileStore, read_upload
+from .files import FileApiError, FileStore, receive_upload
 from .limits import WindowLimiter
 from .pipeline import JSON_CONTENT_TYPE, Exchange, Pipeline, json_bytes
 from .validate import ApiError
@@ -33,7 +33,7 @@ BATCH_CALL_LIMITS = {"create": 1000, "retrieve": 1000, "list": 100, "cancel": 10
 _LIMIT_OF = {"upload": "create", "create": "create", "retrieve": "retrieve", "file": "retrieve",
              "content": "retrieve", "delete": "retrieve", "list": "list", "cancel": "cancel"}
 
-Action = Callable[[web.Request, Exchange], Awaitable[web.Response]]
+Action = Callable[[web.Request, Exchange], Awaitable[web.StreamResponse]]
 
 
 class BatchApi:
@@ -55,17 +55,18 @@ class BatchApi:
         router.add_get(base + "/files/{file_id}/content", self._route("files", "content", self.content))
         router.add_delete(base + "/files/{file_id}", self._route("files", "delete", self.delete))
         router.add_post(base + "/batches", self._route("batches", "create", self.create))
-        router.add_get(base + "/batches", self._route("batches", "list", self.list))
+        router.add_get(base + "/batches", self._route("batches", "list", self.list_batches))
         router.add_get(base + "/batches/{batch_id}", self._route("batches", "retrieve", self.retrieve))
         router.add_post(base + "/batches/{batch_id}/cancel", self._route("batches", "cancel", self.cancel))
 
     async def close(self) -> None:
         await self.batches.close()
+        self.files.close()
 
-    def _route(self, endpoint: str, action: str, answer: Action) -> Callable[[web.Request], Awaitable[web.Response]]:
+    def _route(self, endpoint: str, action: str, answer: Action) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         """A handler: key, rate limit, the action, and one ledger line whatever happens."""
 
-        async def handle(request: web.Request) -> web.Response:
+        async def handle(request: web.Request) -> web.StreamResponse:
             with Exchange(self.pipeline.ledger, endpoint, bills=False) as exchange:
                 exchange.extra = {"action": action, **request.match_info}
                 if not self.pipeline.authorized(request):
@@ -87,18 +88,16 @@ class BatchApi:
     # ----- files -------------------------------------------------------------------------
 
     async def upload(self, request: web.Request, exchange: Exchange) -> web.Response:
-        content, filename, purpose = await read_upload(request)
-        exchange.sha = hashlib.sha256(content).hexdigest()
-        stored = self.files.add(content, filename, purpose)
+        stored = await receive_upload(request, self.files)
         exchange.extra = {**(exchange.extra or {}), "file_id": stored.id}
         return _json(stored.object())
 
     async def file(self, request: web.Request, exchange: Exchange) -> web.Response:
         return _json(self.files.get(request.match_info["file_id"]).object())
 
-    async def content(self, request: web.Request, exchange: Exchange) -> web.Response:
-        return web.Response(body=self.files.content(request.match_info["file_id"]),
-                            content_type="application/octet-stream")
+    async def content(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+        stored = self.files.result(request.match_info["file_id"])
+        return web.FileResponse(stored.path, headers={"Content-Type": "application/octet-stream"})
 
     async def delete(self, request: web.Request, exchange: Exchange) -> web.Response:
         return _json(self.files.delete(request.match_info["file_id"]))
@@ -119,8 +118,8 @@ class BatchApi:
     async def retrieve(self, request: web.Request, exchange: Exchange) -> web.Response:
         return _json(self.batches.retrieve(request.match_info["batch_id"]))
 
-    async def list(self, request: web.Request, exchange: Exchange) -> web.Response:
-        return _json(self.batches.list(dict(request.query)))
+    async def list_batches(self, request: web.Request, exchange: Exchange) -> web.Response:
+        return _json(self.batches.listing(dict(request.query)))
 
     async def cancel(self, request: web.Request, exchange: Exchange) -> web.Response:
         return _json(self.batches.cancel(request.match_info["batch_id"]))

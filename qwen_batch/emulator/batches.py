@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import re
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 from .compatible import CompatibleDialect
 from .config import EmulatorConfig
@@ -79,6 +82,12 @@ class Line:
     body: dict[str, Any]
 
 
+_STAMP_OF = {"in_progress": "in_progress_at", "finalizing": "finalizing_at", "completed": "completed_at",
+             "failed": "failed_at", "expired": "expired_at", "cancelling": "cancelling_at", "cancelled": "cancelled_at"}
+_STAMPS = ("in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
+           "cancelling_at", "cancelled_at")
+
+
 @dataclass
 class Batch:
     """One batch and everything its object shows."""
@@ -123,18 +132,38 @@ class Batch:
         }
 
 
-_STAMP_OF = {"in_progress": "in_progress_at", "finalizing": "finalizing_at", "completed": "completed_at",
-             "failed": "failed_at", "expired": "expired_at", "cancelling": "cancelling_at", "cancelled": "cancelled_at"}
-_STAMPS = ("in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
-           "cancelling_at", "cancelled_at")
+class ResultFile:
+    """One result file of a batch, appended to disk line by line (opened at its first line)."""
+
+    def __init__(self, files: FileStore) -> None:
+        self._files = files
+        self._path: Path | None = None
+        self._out: IO[bytes] | None = None
+
+    def write(self, line: bytes) -> None:
+        if self._out is None:
+            self._path = self._files.new_path()
+            self._out = open(self._path, "wb")  # noqa: SIM115 - closed by close()
+        self._out.write(line + b"\n")
+
+    def close(self) -> Path | None:
+        """The file's path, or None when no line was written."""
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+        return self._path
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class Results:
-    """The lines a batch has written so far: output lines, error lines (bytes, without newlines)."""
+    """Where a batch writes its output lines and its error lines."""
 
-    output: list[bytes] = field(default_factory=list)
-    errors: list[bytes] = field(default_factory=list)
+    output: ResultFile
+    errors: ResultFile
+
+    def close(self) -> None:
+        self.output.close()
+        self.errors.close()
 
 
 class BatchService:
@@ -171,7 +200,8 @@ class BatchService:
         batch = Batch("batch_" + str(uuid.uuid4()), input_file.id, endpoint, window, metadata, int(time.time()),
                       time.monotonic() + hours * self.config.batch_hour_s)
         self.batches[batch.id] = batch
-        task = asyncio.get_running_loop().create_task(self._run(batch, input_file.content))
+        source = self.files.open(input_file.id)
+        task = asyncio.get_running_loop().create_task(self._run(batch, source, input_file.bytes))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return batch.object()
@@ -189,7 +219,7 @@ class BatchService:
             batch.cancel.set()
         return batch.object()
 
-    def list(self, query: dict[str, str]) -> dict[str, Any]:
+    def listing(self, query: dict[str, str]) -> dict[str, Any]:
         """``GET /batches``: newest first, filtered, a page after ``after``."""
         limit = _limit(query.get("limit"))
         found = [batch for batch in reversed(self.batches.values()) if _matches(batch, query)]
@@ -217,58 +247,66 @@ class BatchService:
 
     # ----- the work ----------------------------------------------------------------------
 
-    async def _run(self, batch: Batch, content: bytes) -> None:
-        try:
-            await self._work(batch, content)
-        except Exception as exc:  # noqa: BLE001 - an emulator bug shows as a failed batch, not a stuck one
-            batch.errors = {"object": "list", "data": [_problem("internal_error", f"emulator error: {exc!r}", None, None)]}
-            batch.enter("failed")
-
-    async def _work(self, batch: Batch, content: bytes) -> None:
-        await self._pause(batch, self.config.batch_validating_s)
-        lines, problems = check_file(content, batch.endpoint, self.config)
-        if problems:
-            if not batch.cancel.is_set():
-                batch.errors = {"object": "list", "data": problems[:MAX_REPORTED_ERRORS]}
+    async def _run(self, batch: Batch, source: IO[bytes], size: int) -> None:
+        with source:
+            try:
+                await self._work(batch, source, size)
+            except Exception as exc:  # noqa: BLE001 - an emulator bug shows as a failed batch, not a stuck one
+                batch.errors = {"object": "list", "data": [_problem("internal_error", f"emulator error: {exc!r}",
+                                                                    None, None)]}
                 batch.enter("failed")
-                return
-            lines = []
-        batch.total = len(lines)
+
+    async def _work(self, batch: Batch, source: IO[bytes], size: int) -> None:
+        await self._pause(batch, self.config.batch_validating_s)
+        count, problems = check_file(source, size, batch.endpoint, self.config)
+        if problems and not batch.cancel.is_set():
+            batch.errors = {"object": "list", "data": problems[:MAX_REPORTED_ERRORS]}
+            batch.enter("failed")
+            return
+        source.seek(0)
+        lines: Iterator[Line] = iter(()) if problems else read_lines(source)
+        batch.total = 0 if problems else count
         if not batch.cancel.is_set() and not self._expired(batch):
             batch.enter("in_progress")
-        results = Results()
-        done = await self._process(batch, lines, results)
-        await self._finish(batch, lines, done, results)
+        results = Results(ResultFile(self.files), ResultFile(self.files))
+        try:
+            unrun = await self._process(batch, lines, results)
+            await self._finish(batch, itertools.chain(unrun, lines), results)
+        finally:
+            results.close()
 
-    async def _process(self, batch: Batch, lines: list[Line], results: Results) -> int:
-        """Run lines in order on schedule until all are done, the batch is cancelled or it expires; how many ran."""
+    async def _process(self, batch: Batch, lines: Iterator[Line], results: Results) -> list[Line]:
+        """Run lines in order on schedule until all are done, the batch is cancelled or it expires;
+        the line taken but not run, if any (the rest stay in ``lines``)."""
         if batch.status != "in_progress":
-            return 0
+            return []
         line_s = self.config.batch_line_s
         expire_after = self.config.batch_expire_after_lines
         start = time.monotonic()
         for index, line in enumerate(lines):
             if batch.cancel.is_set() or self._expired(batch) or (expire_after is not None and index >= expire_after):
-                return index
+                return [line]
             due = start + (index + 1) * line_s
             wait = min(due, batch.deadline) - time.monotonic()
             if wait > SCHEDULE_SLACK_S:
                 await self._pause(batch, wait)
-                if batch.cancel.is_set() or self._expired(batch):
-                    return index
+                if batch.cancel.is_set():
+                    await self._pause_uncancelled(batch, due - time.monotonic())  # the line in flight finishes
+                if self._expired(batch):
+                    return [line]
             elif index % LINES_PER_YIELD == LINES_PER_YIELD - 1:
                 await asyncio.sleep(0)
             self._answer(batch, line, results)
-        return len(lines)
+        return []
 
-    async def _finish(self, batch: Batch, lines: list[Line], done: int, results: Results) -> None:
-        """Write what never ran into the error file, store the files, and end in the status that applies."""
+    async def _finish(self, batch: Batch, unrun: Iterator[Line], results: Results) -> None:
+        """Write the lines that never ran into the error file, store the files, and end in the status that applies."""
         if batch.cancel.is_set():
-            await asyncio.sleep(self.config.batch_finalizing_s)  # cancelling while lines in flight finish
-            self._never_ran(batch, lines[done:], results, "batch_cancelled", CANCELLED_MESSAGE)
+            await asyncio.sleep(self.config.batch_finalizing_s)
+            self._never_ran(batch, unrun, results, "batch_cancelled", CANCELLED_MESSAGE)
             final = "cancelled"
-        elif done < len(lines):
-            self._never_ran(batch, lines[done:], results, "batch_expired", EXPIRED_MESSAGE)
+        elif batch.completed + batch.failed < batch.total:
+            self._never_ran(batch, unrun, results, "batch_expired", EXPIRED_MESSAGE)
             final = "expired"
         else:
             batch.enter("finalizing")
@@ -277,20 +315,26 @@ class BatchService:
         self._store(batch, results)
         batch.enter(final)
 
-    def _never_ran(self, batch: Batch, lines: list[Line], results: Results, code: str, message: str) -> None:
+    def _never_ran(self, batch: Batch, lines: Iterator[Line], results: Results, code: str, message: str) -> None:
+        error = self._error(code, message)
         for line in lines:
-            results.errors.append(json_bytes({"id": new_request_id(), "custom_id": line.custom_id, "response": None,
-                                              "error": self._error(code, message)}))
-        batch.failed += len(lines)
+            results.errors.write(json_bytes({"id": new_request_id(), "custom_id": line.custom_id, "response": None,
+                                             "error": error}))
+            batch.failed += 1
 
     def _store(self, batch: Batch, results: Results) -> None:
-        name = batch.id
-        if results.output:
-            batch.output_file_id = self.files.add(_jsonl(results.output), f"{name}_output.jsonl", RESULT_PURPOSE,
-                                                  OUTPUT_PREFIX).id
-        if results.errors:
-            batch.error_file_id = self.files.add(_jsonl(results.errors), f"{name}_error.jsonl", RESULT_PURPOSE,
+        output, errors = results.output.close(), results.errors.close()
+        if output is not None:
+            batch.output_file_id = self.files.add(output, f"{batch.id}_output.jsonl", RESULT_PURPOSE, OUTPUT_PREFIX).id
+        if errors is not None:
+            batch.error_file_id = self.files.add(errors, f"{batch.id}_error.jsonl", RESULT_PURPOSE,
                                                  self.config.batch_error_file_prefix).id
+
+    async def _pause_uncancelled(self, batch: Batch, seconds: float) -> None:
+        """Sleep ``seconds``, or until the window ends."""
+        seconds = min(seconds, batch.deadline - time.monotonic())
+        if seconds > 0:
+            await asyncio.sleep(seconds)
 
     async def _pause(self, batch: Batch, seconds: float) -> None:
         """Sleep ``seconds``, or less: a cancel wakes it, and so does the end of the window."""
@@ -316,15 +360,14 @@ class BatchService:
                 payload = self._test_reply(line.body, exchange) if test else self._reply(line.body, exchange)
             except ApiError as error:
                 exchange.status, exchange.code = error.status, error.code
-                payload = None
-                results.errors.append(self._error_line(line, error, exchange))
+                results.errors.write(self._error_line(line, error, exchange))
                 batch.failed += 1
             else:
                 exchange.status = 200
-                results.output.append(_output_line(line.custom_id, exchange.request_id, payload))
+                results.output.write(_output_line(line.custom_id, exchange.request_id, payload))
                 batch.completed += 1
             exchange.extra = {"batch_id": batch.id, "custom_id": line.custom_id,
-                              "billable": exchange.bills and payload is not None}
+                              "billable": exchange.bills and exchange.status == 200}
 
     def _reply(self, body: dict[str, Any], exchange: Exchange) -> bytes:
         """The body of the online answer to ``body``; ApiError when the endpoint refuses it.
@@ -384,24 +427,42 @@ class BatchService:
 # ----- checking an input file ---------------------------------------------------------------
 
 
-def check_file(content: bytes, endpoint: str, config: EmulatorConfig) -> tuple[list[Line], list[dict[str, Any]]]:
-    """The lines of an input file, and every way it breaks the documented limits (section 7.2)."""
+def check_file(source: IO[bytes], size: int, endpoint: str, config: EmulatorConfig) -> tuple[int, list[dict[str, Any]]]:
+    """How many requests a file holds, and every way it breaks the documented limits (section 7.2);
+    one pass that keeps only the ids, not the lines."""
     test = endpoint == TEST_URL
     max_lines = TEST_MAX_LINES if test else config.batch_max_lines
     max_bytes = TEST_MAX_FILE_BYTES if test else config.batch_max_file_bytes
     problems: list[dict[str, Any]] = []
-    if len(content) > max_bytes:
-        problems.append(_problem("file_too_large", f"The input file is {len(content)} bytes; "
-                                 f"at most {max_bytes} are accepted.", None, None))
-    raw_lines = [(number, raw) for number, raw in enumerate(content.split(b"\n"), 1) if raw.strip()]
-    if len(raw_lines) > max_lines:
-        problems.append(_problem("too_many_requests", f"The input file has {len(raw_lines)} requests; "
-                                 f"at most {max_lines} are accepted.", None, None))
-    if not raw_lines:
-        problems.append(_problem("empty_file", "The input file has no requests.", None, None))
+    if size > max_bytes:
+        problems.append(_problem("file_too_large", f"The input file is {size} bytes; at most {max_bytes} are accepted.",
+                                 None, None))
     checker = _LineChecker(endpoint, config)
-    lines = [line for number, raw in raw_lines if (line := checker.check(number, raw)) is not None]
-    return lines, problems + checker.problems
+    count = 0
+    for number, raw in _numbered(source):
+        count += 1
+        checker.check(number, raw)
+    if count > max_lines:
+        problems.append(_problem("too_many_requests", f"The input file has {count} requests; "
+                                 f"at most {max_lines} are accepted.", None, None))
+    if not count:
+        problems.append(_problem("empty_file", "The input file has no requests.", None, None))
+    return count, problems + checker.problems
+
+
+def read_lines(source: IO[bytes]) -> Iterator[Line]:
+    """The lines of a file ``check_file`` found sound, one at a time."""
+    for number, raw in _numbered(source):
+        item = json.loads(raw)
+        yield Line(number, item["custom_id"], item["body"])
+
+
+def _numbered(source: IO[bytes]) -> Iterator[tuple[int, bytes]]:
+    """(line number from 1, line without its end) of every line that is not blank."""
+    for number, raw in enumerate(source, 1):
+        raw = raw.rstrip(b"\r\n")
+        if raw.strip():
+            yield number, raw
 
 
 class _LineChecker:
@@ -415,14 +476,12 @@ class _LineChecker:
         self.model: str | None = None
         self.thinking: Any = None
 
-    def check(self, number: int, raw: bytes) -> Line | None:
+    def check(self, number: int, raw: bytes) -> None:
         problem = self._problem(number, raw)
-        if isinstance(problem, Line):
-            return problem
-        self.problems.append(problem)
-        return None
+        if problem is not None and len(self.problems) < MAX_REPORTED_ERRORS:
+            self.problems.append(problem)
 
-    def _problem(self, number: int, raw: bytes) -> Line | dict[str, Any]:
+    def _problem(self, number: int, raw: bytes) -> dict[str, Any] | None:
         if len(raw) > self.config.batch_max_line_bytes:
             return _problem("line_too_large", f"The request is {len(raw)} bytes; at most "
                             f"{self.config.batch_max_line_bytes} are accepted per line.", None, number)
@@ -447,7 +506,7 @@ class _LineChecker:
             return _problem("missing_required_parameter", "Missing required parameter: 'body'.", "body", number)
         return self._consistent(number, custom_id, body)
 
-    def _consistent(self, number: int, custom_id: str, body: dict[str, Any]) -> Line | dict[str, Any]:
+    def _consistent(self, number: int, custom_id: str, body: dict[str, Any]) -> dict[str, Any] | None:
         """The checks across lines: one model, one thinking mode, unique ids."""
         if custom_id in self.ids:
             return _problem("duplicate_custom_id", f"The custom_id '{custom_id}' for this request is a duplicate of "
@@ -464,7 +523,7 @@ class _LineChecker:
             return _problem("mismatched_enable_thinking", f"enable_thinking {json.dumps(thinking)} for this request "
                             "does not match the rest of the batch. Each batch must use a single thinking mode.",
                             "body.enable_thinking", number)
-        return Line(number, custom_id, body)
+        return None
 
 
 def _problem(code: str, message: str, param: str | None, line: int | None) -> dict[str, Any]:
@@ -479,10 +538,6 @@ def _output_line(custom_id: str, request_id: str, payload: bytes) -> bytes:
     head = json_bytes({"id": request_id, "custom_id": custom_id})[:-1]
     return (head + b',"response":{"status_code":200,"request_id":' + json_bytes(request_id) + b',"body":'
             + payload + b'},"error":null}')
-
-
-def _jsonl(lines: list[bytes]) -> bytes:
-    return b"\n".join(lines) + b"\n"
 
 
 def _text(body: dict[str, Any], key: str) -> str:

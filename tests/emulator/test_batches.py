@@ -295,6 +295,18 @@ def test_cancel_goes_cancelling_then_cancelled_keeping_answered_lines(start: Sta
     assert len(billed) == counts.completed, "answered lines are billed, never-started ones are free"
 
 
+def test_the_line_in_flight_when_cancelled_finishes_and_is_billed(start: Start) -> None:
+    emu, client = start(batch_line_s=0.5)
+    created = submit(client, [line(str(i), body(f"q {i}")) for i in range(4)])
+    poll(client, created.id, until=lambda b: b.status == "in_progress")
+    cancelling = client.batches.cancel(created.id)
+    assert cancelling.status == "cancelling"
+    done = poll(client, created.id)
+    assert done.request_counts.completed == cancelling.request_counts.completed + 1
+    assert done.request_counts.failed == 4 - done.request_counts.completed
+    assert sum(entry["billable"] for entry in batch_lines(emu, done.id)) == done.request_counts.completed
+
+
 def test_cancel_while_validating_fails_every_row_like_the_capture(start: Start) -> None:
     emu, client = start(batch_validating_s=5.0, batch_error_file_prefix="file-batch_output-")
     created = submit(client, [line("1", body("a")), line("2", body("b"))])
@@ -355,6 +367,14 @@ def test_list_by_ds_name_finds_a_batch_whose_id_was_lost(start: Start) -> None:
     poll(client, ids["run/b/0"])
     done = client.batches.list(extra_query={"status": "completed,failed", "ds_name": "run/b"})
     assert [b.id for b in done.data] == [ids["run/b/0"]]
+
+
+def test_a_batch_keeps_running_when_its_input_file_is_deleted(start: Start) -> None:
+    emu, client = start(batch_validating_s=0.2)
+    created = submit(client, [line("1", body("a")), line("2", body("b"))])
+    client.files.delete(created.input_file_id)
+    done = poll(client, created.id)
+    assert done.status == "completed" and done.request_counts.completed == 2
 
 
 def test_files_can_be_retrieved_deleted_and_only_results_downloaded(start: Start) -> None:
@@ -442,10 +462,13 @@ def test_shutdown_stops_running_batches_promptly() -> None:
     client = openai.OpenAI(base_url=emu.compatible_base_url, api_key=emu.api_key, max_retries=0)
     created = submit(client, [line("1", body("a")), line("2", body("b"))])
     poll(client, created.id, until=lambda b: b.status == "in_progress")
+    folder = emu.emulator.batch_api.files.new_path().parent
+    assert any(folder.iterdir()), "the upload is on disk"
     begun = time.monotonic()
     thread.__exit__(None, None, None)
     assert time.monotonic() - begun < 5
     assert emu.emulator.batch_api.batches._tasks == set()
+    assert not folder.exists(), "the files go with the emulator"
 
 
 def test_the_batch_flags_reach_the_config() -> None:
