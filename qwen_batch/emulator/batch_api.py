@@ -1,6 +1,6 @@
 """The HTTP routes of the Batch API under the compatible base (reference section 7).
 
-- ``POST {base}/files`` (multipart ``file``, ``purpose=batch``), ``GET {base}/files/{id}``,
+- ``POST {base}/files`` (multipart ``file``, ``purpose=batch``), ``GET {base}/files``, ``GET {base}/files/{id}``,
   ``GET {base}/files/{id}/content``, ``DELETE {base}/files/{id}``: ledger endpoint ``files``
 - ``POST {base}/batches``, ``GET {base}/batches/{id}``, ``GET {base}/batches``,
   ``POST {base}/batches/{id}/cancel``: ledger endpoint ``batches``
@@ -28,7 +28,8 @@ from .limits import WindowLimiter
 from .pipeline import JSON_CONTENT_TYPE, Exchange, Pipeline, json_bytes
 from .validate import ApiError
 
-# Calls per minute the Batch API takes (section 7.8); upload shares the create limit (UNCONFIRMED).
+# Calls per minute the Batch API takes (section 7.8); an upload counts as a create, the file calls as
+# queries and a files listing as a list (UNCONFIRMED).
 BATCH_CALL_LIMITS = {"create": 1000, "retrieve": 1000, "list": 100, "cancel": 1000}
 _LIMIT_OF = {"upload": "create", "create": "create", "retrieve": "retrieve", "file": "retrieve",
              "content": "retrieve", "delete": "retrieve", "list": "list", "cancel": "cancel"}
@@ -51,6 +52,7 @@ class BatchApi:
     def add_routes(self, app: web.Application, base: str) -> None:
         router = app.router
         router.add_post(base + "/files", self._route("files", "upload", self.upload))
+        router.add_get(base + "/files", self._route("files", "list", self.list_files))
         router.add_get(base + "/files/{file_id}", self._route("files", "file", self.file))
         router.add_get(base + "/files/{file_id}/content", self._route("files", "content", self.content))
         router.add_delete(base + "/files/{file_id}", self._route("files", "delete", self.delete))
@@ -88,9 +90,12 @@ class BatchApi:
     # ----- files -------------------------------------------------------------------------
 
     async def upload(self, request: web.Request, exchange: Exchange) -> web.Response:
-        stored = await receive_upload(request, self.files)
+        stored, exchange.sha = await receive_upload(request, self.files)
         exchange.extra = {**(exchange.extra or {}), "file_id": stored.id}
         return _json(stored.object())
+
+    async def list_files(self, request: web.Request, exchange: Exchange) -> web.Response:
+        return _json(self.files.listing(dict(request.query)))
 
     async def file(self, request: web.Request, exchange: Exchange) -> web.Response:
         return _json(self.files.get(request.match_info["file_id"]).object())

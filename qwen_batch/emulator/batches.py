@@ -33,7 +33,7 @@ from typing import IO, Any
 from .compatible import CompatibleDialect
 from .config import EmulatorConfig
 from .faults import DirectiveError, read_script
-from .files import OUTPUT_PREFIX, RESULT_PURPOSE, FileApiError, FileStore
+from .files import OUTPUT_PREFIX, RESULT_PURPOSE, FileApiError, FileStore, page_after, page_limit
 from .pipeline import Exchange, Pipeline, json_bytes, new_request_id
 from .validate import ApiError, invalid
 
@@ -48,8 +48,6 @@ TEST_MAX_LINES = 100
 TEST_MAX_FILE_BYTES = 1_000_000
 MAX_DS_NAME = 100
 MAX_DS_DESCRIPTION = 200
-MAX_LISTED = 100
-DEFAULT_LISTED = 20
 # At most this many line errors are listed in a failed batch's ``errors``.
 MAX_REPORTED_ERRORS = 1000
 # A batch processes lines without sleeping while it is less than this far ahead of its schedule.
@@ -221,16 +219,12 @@ class BatchService:
 
     def listing(self, query: dict[str, str]) -> dict[str, Any]:
         """``GET /batches``: newest first, filtered, a page after ``after``."""
-        limit = _limit(query.get("limit"))
+        limit = page_limit(query.get("limit"))
         found = [batch for batch in reversed(self.batches.values()) if _matches(batch, query)]
-        after = query.get("after")
-        if after:
-            ids = [batch.id for batch in found]
-            found = found[ids.index(after) + 1:] if after in ids else []
-        page = found[:limit]
+        page, more = page_after(found, query.get("after"), limit, lambda batch: batch.id)
         return {"object": "list", "data": [batch.object() for batch in page],
                 "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None,
-                "has_more": len(found) > limit}
+                "has_more": more}
 
     async def close(self) -> None:
         """Stop every running batch (emulator shutdown)."""
@@ -556,14 +550,6 @@ def _metadata(value: Any) -> dict[str, Any] | None:
         if len(value.get(key, "")) > most:
             raise FileApiError(400, f"metadata.{key} is longer than {most} characters.", param=f"metadata.{key}")
     return dict(value)
-
-
-def _limit(text: str | None) -> int:
-    if text is None:
-        return DEFAULT_LISTED
-    if not text.isdigit() or not 1 <= int(text) <= MAX_LISTED:
-        raise FileApiError(400, f"limit must be a whole number from 1 to {MAX_LISTED}.", param="limit")
-    return int(text)
 
 
 def _matches(batch: Batch, query: dict[str, str]) -> bool:

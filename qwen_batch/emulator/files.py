@@ -12,13 +12,15 @@ files", since an error file is downloadable too.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -28,6 +30,11 @@ OUTPUT_PREFIX = "file-batch_output-"
 BATCH_PURPOSE = "batch"
 RESULT_PURPOSE = "batch_output"
 _CHUNK_BYTES = 1 << 20
+
+
+MAX_LISTED = 100
+DEFAULT_LISTED = 20
+T = TypeVar("T")
 
 
 class FileApiError(Exception):
@@ -78,6 +85,14 @@ class FileStore:
         self._files[stored.id] = stored
         return stored
 
+    def listing(self, query: dict[str, str]) -> dict[str, Any]:
+        """``GET /files``: newest first, a page of ``limit`` (1-100, default 20) after ``after``."""
+        limit = page_limit(query.get("limit"))
+        found = list(reversed(self._files.values()))
+        page, more = page_after(found, query.get("after"), limit, lambda stored: stored.id)
+        return {"object": "list", "data": [stored.object() for stored in page], "has_more": more,
+                "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None}
+
     def get(self, file_id: str) -> StoredFile:
         stored = self._files.get(file_id)
         if stored is None:
@@ -108,8 +123,26 @@ class FileStore:
             self._folder = None
 
 
-async def receive_upload(request: web.Request, store: FileStore) -> StoredFile:
-    """Store a multipart upload (``file``, ``purpose=batch``), streamed to disk: a file may exceed the body limit."""
+def page_limit(text: str | None) -> int:
+    """A list call's ``limit`` (1-100, default 20)."""
+    if text is None:
+        return DEFAULT_LISTED
+    if not text.isdigit() or not 1 <= int(text) <= MAX_LISTED:
+        raise FileApiError(400, f"limit must be a whole number from 1 to {MAX_LISTED}.", param="limit")
+    return int(text)
+
+
+def page_after(items: list[T], after: str | None, limit: int, id_of: Callable[[T], str]) -> tuple[list[T], bool]:
+    """The page of ``items`` that follows the one with id ``after`` (none: from the start), and whether more follow."""
+    if after:
+        ids = [id_of(item) for item in items]
+        items = items[ids.index(after) + 1:] if after in ids else []
+    return items[:limit], len(items) > limit
+
+
+async def receive_upload(request: web.Request, store: FileStore) -> tuple[StoredFile, str]:
+    """Store a multipart upload (``file``, ``purpose=batch``), streamed to disk (a file may exceed the
+    body limit); the file and the sha256 of its content."""
     try:
         reader = await request.multipart()
     except (AssertionError, ValueError, KeyError):
@@ -117,6 +150,7 @@ async def receive_upload(request: web.Request, store: FileStore) -> StoredFile:
     path: Path | None = None
     filename = ""
     purpose = ""
+    digest = ""
     try:
         while (part := await reader.next()) is not None:
             if not isinstance(part, aiohttp.BodyPartReader):
@@ -124,7 +158,7 @@ async def receive_upload(request: web.Request, store: FileStore) -> StoredFile:
             if part.name == "file" and path is None:
                 filename = part.filename or "file.jsonl"
                 path = store.new_path()
-                await _save(part, path)
+                digest = await _save(part, path)
             elif part.name == "purpose":
                 purpose = (await part.text()).strip()
         if path is None:
@@ -135,10 +169,14 @@ async def receive_upload(request: web.Request, store: FileStore) -> StoredFile:
         if path is not None:
             path.unlink(missing_ok=True)
         raise
-    return store.add(path, filename, purpose)
+    return store.add(path, filename, purpose), digest
 
 
-async def _save(part: aiohttp.BodyPartReader, path: Path) -> None:
+async def _save(part: aiohttp.BodyPartReader, path: Path) -> str:
+    """Write the part to ``path``; the sha256 of what was written."""
+    sha = hashlib.sha256()
     with open(path, "wb") as out:
         while chunk := await part.read_chunk(_CHUNK_BYTES):
+            sha.update(chunk)
             out.write(chunk)
+    return sha.hexdigest()

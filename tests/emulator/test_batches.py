@@ -5,6 +5,7 @@ Every wait is a poll with a deadline; the time scale is the emulator's config (s
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import time
@@ -13,9 +14,12 @@ from typing import Any
 
 import openai
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from qwen_batch.emulator import EmulatorConfig, RunningEmulator
-from qwen_batch.emulator.batches import CANCELLED_MESSAGE, EXPIRED_MESSAGE, TEST_ANSWER
+from qwen_batch.emulator.batches import CANCELLED_MESSAGE, EXPIRED_MESSAGE, TEST_ANSWER, window_hours
+from qwen_batch.emulator.files import FileApiError, page_after
 from qwen_batch.emulator.cli import config_from_args
 from qwen_batch.testing import EmulatorThread
 
@@ -377,6 +381,17 @@ def test_a_batch_keeps_running_when_its_input_file_is_deleted(start: Start) -> N
     assert done.status == "completed" and done.request_counts.completed == 2
 
 
+def test_files_are_listed_newest_first_and_an_upload_is_hashed_in_the_ledger(start: Start) -> None:
+    emu, client = start()
+    content = (json.dumps(line("1", body("a"))) + "\n").encode()
+    first, second = upload(client, content), upload(client, content)
+    assert [f.id for f in client.files.list().data] == [second, first]
+    assert [f.id for f in client.files.list(limit=1, after=second).data] == [first]
+    uploads = [e for e in emu.ledger if e.get("action") == "upload"]
+    assert [e["file_id"] for e in uploads] == [first, second]
+    assert uploads[0]["body_sha256"] == hashlib.sha256(content).hexdigest()
+
+
 def test_files_can_be_retrieved_deleted_and_only_results_downloaded(start: Start) -> None:
     emu, client = start()
     file_id = upload(client, [line("1", body("a"))])
@@ -490,3 +505,39 @@ def test_the_batch_flags_reach_the_config() -> None:
 def test_impossible_batch_options_are_refused(fields: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         EmulatorConfig(**fields)
+
+
+@given(st.integers(0, 400), st.sampled_from(["h", "d"]))
+def test_a_window_is_accepted_exactly_from_24h_to_336h(count: int, unit: str) -> None:
+    hours = count * (24 if unit == "d" else 1)
+    text = f"{count}{unit}"
+    if 24 <= hours <= 336:
+        assert window_hours(text) == hours
+    else:
+        with pytest.raises(FileApiError):
+            window_hours(text)
+
+
+@given(st.text(max_size=8))
+def test_any_other_window_text_is_refused_or_a_whole_number_of_hours_in_range(text: str) -> None:
+    try:
+        hours = window_hours(text)
+    except FileApiError as refused:
+        assert refused.status == 400 and refused.param == "completion_window"
+    else:
+        assert 24 <= hours <= 336 and text.rstrip("hd").isdigit() and text.isascii()
+
+
+@given(st.integers(0, 60), st.integers(1, 100))
+def test_paging_with_after_visits_every_item_once_in_order(count: int, limit: int) -> None:
+    items = [f"id-{i}" for i in range(count)]
+    seen: list[str] = []
+    after: str | None = None
+    while True:
+        page, more = page_after(items, after, limit, str)
+        seen.extend(page)
+        if not more:
+            break
+        assert len(page) == limit
+        after = page[-1]
+    assert seen == items
