@@ -46,6 +46,23 @@ FAULT_FLAGS = {
 }
 
 
+# Batch API flag → EmulatorConfig field (the flag's value is the field's).
+BATCH_FLAGS = {
+    "--batch-validating": "batch_validating_s",
+    "--batch-per-line": "batch_line_s",
+    "--batch-finalizing": "batch_finalizing_s",
+    "--batch-hour": "batch_hour_s",
+    "--batch-expire-after-lines": "batch_expire_after_lines",
+    "--batch-error-file-prefix": "batch_error_file_prefix",
+    "--batch-error-shape": "batch_error_shape",
+    "--batch-max-lines": "batch_max_lines",
+    "--batch-max-file-bytes": "batch_max_file_bytes",
+    "--batch-max-line-bytes": "batch_max_line_bytes",
+    "--batch-max-custom-id-chars": "batch_max_custom_id_chars",
+    "--batch-rate-limits": "batch_rate_limits",
+}
+
+
 def _numbers(text: str, count: int) -> tuple[float, ...]:
     try:
         values = tuple(float(part) for part in text.split(":"))
@@ -194,18 +211,7 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         server=args.server,
         send_usage=not args.no_usage,
         max_running=args.max_running,
-        batch_validating_s=args.batch_validating,
-        batch_line_s=args.batch_per_line,
-        batch_finalizing_s=args.batch_finalizing,
-        batch_hour_s=args.batch_hour,
-        batch_expire_after_lines=args.batch_expire_after_lines,
-        batch_error_file_prefix=args.batch_error_file_prefix,
-        batch_error_shape=args.batch_error_shape,
-        batch_max_lines=args.batch_max_lines,
-        batch_max_file_bytes=args.batch_max_file_bytes,
-        batch_max_line_bytes=args.batch_max_line_bytes,
-        batch_max_custom_id_chars=args.batch_max_custom_id_chars,
-        batch_rate_limits=args.batch_rate_limits,
+        **{field: getattr(args, flag[2:].replace("-", "_")) for flag, field in BATCH_FLAGS.items()},
     )
 
 

@@ -236,6 +236,17 @@ def test_batch_line_error_fails_once_with_a_500_and_succeeds_in_a_later_batch(st
     assert online.choices[0].message.content, "the directive is ignored online"
 
 
+def test_an_unreadable_batch_directive_is_a_400_online_and_in_a_batch(start: Start) -> None:
+    emu, client = start()
+    request = body("[[emu: batch_line_error=often]] hi")
+    with pytest.raises(openai.BadRequestError) as online:
+        client.chat.completions.create(**request)
+    assert "batch_line_error='often'" in online.value.body["message"]
+    done = poll(client, submit(client, [line("x", request)]).id)
+    [error] = jsonl(client, done.error_file_id)
+    assert error["response"]["status_code"] == 400 and error["error"]["message"] == online.value.body["message"]
+
+
 def test_the_error_code_shape_can_be_chosen(start: Start) -> None:
     emu, client = start(batch_error_shape="error_code", batch_error_file_prefix="file-batch_output-")
     done = poll(client, submit(client, [line("s", body("[[emu: batch_line_error=always]] x"))]).id)
@@ -422,6 +433,13 @@ def test_create_refuses_what_the_service_does_not_take(start: Start, change: dic
         client.batches.create(**request)
     assert refused.value.body["param"] == param
     assert client.batches.list().data == []
+
+
+def test_a_local_server_has_no_batch_api(start: Start) -> None:
+    emu, client = start(server="vllm")
+    with pytest.raises(openai.NotFoundError):
+        client.files.create(file=("a.jsonl", io.BytesIO(b"{}\n")), purpose="batch")
+    assert [entry["endpoint"] for entry in emu.ledger] == ["not-found"]
 
 
 def test_every_call_needs_the_key_and_the_refusal_creates_nothing(start: Start) -> None:
