@@ -39,7 +39,6 @@ from .validate import ApiError, invalid
 
 CHAT_URL = "/v1/chat/completions"
 TEST_URL = "/v1/chat/ds-test"
-EMBEDDINGS_URL = "/v1/embeddings"
 TEST_MODEL = "batch-test-model"
 # The test model's fixed answer and usage (reference section 7.2).
 TEST_ANSWER = "This is a test result."
@@ -56,7 +55,6 @@ SCHEDULE_SLACK_S = 0.005
 # API calls are answered promptly while a big batch runs.
 LINES_PER_YIELD = 4
 _WINDOW = re.compile(r"([1-9][0-9]{0,3})([hd])")
-_LINE_ERROR = ApiError("InternalError")
 EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
 CANCELLED_MESSAGE = "This request was not executed because the batch was cancelled."
 
@@ -305,7 +303,8 @@ class BatchService:
         else:
             batch.enter("finalizing")
             await asyncio.sleep(self.config.batch_finalizing_s)
-            final = "completed"
+            # Every line has run; a cancel while finalizing still ends cancelled, never back to completed.
+            final = "cancelled" if batch.cancel.is_set() else "completed"
         self._store(batch, results)
         batch.enter(final)
 
@@ -389,7 +388,7 @@ class BatchService:
         attempt = self._batch_attempts.get(sha, 0) + 1
         self._batch_attempts[sha] = attempt
         if script.batch_line_error(attempt):
-            raise _LINE_ERROR
+            raise ApiError("InternalError")
 
     def _test_reply(self, body: dict[str, Any], exchange: Exchange) -> bytes:
         """The test model's fixed answer (section 7.2); another model on its url is unknown there."""

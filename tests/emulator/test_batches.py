@@ -333,6 +333,16 @@ def test_cancel_while_validating_fails_every_row_like_the_capture(start: Start) 
     assert [item["custom_id"] for item in jsonl(client, done.error_file_id)] == ["1", "2"]
 
 
+def test_a_cancel_while_finalizing_ends_cancelled_with_every_line_answered(start: Start) -> None:
+    emu, client = start(batch_finalizing_s=1.0)
+    created = submit(client, [line("1", body("a")), line("2", body("b"))])
+    poll(client, created.id, until=lambda b: b.status == "finalizing")
+    assert client.batches.cancel(created.id).status == "cancelling"
+    done = poll(client, created.id)
+    assert done.status == "cancelled" and (done.request_counts.completed, done.request_counts.failed) == (2, 0)
+    assert len(jsonl(client, done.output_file_id)) == 2 and done.error_file_id is None
+
+
 def test_a_finished_batch_cannot_be_cancelled(start: Start) -> None:
     emu, client = start()
     done = poll(client, submit(client, [line("1", body("a"))]).id)
