@@ -365,7 +365,7 @@ def test_the_test_model_answers_its_fixed_text_for_free(start: Start) -> None:
         assert answer["usage"] == {"prompt_tokens": 20, "completion_tokens": 6, "total_tokens": 26}
     entries = batch_lines(emu, done.id)
     assert len(entries) == 3 and not any(entry["billable"] for entry in entries)
-    assert emu.stats()["billable"] == 0
+    assert (emu.stats()["billable"], emu.stats()["batch_billable"]) == (0, 0)
 
 
 def test_the_test_model_takes_at_most_100_lines(start: Start) -> None:
@@ -478,9 +478,13 @@ def test_the_ledger_bills_each_answered_line_once_and_counts_api_calls(start: St
     output = {item["custom_id"]: item for item in jsonl(client, done.output_file_id)}
     assert entries[0]["output_tokens"] == output["a"]["response"]["body"]["usage"]["completion_tokens"]
     assert entries[0]["request_id"] == output["a"]["id"]
+    online = client.chat.completions.create(**body("an online one"))
     stats = emu.stats()
-    assert stats["billable"] == 2
-    assert stats["output_tokens"] == sum(output[c]["response"]["body"]["usage"]["completion_tokens"] for c in "ac")
+    assert (stats["billable"], stats["batch_billable"]) == (3, 2)
+    batch_tokens = sum(output[c]["response"]["body"]["usage"]["completion_tokens"] for c in "ac")
+    assert stats["batch_output_tokens"] == batch_tokens
+    assert stats["output_tokens"] == batch_tokens + online.usage.completion_tokens
+    assert stats["batch_input_tokens"] == sum(output[c]["response"]["body"]["usage"]["prompt_tokens"] for c in "ac")
     actions = [(e["endpoint"], e["action"]) for e in emu.ledger if e["endpoint"] in ("files", "batches")]
     assert actions.count(("batches", "create")) == 1 and actions.count(("files", "upload")) == 1
     create = next(e for e in emu.ledger if e.get("action") == "create")
