@@ -8,6 +8,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,7 +28,7 @@ from qwen_batch.emulator.files import FileApiError, page_after
 from qwen_batch.emulator.cli import config_from_args
 from qwen_batch.testing import EmulatorThread
 
-from test_cli import _parse
+from test_cli import REPO, _parse
 
 FAST = {"batch_validating_s": 0.01, "batch_finalizing_s": 0.01, "batch_line_s": 0.0}
 FINISHED = ("completed", "failed", "expired", "cancelled")
@@ -530,6 +535,34 @@ def test_the_batch_flags_reach_the_config() -> None:
         batch_expire_after_lines=4, batch_error_file_prefix="file-batch_output-", batch_error_shape="error_code",
         batch_max_lines=10, batch_max_file_bytes=1000, batch_max_line_bytes=100, batch_max_custom_id_chars=8,
         batch_rate_limits=True)
+
+
+def test_a_served_emulator_keeps_its_batches_for_a_client_that_comes_back(tmp_path: Any) -> None:
+    """The shell's emulator takes the batch flags, and a second client (a rerun) finds the first one's batch."""
+    ledger = tmp_path / "ledger.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qwen_batch.emulator", "--port", "0", "--batch-validating", "0", "--batch-finalizing",
+         "0", "--batch-expire-after-lines", "1", "--ledger", str(ledger)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert process.stdout is not None
+        process.stdout.readline()
+        process.stdout.readline()
+        base = re.search(r"compatible base URL: (\S+)", process.stdout.readline()).group(1)
+        first = openai.OpenAI(base_url=base, api_key="sk-emulator", max_retries=0)
+        submit(first, [line("1", body("a")), line("2", body("b"))], name="run/7/0")
+        first.close()
+        again = openai.OpenAI(base_url=base, api_key="sk-emulator", max_retries=0)
+        [found] = again.batches.list(extra_query={"ds_name": "run/7/0"}).data
+        done = poll(again, found.id)
+        assert done.status == "expired" and (done.request_counts.completed, done.request_counts.failed) == (1, 1)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    entries = [json.loads(text) for text in ledger.read_text().splitlines()]
+    assert [(e["custom_id"], e["billable"]) for e in entries if e["endpoint"] == "batch"] == [("1", True)]
 
 
 @pytest.mark.parametrize("fields", [{"batch_hour_s": 0}, {"batch_line_s": -1}, {"batch_error_shape": "other"},
