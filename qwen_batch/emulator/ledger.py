@@ -14,6 +14,7 @@ import json
 import threading
 import time
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -38,6 +39,8 @@ class Ledger:
         self._billable = 0
         self._input_tokens = 0
         self._output_tokens = 0
+        # The part of the bill at the batch price (half the real-time one).
+        self._batch_billed: Counter[str] = Counter()
         self.in_flight = 0
         self.peak_in_flight = 0
         # Lets a test thread block until the server thread records the next line.
@@ -80,8 +83,12 @@ class Ledger:
         output_tokens: int = 0,
         fault: str | None = None,
         billable: bool | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
-        """Append one line; ``billable`` defaults to "answered 200 with no injected fault"."""
+        """Append one line; ``billable`` defaults to "answered 200 with no injected fault".
+
+        ``extra``: keys after the common ones (a batch line's ``batch_id``, ``custom_id``, ``billable``).
+        """
         entry = {
             "time": time.time(),
             "endpoint": endpoint,
@@ -96,6 +103,8 @@ class Ledger:
             "output_tokens": output_tokens,
             "fault": fault,
         }
+        if extra:
+            entry.update(extra)
         self._entries.append(entry)
         self._by_status[status] += 1
         if billable is None:
@@ -104,6 +113,8 @@ class Ledger:
             self._billable += 1
             self._input_tokens += input_tokens
             self._output_tokens += output_tokens
+            if endpoint == "batch":
+                self._batch_billed.update(lines=1, input_tokens=input_tokens, output_tokens=output_tokens)
         if self._file is not None:
             self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
             self._file.flush()
@@ -131,7 +142,8 @@ class Ledger:
         return "".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in list(self._entries))
 
     def statistics(self) -> dict[str, Any]:
-        """Snapshot: requests, by_status, billable, billed tokens, in_flight, peak_in_flight."""
+        """Snapshot: requests, by_status, billable, billed tokens, in_flight, peak_in_flight, and the
+        billable lines and tokens among them that were batch lines (billed at the batch price)."""
         return {
             "requests": len(self._entries),
             "by_status": {str(status): count for status, count in sorted(self._by_status.items())},
@@ -140,4 +152,7 @@ class Ledger:
             "output_tokens": self._output_tokens,
             "in_flight": self.in_flight,
             "peak_in_flight": self.peak_in_flight,
+            "batch_billable": self._batch_billed["lines"],
+            "batch_input_tokens": self._batch_billed["input_tokens"],
+            "batch_output_tokens": self._batch_billed["output_tokens"],
         }
