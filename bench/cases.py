@@ -511,8 +511,10 @@ def _throttle_run(folder: Path, name: str, emulator_args: list[str], rows: int, 
     return entries
 
 
-def _throttle_simulated() -> dict[str, Any]:
-    """The six cases on a fake clock at DashScope's real 60 s window (tests/test_throttle_sim.py)."""
+def _throttle_simulated(seed: int = 0) -> dict[str, Any]:
+    """The six cases on a fake clock at DashScope's real 60 s window (tests/test_throttle_sim.py's
+    set-ups), for one seed of the modelled server and the retries (``python -m bench.throttle_sweep``
+    runs it over many)."""
     import sys
 
     sys.path.insert(0, str(h.ROOT))
@@ -520,26 +522,28 @@ def _throttle_simulated() -> dict[str, Any]:
 
     rate, w = 20.0, 60.0
 
-    def sim(server: Server, **options: Any) -> Simulation:
-        return Simulation(server, configured_rate=rate, window_s=w, **options).run()
+    def sim(server: dict[str, Any], **options: Any) -> Simulation:
+        return Simulation(Server(**server, seed=seed), configured_rate=rate, window_s=w, seed=seed, **options).run()
 
     figures: dict[str, Any] = {}
     for p in (0.15, 0.30):
-        s = sim(Server(p_random_429=p), duration_s=600.0)
+        s = sim(dict(p_random_429=p), duration_s=600.0)
         figures[f"1_random_{p:.0%}_attempts_of_configured"] = s.attempt_rate(0, 600) / rate
-    s = sim(Server(limit=int(rate / 2 * w), window_s=w), duration_s=1200.0)
+    s = sim(dict(limit=int(rate / 2 * w), window_s=w), duration_s=1200.0)
     figures["2_admitted_of_limit"] = s.admitted_rate(2 * w, 1200) / (rate / 2)
     figures["2_429_share"] = s.refused_share(2 * w, 1200)
-    s = sim(Server(limit=int(rate / 2 * w), window_s=w, p_random_429=0.1), duration_s=1200.0)
+    figures["2_restores"] = s.throttle.statistics().restores
+    s = sim(dict(limit=int(rate / 2 * w), window_s=w, p_random_429=0.1), duration_s=1200.0)
     figures["3_admitted_of_limit"] = s.admitted_rate(2 * w, 1200) / (rate / 2)
-    s = sim(Server(outage=(120.0, 150.0)), duration_s=300.0)
+    s = sim(dict(outage=(120.0, 150.0)), duration_s=300.0)
     back = s.first_time_at(0.9 * rate, after=150.0)
     figures["4_seconds_back_to_90pct"] = back - 150.0 if back is not None else None
-    s = sim(Server(limit=int(rate * w), window_s=w, other_rate=rate / 2, other_during=(120.0, 480.0)), duration_s=720.0)
+    s = sim(dict(limit=int(rate * w), window_s=w, other_rate=rate / 2, other_during=(120.0, 480.0)), duration_s=720.0)
     figures["5_429_share_while_other_runs"] = s.refused_share(120, 480)
+    figures["5_settled_of_what_is_left"] = s.admitted_rate(240, 480) / (rate / 2)
     back5 = next((t for t in range(480, 700) if s.admitted_rate(t, t + 5) >= 0.9 * rate), None)
     figures["5_seconds_back_to_90pct_of_limit"] = back5 - 480 if back5 is not None else None
-    s = sim(Server(p_random_429=0.15, p_other_fault=0.35), duration_s=float("inf"), rows=3000)
+    s = sim(dict(p_random_429=0.15, p_other_fault=0.35), duration_s=float("inf"), rows=3000)
     need = len(s.attempts) / rate
     done = sorted(s.rows_done)
     figures["6_rows_99pct_of_need"] = done[int(0.99 * len(done)) - 1] / need
@@ -547,9 +551,10 @@ def _throttle_simulated() -> dict[str, Any]:
     return {key: round(value, 4) if isinstance(value, float) else value for key, value in figures.items()}
 
 
-def _throttle_simulated_e2e_window(window_s: float, configured: float, seeds: range = range(8)) -> dict[str, Any]:
+def _throttle_simulated_e2e_seed(window_s: float, configured: float, seed: int, windows: int) -> dict[str, Any]:
     """Cases 2, 3 and 5 in the end-to-end set-up (its window, rate, 16 workers, latency and retry
-    backoff scaled with the window, its rows) on a fake clock, over ``seeds``: [worst, best]."""
+    backoff scaled with the window; cases 2 and 3 ``windows`` windows of rows, case 5 eleven) on a
+    fake clock, for one seed."""
     import sys
 
     sys.path.insert(0, str(h.ROOT))
@@ -557,22 +562,35 @@ def _throttle_simulated_e2e_window(window_s: float, configured: float, seeds: ra
 
     w, half = window_s, configured / 2
 
-    def sim(server: Server, rows: int, seed: int) -> Simulation:
+    def sim(server: Server, rows: int) -> Simulation:
         return Simulation(server, configured_rate=configured, window_s=w, concurrency=16, duration_s=float("inf"),
                           rows=rows, max_retries=30, seed=seed, **scaled_to(w)).run()
 
-    figures: dict[str, list[float]] = {"2_admitted_of_limit": [], "2_429_share": [], "3_admitted_of_limit": [],
-                                       "5_429_share_while_other_runs": []}
+    figures: dict[str, Any] = {}
+    s = sim(Server(limit=int(half * w), window_s=w, seed=seed), int(windows * w * half))
+    figures["2_admitted_of_limit"] = s.admitted_rate(2 * w, s.attempts[-1].time) / half
+    figures["2_429_share"] = s.refused_share(2 * w, s.attempts[-1].time)
+    s = sim(Server(limit=int(half * w), window_s=w, p_random_429=0.1, seed=seed), int(windows * w * half))
+    figures["3_admitted_of_limit"] = s.admitted_rate(2 * w, s.attempts[-1].time) / half
+    s = sim(Server(limit=int(configured * w), window_s=w, other_rate=half, other_during=(2 * w, 8 * w), seed=seed),
+            int(11 * w * configured))
+    figures["5_429_share_while_other_runs"] = s.refused_share(2 * w, 8 * w)
+    step = w / 20  # as tests/test_throttle_sim.py: the admitted rate over a quarter window, every 1/20
+    back = next((i * step for i in range(80)
+                 if s.admitted_rate(8 * w + i * step, 8 * w + i * step + w / 4) >= 0.9 * configured), None)
+    figures["5_windows_back_to_90pct_of_limit"] = back / w if back is not None else None
+    return figures
+
+
+def _throttle_simulated_e2e_window(window_s: float, configured: float, seeds: range = range(8)) -> dict[str, Any]:
+    """Cases 2, 3 and 5's 429 share in the end-to-end set-up on a fake clock, over ``seeds``: [worst, best]."""
+    keys = ("2_admitted_of_limit", "2_429_share", "3_admitted_of_limit", "5_429_share_while_other_runs")
+    figures: dict[str, list[float]] = {key: [] for key in keys}
     for seed in seeds:
-        s = sim(Server(limit=int(half * w), window_s=w, seed=seed), int(THROTTLE_WINDOWS * w * half), seed)
-        figures["2_admitted_of_limit"].append(s.admitted_rate(2 * w, s.attempts[-1].time) / half)
-        figures["2_429_share"].append(s.refused_share(2 * w, s.attempts[-1].time))
-        s = sim(Server(limit=int(half * w), window_s=w, p_random_429=0.1, seed=seed), int(THROTTLE_WINDOWS * w * half), seed)
-        figures["3_admitted_of_limit"].append(s.admitted_rate(2 * w, s.attempts[-1].time) / half)
-        s = sim(Server(limit=int(configured * w), window_s=w, other_rate=half, other_during=(2 * w, 8 * w), seed=seed),
-                int(11 * w * configured), seed)
-        figures["5_429_share_while_other_runs"].append(s.refused_share(2 * w, 8 * w))
-    return {"window_s": w, "configured_per_s": configured, "seeds": f"{seeds.start}-{seeds.stop - 1}",
+        one = _throttle_simulated_e2e_seed(window_s, configured, seed, THROTTLE_WINDOWS)
+        for key in keys:
+            figures[key].append(one[key])
+    return {"window_s": window_s, "configured_per_s": configured, "seeds": f"{seeds.start}-{seeds.stop - 1}",
             **{key: [round(min(v), 4), round(max(v), 4)] for key, v in figures.items()}}
 
 

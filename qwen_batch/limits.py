@@ -265,7 +265,11 @@ class AdaptiveThrottle:
       window without a cut: gently near a real limit (few 429s per saw-tooth), quickly back
       when another client stops. A whole window at or above the knee without a cut raises
       the knee to the rate. At a rate that proved right, the share still refused is
-      learned into ``baseline`` slowly (``BASELINE_LEARNING`` per sample).
+      learned into ``baseline`` slowly (``BASELINE_LEARNING`` per sample). Known limit: the
+      probe's period (a trial plus the climb until the window refuses it, about 70 s at a
+      minute) is also the longest wait for evidence that another client stopped, so a cut
+      just before it stops can delay the climb back to about 1.5 windows (BENCHMARKS.md,
+      issue 12's fourth follow-up, has the figures over seeds 0-49 and what was tried).
     * The pool pauses as a whole (a shared cool-down: nobody sends, and requests already
       waiting their turn queue again behind it) on a ``Retry-After`` (always honoured), on a
       cut (``default_cooldown_s``), and on a 429 during a trial before any success since
