@@ -74,6 +74,8 @@ ServerSetting = Literal["auto", "dashscope", "vllm", "sglang", "ollama", "llamac
 DEFAULT_PROTOCOL: ProtocolSetting = "dashscope"
 DEFAULT_SERVER: ServerSetting = "auto"
 DEFAULT_KEY_ENV = "DASHSCOPE_API_KEY"
+DEFAULT_JSON_RETRIES = 1
+MAX_JSON_RETRIES = 10
 # Settings that choose how a request is sent, not what it asks: never wire parameters.
 _NOT_SENT = {"stream"}
 OverLong = Literal["fail", "error"]
@@ -261,6 +263,52 @@ class PromptSpec(BaseModel):
         return self.template_columns
 
 
+def _check_json_schema(value: dict[str, Any]) -> dict[str, Any]:
+    from .structured import schema_problem  # jsonschema is imported only for a job that has a schema
+
+    problem = schema_problem(value)
+    if problem is not None:
+        raise PydanticCustomError(
+            "bad_schema", "not a valid JSON Schema ({why}); fix the schema", {"why": problem}
+        )
+    return value
+
+
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``: OpenAI's shape, ``strict`` inside it (research-wave2 B.1)."""
+
+    model_config = _CONFIG
+
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    # "schema" shadows a BaseModel attribute: the field is schema_, the YAML key schema.
+    schema_: Annotated[dict[str, Any], AfterValidator(_check_json_schema), Field(alias="schema")]
+    strict: bool | None = None
+
+
+class TextFormat(BaseModel):
+    model_config = _CONFIG
+
+    type: Literal["text"]
+
+
+class JsonObjectFormat(BaseModel):
+    model_config = _CONFIG
+
+    type: Literal["json_object"]
+
+
+class JsonSchemaResponseFormat(BaseModel):
+    model_config = _CONFIG
+
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Annotated[
+    Union[TextFormat, JsonObjectFormat, JsonSchemaResponseFormat], Field(discriminator="type")
+]
+
+
 class Parameters(BaseModel):
     """DashScope generation parameters, names and ranges as documented; unset ones are not sent."""
 
@@ -280,10 +328,14 @@ class Parameters(BaseModel):
     stream: Annotated[Any, AfterValidator(_check_stream)] = DEFAULT_STREAM
     enable_thinking: bool | None = None
     thinking_budget: PositiveInt | None = None
+    response_format: ResponseFormat | None = None
 
     def to_wire(self) -> dict[str, Any]:
         """The parameters that are set, as DashScope names them (seed always)."""
-        return {k: v for k, v in self.model_dump(exclude=_NOT_SENT).items() if v is not None}
+        wire = {k: v for k, v in self.model_dump(exclude=_NOT_SENT).items() if v is not None}
+        if self.response_format is not None:
+            wire["response_format"] = self.response_format.model_dump(by_alias=True, exclude_none=True)
+        return wire
 
 
 class ExecutionSpec(BaseModel):
@@ -308,6 +360,8 @@ class OutputSpec(BaseModel):
     model_config = _CONFIG
 
     path: PathStr | None = None
+    # JSON mode: how many times an answer that does not parse is asked again (structured.py).
+    json_retries: Annotated[int, _in_range(0, MAX_JSON_RETRIES)] = DEFAULT_JSON_RETRIES
 
 
 class ApiSpec(BaseModel):

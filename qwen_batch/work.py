@@ -15,6 +15,8 @@ from .checkpoint import Checkpoint
 from .preflight import rendered
 from .render import RowProblem
 from .runner import WorkItem
+from .jsonmode import asks_json, refuses_rows
+from .structured import JSON_WORD_MISSING, has_json_word
 from .types import Outcome, Reply, Request
 
 if TYPE_CHECKING:
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
 
 BATCH_ROWS = 2_000
 OVER_LONG_CODE = "InvalidParameter"
+NO_JSON_WORD_CODE = "InvalidParameter"
 
 
 def work_items(plan: JobPlan, cache: ServiceCache | None) -> Iterator[list[WorkItem]]:
@@ -31,6 +34,8 @@ def work_items(plan: JobPlan, cache: ServiceCache | None) -> Iterator[list[WorkI
     preflight made are reused, so this second pass over the table is cheap.
     """
     over_long_limit = plan.preflight.max_input_tokens
+    json_mode = asks_json(plan.spec)
+    needs_json_word = refuses_rows(plan.spec)
     batches = rendered(
         plan.renderer,
         plan.table.iter_batches(batch_size=BATCH_ROWS, limit=plan.rows),
@@ -44,9 +49,12 @@ def work_items(plan: JobPlan, cache: ServiceCache | None) -> Iterator[list[WorkI
                 items.append(_problem_outcome(item))
             elif over_long_limit is not None and item.input_tokens > over_long_limit:
                 items.append(_over_long_outcome(item, over_long_limit))
+            elif needs_json_word and not has_json_word(item.messages):
+                items.append(_no_json_word_outcome(item))
             else:
                 items.append(item)
-        if cache is not None:
+        # JSON mode looks each attempt up itself (runner.py), the first one included.
+        if cache is not None and not json_mode:
             items = _answer_from_cache(items, cache)
         if items:
             yield items
@@ -73,6 +81,18 @@ def _over_long_outcome(request: Request, limit: int) -> Outcome:
     )
 
 
+def _no_json_word_outcome(request: Request) -> Outcome:
+    """A json_object row without the word "json": refused by DashScope, so not sent (structured.py)."""
+    return Outcome(
+        index=request.index,
+        fingerprint=request.fingerprint,
+        status="error",
+        preflight_input_tokens=request.input_tokens,
+        error_code=NO_JSON_WORD_CODE,
+        error_message=f"{JSON_WORD_MISSING} (not sent: add the word JSON to this row's prompt)",
+    )
+
+
 def _answer_from_cache(items: list[WorkItem], cache: ServiceCache) -> list[WorkItem]:
     requests = [item for item in items if isinstance(item, Request)]
     if not requests:
@@ -88,23 +108,14 @@ def _answer_from_cache(items: list[WorkItem], cache: ServiceCache) -> list[WorkI
     ]
 
 
-def _stored_reply(outcome: Outcome) -> Reply:
-    """What the cache keeps of an answered outcome: the reply, its reasoning included."""
-    return Reply(
-        outcome.output_text or "",
-        outcome.finish_reason or "",
-        outcome.input_tokens or 0,
-        outcome.output_tokens or 0,
-        outcome.request_id,
-        reasoning=outcome.reasoning_text,
-        reasoning_tokens=outcome.reasoning_tokens,
-        usage_source=outcome.usage_source or "service",
-    )
-
-
 def _cached_outcome(request: Request, reply: Reply) -> Outcome:
     """A cache hit: the stored reply, at no cost this time."""
     return Outcome.answered(request, reply, cost=0.0, attempts=0, latency_s=0.0, cached=True)
+
+
+def _answered(outcome: Outcome) -> bool:
+    """An answer to keep: ok, or a JSON answer that did not parse (its reply is the service's all the same)."""
+    return outcome.status == "ok" or outcome.parse_status is not None
 
 
 class CheckpointAndCacheSink:
@@ -114,10 +125,16 @@ class CheckpointAndCacheSink:
         self._checkpoint = checkpoint
         self._cache = cache
 
+    @property
+    def cache(self) -> ServiceCache | None:
+        """The shared cache, which a JSON-mode run reads and writes per attempt (runner.py)."""
+        return self._cache
+
     def write(self, outcomes: Sequence[Outcome]) -> None:
         self._checkpoint.append(outcomes)
         if self._cache is None:
             return
-        fresh = [(o.fingerprint, _stored_reply(o)) for o in outcomes if o.status == "ok" and not o.cached]
+        # A re-asked row's attempts were stored one by one under their own requests (runner.py).
+        fresh = [(o.fingerprint, o.stored_reply()) for o in outcomes if _answered(o) and not o.cached and not o.reasks]
         if fresh:
             self._cache.put_many(fresh)
