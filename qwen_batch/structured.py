@@ -67,17 +67,17 @@ class Parsed:
         return self.status == "ok"
 
 
-def schema_validator(schema: Mapping[str, Any]) -> Validator:
+def schema_validator(schema: dict[str, Any]) -> Validator:
     """A validator of ``schema``'s own draft (``$schema``), Draft 2020-12 when it names none;
     raises ``jsonschema.SchemaError`` for a schema that is not valid in that draft."""
     from jsonschema import Draft202012Validator, validators
 
     cls = validators.validator_for(schema, default=Draft202012Validator)
     cls.check_schema(schema)
-    return cls(schema)  # type: ignore[no-any-return]
+    return cls(schema)
 
 
-def schema_problem(schema: Mapping[str, Any]) -> str | None:
+def schema_problem(schema: dict[str, Any]) -> str | None:
     """Why ``schema`` is not a JSON Schema (path-qualified), or None when it is one."""
     from jsonschema import SchemaError
 
@@ -91,7 +91,7 @@ def schema_problem(schema: Mapping[str, Any]) -> str | None:
 class AnswerCheck:
     """Parses answers and checks them against one schema (None: any JSON value, ``json_object``)."""
 
-    def __init__(self, schema: Mapping[str, Any] | None) -> None:
+    def __init__(self, schema: dict[str, Any] | None) -> None:
         self._validator = schema_validator(schema) if schema is not None else None
 
     def __call__(self, text: str) -> Parsed:
@@ -126,7 +126,7 @@ class JsonMode:
     cache key; its input tokens are counted like a rendered request's.
     """
 
-    def __init__(self, kind: str, schema: Mapping[str, Any] | None, *, retries: int, protocol: str) -> None:
+    def __init__(self, kind: str, schema: dict[str, Any] | None, *, retries: int, protocol: str) -> None:
         self.kind = kind
         self.retries = retries
         self.check = AnswerCheck(schema)
