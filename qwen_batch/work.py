@@ -23,8 +23,7 @@ if TYPE_CHECKING:
     from .plan import JobPlan
 
 BATCH_ROWS = 2_000
-OVER_LONG_CODE = "InvalidParameter"
-NO_JSON_WORD_CODE = "InvalidParameter"
+OVER_LONG_CODE = INVALID_PARAMETER = "InvalidParameter"
 
 
 def work_items(plan: JobPlan, cache: ServiceCache | None) -> Iterator[list[WorkItem]]:
@@ -70,27 +69,27 @@ def _problem_outcome(problem: RowProblem) -> Outcome:
     )
 
 
-def _over_long_outcome(request: Request, limit: int) -> Outcome:
+def _unsent_outcome(request: Request, message: str) -> Outcome:
+    """A row refused here as the service would refuse it (``InvalidParameter``), never sent."""
     return Outcome(
         index=request.index,
         fingerprint=request.fingerprint,
         status="error",
         preflight_input_tokens=request.input_tokens,
-        error_code=OVER_LONG_CODE,
-        error_message=f"Range of input length should be [1, {limit}] (not sent: {request.input_tokens} tokens)",
+        error_code=INVALID_PARAMETER,
+        error_message=message,
+    )
+
+
+def _over_long_outcome(request: Request, limit: int) -> Outcome:
+    return _unsent_outcome(
+        request, f"Range of input length should be [1, {limit}] (not sent: {request.input_tokens} tokens)"
     )
 
 
 def _no_json_word_outcome(request: Request) -> Outcome:
-    """A json_object row without the word "json": refused by DashScope, so not sent (structured.py)."""
-    return Outcome(
-        index=request.index,
-        fingerprint=request.fingerprint,
-        status="error",
-        preflight_input_tokens=request.input_tokens,
-        error_code=NO_JSON_WORD_CODE,
-        error_message=f"{JSON_WORD_MISSING} (not sent: add the word JSON to this row's prompt)",
-    )
+    """A json_object row without the word "json": DashScope refuses it (jsonmode.py)."""
+    return _unsent_outcome(request, f"{JSON_WORD_MISSING} (not sent: add the word JSON to this row's prompt)")
 
 
 def _answer_from_cache(items: list[WorkItem], cache: ServiceCache) -> list[WorkItem]:
