@@ -66,9 +66,10 @@ def speaks_dashscope(spec: JobSpec, server: str | None = None) -> bool:
         return True
     decided = server if server is not None else api.server
     if decided == "auto":
+        from .endpoint import configured_base_url
         from .servers import is_dashscope_host
 
-        return is_dashscope_host(api.base_url)
+        return is_dashscope_host(configured_base_url(spec))
     return decided == "dashscope"
 
 
