@@ -173,13 +173,17 @@ def settle(first: Request, attempts: Sequence[Outcome], parsed: Parsed | None) -
     """The row's one outcome from its attempts (the first request's, then each re-ask's).
 
     Every attempt was paid: ``attempts``, ``cost`` and the token counts are summed over them
-    all (a cache hit costs 0); the text, finish reason and request id are the last answer's.
+    all (a cache hit costs 0 and, beside sent attempts, adds no tokens); the text, finish
+    reason and request id are the last answer's.
     A row whose last answer does not parse is an error (``InvalidJSON`` / ``SchemaMismatch``)
     with its raw text kept; one whose re-ask failed to send is that send's error.
     """
     last = attempts[-1]
     answered = [o for o in attempts if o.ok]
     answer = answered[-1] if answered else last
+    # A row part answered from the cache bills only what was sent; one all from the cache
+    # keeps every attempt's usage (what the cache saved).
+    billed = [o for o in answered if not o.cached] or answered
     costs = [o.cost for o in attempts if o.cost is not None]
     status, code, message, retryable = last.status, last.error_code, last.error_message, last.retryable
     if last.ok and parsed is not None and not parsed.ok:
@@ -194,9 +198,9 @@ def settle(first: Request, attempts: Sequence[Outcome], parsed: Parsed | None) -
         error_code=code,
         error_message=message,
         retryable=retryable,
-        input_tokens=_total(o.input_tokens for o in answered),
-        output_tokens=_total(o.output_tokens for o in answered),
-        reasoning_tokens=_total(o.reasoning_tokens for o in answered),
+        input_tokens=_total(o.input_tokens for o in billed),
+        output_tokens=_total(o.output_tokens for o in billed),
+        reasoning_tokens=_total(o.reasoning_tokens for o in billed),
         cost=sum(costs) if costs else None,
         attempts=sum(o.attempts for o in attempts),
         latency_s=sum(o.latency_s or 0.0 for o in attempts),
