@@ -112,11 +112,6 @@ def _cached_outcome(request: Request, reply: Reply) -> Outcome:
     return Outcome.answered(request, reply, cost=0.0, attempts=0, latency_s=0.0, cached=True)
 
 
-def _answered(outcome: Outcome) -> bool:
-    """An answer to keep: ok, or a JSON answer that did not parse (its reply is the service's all the same)."""
-    return outcome.status == "ok" or outcome.parse_status is not None
-
-
 class CheckpointAndCacheSink:
     """Group commit target: the checkpoint (durable first), then the shared cache."""
 
@@ -134,6 +129,11 @@ class CheckpointAndCacheSink:
         if self._cache is None:
             return
         # A re-asked row's attempts were stored one by one under their own requests (runner.py).
-        fresh = [(o.fingerprint, o.stored_reply()) for o in outcomes if _answered(o) and not o.cached and not o.reasks]
+        # An answer to keep: ok, or a JSON answer that did not parse (the service's reply all the same).
+        fresh = [
+            (o.fingerprint, o.stored_reply())
+            for o in outcomes
+            if (o.status == "ok" or o.parse_status is not None) and not o.cached and not o.reasks
+        ]
         if fresh:
             self._cache.put_many(fresh)

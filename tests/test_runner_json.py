@@ -81,7 +81,7 @@ async def test_a_reasked_row_is_one_outcome_summing_both_attempts_and_each_attem
     again, sink2 = ReaskingBackend(), ListSink()
     await make_runner(again, sink2, 2, json_mode=_mode(), replies=store).run(iter([[json_request(0), json_request(1)]]))  # type: ignore[arg-type]
     assert again.bodies == []
-    assert [o.output_json for o in sink2.outcomes] == [o.output_json for o in sink.outcomes]
+    assert {o.index: o.output_json for o in sink2.outcomes} == {o.index: o.output_json for o in sink.outcomes}
     assert all(o.cached and o.cost == 0 for o in sink2.outcomes)
 
 

@@ -310,3 +310,17 @@ def test_resume_after_a_kill_keeps_the_parse_columns(tmp_path: Path) -> None:
     assert all(kept[row_id] == output_json for row_id, output_json in before.items())
     reasked = frame.filter(pl.col("id").is_in([f"r{i:03d}" for i in range(0, rows, 3)]))
     assert set(reasked["attempts"].to_list()) <= {0, 1, 2} and 2 in reasked["attempts"].to_list()
+
+
+def test_the_sample_extract_job_runs_with_emulate(tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.delenv("DASHSCOPE_HTTP_BASE_URL", raising=False)
+    monkeypatch.setenv("QWEN_BATCH_CACHE_DIR", str(tmp_path / "cache"))
+    job = Path(__file__).resolve().parent.parent / "jobs" / "extract.yaml"
+    output = tmp_path / "extract.parquet"
+    result = qwen_batch.run(job, emulate=True, output=output)
+    assert result.exit_code == 0
+    frame = pl.read_parquet(output)
+    assert frame["parse_status"].to_list() == ["ok"] * frame.height and frame.height == 5
+    for text in frame["output_json"]:
+        value = json.loads(text)
+        assert value["sentiment"] in {"positive", "negative", "neutral"} and 1 <= value["rating"] <= 5
