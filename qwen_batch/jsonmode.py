@@ -27,7 +27,7 @@ def json_mode_of(spec: JobSpec) -> JsonMode | None:
     fmt = spec.parameters.response_format
     if fmt is None or fmt.type not in JSON_MODES:
         return None
-    schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else None
+    schema = fmt.json_schema.schema_ if fmt.json_schema is not None else None
     return JsonMode(fmt.type, schema, retries=spec.output.json_retries, protocol=spec.api.protocol)
 
 

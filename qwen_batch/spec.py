@@ -274,39 +274,50 @@ def _check_json_schema(value: dict[str, Any]) -> dict[str, Any]:
     return value
 
 
+def _check_format_name(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+        raise PydanticCustomError(
+            "format_name", "must be 1 to 64 letters, digits, '_' or '-', got {got}", {"got": _quoted(value)}
+        )
+    return value
+
+
 class JsonSchemaFormat(BaseModel):
     """``response_format.json_schema``: OpenAI's shape, ``strict`` inside it (research-wave2 B.1)."""
 
     model_config = _CONFIG
 
-    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    name: Annotated[str, AfterValidator(_check_format_name)]
     # "schema" shadows a BaseModel attribute: the field is schema_, the YAML key schema.
     schema_: Annotated[dict[str, Any], AfterValidator(_check_json_schema), Field(alias="schema")]
     strict: bool | None = None
 
 
-class TextFormat(BaseModel):
+ResponseFormatType = Literal["text", "json_object", "json_schema"]
+
+
+class ResponseFormat(BaseModel):
+    """``parameters.response_format``: plain text, any JSON, or JSON of a schema (structured.py)."""
+
     model_config = _CONFIG
 
-    type: Literal["text"]
+    type: ResponseFormatType
+    json_schema: JsonSchemaFormat | None = None
 
-
-class JsonObjectFormat(BaseModel):
-    model_config = _CONFIG
-
-    type: Literal["json_object"]
-
-
-class JsonSchemaResponseFormat(BaseModel):
-    model_config = _CONFIG
-
-    type: Literal["json_schema"]
-    json_schema: JsonSchemaFormat
-
-
-ResponseFormat = Annotated[
-    Union[TextFormat, JsonObjectFormat, JsonSchemaResponseFormat], Field(discriminator="type")
-]
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise PydanticCustomError(
+                "schema_missing",
+                "type json_schema needs json_schema (its name and schema); add it, or use type: json_object",
+                {"key": "json_schema"},
+            )
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise PydanticCustomError(
+                "schema_unused", "is read only with type: json_schema; remove it, or set type: json_schema",
+                {"key": "json_schema"},
+            )
+        return self
 
 
 class Parameters(BaseModel):
@@ -827,4 +838,4 @@ def _keys_at(loc: tuple[str, ...]) -> list[str]:
     for part in loc:
         field = model.model_fields.get(part) if model is not None else None
         model = _model_of(field.annotation) if field is not None else None
-    return list(model.model_fields) if model is not None else []
+    return [field.alias or name for name, field in model.model_fields.items()] if model is not None else []

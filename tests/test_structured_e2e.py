@@ -251,7 +251,10 @@ def test_json_object_without_json_in_any_row_is_refused(tmp_path: Path, job_env:
         ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}, "json_schema.schema"),
         ({"type": "json_schema", "json_schema": {"schema": SCHEMA}}, "json_schema.name"),
         ({"type": "json_schema"}, "json_schema"),
-        ({"type": "xml"}, "response_format"),
+        ({"type": "xml"}, "response_format.type"),
+        ({"type": "json_schema", "json_schema": {"name": "a b", "schema": SCHEMA}}, "json_schema.name: must be"),
+        ({"type": "json_schema", "json_schema": {"nme": "x", "schema": SCHEMA}}, "did you mean 'name'"),
+        ({"type": "json_object", "json_schema": {"name": "x", "schema": SCHEMA}}, "set type: json_schema"),
     ],
 )
 def test_a_bad_response_format_is_refused_naming_the_key(
@@ -259,7 +262,7 @@ def test_a_bad_response_format_is_refused_naming_the_key(
 ) -> None:
     job = _refused_job(tmp_path, parameters={"seed": 7, "max_tokens": 100, "response_format": fmt})
     line = refused(["validate", str(job)], tmp_path, emulator, capsys)
-    assert f"parameters.response_format" in line and key in line
+    assert "parameters.response_format" in line and key in line
 
 
 def test_json_retries_out_of_range_is_refused(tmp_path: Path, job_env: dict, emulator: Any, capsys: Any) -> None:
