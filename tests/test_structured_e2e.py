@@ -327,3 +327,20 @@ def test_the_sample_extract_job_runs_with_emulate(tmp_path: Path, monkeypatch: A
     for text in frame["output_json"]:
         value = json.loads(text)
         assert value["sentiment"] in {"positive", "negative", "neutral"} and 1 <= value["rating"] <= 5
+
+
+def test_the_same_json_job_on_both_protocols_gives_the_same_answers(tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.delenv("DASHSCOPE_HTTP_BASE_URL", raising=False)
+    monkeypatch.setenv("QWEN_BATCH_CACHE_DIR", str(tmp_path / "cache"))
+    texts = ["lakes", "rivers [[emu: bad_schema]]", "hills [[emu: bad_json]]"]
+    frames = []
+    for protocol in ("dashscope", "openai"):
+        folder = tmp_path / protocol
+        folder.mkdir()
+        api = {"api": {"protocol": "openai"}} if protocol == "openai" else {}
+        assert qwen_batch.run(_job(folder, texts, **api), emulate=True, no_cache=True).exit_code == 0
+        frames.append(pl.read_parquet(folder / "out" / "result.parquet"))
+    native, compatible = frames
+    columns = ["id", "output_text", "output_json", "parse_status", "attempts", "input_tokens", "output_tokens", "cost"]
+    assert native.select(columns).to_dicts() == compatible.select(columns).to_dicts()
+    assert native["attempts"].to_list() == [1, 2, 2]
