@@ -149,7 +149,7 @@ def prepare(
 
 
 def _check_json_mode(plan: JobPlan) -> None:
-    """DashScope's refusals of a json mode, where the job is known to speak to it (structured.py)."""
+    """DashScope's refusals of a json mode, where the job is known to speak to it (jsonmode.py)."""
     from .jsonmode import asks_json, refusal
 
     if asks_json(plan.spec):

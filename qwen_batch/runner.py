@@ -75,10 +75,10 @@ class RunStatistics:
     throttled: int
     in_flight: int
     elapsed_s: float
-    reasks: int = 0
-    """JSON mode: requests that asked again after an answer that did not parse."""
     cooling_down_s: float = 0.0
     """Seconds until the pool may send again after a 429 (0: not cooling down)."""
+    reasks: int = 0
+    """JSON mode: requests that asked again after an answer that did not parse."""
 
     @property
     def rows_per_second(self) -> float:
@@ -261,10 +261,10 @@ class Runner:
             current = json_mode.follow_up(current, last.output_text or "", parsed)
             if len(attempts) == 1:
                 await self._remember(request, last)
-            self._counters.reasks += 1
             following = await self._attempt(current)
             if following is None:
                 return self._cut_short(request, attempts, parsed)
+            self._counters.reasks += 1
             attempts.append(following)
             if not following.ok:
                 break

@@ -17,14 +17,13 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from .types import Outcome, Request
+from .types import Outcome, ParseStatus, Request
 
 if TYPE_CHECKING:
     from jsonschema.protocols import Validator
 
-ParseStatus = Literal["ok", "invalid_json", "schema_mismatch"]
 JSON_MODES = ("json_object", "json_schema")
 ERROR_CODES: dict[str, str] = {"invalid_json": "InvalidJSON", "schema_mismatch": "SchemaMismatch"}
 """The row's ``error_code`` when its last answer still does not parse, by parse status."""

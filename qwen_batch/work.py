@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 
 from .cache import ServiceCache
 from .checkpoint import Checkpoint
+from .jsonmode import asks_json, refuses_rows
 from .preflight import rendered
 from .render import RowProblem
 from .runner import WorkItem
-from .jsonmode import asks_json, refuses_rows
 from .structured import JSON_WORD_MISSING, has_json_word
 from .types import Outcome, Reply, Request
 

@@ -112,7 +112,7 @@ async def _server(plan: JobPlan, base_url: str, api_key: str | None) -> str:
 
 
 def _check_json_mode(plan: JobPlan, server: str) -> None:
-    """A json mode that the server decided here would refuse (structured.refusal) stops the run unsent."""
+    """A json mode that the server decided here would refuse (jsonmode.refusal) stops the run unsent."""
     from ..errors import ConfigError
     from ..jsonmode import refusal
 
@@ -159,10 +159,9 @@ def _rate_limits(plan: JobPlan, local: bool) -> tuple[float | None, float | None
 
 
 def _runner(plan: JobPlan, backend: Backend, sink: OutcomeSink, *, local: bool = False) -> Runner:
+    from ..jsonmode import json_mode_of
     from ..limits import Limits
     from ..retry import RetryPolicy
-
-    from ..jsonmode import json_mode_of
 
     rpm, tpm = _rate_limits(plan, local)
     max_cost = plan.max_cost
