@@ -88,6 +88,11 @@ RECORD_SCHEMA: dict[str, pl.DataType] = {
     "first_token_s": pl.Float64(),
     # Who counted the tokens (issue 15): "service", or "estimated" when it reported none.
     "usage_source": pl.String(),
+    # JSON mode (issue 15): the canonical answer, its parse status and error, the re-asks.
+    "output_json": pl.String(),
+    "parse_status": pl.String(),
+    "parse_error": pl.String(),
+    "reasks": pl.Int64(),
 }
 DONE_COLUMNS = ("index", "fingerprint", "status", "retryable", "cost", "cached")
 _SUMMARY_COLUMNS = (
@@ -99,6 +104,7 @@ _SUMMARY_COLUMNS = (
     "output_tokens",
     "cost",
     "cached",
+    "parse_status",
 )
 _FLOAT_FIELDS = frozenset(name for name, dtype in RECORD_SCHEMA.items() if dtype == pl.Float64())
 _INT_FIELDS = frozenset(name for name, dtype in RECORD_SCHEMA.items() if dtype == pl.Int64())
@@ -135,11 +141,14 @@ class CheckpointSummary:
 def billed(prefix: str = "") -> pl.Expr:
     """True for the records whose usage was billed in this job: answered by the service.
 
-    Errors carry no usage; a cache hit was paid for when it was first fetched; an older
-    log's over-long rows hold the preflight count in ``input_tokens``. None of them is
-    billed. ``prefix``: of the column names, where a query renamed them.
+    Errors carry no usage, except a JSON-mode row whose answers never parsed (it has a
+    ``parse_status``): those were answered and paid. A cache hit was paid for when it was
+    first fetched; an older log's over-long rows hold the preflight count in
+    ``input_tokens``. None of them is billed. ``prefix``: of the column names, where a
+    query renamed them.
     """
-    return (pl.col(f"{prefix}status") == "ok") & ~pl.col(f"{prefix}cached").fill_null(False)
+    answered = (pl.col(f"{prefix}status") == "ok") | pl.col(f"{prefix}parse_status").is_not_null()
+    return answered & ~pl.col(f"{prefix}cached").fill_null(False)
 
 
 def outcome_to_record(outcome: Outcome) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from .cache import ResponseCache, ServiceCache, default_cache_path
 from .checkpoint import Checkpoint, set_aside
 from .endpoint import base_url_key, configured_base_url
 from .catalog import ModelInfo
-from .errors import InputError, QwenBatchError
+from .errors import InputError, QwenBatchError, SpecError
 from .modes import mode_of
 from .output import check_input_columns
 from .plan import JobOptions, JobPlan, checked_paths
@@ -126,7 +126,7 @@ def prepare(
         )
     if report.over_long and spec.preflight.over_long == "fail" and check_over_long:
         raise InputError(over_long_message(spec, report, listed=20))
-    return JobPlan(
+    plan = JobPlan(
         spec=spec,
         options=options,
         model_info=model_info,
@@ -145,6 +145,18 @@ def prepare(
         cache_path=paths.cache,
         mode=mode,
     )
+    _check_json_mode(plan)
+    return plan
+
+
+def _check_json_mode(plan: JobPlan) -> None:
+    """DashScope's refusals of a json mode, where the job is known to speak to it (jsonmode.py)."""
+    from .jsonmode import asks_json, refusal
+
+    if asks_json(plan.spec):
+        problem = refusal(plan)
+        if problem is not None:
+            raise SpecError(problem)
 
 
 def _prompt_source(spec: JobSpec) -> str:

@@ -52,6 +52,10 @@ _RESULT_FIELDS: list[pa.Field[pa.DataType]] = [
     pa.field("first_token_s", pa.float64()),
     # Issue 15: who counted the tokens ("service", or "estimated" when the server sent none).
     pa.field("usage_source", pa.string()),
+    # Issue 15, JSON mode: the answer as canonical JSON, its parse status and error (null otherwise).
+    pa.field("output_json", pa.string()),
+    pa.field("parse_status", pa.string()),
+    pa.field("parse_error", pa.string()),
 ]
 RESULT_SCHEMA = pa.schema(_RESULT_FIELDS)
 RESULT_COLUMNS: tuple[str, ...] = tuple(RESULT_SCHEMA.names)
@@ -90,6 +94,9 @@ _RECORD_COLUMNS = (
     "reasoning_tokens",
     "first_token_s",
     "usage_source",
+    "output_json",
+    "parse_status",
+    "parse_error",
 )
 
 
@@ -233,10 +240,14 @@ def _result_columns(
         .then(rec_col("reasoning_tokens").fill_null(0))
         .alias("reasoning_tokens"),
         rec_col("first_token_s").alias("first_token_s"),
-        # An answer in an older log was counted by the service (the only source then).
-        pl.when(rec_col("status") == "ok")
+        # An answer in an older log was counted by the service (the only source then); a JSON
+        # row whose answers never parsed was answered too.
+        pl.when((rec_col("status") == "ok") | rec_col("parse_status").is_not_null())
         .then(rec_col("usage_source").fill_null(pl.lit("service", dtype=pl.String)))
         .alias("usage_source"),
+        rec_col("output_json").alias("output_json"),
+        rec_col("parse_status").alias("parse_status"),
+        rec_col("parse_error").alias("parse_error"),
         is_missing.alias(_MISSING),
     ]
 

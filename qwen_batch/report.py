@@ -228,6 +228,9 @@ def render_summary(summary: dict[str, Any], out: TextIO) -> None:
     table.add_row("rows", f"{rows['total']} total, {rows['ok']} ok, {rows['error']} error, {rows['not_done']} not done")
     for code, count in summary["errors_by_code"].items():
         table.add_row(f"  error {code}", str(count))
+    if "parse_status" in rows:
+        parsed = ", ".join(f"{count} {status}" for status, count in rows["parse_status"].items())
+        table.add_row("parse status", f"{parsed}; {rows['reasks']} re-asks")
     tokens = summary["tokens"]
     table.add_row("tokens", f"{tokens['input']} in, {tokens['output']} out, {tokens['total']} total")
     if tokens.get("estimate"):

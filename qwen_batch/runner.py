@@ -8,11 +8,12 @@ any instant loses at most ``concurrency`` paid requests (shared/NOTES.md, "Crash
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 from anyio.abc import ObjectSendStream
@@ -25,7 +26,10 @@ from .catalog import Price
 from .errors import AuthError, BackendError, ConfigurationRefused, RateLimited
 from .limits import Limits
 from .retry import RetryPolicy, call_with_retries
-from .types import Outcome, Request
+from .types import Outcome, Reply, Request
+
+if TYPE_CHECKING:
+    from .structured import JsonMode, Parsed
 
 WorkItem = Request | Outcome
 """A row to send, or a row already decided without sending (row problem, cache hit, over-long)."""
@@ -43,6 +47,14 @@ class OutcomeSink(Protocol):
     """Makes outcomes durable; blocking, called from a worker thread, one call per group."""
 
     def write(self, outcomes: Sequence[Outcome]) -> None: ...
+
+
+class ReplyStore(Protocol):
+    """The response cache as JSON mode reads and writes it, one attempt at a time (blocking)."""
+
+    def get_many(self, fingerprints: Sequence[str]) -> dict[str, Reply]: ...
+
+    def put_many(self, items: Sequence[tuple[str, Reply]]) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +77,8 @@ class RunStatistics:
     elapsed_s: float
     cooling_down_s: float = 0.0
     """Seconds until the pool may send again after a 429 (0: not cooling down)."""
+    reasks: int = 0
+    """JSON mode: requests that asked again after an answer that did not parse."""
 
     @property
     def rows_per_second(self) -> float:
@@ -85,6 +99,7 @@ class _Counters:
     retries: int = 0
     throttled: int = 0
     in_flight: int = 0
+    reasks: int = 0
 
 
 class Runner:
@@ -104,8 +119,14 @@ class Runner:
         clock: Callable[[], float] = time.monotonic,
         drain_timeout_s: float = 5.0,
         max_error_rate: float | None = None,
+        json_mode: JsonMode | None = None,
+        replies: ReplyStore | None = None,
     ) -> None:
         self._backend = backend
+        # JSON mode parses every answer and asks again (structured.py); ``replies`` is the
+        # cache each of its attempts is looked up in and stored to (work.py leaves it to us).
+        self._json_mode = json_mode
+        self._replies = replies
         self._sink = sink
         self._concurrency = concurrency
         self._limits = limits
@@ -159,6 +180,7 @@ class Runner:
             in_flight=c.in_flight,
             elapsed_s=self._clock() - self._started,
             cooling_down_s=self._limits.throttle.statistics().cooling_down_s,
+            reasks=c.reasks,
         )
 
     # -- the pool --------------------------------------------------------------
@@ -204,7 +226,9 @@ class Runner:
                 if isinstance(item, Outcome):
                     outcome = item
                 else:
-                    sent = await self._send_within_budget(item)
+                    sent = await (
+                        self._send_within_budget(item) if self._json_mode is None else self._answer_as_json(item)
+                    )
                     if sent is None:
                         return
                     outcome = sent
@@ -212,6 +236,67 @@ class Runner:
                 await commits.wait_durable(outcome)
         finally:
             feed.worker_done()
+
+    async def _answer_as_json(self, request: Request) -> Outcome | None:
+        """JSON mode: the row's attempts until its answer parses or the re-asks run out.
+
+        The re-asks are part of the row: it is recorded once, when its last attempt is in.
+        An answer cut by ``max_tokens`` is not asked again (the re-ask would be cut too).
+        None when the key or the configuration was refused (nothing is recorded).
+        """
+        from .structured import settle
+
+        json_mode = self._json_mode
+        assert json_mode is not None
+        attempt = await self._attempt(request)
+        if attempt is None or not attempt.ok:
+            return attempt
+        attempts = [attempt]
+        current = request
+        while True:
+            parsed = json_mode.check(attempt.output_text or "")
+            last = attempts[-1]
+            if parsed.ok or last.finish_reason == "length" or len(attempts) > json_mode.retries:
+                break
+            current = json_mode.follow_up(current, last.output_text or "", parsed)
+            if len(attempts) == 1:
+                await self._remember(request, last)
+            following = await self._attempt(current)
+            if following is None:
+                return self._cut_short(request, attempts, parsed)
+            self._counters.reasks += 1
+            attempts.append(following)
+            if not following.ok:
+                break
+            await self._remember(current, following)
+            attempt = following
+        return settle(request, attempts, parsed)
+
+    def _cut_short(self, request: Request, attempts: list[Outcome], parsed: Parsed) -> Outcome | None:
+        """A row whose re-ask was not sent: the budget kept the answers so far (a resume asks
+        again, from the cache); a refused key or configuration records nothing."""
+        from .structured import settle
+
+        if self.stop_reason != STOP_BUDGET:
+            return None
+        outcome = settle(request, attempts, parsed)
+        return dataclasses.replace(outcome, retryable=True)
+
+    async def _attempt(self, request: Request) -> Outcome | None:
+        """One attempt of a JSON-mode row: from the cache when it holds this request, else sent."""
+        if self._replies is not None:
+            hits = await anyio.to_thread.run_sync(self._replies.get_many, [request.fingerprint])
+            reply = hits.get(request.fingerprint)
+            if reply is not None:
+                return Outcome.answered(request, reply, cost=0.0, attempts=0, latency_s=0.0, cached=True)
+        return await self._send_within_budget(request)
+
+    async def _remember(self, request: Request, attempt: Outcome) -> None:
+        """Store one attempt of a re-asked row under its own request (the sink stores a row
+        under its first request only, which for a re-asked row is not the last answer)."""
+        if self._replies is None or attempt.cached:
+            return
+        await anyio.to_thread.run_sync(self._replies.put_many, [(request.fingerprint, attempt.stored_reply())])
 
     async def _send_within_budget(self, request: Request) -> Outcome | None:
         worst = 0.0
@@ -350,6 +435,11 @@ class Runner:
             else:
                 c.errors += 1
                 c.errors_by_code[outcome.error_code or "Unknown"] += 1
+                if outcome.parse_status is not None and not outcome.cached:
+                    # A JSON answer that never parsed was paid for all the same.
+                    c.input_tokens += outcome.input_tokens or 0
+                    c.output_tokens += outcome.output_tokens or 0
+                    c.cost += outcome.cost or 0.0
         if self._error_rate is not None and self._error_rate.add(outcomes) and not self._stopping:
             self.request_stop(STOP_ERROR_RATE, self._error_rate.describe())
 

@@ -74,6 +74,8 @@ ServerSetting = Literal["auto", "dashscope", "vllm", "sglang", "ollama", "llamac
 DEFAULT_PROTOCOL: ProtocolSetting = "dashscope"
 DEFAULT_SERVER: ServerSetting = "auto"
 DEFAULT_KEY_ENV = "DASHSCOPE_API_KEY"
+DEFAULT_JSON_RETRIES = 1
+MAX_JSON_RETRIES = 10
 # Settings that choose how a request is sent, not what it asks: never wire parameters.
 _NOT_SENT = {"stream"}
 OverLong = Literal["fail", "error"]
@@ -261,6 +263,63 @@ class PromptSpec(BaseModel):
         return self.template_columns
 
 
+def _check_json_schema(value: dict[str, Any]) -> dict[str, Any]:
+    from .structured import schema_problem  # jsonschema is imported only for a job that has a schema
+
+    problem = schema_problem(value)
+    if problem is not None:
+        raise PydanticCustomError(
+            "bad_schema", "not a valid JSON Schema ({why}); fix the schema", {"why": problem}
+        )
+    return value
+
+
+def _check_format_name(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+        raise PydanticCustomError(
+            "format_name", "must be 1 to 64 letters, digits, '_' or '-', got {got}", {"got": _quoted(value)}
+        )
+    return value
+
+
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``: OpenAI's shape, ``strict`` inside it (research-wave2 B.1)."""
+
+    model_config = _CONFIG
+
+    name: Annotated[str, AfterValidator(_check_format_name)]
+    # "schema" shadows a BaseModel attribute: the field is schema_, the YAML key schema.
+    schema_: Annotated[dict[str, Any], AfterValidator(_check_json_schema), Field(alias="schema")]
+    strict: bool | None = None
+
+
+ResponseFormatType = Literal["text", "json_object", "json_schema"]
+
+
+class ResponseFormat(BaseModel):
+    """``parameters.response_format``: plain text, any JSON, or JSON of a schema (structured.py)."""
+
+    model_config = _CONFIG
+
+    type: ResponseFormatType
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise PydanticCustomError(
+                "schema_missing",
+                "type json_schema needs json_schema (its name and schema); add it, or use type: json_object",
+                {"key": "json_schema"},
+            )
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise PydanticCustomError(
+                "schema_unused", "is read only with type: json_schema; remove it, or set type: json_schema",
+                {"key": "json_schema"},
+            )
+        return self
+
+
 class Parameters(BaseModel):
     """DashScope generation parameters, names and ranges as documented; unset ones are not sent."""
 
@@ -280,10 +339,14 @@ class Parameters(BaseModel):
     stream: Annotated[Any, AfterValidator(_check_stream)] = DEFAULT_STREAM
     enable_thinking: bool | None = None
     thinking_budget: PositiveInt | None = None
+    response_format: ResponseFormat | None = None
 
     def to_wire(self) -> dict[str, Any]:
         """The parameters that are set, as DashScope names them (seed always)."""
-        return {k: v for k, v in self.model_dump(exclude=_NOT_SENT).items() if v is not None}
+        wire = {k: v for k, v in self.model_dump(exclude=_NOT_SENT).items() if v is not None}
+        if self.response_format is not None:
+            wire["response_format"] = self.response_format.model_dump(by_alias=True, exclude_none=True)
+        return wire
 
 
 class ExecutionSpec(BaseModel):
@@ -308,6 +371,8 @@ class OutputSpec(BaseModel):
     model_config = _CONFIG
 
     path: PathStr | None = None
+    # JSON mode: how many times an answer that does not parse is asked again (structured.py).
+    json_retries: Annotated[int, _in_range(0, MAX_JSON_RETRIES)] = DEFAULT_JSON_RETRIES
 
 
 class ApiSpec(BaseModel):
@@ -773,4 +838,4 @@ def _keys_at(loc: tuple[str, ...]) -> list[str]:
     for part in loc:
         field = model.model_fields.get(part) if model is not None else None
         model = _model_of(field.annotation) if field is not None else None
-    return list(model.model_fields) if model is not None else []
+    return [field.alias or name for name, field in model.model_fields.items()] if model is not None else []

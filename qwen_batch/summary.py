@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from . import pricing
 from .catalog import CURRENCY
 from .checkpoint import billed
+from .jsonmode import asks_json
 
 if TYPE_CHECKING:
     import polars as pl
@@ -22,9 +23,10 @@ if TYPE_CHECKING:
 
 
 COST_DECIMALS = 10  # sums of float costs, without binary noise like 0.03820000000000001
-SUMMARY_COLUMNS = ["index", "status", "error_code", "input_tokens", "output_tokens", "cost", "cached"]
+SUMMARY_COLUMNS = ["index", "status", "error_code", "input_tokens", "output_tokens", "cost", "cached", "parse_status"]
 TRUNCATED_IN_THINKING = "truncated_in_thinking"
 ESTIMATED = "usage_estimated"
+PARSE_STATUSES = ("ok", "invalid_json", "schema_mismatch")
 
 
 def _estimate_note(estimated_rows: int, model: str) -> str | None:
@@ -55,6 +57,7 @@ def build_summary(
             pl.col("reasoning_tokens").fill_null(0),
             truncated_in_thinking(),
             (pl.col("usage_source") == "estimated").fill_null(False).alias(ESTIMATED),
+            pl.col("reasks").fill_null(0),
         )
         .filter(pl.col("index") < plan.rows)
         # The last record of each index, as a filter: unique(keep="last") took 460 MB on a
@@ -87,18 +90,21 @@ def build_summary(
         )
     by_code = errors.group_by("error_code").len().sort("error_code")
     model = plan.spec.model
+    rows = {
+        "total": plan.rows,
+        "ok": ok.height,
+        "error": errors.height,
+        "not_done": plan.rows - frame.height,
+        TRUNCATED_IN_THINKING: int(ok[TRUNCATED_IN_THINKING].sum()),
+    }
+    if asks_json(plan.spec):
+        rows.update(_parse_counts(frame))
     return {
         "job": plan.spec.name,
         "model": model,
         "output": str(plan.output_path),
         "stopped": stop_reason,
-        "rows": {
-            "total": plan.rows,
-            "ok": ok.height,
-            "error": errors.height,
-            "not_done": plan.rows - frame.height,
-            TRUNCATED_IN_THINKING: int(ok[TRUNCATED_IN_THINKING].sum()),
-        },
+        "rows": rows,
         "errors_by_code": {row[0] or "Unknown": int(row[1]) for row in by_code.iter_rows()},
         "tokens": {
             "input": input_tokens,
@@ -128,6 +134,14 @@ def build_summary(
         "wall_time_s": round(statistics.elapsed_s, 3),
         "rows_per_second": round(statistics.rows_per_second, 2),
     }
+
+
+def _parse_counts(frame: pl.DataFrame) -> dict[str, Any]:
+    """JSON mode: rows by the parse status of their last answer, and the re-asks sent for them."""
+    statuses = frame["parse_status"].value_counts()
+    counts = dict.fromkeys(PARSE_STATUSES, 0)
+    counts.update({status: int(n) for status, n in statuses.iter_rows() if status is not None})
+    return {"parse_status": counts, "reasks": int(frame["reasks"].sum())}
 
 
 def truncated_in_thinking() -> pl.Expr:

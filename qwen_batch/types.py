@@ -8,6 +8,8 @@ from typing import Any, Literal, NamedTuple
 Status = Literal["ok", "error"]
 UsageSource = Literal["service", "estimated"]
 """Who counted a reply's tokens: the service, or the client (the service reported none)."""
+ParseStatus = Literal["ok", "invalid_json", "schema_mismatch"]
+"""What a JSON-mode answer is: JSON (and of the schema), not JSON, or JSON the schema refuses."""
 
 
 class UnitKey(NamedTuple):
@@ -109,6 +111,10 @@ class Outcome:
     tokens; an answered row without reasoning has None and 0); ``first_token_s`` is the time
     from the final attempt's send to its first streamed token (None when not streamed).
     ``usage_source`` says who counted an answer's tokens (None for an error).
+    In JSON mode (``structured.py``), ``output_json`` is the answer as canonical JSON,
+    ``parse_status`` what it is and ``parse_error`` why it is not JSON (None when not JSON
+    mode); ``reasks`` counts the requests that asked again, whose attempts, tokens and cost
+    the other fields include.
     """
 
     index: int
@@ -133,6 +139,10 @@ class Outcome:
     reasoning_tokens: int | None = None
     first_token_s: float | None = None
     usage_source: UsageSource | None = None
+    output_json: str | None = None
+    parse_status: ParseStatus | None = None
+    parse_error: str | None = None
+    reasks: int = 0
 
     @classmethod
     def answered(
@@ -171,6 +181,19 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    def stored_reply(self) -> Reply:
+        """What the cache keeps of an answered outcome: the reply, its reasoning included."""
+        return Reply(
+            self.output_text or "",
+            self.finish_reason or "",
+            self.input_tokens or 0,
+            self.output_tokens or 0,
+            self.request_id,
+            reasoning=self.reasoning_text,
+            reasoning_tokens=self.reasoning_tokens,
+            usage_source=self.usage_source or "service",
+        )
 
     @property
     def total_tokens(self) -> int | None:

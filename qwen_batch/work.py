@@ -12,16 +12,18 @@ from typing import TYPE_CHECKING
 
 from .cache import ServiceCache
 from .checkpoint import Checkpoint
+from .jsonmode import asks_json, refuses_rows
 from .preflight import rendered
 from .render import RowProblem
 from .runner import WorkItem
+from .structured import JSON_WORD_MISSING, has_json_word
 from .types import Outcome, Reply, Request
 
 if TYPE_CHECKING:
     from .plan import JobPlan
 
 BATCH_ROWS = 2_000
-OVER_LONG_CODE = "InvalidParameter"
+OVER_LONG_CODE = INVALID_PARAMETER = "InvalidParameter"
 
 
 def work_items(plan: JobPlan, cache: ServiceCache | None) -> Iterator[list[WorkItem]]:
@@ -31,6 +33,8 @@ def work_items(plan: JobPlan, cache: ServiceCache | None) -> Iterator[list[WorkI
     preflight made are reused, so this second pass over the table is cheap.
     """
     over_long_limit = plan.preflight.max_input_tokens
+    json_mode = asks_json(plan.spec)
+    needs_json_word = refuses_rows(plan.spec)
     batches = rendered(
         plan.renderer,
         plan.table.iter_batches(batch_size=BATCH_ROWS, limit=plan.rows),
@@ -44,9 +48,12 @@ def work_items(plan: JobPlan, cache: ServiceCache | None) -> Iterator[list[WorkI
                 items.append(_problem_outcome(item))
             elif over_long_limit is not None and item.input_tokens > over_long_limit:
                 items.append(_over_long_outcome(item, over_long_limit))
+            elif needs_json_word and not has_json_word(item.messages):
+                items.append(_no_json_word_outcome(item))
             else:
                 items.append(item)
-        if cache is not None:
+        # JSON mode looks each attempt up itself (runner.py), the first one included.
+        if cache is not None and not json_mode:
             items = _answer_from_cache(items, cache)
         if items:
             yield items
@@ -62,15 +69,27 @@ def _problem_outcome(problem: RowProblem) -> Outcome:
     )
 
 
-def _over_long_outcome(request: Request, limit: int) -> Outcome:
+def _unsent_outcome(request: Request, message: str) -> Outcome:
+    """A row refused here as the service would refuse it (``InvalidParameter``), never sent."""
     return Outcome(
         index=request.index,
         fingerprint=request.fingerprint,
         status="error",
         preflight_input_tokens=request.input_tokens,
-        error_code=OVER_LONG_CODE,
-        error_message=f"Range of input length should be [1, {limit}] (not sent: {request.input_tokens} tokens)",
+        error_code=INVALID_PARAMETER,
+        error_message=message,
     )
+
+
+def _over_long_outcome(request: Request, limit: int) -> Outcome:
+    return _unsent_outcome(
+        request, f"Range of input length should be [1, {limit}] (not sent: {request.input_tokens} tokens)"
+    )
+
+
+def _no_json_word_outcome(request: Request) -> Outcome:
+    """A json_object row without the word "json": DashScope refuses it (jsonmode.py)."""
+    return _unsent_outcome(request, f"{JSON_WORD_MISSING} (not sent: add the word JSON to this row's prompt)")
 
 
 def _answer_from_cache(items: list[WorkItem], cache: ServiceCache) -> list[WorkItem]:
@@ -88,20 +107,6 @@ def _answer_from_cache(items: list[WorkItem], cache: ServiceCache) -> list[WorkI
     ]
 
 
-def _stored_reply(outcome: Outcome) -> Reply:
-    """What the cache keeps of an answered outcome: the reply, its reasoning included."""
-    return Reply(
-        outcome.output_text or "",
-        outcome.finish_reason or "",
-        outcome.input_tokens or 0,
-        outcome.output_tokens or 0,
-        outcome.request_id,
-        reasoning=outcome.reasoning_text,
-        reasoning_tokens=outcome.reasoning_tokens,
-        usage_source=outcome.usage_source or "service",
-    )
-
-
 def _cached_outcome(request: Request, reply: Reply) -> Outcome:
     """A cache hit: the stored reply, at no cost this time."""
     return Outcome.answered(request, reply, cost=0.0, attempts=0, latency_s=0.0, cached=True)
@@ -114,10 +119,21 @@ class CheckpointAndCacheSink:
         self._checkpoint = checkpoint
         self._cache = cache
 
+    @property
+    def cache(self) -> ServiceCache | None:
+        """The shared cache, which a JSON-mode run reads and writes per attempt (runner.py)."""
+        return self._cache
+
     def write(self, outcomes: Sequence[Outcome]) -> None:
         self._checkpoint.append(outcomes)
         if self._cache is None:
             return
-        fresh = [(o.fingerprint, _stored_reply(o)) for o in outcomes if o.status == "ok" and not o.cached]
+        # A re-asked row's attempts were stored one by one under their own requests (runner.py).
+        # An answer to keep: ok, or a JSON answer that did not parse (the service's reply all the same).
+        fresh = [
+            (o.fingerprint, o.stored_reply())
+            for o in outcomes
+            if (o.status == "ok" or o.parse_status is not None) and not o.cached and not o.reasks
+        ]
         if fresh:
             self._cache.put_many(fresh)

@@ -105,8 +105,11 @@ def test_a_checkpoint_in_the_pre13_record_format_resumes_with_nothing_sent(tmp_p
     records = [json.loads(line) for line in rows_path.read_bytes().splitlines()]
     assert {(r["model"], r["seed"]) for r in records} == {("qwen-turbo", 7)}
     # pre13 records had neither model and seed nor issue 14's reasoning and first-token fields
-    # nor issue 15's usage_source.
-    later = ("model", "seed", "reasoning_text", "reasoning_tokens", "first_token_s", "usage_source")
+    # nor issue 15's usage_source and JSON-mode fields.
+    later = (
+        "model", "seed", "reasoning_text", "reasoning_tokens", "first_token_s", "usage_source",
+        "output_json", "parse_status", "parse_error", "reasks",
+    )
     old = [{k: v for k, v in r.items() if k not in later} for r in records]
     assert all(set(r) == PRE13_RECORD_FIELDS for r in old)
     rows_path.write_bytes(b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in old))

@@ -52,6 +52,16 @@ def test_every_summary_key_is_in_the_readme_and_every_documented_key_exists(
     assert main(["run", str(job), "--quiet"]) == 1
     written = _keys(read_summary(tmp_path / "out" / "result.parquet"))
     assert "errors_by_code.<code>" in written and "cost.by_model.<model>" in written
+    # A JSON-mode job's summary has its parse counts besides.
+    (tmp_path / "json").mkdir()
+    json_job = sentences_job(
+        tmp_path / "json", ["fine"], parameters={"seed": 7, "max_tokens": 200, "response_format": {"type": "json_object"}},
+        prompt={"system": "Answer in JSON.", "template": "{text}"},
+    )
+    assert main(["run", str(json_job), "--quiet"]) == 0
+    json_keys = _keys(read_summary(tmp_path / "json" / "out" / "result.parquet"))
+    assert {"rows.parse_status.ok", "rows.reasks"} <= json_keys
+    written |= json_keys
     documented = _table_names("### Summary (`<output>.summary.json`)")
     assert written - documented == set(), "summary keys missing from README"
     assert documented - written == set(), "README documents summary keys that do not exist"

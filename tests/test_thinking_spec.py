@@ -187,7 +187,7 @@ def _log(records: list[dict[str, Any]], drop: tuple[str, ...] = ()) -> pl.LazyFr
 
 
 def _plan(rows: int, price: Price | None) -> Any:
-    return SimpleNamespace(rows=rows, price=price, spec=SimpleNamespace(name="j", model="m"), output_path=Path("o.parquet"))
+    return SimpleNamespace(rows=rows, price=price, spec=SimpleNamespace(name="j", model="m", parameters=SimpleNamespace(response_format=None)), output_path=Path("o.parquet"))
 
 
 STATS = RunStatistics(3, 3, 3, 0, {}, 0, 0.0, 0, 0, 0.0, 0, 0, 0, 1.0)

@@ -105,9 +105,20 @@ async def _server(plan: JobPlan, base_url: str, api_key: str | None) -> str:
     server, why = await detect_server(base_url, api_key, timeout_s=min(plan.spec.execution.request_timeout_s, 10.0))
     _note(f"api.server auto: speaking {server}'s dialect ({why}); set api.server to choose")
     check_dialect(plan.spec.where, server, plan.renderer.parameters)
+    _check_json_mode(plan, server)
     if _is_local(server):
         _note(f"a {server} server has no price: cost is null for this run")
     return server
+
+
+def _check_json_mode(plan: JobPlan, server: str) -> None:
+    """A json mode that the server decided here would refuse (jsonmode.refusal) stops the run unsent."""
+    from ..errors import ConfigError
+    from ..jsonmode import refusal
+
+    problem = refusal(plan, server=server)
+    if problem is not None:
+        raise ConfigError(problem)
 
 
 def _is_local(server: str) -> bool:
@@ -148,11 +159,13 @@ def _rate_limits(plan: JobPlan, local: bool) -> tuple[float | None, float | None
 
 
 def _runner(plan: JobPlan, backend: Backend, sink: OutcomeSink, *, local: bool = False) -> Runner:
+    from ..jsonmode import json_mode_of
     from ..limits import Limits
     from ..retry import RetryPolicy
 
     rpm, tpm = _rate_limits(plan, local)
     max_cost = plan.max_cost
+    json_mode = json_mode_of(plan.spec)
     return Runner(
         backend,
         sink,
@@ -163,6 +176,8 @@ def _runner(plan: JobPlan, backend: Backend, sink: OutcomeSink, *, local: bool =
         rows_total=plan.rows,
         budget=Budget(max_cost, spent=plan.previous_cost) if max_cost is not None else None,
         max_error_rate=plan.spec.execution.max_error_rate,
+        json_mode=json_mode,
+        replies=getattr(sink, "cache", None) if json_mode is not None else None,
     )
 
 
