@@ -42,7 +42,7 @@ def refusal(plan: JobPlan, *, server: str | None = None) -> str | None:
     """
     spec = plan.spec
     fmt = spec.parameters.response_format
-    if fmt is None or not asks_json(spec) or not speaks_dashscope(spec, server):
+    if fmt is None or not asks_json(spec) or not speaks_dashscope(spec, server, emulate=plan.options.emulate):
         return None
     if plan.mode.thinking:
         return (
@@ -59,21 +59,18 @@ def refusal(plan: JobPlan, *, server: str | None = None) -> str | None:
     return None
 
 
-def speaks_dashscope(spec: JobSpec, server: str | None = None) -> bool:
-    """Whether the job talks to DashScope (native, or its compatible mode), as far as known now."""
-    api = spec.api
-    if api.protocol == "dashscope":
-        return True
-    decided = server if server is not None else api.server
-    if decided == "auto":
-        from .endpoint import configured_base_url
-        from .servers import is_dashscope_host
+def speaks_dashscope(spec: JobSpec, server: str | None = None, *, emulate: bool = False) -> bool:
+    """Whether the job talks to DashScope (native, or its compatible mode), as far as known now:
+    the ``server`` decided at start, else what the spec and base URL say
+    (``servers.dashscope_rules_bind``)."""
+    if server is not None:
+        return spec.api.protocol == "dashscope" or server == "dashscope"
+    from .servers import dashscope_rules_bind
 
-        return is_dashscope_host(configured_base_url(spec))
-    return decided == "dashscope"
+    return dashscope_rules_bind(spec, emulate=emulate)
 
 
-def refuses_rows(spec: JobSpec) -> bool:
+def refuses_rows(spec: JobSpec, *, emulate: bool = False) -> bool:
     """Whether rows whose messages lack "json" are refused (``json_object`` on DashScope)."""
     fmt = spec.parameters.response_format
-    return fmt is not None and fmt.type == "json_object" and speaks_dashscope(spec)
+    return fmt is not None and fmt.type == "json_object" and speaks_dashscope(spec, emulate=emulate)

@@ -34,7 +34,7 @@ def work_items(plan: JobPlan, cache: ServiceCache | None) -> Iterator[list[WorkI
     """
     over_long_limit = plan.preflight.max_input_tokens
     json_mode = asks_json(plan.spec)
-    needs_json_word = refuses_rows(plan.spec)
+    needs_json_word = refuses_rows(plan.spec, emulate=plan.options.emulate)
     batches = rendered(
         plan.renderer,
         plan.table.iter_batches(batch_size=BATCH_ROWS, limit=plan.rows),
