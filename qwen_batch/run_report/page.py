@@ -34,9 +34,11 @@ _QUESTIONS = {
 
 
 def plotly_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("plotly") is not None
+    try:
+        import plotly.offline  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _centers(edges: list[float], log: bool) -> list[float]:
