@@ -57,7 +57,7 @@ def bucket_width(age_s: float, cap_s: int = BUCKET_CAP_S) -> int:
     """
     if age_s < cap_s:
         return 1
-    return 2 ** (int(math.log2(age_s / cap_s)) + 1)
+    return int(2 ** (int(math.log2(age_s / cap_s)) + 1))
 
 
 def segment_header(plan: JobPlan, mode: str, rpm: float | None, tpm: float | None) -> dict[str, Any]:

@@ -62,7 +62,7 @@ def build_report(output: Path) -> dict[str, Any]:
     frame, names = _scan_output(output)
     summary = _read_summary(output)
     segments, buckets = read_events(events_path(output.with_name(output.name + ".checkpoint")))
-    groups = [name for name in ("model", "variant") if name in names]
+    groups: list[str] = [name for name in ("model", "variant") if name in names]
     max_tokens = next((s.get("max_tokens") for s in reversed(segments) if s.get("max_tokens")), None)
     id_column = next((s.get("id_column") for s in reversed(segments) if s.get("id_column")), None)
     if id_column not in names:

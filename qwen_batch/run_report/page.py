@@ -35,7 +35,7 @@ _QUESTIONS = {
 
 def plotly_available() -> bool:
     try:
-        import plotly.offline  # noqa: F401
+        import plotly.offline  # type: ignore[import-untyped]  # noqa: F401  (plotly ships no py.typed)
     except ImportError:
         return False
     return True
