@@ -62,7 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.report and result.wrote_output:
         from .run_report.command import write_report
 
-        write_report(plan.output_path, out=sys.stderr if args.quiet else sys.stdout)
+        write_report(plan.output_path, quiet=args.quiet)
     return result.exit_code
 
 

@@ -55,7 +55,7 @@ def test_every_attempt_is_counted_once_in_a_bounded_number_of_buckets(times: lis
     # Buckets never overlap, and each holds only times inside it.
     ends = [(b["t"], b["t"] + b["width_s"]) for b in buckets]
     assert all(a[1] <= b[0] for a, b in zip(ends, ends[1:]))
-    assert all(events.in_flight == 0 for _ in [0])
+    assert events.in_flight == 0
 
 
 def test_a_day_long_run_stays_small() -> None:
@@ -151,3 +151,62 @@ def test_report_html_path_and_json_on_stdout(tmp_path: Path, job_env: dict[str, 
     assert "<script src=" not in text and "cdn.plot.ly" not in text.split("<script>", 2)[-1][-200:]
     embedded = text.split('<script id="report-data" type="application/json">', 1)[1].split("</script>", 1)[0]
     assert json.loads(embedded) == printed
+
+
+def test_an_older_output_without_optional_columns_still_reports(tmp_path: Path) -> None:
+    """Columns added by later features (model, finish_reason, reasoning, first token) may be absent."""
+    from qwen_batch.run_report import build_report
+
+    path = tmp_path / "old.parquet"
+    pl.DataFrame({
+        "status": ["ok", "ok", "error"], "error_code": [None, None, "InternalError"], "attempts": [1, 2, 4],
+        "latency_s": [0.5, 1.5, 3.0], "input_tokens": [10, 20, None], "output_tokens": [5, 7, None],
+        "cost": [0.001, 0.002, None],
+    }).write_parquet(path)
+    report = build_report(path)
+    assert report["header"]["rows"] == {"total": 3, "ok": 2, "error": 1, "not_done": 0}
+    assert report["finish_reason"] == [] and report["tokens"]["reasoning"] is None
+    assert report["latency"]["first_token_s"] is None and report["timeline"] == {"available": False}
+    assert report["retries"] == {"attempts": [1, 2, 4], "rows": [1, 1, 1], "share_retried": 2 / 3}
+    assert report["errors_by_code"] == {"InternalError": 1}
+    [cost] = report["cost"]
+    assert cost["total"] == pytest.approx(0.003) and cost["unsplit"] == pytest.approx(0.003)
+
+
+def test_variants_and_newer_columns_group_the_figures(tmp_path: Path) -> None:
+    """An evaluation run's output (variant, sample, request_sha256, structured-output columns)."""
+    from qwen_batch.run_report import build_report
+
+    path = tmp_path / "eval.parquet"
+    n = 60
+    frame = pl.DataFrame({
+        "qid": [f"q{i}" for i in range(n)],
+        "status": ["ok" if i % 10 else "error" for i in range(n)],
+        "error_code": [None if i % 10 else "BudgetExceeded" for i in range(n)],
+        "attempts": [1 if i % 10 else 0 for i in range(n)],
+        "latency_s": [0.1 + i / 100 for i in range(n)],
+        "input_tokens": [100 + i for i in range(n)], "output_tokens": [10 + i % 7 for i in range(n)],
+        "reasoning_tokens": [i % 3 for i in range(n)],
+        "cost": [0.0001 * (1 + i % 4) if i % 10 else None for i in range(n)],
+        "finish_reason": ["length" if i % 4 == 0 else "stop" for i in range(n)],
+        "model": ["qwen-plus" if i % 2 else "qwen-turbo" for i in range(n)],
+        "variant": ["a" if i % 3 else "b" for i in range(n)],
+        "sample": [0] * n, "request_sha256": ["x"] * n,
+        "output_json": [None] * n, "parse_status": ["ok"] * n, "parse_error": [None] * n,
+    })
+    frame.write_parquet(path)
+    report = build_report(path)
+    assert report["header"]["variants"] == ["a", "b"] and report["header"]["models"] == ["qwen-plus", "qwen-turbo"]
+    assert report["header"]["rows"]["not_done"] == 6
+    expected = (
+        frame.filter(pl.col("cost").is_not_null()).group_by("model", "variant").agg(pl.col("cost").sum()).sort("model", "variant")
+    )
+    got = {(c["model"], c["variant"]): c["total"] for c in report["cost"]}
+    assert got == pytest.approx({(m, v): c for m, v, c in expected.iter_rows()})
+    for c in report["cost"]:
+        assert c["input"] + c["output"] + c["thinking"] == pytest.approx(c["total"]) and c["unsplit"] == 0
+    ok = frame.filter(pl.col("status") == "ok")
+    for record in report["finish_reason"]:
+        group = ok.filter((pl.col("model") == record["model"]) & (pl.col("variant") == record["variant"]))
+        assert record["count"] == group.filter(pl.col("finish_reason") == record["finish_reason"]).height
+        assert record["share"] == pytest.approx(record["count"] / group.height)

@@ -69,7 +69,7 @@ def build_report(output: Path) -> dict[str, Any]:
         id_column = None
     header = _header(frame, names, summary, segments)
     timeline = _timeline(segments, buckets)
-    # From the first segment's start to the last bucket's end; without an event log, the summary's.
+    # The segments' running time (event log); without one, the summary's.
     header["wall_time_s"] = timeline["span_s"] if timeline["available"] else _summary_wall_time(summary)
     return {
         "format": REPORT_FORMAT,
@@ -351,7 +351,10 @@ def _timeline(segments: list[dict[str, Any]], buckets: list[dict[str, Any]]) -> 
             throttled.setdefault(kind, [0] * len(ordered))[i] = int(n)
         for code, n in bucket["errors"].items():
             errors.setdefault(code, [0] * len(ordered))[i] = int(n)
-    end = max((t[i] + width[i] for i in range(len(t))), default=0.0)
+    # Seconds the segments ran, summed: the time between a run and its resume is not counted.
+    ends: dict[int, float] = {}
+    for bucket in buckets:
+        ends[bucket["segment"]] = max(ends.get(bucket["segment"], 0.0), float(bucket["t"] + bucket["width_s"]))
     return {
         "available": True,
         "t": t,
@@ -359,6 +362,6 @@ def _timeline(segments: list[dict[str, Any]], buckets: list[dict[str, Any]]) -> 
         **series,
         "throttled_by_kind": dict(sorted(throttled.items())),
         "attempt_errors_by_code": dict(sorted(errors.items())),
-        "span_s": end,
+        "span_s": sum(ends.values()),
         "segments": [{"segment": s["segment"], "start_s": starts[s["segment"]] - origin, "mode": s.get("mode")} for s in segments],
     }
