@@ -210,3 +210,31 @@ def test_variants_and_newer_columns_group_the_figures(tmp_path: Path) -> None:
         group = ok.filter((pl.col("model") == record["model"]) & (pl.col("variant") == record["variant"]))
         assert record["count"] == group.filter(pl.col("finish_reason") == record["finish_reason"]).height
         assert record["share"] == pytest.approx(record["count"] / group.height)
+
+
+def test_a_day_long_event_log_is_merged_to_a_few_hundred_points_keeping_every_count(tmp_path: Path) -> None:
+    from qwen_batch.run_report.aggregate import TIMELINE_POINTS, _timeline
+
+    clock = FakeClock()
+    events = RunEvents({"mode": "online", "requests_per_minute": 600}, clock=clock, wall=lambda: 1000.0,
+                       rates=lambda: (9.0, None))
+    data = b""
+    for second in range(0, 86_400, 3):
+        clock.now = second + 0.1
+        events.attempt_started()
+        if second % 300 == 0:
+            events.attempt_failed("Throttling.RateQuota", "requests")
+        else:
+            events.attempt_answered(10, 5)
+        data += events.take()
+    lines = _lines(data + events.finish())
+    segments = [line for line in lines if line["kind"] == "segment"]
+    buckets = [line for line in lines if line["kind"] == "bucket"]
+    timeline = _timeline(segments, buckets)
+    assert len(buckets) > TIMELINE_POINTS >= len(timeline["t"]) > TIMELINE_POINTS / 4
+    assert sum(timeline["started"]) == 86_400 // 3
+    assert sum(timeline["throttled_by_kind"]["requests"]) == 86_400 // 300
+    assert sum(timeline["answered"]) == 86_400 // 3 - 86_400 // 300
+    starts = [t + w for t, w in zip(timeline["t"], timeline["width_s"])]
+    assert all(end <= nxt for end, nxt in zip(starts, timeline["t"][1:]))
+    assert set(timeline["request_rate_per_min"]) == {540.0}

@@ -21,6 +21,8 @@ from ..run_events import events_path, read_events
 REPORT_FORMAT = 1
 HISTOGRAM_BINS = 40
 TOP_ROWS = 10
+# Points on the time charts at most (about): a day-long run's event log is merged down to this.
+TIMELINE_POINTS = 720
 # Rows a run stopped before sending are written as errors with this code and no attempt.
 NOT_DONE_CODE = "BudgetExceeded"
 # The columns every output of qwen-batch has held since its first release.
@@ -315,53 +317,86 @@ def _top(frame: pl.LazyFrame, names: list[str], id_column: str | None, by: str) 
     return table.to_dicts()
 
 
-def _timeline(segments: list[dict[str, Any]], buckets: list[dict[str, Any]]) -> dict[str, Any]:
-    """The event log's buckets on one time axis: seconds since the first segment started."""
-    if not segments:
-        return {"available": False}
+_COUNTS = ("started", "answered", "failed", "input_tokens", "output_tokens")
+
+
+def _on_one_axis(segments: list[dict[str, Any]], buckets: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The buckets in time order, each with ``at``: its start in seconds since the first segment began."""
     starts = {s["segment"]: float(s["wall_start"]) for s in segments}
     origin = min(starts.values())
+    placed = [{**b, "at": starts.get(b["segment"], origin) - origin + float(b["t"])} for b in buckets]
+    return sorted(placed, key=lambda b: b["at"])
+
+
+def _coarsened(points: list[dict[str, Any]], most: int) -> list[dict[str, Any]]:
+    """At most about ``most`` points: buckets merged onto a grid whose width is a power of two
+    no narrower than any bucket (counts summed, the in-flight peak kept, the last rates kept)."""
+    if len(points) <= most:
+        return points
+    span = points[-1]["at"] + points[-1]["width_s"]
+    width = max(int(b["width_s"]) for b in points)
+    while span / width > most:
+        width *= 2
+    merged: dict[int, dict[str, Any]] = {}
+    for point in points:
+        cell = int(point["at"] // width)
+        into = merged.get(cell)
+        if into is None:
+            merged[cell] = {**point, "at": float(cell * width), "width_s": width,
+                            "errors": dict(point["errors"]), "throttled": dict(point["throttled"])}
+            continue
+        for name in _COUNTS:
+            into[name] += point[name]
+        into["in_flight_max"] = max(into["in_flight_max"], point["in_flight_max"])
+        into["request_rate"], into["token_rate"], into["segment"] = point.get("request_rate"), point.get("token_rate"), point["segment"]
+        for key in ("errors", "throttled"):
+            for name, n in point[key].items():
+                into[key][name] = into[key].get(name, 0) + n
+    return [merged[cell] for cell in sorted(merged)]
+
+
+def _timeline(segments: list[dict[str, Any]], buckets: list[dict[str, Any]]) -> dict[str, Any]:
+    """The event log's buckets on one time axis (seconds since the first segment started),
+    merged to at most ``TIMELINE_POINTS`` so that a day-long run's charts stay small."""
+    if not segments:
+        return {"available": False}
     limits = {s["segment"]: (s.get("requests_per_minute"), s.get("tokens_per_minute")) for s in segments}
-    t: list[float] = []
-    width: list[int] = []
+    points = _coarsened(_on_one_axis(segments, buckets), TIMELINE_POINTS)
     series: dict[str, list[Any]] = {name: [] for name in (
-        "started", "answered", "failed", "in_flight_max", "input_tokens", "output_tokens",
-        "rows_per_s", "tokens_per_s", "request_rate_per_min", "token_rate_per_min", "rpm_limit", "tpm_limit",
+        *_COUNTS, "in_flight_max", "rows_per_s", "tokens_per_s", "request_rate_per_min", "token_rate_per_min",
+        "rpm_limit", "tpm_limit",
     )}
     throttled: dict[str, list[int]] = {}
     errors: dict[str, list[int]] = {}
-    ordered = sorted(buckets, key=lambda b: (starts.get(b["segment"], origin) + b["t"]))
-    for i, bucket in enumerate(ordered):
-        segment = bucket["segment"]
-        t.append(round(starts.get(segment, origin) - origin + bucket["t"], 3))
-        w = int(bucket["width_s"])
-        width.append(w)
-        for name in ("started", "answered", "failed", "in_flight_max", "input_tokens", "output_tokens"):
-            series[name].append(int(bucket[name]))
-        series["rows_per_s"].append(bucket["answered"] / w)
-        series["tokens_per_s"].append((bucket["input_tokens"] + bucket["output_tokens"]) / w)
-        rpm, tpm = limits.get(segment, (None, None))
-        rate, token_rate = bucket.get("request_rate"), bucket.get("token_rate")
+    for i, point in enumerate(points):
+        width = int(point["width_s"])
+        for name in (*_COUNTS, "in_flight_max"):
+            series[name].append(int(point[name]))
+        series["rows_per_s"].append(round(point["answered"] / width, 4))
+        series["tokens_per_s"].append(round((point["input_tokens"] + point["output_tokens"]) / width, 4))
+        rpm, tpm = limits.get(point["segment"], (None, None))
+        rate, token_rate = point.get("request_rate"), point.get("token_rate")
         # An unpaced throttle (null) sends at the configured limit.
-        series["request_rate_per_min"].append(rate * 60 if rate is not None else rpm)
-        series["token_rate_per_min"].append(token_rate * 60 if token_rate is not None else tpm)
+        series["request_rate_per_min"].append(round(rate * 60, 4) if rate is not None else rpm)
+        series["token_rate_per_min"].append(round(token_rate * 60, 4) if token_rate is not None else tpm)
         series["rpm_limit"].append(rpm)
         series["tpm_limit"].append(tpm)
-        for kind, n in bucket["throttled"].items():
-            throttled.setdefault(kind, [0] * len(ordered))[i] = int(n)
-        for code, n in bucket["errors"].items():
-            errors.setdefault(code, [0] * len(ordered))[i] = int(n)
+        for kind, n in point["throttled"].items():
+            throttled.setdefault(kind, [0] * len(points))[i] = int(n)
+        for code, n in point["errors"].items():
+            errors.setdefault(code, [0] * len(points))[i] = int(n)
     # Seconds the segments ran, summed: the time between a run and its resume is not counted.
     ends: dict[int, float] = {}
     for bucket in buckets:
         ends[bucket["segment"]] = max(ends.get(bucket["segment"], 0.0), float(bucket["t"] + bucket["width_s"]))
+    origin = min(float(s["wall_start"]) for s in segments)
     return {
         "available": True,
-        "t": t,
-        "width_s": width,
+        "t": [round(point["at"], 3) for point in points],
+        "width_s": [int(point["width_s"]) for point in points],
         **series,
         "throttled_by_kind": dict(sorted(throttled.items())),
         "attempt_errors_by_code": dict(sorted(errors.items())),
         "span_s": sum(ends.values()),
-        "segments": [{"segment": s["segment"], "start_s": starts[s["segment"]] - origin, "mode": s.get("mode")} for s in segments],
+        "segments": [{"segment": s["segment"], "start_s": float(s["wall_start"]) - origin, "mode": s.get("mode")} for s in segments],
     }

@@ -184,7 +184,8 @@ def figures(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _script_json(value: Any) -> str:
     """JSON safe inside a <script> element (no ``</`` can close it early)."""
-    return json.dumps(value, ensure_ascii=False).replace("</", "<\\/").replace("<!--", "<\\!--")
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return text.replace("</", "<\\/").replace("<!--", "<\\!--")
 
 
 def _header_html(report: dict[str, Any]) -> str:
