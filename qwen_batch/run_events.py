@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from .errors import StorageError
+
 if TYPE_CHECKING:
     from .plan import JobPlan
 
@@ -221,21 +223,30 @@ class RunEvents:
 
 
 class EventLog:
-    """The append-only file of event lines; opening it cuts a torn tail and counts its segments."""
+    """The append-only file of event lines; opening it cuts a torn tail and counts its segments.
+
+    Raises StorageError when the file cannot be opened or written.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.segments = _repair(self.path)
-        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+        try:
+            self.segments = _repair(self.path)
+            self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+        except OSError as exc:
+            raise StorageError(f"{self.path}: cannot open the run's event log ({exc.strerror or exc})") from None
 
     def append(self, data: bytes) -> None:
         """Write ``data`` and fsync: called at most once per closed bucket, so never per row."""
         if not data or self._fd is None:
             return
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
-        os.fsync(self._fd)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise StorageError(f"{self.path}: cannot append to the run's event log ({exc.strerror or exc})") from None
 
     def close(self) -> None:
         if self._fd is not None:

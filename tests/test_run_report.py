@@ -238,3 +238,15 @@ def test_a_day_long_event_log_is_merged_to_a_few_hundred_points_keeping_every_co
     starts = [t + w for t, w in zip(timeline["t"], timeline["width_s"])]
     assert all(end <= nxt for end, nxt in zip(starts, timeline["t"][1:]))
     assert set(timeline["request_rate_per_min"]) == {540.0}
+
+
+def test_a_streamed_run_reports_its_first_token_times(tmp_path: Path, job_env: dict[str, str]) -> None:
+    from qwen_batch.run_report import build_report
+
+    job = sentences_job(tmp_path, [f"s{i}" for i in range(8)], parameters={"seed": 7, "max_tokens": 200, "stream": True})
+    assert main(["run", str(job), "--quiet"]) == 0
+    output = tmp_path / "out" / "result.parquet"
+    first = pl.read_parquet(output)["first_token_s"]
+    report = build_report(output)["latency"]["first_token_s"]
+    assert report is not None and report["count"] == first.filter(first > 0).len() == 8
+    assert report["p50"] == pytest.approx(first.quantile(0.5, interpolation="linear"))

@@ -62,15 +62,19 @@ class OnlineExecutor:
                 local = _is_local(server)
                 backend = await stack.enter_async_context(_service_backend(plan, base_url, api_key, server))
             event_log = _event_log(plan)
-            stack.callback(event_log.close)
+            if event_log is not None:
+                stack.callback(event_log.close)
             runner = _runner(plan, backend, sink, local=local, event_log=event_log)
             yield OnlineExecution(plan, runner, base_url, local=local)
 
 
-def _event_log(plan: JobPlan) -> EventLog:
-    """The run report's event log in the checkpoint folder (opened after the checkpoint, under its lock)."""
+def _event_log(plan: JobPlan) -> EventLog | None:
+    """The run report's event log in the checkpoint folder, which ``execute`` opened (and locked)
+    first; None when there is no such folder (an execution opened without a checkpoint records none)."""
     from ..run_events import EventLog, events_path
 
+    if not plan.checkpoint_dir.is_dir():
+        return None
     return EventLog(events_path(plan.checkpoint_dir))
 
 

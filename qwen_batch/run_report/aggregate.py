@@ -16,6 +16,7 @@ from typing import Any
 import polars as pl
 
 from ..errors import InputError
+from ..resume import checkpoint_dir_for
 from ..run_events import events_path, read_events
 
 REPORT_FORMAT = 1
@@ -63,7 +64,7 @@ def build_report(output: Path) -> dict[str, Any]:
     output = Path(output)
     frame, names = _scan_output(output)
     summary = _read_summary(output)
-    segments, buckets = read_events(events_path(output.with_name(output.name + ".checkpoint")))
+    segments, buckets = read_events(events_path(checkpoint_dir_for(output)))
     groups: list[str] = [name for name in ("model", "variant") if name in names]
     max_tokens = next((s.get("max_tokens") for s in reversed(segments) if s.get("max_tokens")), None)
     id_column = next((s.get("id_column") for s in reversed(segments) if s.get("id_column")), None)
@@ -124,7 +125,8 @@ def _header(frame: pl.LazyFrame, names: list[str], summary: dict[str, Any] | Non
         "cost": {
             "total": round(float(counts["cost"] or 0.0), COST_DECIMALS),
             "currency": cost.get("currency"),
-            # The first segment's estimate covers the whole job; a resume's covers what it had left.
+            # The first run's preflight worst case for what it was to send (the whole job unless
+            # it ran with --limit); a resume's covers only what was left, so it is not added.
             "estimate_max": estimate[0] if estimate else None,
             "budget": last.get("max_cost"),
         },
