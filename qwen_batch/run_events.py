@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from .checkpoint import write_durably
 from .errors import StorageError
 
 if TYPE_CHECKING:
@@ -241,10 +242,7 @@ class EventLog:
         if not data or self._fd is None:
             return
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view) :]
-            os.fsync(self._fd)
+            write_durably(self._fd, data)
         except OSError as exc:
             raise StorageError(f"{self.path}: cannot append to the run's event log ({exc.strerror or exc})") from None
 
