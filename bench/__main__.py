@@ -4,7 +4,7 @@
     python -m bench overhead latency     # some cases
     python -m bench --quick              # smaller sizes, fewer runs (a smoke test, not figures)
 
-Cases: overhead, latency, stream_overhead, stream_latency, rate_limit, memory, startup, resume, preflight, throttle. Prints a table and
+Cases: overhead, latency, stream_overhead, stream_latency, rate_limit, memory, startup, resume, preflight, throttle, report. Prints a table and
 writes bench/results/latest.json (every figure, the date, the machine and the command).
 """
 
@@ -32,6 +32,7 @@ QUICK = {
     "resume": {"rows": 100_000, "done": 99_000, "runs": 1},
     "preflight": {"rows": 100_000, "runs": 1},
     "throttle": {"scale": 0.5},
+    "report": {"rows": 100_000, "runs": 1},
 }
 
 

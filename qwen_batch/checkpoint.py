@@ -291,6 +291,14 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def write_durably(fd: int, data: bytes) -> None:
+    """Write all of ``data`` at ``fd`` (an append-mode log) and fsync it; raises OSError."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.fsync(fd)
+
+
 def write_file_atomically(path: Path, data: bytes, *, mode: int = FILE_MODE) -> None:
     """Replace ``path`` with ``data`` so a kill leaves the old file or the new one, never half.
 
@@ -478,10 +486,7 @@ class Checkpoint:
             raise StorageError(f"{self.rows_path}: the checkpoint is closed or read-only")
         data = encode_records(outcomes)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view) :]
-            os.fsync(self._fd)
+            write_durably(self._fd, data)
         except OSError as exc:
             self._cut_back()
             raise _storage_error("append to the checkpoint log", self.rows_path, exc) from None

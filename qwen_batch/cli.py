@@ -59,6 +59,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     run = functools.partial(execute, plan, reporter=reporter, watch=[functools.partial(_stop_on_signals, reporter=reporter)])
     result = anyio.run(run, backend="asyncio")
     reporter.finish(result, plan, _resume_command(args))
+    if args.report and result.wrote_output:
+        from .run_report.command import write_report
+
+        write_report(plan.output_path, quiet=args.quiet)
     return result.exit_code
 
 
@@ -89,6 +93,18 @@ def _resume_command(args: argparse.Namespace) -> str:
     if args.limit:
         argv += ["--limit", str(args.limit)]
     return shlex.join(argv)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Report on a finished run: tables, report.json and a self-contained HTML page; sends nothing.
+
+    report.json is written next to the output (<output>.report.json); the page needs the
+    report extra (pip install 'qwen-batch[report]').
+    example: qwen-batch report out/translations.parquet --html report.html
+    """
+    from .run_report.command import write_report
+
+    return write_report(Path(args.output), html=Path(args.html) if args.html else None, as_json=args.json)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -247,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-cache", action="store_true", help="neither read nor write the response cache")
     run.add_argument("--max-cost", type=number(0, low_open=True),
                      help="budget cap in the price currency, > 0 (overrides budget.max_cost)")
+    run.add_argument("--report", action="store_true", help="write the run report (as `qwen-batch report`) when the run ends")
 
     validate = add("validate", cmd_validate)
     validate.add_argument("job", help="the job spec (YAML)")
@@ -263,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     status = add("status", cmd_status)
     status.add_argument("job", help="the job spec (YAML)")
     status.add_argument("--output", help="output Parquet path (overrides output.path)")
+
+    report = add("report", cmd_report)
+    report.add_argument("output", metavar="OUTPUT.parquet", help="the output Parquet of a run")
+    report.add_argument("--html", metavar="PATH", help="where the page goes (default: <output>.report.html)")
+    report.add_argument("--json", action="store_true", help="print report.json instead of the tables")
 
     models = add("models", cmd_models)
     models.add_argument("names", nargs="*", metavar="MODEL", help="only these models (default: all)")

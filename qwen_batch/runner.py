@@ -26,6 +26,7 @@ from .catalog import Price
 from .errors import AuthError, BackendError, ConfigurationRefused, RateLimited
 from .limits import Limits
 from .retry import RetryPolicy, call_with_retries
+from .run_events import RunEvents
 from .types import Outcome, Reply, Request
 
 if TYPE_CHECKING:
@@ -55,6 +56,12 @@ class ReplyStore(Protocol):
     def get_many(self, fingerprints: Sequence[str]) -> dict[str, Reply]: ...
 
     def put_many(self, items: Sequence[tuple[str, Reply]]) -> None: ...
+
+
+class EventSink(Protocol):
+    """Appends event-log lines (``run_events``); blocking, called in the same thread call as ``OutcomeSink.write``."""
+
+    def append(self, data: bytes) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,12 +128,17 @@ class Runner:
         max_error_rate: float | None = None,
         json_mode: JsonMode | None = None,
         replies: ReplyStore | None = None,
+        events: RunEvents | None = None,
+        event_sink: EventSink | None = None,
     ) -> None:
         self._backend = backend
         # JSON mode parses every answer and asks again (structured.py); ``replies`` is the
         # cache each of its attempts is looked up in and stored to (work.py leaves it to us).
         self._json_mode = json_mode
         self._replies = replies
+        # The run report's per-second counters, written with each group commit (both or neither).
+        self._events = events if event_sink is not None else None
+        self._event_sink = event_sink
         self._sink = sink
         self._concurrency = concurrency
         self._limits = limits
@@ -204,6 +216,9 @@ class Runner:
             finally:
                 feed.close()
                 commits.close()
+        if self._events is not None and self._event_sink is not None:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._event_sink.append, self._events.finish())
         return self.statistics()
 
     async def _produce(self, batches: Iterator[Sequence[WorkItem]], send: ObjectSendStream[Sequence[WorkItem]]) -> None:
@@ -323,21 +338,30 @@ class Runner:
         counters = self._counters
         limits = self._limits
         charge = request.worst_case_tokens
+        events = self._events
         begun = 0
+        on_wire = False
 
         async def before_attempt() -> None:
             # Retries are counted as they begin, so the progress line shows them live.
-            nonlocal begun
+            nonlocal begun, on_wire
             begun += 1
             if begun > 1:
                 counters.retries += 1
             await limits.wait_to_send(charge)
+            if events is not None:
+                events.attempt_started()
+                on_wire = True
 
         def on_error(error: BackendError, attempt: int) -> None:
+            nonlocal on_wire
             limits.settle(charge, 0)
             if isinstance(error, RateLimited):
                 counters.throttled += 1
                 limits.on_throttled(error)
+            if on_wire and events is not None:
+                events.attempt_failed(error.code, error.kind if isinstance(error, RateLimited) else None)
+                on_wire = False
 
         clock = self._clock
         started = clock()
@@ -375,8 +399,14 @@ class Runner:
                 model=request.model,
                 seed=request.seed,
             )
+        else:
+            if on_wire and events is not None:
+                events.attempt_answered(reply.input_tokens, reply.output_tokens)
+                on_wire = False
         finally:
             counters.in_flight -= 1
+            if on_wire and events is not None:
+                events.attempt_abandoned()  # cancelled on the wire
         limits.settle(charge, reply.total_tokens)
         limits.on_success()
         return Outcome.answered(
@@ -407,9 +437,16 @@ class Runner:
                     durable.set()
 
     async def _commit(self, outcomes: list[Outcome]) -> None:
+        lines = self._events.take() if self._events is not None else b""
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(self._sink.write, outcomes)
+            await anyio.to_thread.run_sync(self._write, outcomes, lines)
         self._count(outcomes)
+
+    def _write(self, outcomes: list[Outcome], event_lines: bytes) -> None:
+        """(Worker thread) the rows first, durable; then any closed buckets of the event log."""
+        self._sink.write(outcomes)
+        if event_lines and self._event_sink is not None:
+            self._event_sink.append(event_lines)
 
     def _count(self, outcomes: Sequence[Outcome]) -> None:
         c = self._counters

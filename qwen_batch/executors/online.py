@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from ..emulator.servers import ServerName
     from ..errors import ConfigurationRefused
     from ..plan import JobPlan
+    from ..run_events import EventLog
     from ..runner import OutcomeSink, RunStatistics, WorkItem
     from ..spec import ApiSpec
 
@@ -60,7 +61,21 @@ class OnlineExecutor:
                 server = await _server(plan, base_url, api_key)
                 local = _is_local(server)
                 backend = await stack.enter_async_context(_service_backend(plan, base_url, api_key, server))
-            yield OnlineExecution(plan, _runner(plan, backend, sink, local=local), base_url, local=local)
+            event_log = _event_log(plan)
+            if event_log is not None:
+                stack.callback(event_log.close)
+            runner = _runner(plan, backend, sink, local=local, event_log=event_log)
+            yield OnlineExecution(plan, runner, base_url, local=local)
+
+
+def _event_log(plan: JobPlan) -> EventLog | None:
+    """The run report's event log in the checkpoint folder, which ``execute`` opened (and locked)
+    first; None when there is no such folder (an execution opened without a checkpoint records none)."""
+    from ..run_events import EventLog, events_path
+
+    if not plan.checkpoint_dir.is_dir():
+        return None
+    return EventLog(events_path(plan.checkpoint_dir))
 
 
 async def _endpoint(plan: JobPlan, stack: AsyncExitStack) -> tuple[str, str | None]:
@@ -158,19 +173,32 @@ def _rate_limits(plan: JobPlan, local: bool) -> tuple[float | None, float | None
     return plan.rate_limits
 
 
-def _runner(plan: JobPlan, backend: Backend, sink: OutcomeSink, *, local: bool = False) -> Runner:
+def _runner(
+    plan: JobPlan, backend: Backend, sink: OutcomeSink, *, local: bool = False, event_log: EventLog | None = None
+) -> Runner:
     from ..jsonmode import json_mode_of
     from ..limits import Limits
     from ..retry import RetryPolicy
+    from ..run_events import RunEvents, segment_header
 
     rpm, tpm = _rate_limits(plan, local)
     max_cost = plan.max_cost
     json_mode = json_mode_of(plan.spec)
+    limits = Limits.from_settings(rpm, tpm)
+    events = None
+    if event_log is not None:
+        throttle = limits.throttle
+
+        def rates() -> tuple[float | None, float | None]:
+            pacing = throttle.statistics()
+            return pacing.request_rate, pacing.token_rate
+
+        events = RunEvents(segment_header(plan, "online", rpm, tpm), segment=event_log.segments, rates=rates)
     return Runner(
         backend,
         sink,
         concurrency=plan.workers,
-        limits=Limits.from_settings(rpm, tpm),
+        limits=limits,
         retry_policy=RetryPolicy(max_retries=plan.spec.execution.max_retries),
         price=None if local else plan.price,
         rows_total=plan.rows,
@@ -178,6 +206,8 @@ def _runner(plan: JobPlan, backend: Backend, sink: OutcomeSink, *, local: bool =
         max_error_rate=plan.spec.execution.max_error_rate,
         json_mode=json_mode,
         replies=getattr(sink, "cache", None) if json_mode is not None else None,
+        events=events,
+        event_sink=event_log,
     )
 
 
