@@ -31,6 +31,9 @@ from qwen_batch.wire import ERRORS
 
 from .conftest import read_summary, run_subprocess, sentences_job
 
+# Rates over wall-clock windows: run alone, after the parallel tests (pyproject's `serial` marker).
+pytestmark = pytest.mark.serial
+
 WINDOW_S = 2.0
 CONFIGURED = 300.0  # requests per second (18,000 RPM)
 

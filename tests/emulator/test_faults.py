@@ -160,6 +160,7 @@ def test_window_limiter_counts_requests_and_tokens_over_a_sliding_window() -> No
     assert limiter.admit("m", 100) is None
 
 
+@pytest.mark.serial  # a wall-clock window: run alone (pyproject's `serial` marker)
 def test_rpm_limit_answers_429_rate_quota_until_the_window_passes(start_emulator: Any) -> None:
     emu = start_emulator(rpm_limit=2, rate_window_s=0.2)
     statuses = [native(emu, prompt_body(f"r{i}")).status_code for i in range(3)]
@@ -185,6 +186,7 @@ def test_latency_delays_the_answer(start_emulator: Any) -> None:
     assert time.monotonic() - started >= 0.2
 
 
+@pytest.mark.serial  # a wall-clock bound: run alone (pyproject's `serial` marker)
 def test_directive_latency_applies_to_the_listed_attempts(emu: Any) -> None:
     body = prompt_body("[[emu: latency=0.3 times=1]]")
     started = time.monotonic()

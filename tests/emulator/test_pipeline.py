@@ -152,6 +152,7 @@ def test_a_dropped_connection_gives_no_answer_and_no_bill(emu: RunningEmulator, 
     assert dialect.send(emu, f"[[emu: {fault} times=1]]").status_code == 200
 
 
+@pytest.mark.serial  # a wall-clock window: run alone (pyproject's `serial` marker)
 def test_directive_latency_delays_only_the_listed_attempt(emu: RunningEmulator, dialect: Dialect) -> None:
     started = time.monotonic()
     dialect.send(emu, "[[emu: latency=0.3 times=1]]")
