@@ -203,6 +203,8 @@ class Reporter:
                 f"stopped: {result.stop_detail}; rows not sent stay not done, re-run to continue: {command}",
                 file=self.stream,
             )
+        elif result.stop_reason == "submitted":
+            print(f"submitted, not finished: run the same command again to collect: {command}", file=self.stream)
         elif result.stop_reason == "budget":
             print(
                 f"stopped: the budget of {plan.max_cost} would be exceeded; "
