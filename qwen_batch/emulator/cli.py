@@ -18,7 +18,17 @@ import sys
 from pathlib import Path
 
 from ..argtypes import number, whole_number
-from .config import DEFAULT_API_KEY, DEFAULT_RATE_WINDOW_S, EmulatorConfig, FaultRates
+from .config import (
+    BATCH_ERROR_FILE_PREFIX,
+    BATCH_MAX_CUSTOM_ID_CHARS,
+    BATCH_MAX_FILE_BYTES,
+    BATCH_MAX_LINE_BYTES,
+    BATCH_MAX_LINES,
+    DEFAULT_API_KEY,
+    DEFAULT_RATE_WINDOW_S,
+    EmulatorConfig,
+    FaultRates,
+)
 from .servers import SERVER_NAMES
 from .server import open_emulator
 
@@ -119,6 +129,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     faults.add_argument("--latency-per-token", type=seconds, default=0.0, metavar="SECONDS",
                         help="delay per output token (default 0)")
     faults.add_argument("--no-directives", action="store_true", help="ignore [[emu: ...]] directives in prompts")
+    _add_batch_arguments(parser)
+
+
+def _add_batch_arguments(parser: argparse.ArgumentParser) -> None:
+    positive, seconds = whole_number(1), number(0)
+    batch = parser.add_argument_group("Batch API (/files, /batches)")
+    batch.add_argument("--batch-validating", type=seconds, default=0.2, metavar="SECONDS",
+                       help="time a batch spends validating (default 0.2)")
+    batch.add_argument("--batch-per-line", type=seconds, default=0.001, metavar="SECONDS",
+                       help="processing time per line (default 0.001)")
+    batch.add_argument("--batch-finalizing", type=seconds, default=0.2, metavar="SECONDS",
+                       help="time a batch spends finalizing (default 0.2)")
+    batch.add_argument("--batch-hour", type=number(0, low_open=True), default=3600.0, metavar="SECONDS",
+                       help="emulator seconds per hour of completion_window (default 3600: real time)")
+    batch.add_argument("--batch-expire-after-lines", type=whole_number(0), metavar="N",
+                       help="a batch expires after N lines are processed (default: only at its window's end)")
+    batch.add_argument("--batch-error-file-prefix", default=BATCH_ERROR_FILE_PREFIX, metavar="PREFIX",
+                       help=f"prefix of error file ids (default {BATCH_ERROR_FILE_PREFIX}; "
+                            "file-batch_output- reproduces the captured naming)")
+    batch.add_argument("--batch-error-shape", choices=("code", "error_code"), default="code",
+                       help="a failed line's error as {code, message} (default) or {error_code, error_message}")
+    batch.add_argument("--batch-max-lines", type=positive, default=BATCH_MAX_LINES, metavar="N",
+                       help=f"lines per input file (default {BATCH_MAX_LINES})")
+    batch.add_argument("--batch-max-file-bytes", type=positive, default=BATCH_MAX_FILE_BYTES, metavar="BYTES",
+                       help=f"bytes per input file (default {BATCH_MAX_FILE_BYTES})")
+    batch.add_argument("--batch-max-line-bytes", type=positive, default=BATCH_MAX_LINE_BYTES, metavar="BYTES",
+                       help=f"bytes per input line (default {BATCH_MAX_LINE_BYTES})")
+    batch.add_argument("--batch-max-custom-id-chars", type=positive, default=BATCH_MAX_CUSTOM_ID_CHARS, metavar="N",
+                       help=f"characters per custom_id (default {BATCH_MAX_CUSTOM_ID_CHARS})")
+    batch.add_argument("--batch-rate-limits", action="store_true",
+                       help="enforce the Batch API's own call limits per --rate-window (create, query, cancel "
+                            "1000, list 100)")
 
 
 def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
@@ -152,6 +194,18 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         server=args.server,
         send_usage=not args.no_usage,
         max_running=args.max_running,
+        batch_validating_s=args.batch_validating,
+        batch_line_s=args.batch_per_line,
+        batch_finalizing_s=args.batch_finalizing,
+        batch_hour_s=args.batch_hour,
+        batch_expire_after_lines=args.batch_expire_after_lines,
+        batch_error_file_prefix=args.batch_error_file_prefix,
+        batch_error_shape=args.batch_error_shape,
+        batch_max_lines=args.batch_max_lines,
+        batch_max_file_bytes=args.batch_max_file_bytes,
+        batch_max_line_bytes=args.batch_max_line_bytes,
+        batch_max_custom_id_chars=args.batch_max_custom_id_chars,
+        batch_rate_limits=args.batch_rate_limits,
     )
 
 

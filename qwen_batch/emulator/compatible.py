@@ -64,6 +64,10 @@ class CompatibleDialect:
         headers = {REQUEST_ID_HEADER: exchange.request_id, "Content-Type": JSON_CONTENT_TYPE, **headers}
         return web.Response(body=payload, status=error.status, headers=headers)
 
+    def error_body(self, error: ApiError, request_id: str) -> dict[str, Any]:
+        """The JSON body of a refusal (a batch line's error response carries it too)."""
+        return _error_body(self.server, error, request_id)
+
     def reply(self, chat: ChatRequest, generation: Generation, request_id: str, created: int) -> bytes:
         message = {"role": "assistant", "content": generation.text}
         if chat.thinking:

@@ -21,12 +21,22 @@ from .servers import SERVER_NAMES, ServerName
 UsageMode = Literal["chatml", "raw-2024q1"]
 RoleRules = Literal["strict", "lenient"]
 StreamErrorMode = Literal["status", "http200"]
+# How a failed batch line names its error (research-wave2 E.5: the docs give both, UNCONFIRMED).
+BatchErrorShape = Literal["code", "error_code"]
 
 DEFAULT_API_KEY = "sk-emulator"
 # The gateway refuses bodies over 16 MiB (reference section 1.2).
 MAX_BODY_BYTES = 16 * 1024 * 1024
 # The documented rate-limit window is one minute (reference section 8.3).
 DEFAULT_RATE_WINDOW_S = 60.0
+# The Batch API's documented limits per input file (reference section 7.2).
+BATCH_MAX_LINES = 50_000
+BATCH_MAX_FILE_BYTES = 500_000_000
+BATCH_MAX_LINE_BYTES = 6_000_000
+# A third-party client's docs (research-wave2 E.8); UNCONFIRMED, but cheap to hold a client to.
+BATCH_MAX_CUSTOM_ID_CHARS = 256
+# The docs' error file naming; the 2026-04 capture of a cancelled batch used "file-batch_output-" (E.1).
+BATCH_ERROR_FILE_PREFIX = "file-batch_error-"
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,19 @@ class EmulatorConfig:
         every generation attempt is answered 503 ModelUnavailable.
       latency_s, latency_jitter_s, latency_per_token_s: added delay.
       directives: obey ``[[emu: ...]]`` directives in prompts.
+    Batch API (``/files``, ``/batches``; docs/emulator.md "Batch API")
+      batch_validating_s, batch_line_s, batch_finalizing_s: seconds a batch spends validating, per
+        line in progress, and finalizing.
+      batch_hour_s: seconds of emulator time per hour of ``completion_window`` (3600: real time;
+        0.05 makes a 24h window expire after 1.2 s).
+      batch_expire_after_lines: a batch expires once this many of its lines are processed (None: only
+        its window expires it); finished lines stay in its output file.
+      batch_error_file_prefix: the prefix of error file ids ("file-batch_output-" reproduces the capture).
+      batch_error_shape: a failed line's ``error`` as ``{code, message}`` or ``{error_code, error_message}``.
+      batch_max_lines, batch_max_file_bytes, batch_max_line_bytes, batch_max_custom_id_chars: the
+        limits of one input file; a file over them fails its batch with line errors.
+      batch_rate_limits: enforce the Batch API's own per-minute call limits (reference section 7.8)
+        over ``rate_window_s``.
     Records
       ledger_path: also append every ledger line to this file.
     """
@@ -132,6 +155,18 @@ class EmulatorConfig:
     server: ServerName = "dashscope"
     send_usage: bool = True
     max_running: int | None = None
+    batch_validating_s: float = 0.2
+    batch_line_s: float = 0.001
+    batch_finalizing_s: float = 0.2
+    batch_hour_s: float = 3600.0
+    batch_expire_after_lines: int | None = None
+    batch_error_file_prefix: str = BATCH_ERROR_FILE_PREFIX
+    batch_error_shape: BatchErrorShape = "code"
+    batch_max_lines: int = BATCH_MAX_LINES
+    batch_max_file_bytes: int = BATCH_MAX_FILE_BYTES
+    batch_max_line_bytes: int = BATCH_MAX_LINE_BYTES
+    batch_max_custom_id_chars: int = BATCH_MAX_CUSTOM_ID_CHARS
+    batch_rate_limits: bool = False
 
     def __post_init__(self) -> None:
         if self.usage_mode not in ("chatml", "raw-2024q1"):
@@ -156,9 +191,24 @@ class EmulatorConfig:
             raise ValueError("other_load must be (requests per second > 0, start_s, end_s)")
         if any(end <= start for start, end in self.outages):
             raise ValueError("every outage must end after it starts")
-        for name in ("latency_s", "latency_jitter_s", "latency_per_token_s"):
+        for name in ("latency_s", "latency_jitter_s", "latency_per_token_s", "batch_validating_s", "batch_line_s",
+                     "batch_finalizing_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
+        self._check_batch()
+
+    def _check_batch(self) -> None:
+        if self.batch_hour_s <= 0:
+            raise ValueError("batch_hour_s must be positive")
+        if self.batch_expire_after_lines is not None and self.batch_expire_after_lines < 0:
+            raise ValueError("batch_expire_after_lines must be >= 0")
+        if self.batch_error_shape not in ("code", "error_code"):
+            raise ValueError(f"batch_error_shape must be 'code' or 'error_code', not {self.batch_error_shape!r}")
+        if not self.batch_error_file_prefix.startswith("file-"):
+            raise ValueError("batch_error_file_prefix must start with 'file-'")
+        if min(self.batch_max_lines, self.batch_max_file_bytes, self.batch_max_line_bytes,
+               self.batch_max_custom_id_chars) < 1:
+            raise ValueError("the batch file limits must be >= 1")
 
     def catalog(self) -> Catalog:
         """The built-in models, the current families (``models.MODELS``), then ``models_path`` and

@@ -20,6 +20,8 @@ Directive syntax (anywhere in any message's content, one directive per brackets)
     [[emu: bad_json[=N|always]]]         JSON mode: the answer is not valid JSON until the
                                          conversation holds N re-ask turns (default 1)
     [[emu: bad_schema[=N|always]]]       json_schema mode: valid JSON that breaks the schema, the same way
+    [[emu: batch_line_error[=N|always]]] a Batch API line: a 500 line error in the first N batches
+                                         that carry this exact body (default 1); ignored online
 
 ``times=N`` limits a directive to the first N attempts of that exact body (default: all).
 The first directive (in text order) that applies to an attempt decides its fault.
@@ -39,7 +41,8 @@ FaultKind = Literal["error", "reset", "hang", "malformed", "truncated"]
 DIRECTIVE_MARK = "[[emu:"
 _DIRECTIVE = re.compile(r"\[\[emu:([^\]]*)\]\]")
 _ACTIONS = frozenset({"fail", "always", "hang", "reset", "malformed", "truncated", "latency", "length", "think",
-                      "think_overflow", "finish", "no_usage", "bad_json", "bad_schema"})
+                      "think_overflow", "finish", "no_usage", "bad_json", "bad_schema",
+                      "batch_line_error"})
 # bad_json=always: the answer never parses, however often the model is re-asked.
 NEVER_FIXED = 1 << 30
 # What an output-side DataInspectionFailed says when it interrupts a stream.
@@ -124,6 +127,8 @@ def parse_directive(inner: str) -> Directive:
             raise DirectiveError(f"latency={value!r} is not a number of seconds") from None
     if action in ("length", "think") and not value.isdigit():
         raise DirectiveError(f"{action}={value!r} is not a token count")
+    if action == "batch_line_error" and value and value != "always" and not value.isdigit():
+        raise DirectiveError(f"batch_line_error={value!r} is not a number of batches (or 'always')")
     if action in ("bad_json", "bad_schema") and value and value != "always" and not value.isdigit():
         raise DirectiveError(f"{action}={value!r} is not a number of re-asks (or 'always')")
     return Directive(action, value or None, times, status, midstream)
@@ -174,6 +179,13 @@ class Script:
                 fixed_after = NEVER_FIXED if d.value == "always" else int(d.value or 1)
                 return d.action, fixed_after
         return None
+
+    def batch_line_error(self, batch_attempt: int) -> bool:
+        """Whether a batch line with this body fails in its ``batch_attempt``-th batch."""
+        for d in self.directives:
+            if d.action == "batch_line_error":
+                return d.value == "always" or batch_attempt <= int(d.value or 1)
+        return False
 
     def _count(self, action: str) -> int | None:
         for d in self.directives:

@@ -14,6 +14,7 @@ import json
 import threading
 import time
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -80,8 +81,12 @@ class Ledger:
         output_tokens: int = 0,
         fault: str | None = None,
         billable: bool | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
-        """Append one line; ``billable`` defaults to "answered 200 with no injected fault"."""
+        """Append one line; ``billable`` defaults to "answered 200 with no injected fault".
+
+        ``extra``: keys after the common ones (a batch line's ``batch_id``, ``custom_id``, ``billable``).
+        """
         entry = {
             "time": time.time(),
             "endpoint": endpoint,
@@ -96,6 +101,8 @@ class Ledger:
             "output_tokens": output_tokens,
             "fault": fault,
         }
+        if extra:
+            entry.update(extra)
         self._entries.append(entry)
         self._by_status[status] += 1
         if billable is None:

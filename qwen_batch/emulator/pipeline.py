@@ -27,7 +27,7 @@ from aiohttp import web
 from .. import tokens
 from ..catalog import Catalog
 from ..wire import REQUEST_ID_HEADER
-from .config import EmulatorConfig
+from .config import EmulatorConfig, FaultRates
 from . import structured
 from .faults import NO_SCRIPT, DirectiveError, Fault, Script, decide, error_fault, read_script, unit
 from .generate import Generation, Thinking, cut_to_tokens, draft_seed, generate
@@ -59,7 +59,7 @@ class Exchange:
     """
 
     __slots__ = ("ledger", "endpoint", "bills", "request_id", "sha", "model", "seed", "stream", "status", "code",
-                 "input_tokens", "output_tokens", "fault")
+                 "input_tokens", "output_tokens", "fault", "extra")
 
     def __init__(self, ledger: Ledger, endpoint: str, *, bills: bool = True) -> None:
         self.ledger = ledger
@@ -76,6 +76,8 @@ class Exchange:
         self.input_tokens = 0
         self.output_tokens = 0
         self.fault: str | None = None
+        # Keys the ledger line gets after the common ones (batch lines, files and batches calls).
+        self.extra: dict[str, Any] | None = None
 
     def __enter__(self) -> Exchange:
         self.ledger.started()
@@ -98,6 +100,7 @@ class Exchange:
             output_tokens=self.output_tokens,
             fault=self.fault,
             billable=self.bills and self.status == 200 and self.fault is None,
+            extra=self.extra,
         )
 
 
@@ -155,6 +158,7 @@ class Dialect(Protocol):
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_NO_FAULTS = FaultRates()
 
 
 class Pipeline:
@@ -248,13 +252,16 @@ class Pipeline:
         return raw
 
     def admit(
-        self, chat: ChatRequest, exchange: Exchange, finish_reasons: frozenset[str] = frozenset()
+        self, chat: ChatRequest, exchange: Exchange, finish_reasons: frozenset[str] = frozenset(), *,
+        online: bool = True,
     ) -> tuple[Script, int, Fault | None, Generation]:
         """Whether and how this attempt is served: its directives, attempt number, fault and reply.
 
         An injected error (unless it is due mid-stream) or a rate limit raises ApiError.
         Injected faults come before the rate limits, so a refused attempt does not count.
         ``finish_reasons``: those the endpoint's service gives (a ``finish=`` directive is checked against them).
+        ``online=False`` (a batch line): no outages, random faults or RPM/TPM, which the Batch API is
+        not subject to (reference section 7.8); scripted faults still apply.
         """
         script, attempt, fault = NO_SCRIPT, 0, None
         if self.config.directives:
@@ -262,12 +269,13 @@ class Pipeline:
                 script = read_script([m["content"] for m in chat.messages])
             except DirectiveError as exc:
                 raise invalid(str(exc)) from None
-        if self.config.outages and self._in_outage():
+        if online and self.config.outages and self._in_outage():
             fault = error_fault("ModelUnavailable")
-        elif script.directives or self._random_faults:
+        elif script.directives or (online and self._random_faults):
             attempt = self._attempts.get(exchange.sha, 0) + 1
             self._attempts[exchange.sha] = attempt
-            fault = decide(script, self.config.faults, self.config.fault_seed, exchange.sha, attempt)
+            rates = self.config.faults if online else _NO_FAULTS
+            fault = decide(script, rates, self.config.fault_seed, exchange.sha, attempt)
         finish = script.finish(attempt) if script.directives else None
         if finish is not None:
             if finish not in finish_reasons:
@@ -283,7 +291,7 @@ class Pipeline:
         generation = self.generate(chat, script)
         if finish is not None and finish != "error":
             generation = dataclasses.replace(generation, finish_reason=finish)
-        if self._rate_limited:
+        if online and self._rate_limited:
             limited = self.limiter.admit(chat.model.name, chat.input_tokens + generation.output_tokens)
             if limited:
                 raise ApiError(limited)

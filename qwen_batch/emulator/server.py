@@ -8,6 +8,7 @@ Routes (reference section 10):
 - ``POST /api/v1/tokenizer``                                   token ids of the content
 - ``POST /compatible-mode/v1/chat/completions``                OpenAI-compatible, stream or not
 - ``GET  /compatible-mode/v1/models``                          the catalog's names (with the key)
+- ``/compatible-mode/v1/files``, ``/compatible-mode/v1/batches``  the Batch API (``batch_api.py``)
 - with a local ``server`` (vllm, sglang, ollama, llamacpp): only ``POST /v1/chat/completions`` and
   ``GET /v1/models`` in that server's dialect (plus the emulator's own stats and ledger)
 - ``GET  /emulator/stats``, ``GET /emulator/ledger``            statistics and the billing ledger
@@ -31,6 +32,7 @@ from typing import Any
 from aiohttp import web
 
 from ..wire import API_PREFIX, NATIVE_PATH
+from .batch_api import BatchApi
 from .compatible import CompatibleDialect
 from .config import EmulatorConfig
 from .generate import generate
@@ -59,6 +61,7 @@ class Emulator:
         self.native = NativeDialect(self.config, self.catalog)
         self.multimodal = MultimodalDialect(self.config, self.catalog)
         self.compatible = CompatibleDialect(self.config, self.catalog)
+        self.batch_api = BatchApi(self.config, self.pipeline, self.compatible)
 
     def warm_up(self) -> None:
         """Load the vocabulary and word pools now, so the first request is not the slow one."""
@@ -76,6 +79,7 @@ class Emulator:
             app.router.add_post(MULTIMODAL_ROUTE, self.pipeline.handler(self.multimodal))
             app.router.add_get(MULTIMODAL_ROUTE, self.multimodal.wrong_method)
             app.router.add_post(TOKENIZER_ROUTE, self.tokenizer)
+            self.batch_api.add_routes(app, base)
         app.router.add_post(base + "/chat/completions", self.pipeline.handler(self.compatible))
         app.router.add_get(base + "/models", self.models)
         app.router.add_get(STATS_ROUTE, self.stats)
@@ -190,4 +194,5 @@ async def open_emulator(
     finally:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(runner.cleanup()), SHUTDOWN_GRACE_S * 4 + 1)
+        await emulator.batch_api.close()
         emulator.ledger.close()
