@@ -281,7 +281,8 @@ class BatchExecution:
 
     async def _submit(self, shard: ShardRecord) -> None:
         """Create the shard's batch, once: adopt the one a killed run created, else upload and create."""
-        found = await self._api.find(shard.ds_name)
+        # Without a saved file id no batch can exist yet (create needs the file): no list call.
+        found = await self._api.find(shard.ds_name) if shard.file_id is not None else None
         if found is None:
             file_id = shard.file_id
             if file_id is None or await self._api.file(file_id) is None:
