@@ -308,6 +308,10 @@ def render_estimate(estimate: dict[str, Any], out: TextIO) -> None:
         table.add_row("cost", "unknown (no price for this model)")
     else:
         table.add_row("cost", f"{cost['min']:.4f} .. {cost['max']:.4f} {currency} (expected {cost['expected']:.4f})")
+        batch = cost["batch"]
+        table.add_row(
+            "cost in batch mode", f"{batch['min']:.4f} .. {batch['max']:.4f} {currency} (expected {batch['expected']:.4f})"
+        )
     minutes = time["minutes_at_limits"]
     table.add_row("time at the limits", f"{minutes:.1f} min" if minutes is not None else time["note"])
     Console(file=out, width=100).print(table)

@@ -348,3 +348,17 @@ def test_mode_batch_on_the_command_line_overrides_an_online_spec(
     assert main(["run", str(job), "--mode", "batch", "--quiet"]) == 0
     assert len(_billed(batch_emulator)) == 3
     assert not any(e["endpoint"] == "native" for e in batch_emulator.ledger)
+
+
+def test_estimate_shows_the_online_and_the_batch_cost_side_by_side(
+    tmp_path: Path, env: dict[str, str], batch_emulator: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = _batch_job(tmp_path, _texts(ROWS))
+    assert main(["estimate", str(job), "--json"]) == 0
+    cost = json.loads(capsys.readouterr().out)["cost"]
+    for key in ("min", "expected", "max"):
+        assert cost[key] > 0 and cost["batch"][key] == pytest.approx(cost[key] / 2, abs=1e-6)
+    assert "50%" in cost["batch"]["source"]
+    assert main(["estimate", str(job)]) == 0
+    assert "cost in batch mode" in capsys.readouterr().out
+    assert batch_emulator.ledger == []
