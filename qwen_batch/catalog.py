@@ -23,8 +23,8 @@ CATALOG_PATH = Path(__file__).with_name("data") / "models.json"
 CURRENCY = "CNY"
 BATCH_PRICE_FACTOR = 0.5
 BATCH_PRICE_SOURCE = (
-    "DashScope Batch API: successful requests billed at 50% of the real-time price "
-    "(help.aliyun.com/zh/model-studio/batch-interfaces-compatible-with-openai; dashscope-protocol.md section 7.7)"
+    "DashScope Batch API docs, help.aliyun.com/zh/model-studio/batch-interfaces-compatible-with-openai "
+    "(dashscope-protocol.md section 7.7): successful requests at 50% of the real-time price"
 )
 ThinkingMode = Literal["none", "hybrid", "only"]
 """``none``: never thinks; ``hybrid``: ``enable_thinking`` turns it on or off; ``only``: always thinks."""
@@ -90,7 +90,8 @@ def batch_price(price: Price) -> Price:
                   t.output_per_million * BATCH_PRICE_FACTOR, half(t.thinking_output_per_million))
         for t in price.tiers
     )
-    return Price(tiers, price.currency, f"billed as batch: {price.source or 'the real-time price'} x {BATCH_PRICE_FACTOR:g} ({BATCH_PRICE_SOURCE})")
+    source = f"billed as batch: {BATCH_PRICE_FACTOR:.0%} of the real-time price ({price.source or 'no source'}); {BATCH_PRICE_SOURCE}"
+    return Price(tiers, price.currency, source)
 
 
 @dataclass(frozen=True, slots=True)

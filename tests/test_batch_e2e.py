@@ -362,3 +362,13 @@ def test_estimate_shows_the_online_and_the_batch_cost_side_by_side(
     assert main(["estimate", str(job)]) == 0
     assert "cost in batch mode" in capsys.readouterr().out
     assert batch_emulator.ledger == []
+
+
+def test_the_sample_batch_job_runs_on_the_emulator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QWEN_BATCH_CACHE_DIR", str(tmp_path / "cache"))
+    job = Path(__file__).resolve().parent.parent / "jobs" / "nightly-batch.yaml"
+    output = tmp_path / "out.parquet"
+    assert main(["run", str(job), "--emulate", "--quiet", "--output", str(output)]) == 0
+    result = pl.read_parquet(output)
+    assert result.height > 0 and (result["status"] == "ok").all()
+    assert read_summary(output)["cost"]["price_source"].startswith("billed as batch")
