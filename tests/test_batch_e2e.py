@@ -212,7 +212,7 @@ def _wait_for(condition: Any, timeout: float = 30.0) -> None:
         time.sleep(0.01)
 
 
-@pytest.mark.parametrize("batch_emulator", [{"batch_line_s": 0.15}], indirect=True)
+@pytest.mark.parametrize("batch_emulator", [{"batch_line_s": 0.5}], indirect=True)
 def test_no_wait_exits_75_cancel_keeps_answered_rows_and_a_rerun_collects_the_rest(
     tmp_path: Path, env: dict[str, str], batch_emulator: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -221,14 +221,14 @@ def test_no_wait_exits_75_cancel_keeps_answered_rows_and_a_rerun_collects_the_re
     err = capsys.readouterr().err
     assert "submitted, not finished: run the same command again to collect" in err
     assert not (tmp_path / "out" / "result.parquet").exists()
-    _wait_for(lambda: len(_billed(batch_emulator)) >= 2)
+    _wait_for(lambda: len(_billed(batch_emulator)) >= 1)  # 6 lines take 3 s: the cancel comes well before the end
     assert main(["cancel", str(job)]) == 0
     assert "cancelling" in capsys.readouterr().out
     assert main(["status", str(job)]) == 0
     status = capsys.readouterr().out
     assert "s00001 batch_" in status and "deadline" in status
     answered_before = set(_billed(batch_emulator))
-    assert 2 <= len(answered_before) < 6
+    assert 1 <= len(answered_before) < 6
     assert main(["run", str(job), "--quiet"]) == 0
     output = _output(tmp_path)
     assert (output["status"] == "ok").all()

@@ -20,7 +20,7 @@ import orjson
 
 from ..apikey import key_problem
 from ..backends.errors import TRANSPORT_EXCEPTIONS, ErrorTranslator
-from ..errors import BackendError, ConfigError, RateLimited, RetryableError
+from ..errors import BackendError, ConfigError, RateLimited, RetryableError, TransportError
 from ..version import __version__
 
 SPACING_S = {"create": 60 / 1000, "query": 60 / 1000, "list": 60 / 100, "cancel": 60 / 1000, "files": 0.0}
@@ -82,7 +82,8 @@ class BatchApi:
 
     async def file(self, file_id: str) -> dict[str, Any] | None:
         """``GET /files/{id}``, or None when the service no longer has it."""
-        return await self._json("files", lambda: self._client.get(f"/files/{file_id}"), missing_ok=True)
+        found = await self._json("files", lambda: self._client.get(f"/files/{file_id}"), missing_ok=True)
+        return found or None
 
     async def download(self, file_id: str, target: Path) -> None:
         """``GET /files/{id}/content`` into ``target`` (replaced whole: a kill leaves no half file there)."""
@@ -138,14 +139,18 @@ class BatchApi:
 
     async def _json(
         self, kind: str, send: Callable[[], Awaitable[httpx.Response]], *, missing_ok: bool = False
-    ) -> Any:
+    ) -> dict[str, Any]:
+        """The JSON object of the answer; ``{}`` for a 404 when ``missing_ok``."""
         response = await self._call(kind, send, missing_ok=missing_ok)
         if response is None:
-            return None
+            return {}
         try:
-            return orjson.loads(response.content)
+            data = orjson.loads(response.content)
         except orjson.JSONDecodeError:
             raise self._errors.unreadable_body(response.content, response.headers) from None
+        if not isinstance(data, dict):
+            raise TransportError("MalformedReply", f"the Batch API answered {self._errors.quote(response.content)!r}, not an object")
+        return data
 
     async def _call(
         self, kind: str, send: Callable[[], Awaitable[httpx.Response]], *, missing_ok: bool = False

@@ -48,6 +48,7 @@ async def cancel_batches(plan: JobPlan, out: TextIO) -> int:
     The number of batches asked to cancel. The next ``run`` collects what each finished and
     sends the rest again.
     """
+    from ..errors import BadRequest
     from .api import BatchApi
     from .endpoint import batch_endpoint
 
@@ -63,11 +64,14 @@ async def cancel_batches(plan: JobPlan, out: TextIO) -> int:
                 for shard in state.shards(uncollected_only=True):
                     if shard.batch_id is None or shard.status in TERMINAL:
                         continue
-                    batch = await api.cancel(shard.batch_id)
+                    try:
+                        batch = await api.cancel(shard.batch_id)
+                    except BadRequest:  # it finished since it was last seen: nothing to cancel
+                        batch = await api.retrieve(shard.batch_id)
                     status = str(batch.get("status"))
                     state.set_status(shard.name, status, (shard.total, shard.completed, shard.failed))
                     print(f"  {shard.name} {shard.batch_id}: {status}", file=out)
-                    cancelled += 1
+                    cancelled += status in ("cancelling", "cancelled")
             finally:
                 await api.aclose()
     finally:

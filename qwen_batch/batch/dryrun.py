@@ -82,7 +82,7 @@ async def _chain(plan: JobPlan, api: BatchApi, folder: Path, notes: Callable[[st
         delay = min(delay * 1.5, MAX_POLL_S)
         batch = await api.retrieve(str(batch["id"]))
         notes(f"dry run: batch {batch['id']}: {batch.get('status')}")
-    ok, errors = 0, {}
+    ok, errors = 0, dict[str, int]()
     for key in ("output_file_id", "error_file_id"):
         if batch.get(key):
             target = folder / f"{key}.jsonl"

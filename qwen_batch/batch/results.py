@@ -66,7 +66,7 @@ def read_lines(path: Path, *, estimate: Any = None) -> Iterator[tuple[int, LineR
 
 def read_line(line: dict[str, Any], row: int, estimate: Any = None) -> LineResult:
     """One line's answer, or its error."""
-    response = line.get("response") if isinstance(line.get("response"), dict) else {}
+    response: dict[str, Any] = line["response"] if isinstance(line.get("response"), dict) else {}
     status = response.get("status_code")
     body = response.get("body")
     request_id = response.get("request_id") or line.get("id")

@@ -428,7 +428,7 @@ class BatchExecution:
 
         wanted, self._online = self._online, set()
         self._notes(f"sending {len(wanted)} row(s) online: batch.online_after passed before they were answered")
-        requests = [request for request in self._plan.requests() if request.index in wanted]
+        requests: list[WorkItem] = [request for request in self._plan.requests() if request.index in wanted]
         async with OnlineExecutor().open(self._plan, self._sink) as online:
             statistics = await online.run(iter([requests]))
             if online.stop_reason is not None:
