@@ -10,9 +10,9 @@ account's batches, listed through the Batch API itself, say how many were create
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
-import os
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -28,7 +28,7 @@ from qwen_batch.cli import main
 from qwen_batch.emulator import EmulatorConfig
 from qwen_batch.testing import EmulatorThread
 
-from .conftest import read_summary, run_subprocess, sentences_job
+from .conftest import read_summary, sentences_job
 from .refusal import refused
 
 FAST = {"batch_validating_s": 0.02, "batch_finalizing_s": 0.02, "batch_line_s": 0.001}
@@ -48,23 +48,12 @@ def _batch_job(folder: Path, texts: list[str], **overrides: Any) -> Path:
 
 
 @pytest.fixture
-def batch_emulator(request: pytest.FixtureRequest) -> Iterator[Any]:
+def emulator(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """The emulator on a fast batch time scale (conftest's ``job_env`` points runs at it);
+    a test changes it with ``@pytest.mark.parametrize("emulator", [{...}], indirect=True)``."""
     options = {**FAST, **getattr(request, "param", {})}
     with EmulatorThread(EmulatorConfig(**options)) as emu:
         yield emu
-
-
-@pytest.fixture
-def env(batch_emulator: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    values = {
-        "DASHSCOPE_API_KEY": batch_emulator.api_key,
-        "DASHSCOPE_HTTP_BASE_URL": batch_emulator.base_url,
-        "QWEN_BATCH_CACHE_DIR": str(tmp_path / "cache"),
-    }
-    for name, value in values.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("DASHSCOPE_API_KEY_FILE_PATH", raising=False)
-    return values
 
 
 def _billed(emu: Any) -> Counter[str]:
@@ -98,14 +87,14 @@ def _output(folder: Path) -> pl.DataFrame:
 
 
 def test_a_job_of_several_files_answers_every_row_once_at_half_price_as_online_would(
-    tmp_path: Path, env: dict[str, str], batch_emulator: Any
+    tmp_path: Path, job_env: dict[str, str], emulator: Any
 ) -> None:
     online_folder, folder = tmp_path / "online", tmp_path / "batch"
     online_folder.mkdir()
     folder.mkdir()
     online_job = sentences_job(online_folder, _texts(ROWS), cache={"enabled": False})
     assert main(["run", str(online_job), "--quiet"]) == 0
-    online_lines = len(batch_emulator.ledger)
+    online_lines = len(emulator.ledger)
     job = _batch_job(folder, _texts(ROWS))
     assert main(["run", str(job), "--quiet"]) == 0
     online, batch = _output(online_folder), _output(folder)
@@ -114,11 +103,11 @@ def test_a_job_of_several_files_answers_every_row_once_at_half_price_as_online_w
     assert_frame_equal(batch.drop(VOLATILE), online.drop(VOLATILE))
     assert (batch["status"] == "ok").all() and (batch["attempts"] == 1).all()
     assert batch["cost"].to_list() == pytest.approx([cost / 2 for cost in online["cost"].to_list()])
-    billed = _billed(batch_emulator)
+    billed = _billed(emulator)
     assert sorted(billed) == sorted(str(i) for i in range(ROWS)) and set(billed.values()) == {1}
-    assert _creates(batch_emulator) == 4
-    assert sorted(_batches_by_name(batch_emulator).values()) == [1, 1, 1, 1]
-    assert {e["endpoint"] for e in batch_emulator.ledger[online_lines:]} == {"batch", "files", "batches"}  # nothing online
+    assert _creates(emulator) == 4
+    assert sorted(_batches_by_name(emulator).values()) == [1, 1, 1, 1]
+    assert {e["endpoint"] for e in emulator.ledger[online_lines:]} == {"batch", "files", "batches"}  # nothing online
     summary = read_summary(folder / "out" / "result.parquet")
     assert summary["rows"]["ok"] == ROWS
     assert summary["cost"]["price_source"].startswith("billed as batch")
@@ -138,20 +127,20 @@ def _start(job: Path, env: dict[str, str], *extra: str, kill_at: str | None = No
 
 @pytest.mark.parametrize("step", ["after_upload", "after_create", "polling", "downloading", "before_output"])
 def test_a_kill_at_any_step_then_a_rerun_creates_no_batch_twice_and_bills_no_row_twice(
-    tmp_path: Path, env: dict[str, str], batch_emulator: Any, step: str
+    tmp_path: Path, job_env: dict[str, str], emulator: Any, step: str
 ) -> None:
     job = _batch_job(tmp_path, _texts(ROWS))
-    killed = _start(job, env, kill_at=step)
+    killed = _start(job, job_env, kill_at=step)
     assert killed.wait(timeout=60) == -9, killed.communicate()
     assert not (tmp_path / "out" / "result.parquet").exists()
-    rerun = _start(job, env)
+    rerun = _start(job, job_env)
     assert rerun.wait(timeout=60) == 0, rerun.communicate()
-    by_name = _batches_by_name(batch_emulator)
+    by_name = _batches_by_name(emulator)
     assert len(by_name) == 4 and set(by_name.values()) == {1}
-    assert _creates(batch_emulator) == 4
+    assert _creates(emulator) == 4
     if step == "after_upload":  # the saved file is reused, not uploaded again
-        assert _uploads(batch_emulator) == 4
-    billed = _billed(batch_emulator)
+        assert _uploads(emulator) == 4
+    billed = _billed(emulator)
     assert len(billed) == ROWS and set(billed.values()) == {1}
     output = _output(tmp_path)
     assert output["id"].to_list() == [f"r{i:03d}" for i in range(ROWS)]
@@ -160,7 +149,7 @@ def test_a_kill_at_any_step_then_a_rerun_creates_no_batch_twice_and_bills_no_row
 
 
 def test_line_errors_are_sent_again_until_they_pass_and_refusals_are_row_errors(
-    tmp_path: Path, env: dict[str, str], batch_emulator: Any
+    tmp_path: Path, job_env: dict[str, str], emulator: Any
 ) -> None:
     texts = _texts(
         ROWS,
@@ -182,15 +171,15 @@ def test_line_errors_are_sent_again_until_they_pass_and_refusals_are_row_errors(
     assert rows["r008"]["status"] == "error" and rows["r008"]["error_code"] == "data_inspection_failed"
     assert rows["r008"]["attempts"] == 1  # a refusal is not sent again
     assert sum(row["status"] == "ok" for row in rows.values()) == ROWS - 2
-    billed = _billed(batch_emulator)
+    billed = _billed(emulator)
     assert set(billed.values()) == {1} and len(billed) == ROWS - 2
     summary = read_summary(tmp_path / "out" / "result.parquet")
     assert summary["rows"] == {**summary["rows"], "ok": ROWS - 2, "error": 2, "not_done": 0}
 
 
-@pytest.mark.parametrize("batch_emulator", [{"batch_expire_after_lines": 2}], indirect=True)
+@pytest.mark.parametrize("emulator", [{"batch_expire_after_lines": 2}], indirect=True)
 def test_rows_of_an_expired_batch_end_ok_in_a_new_one_counted_once(
-    tmp_path: Path, env: dict[str, str], batch_emulator: Any
+    tmp_path: Path, job_env: dict[str, str], emulator: Any
 ) -> None:
     job = _batch_job(tmp_path, _texts(ROWS))
     assert main(["run", str(job), "--quiet"]) == 0
@@ -200,7 +189,7 @@ def test_rows_of_an_expired_batch_end_ok_in_a_new_one_counted_once(
     # sent again together, r008 is a third line again and expires once more.
     attempts = dict(zip(output["id"].to_list(), output["attempts"].to_list()))
     assert {row: count for row, count in attempts.items() if count > 1} == {"r002": 2, "r005": 2, "r008": 3}
-    billed = _billed(batch_emulator)
+    billed = _billed(emulator)
     assert len(billed) == ROWS and set(billed.values()) == {1}
     assert read_summary(tmp_path / "out" / "result.parquet")["rows"]["ok"] == ROWS
 
@@ -212,62 +201,62 @@ def _wait_for(condition: Any, timeout: float = 30.0) -> None:
         time.sleep(0.01)
 
 
-@pytest.mark.parametrize("batch_emulator", [{"batch_line_s": 0.5}], indirect=True)
+@pytest.mark.parametrize("emulator", [{"batch_line_s": 0.5}], indirect=True)
 def test_no_wait_exits_75_cancel_keeps_answered_rows_and_a_rerun_collects_the_rest(
-    tmp_path: Path, env: dict[str, str], batch_emulator: Any, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, job_env: dict[str, str], emulator: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     job = _batch_job(tmp_path, _texts(6), batch={"max_requests_per_file": 6})
     assert main(["run", str(job), "--no-wait"]) == 75
     err = capsys.readouterr().err
     assert "submitted, not finished: run the same command again to collect" in err
     assert not (tmp_path / "out" / "result.parquet").exists()
-    _wait_for(lambda: len(_billed(batch_emulator)) >= 1)  # 6 lines take 3 s: the cancel comes well before the end
+    _wait_for(lambda: len(_billed(emulator)) >= 1)  # 6 lines take 3 s: the cancel comes well before the end
     assert main(["cancel", str(job)]) == 0
     assert "cancelling" in capsys.readouterr().out
     assert main(["status", str(job)]) == 0
     status = capsys.readouterr().out
     assert "s00001 batch_" in status and "deadline" in status
-    answered_before = set(_billed(batch_emulator))
+    answered_before = set(_billed(emulator))
     assert 1 <= len(answered_before) < 6
     assert main(["run", str(job), "--quiet"]) == 0
     output = _output(tmp_path)
     assert (output["status"] == "ok").all()
     attempts = dict(zip(output["id"].to_list(), output["attempts"].to_list()))
     assert {attempts[f"r{int(c):03d}"] for c in answered_before} == {1}  # kept, not sent again
-    billed = _billed(batch_emulator)
+    billed = _billed(emulator)
     assert len(billed) == 6 and set(billed.values()) == {1}
-    assert _creates(batch_emulator) == 2
+    assert _creates(emulator) == 2
 
 
-@pytest.mark.parametrize("batch_emulator", [{"batch_line_s": 0.3}], indirect=True)
+@pytest.mark.parametrize("emulator", [{"batch_line_s": 0.3}], indirect=True)
 def test_a_second_no_wait_run_exits_75_again_then_a_waiting_run_collects(
-    tmp_path: Path, env: dict[str, str], batch_emulator: Any
+    tmp_path: Path, job_env: dict[str, str], emulator: Any
 ) -> None:
     job = _batch_job(tmp_path, _texts(ROWS))
     assert main(["run", str(job), "--no-wait", "--quiet"]) == 75
     assert main(["run", str(job), "--no-wait", "--quiet"]) in (0, 75)
     assert main(["run", str(job), "--quiet"]) == 0
-    assert _creates(batch_emulator) == 4
-    billed = _billed(batch_emulator)
+    assert _creates(emulator) == 4
+    billed = _billed(emulator)
     assert len(billed) == ROWS and set(billed.values()) == {1}
     assert (_output(tmp_path)["status"] == "ok").all()
 
 
-@pytest.mark.parametrize("batch_emulator", [{"batch_line_s": 0.25}], indirect=True)
+@pytest.mark.parametrize("emulator", [{"batch_line_s": 0.25}], indirect=True)
 def test_rows_unanswered_after_online_after_are_cancelled_and_sent_online_once(
-    tmp_path: Path, env: dict[str, str], batch_emulator: Any
+    tmp_path: Path, job_env: dict[str, str], emulator: Any
 ) -> None:
     # 12 lines take 3 s; created_at is in whole seconds, so the cancel comes 1 to 2 s in.
     job = _batch_job(tmp_path, _texts(12), batch={"max_requests_per_file": 12, "online_after": "2s"})
     assert main(["run", str(job), "--quiet"]) == 0
     output = _output(tmp_path)
     assert (output["status"] == "ok").all() and output.height == 12
-    in_batch = _billed(batch_emulator)
-    online = [e for e in batch_emulator.ledger if e["endpoint"] == "native" and e["status"] == 200]
+    in_batch = _billed(emulator)
+    online = [e for e in emulator.ledger if e["endpoint"] == "native" and e["status"] == 200]
     assert 1 <= len(in_batch) < 12 and len(online) == 12 - len(in_batch)
     assert set(in_batch.values()) == {1}
-    assert _creates(batch_emulator) == 1  # the rest went online, not into a new batch
-    assert any(e["endpoint"] == "batches" and e.get("action") == "cancel" for e in batch_emulator.ledger)
+    assert _creates(emulator) == 1  # the rest went online, not into a new batch
+    assert any(e["endpoint"] == "batches" and e.get("action") == "cancel" for e in emulator.ledger)
     # qwen-turbo has one flat price per token: a batch row costs half of it, an online row all of it.
     per_1k = output.select("id", (pl.col("cost") / pl.col("total_tokens") * 1000).alias("per_1k"))
     batch_rows = {f"r{int(c):03d}" for c in in_batch}
@@ -276,37 +265,37 @@ def test_rows_unanswered_after_online_after_are_cancelled_and_sent_online_once(
 
 
 def test_a_row_whose_line_is_too_long_is_its_error_before_anything_is_sent(
-    tmp_path: Path, env: dict[str, str], batch_emulator: Any
+    tmp_path: Path, job_env: dict[str, str], emulator: Any
 ) -> None:
     job = _batch_job(tmp_path, _texts(4, **{"2": "long " * 200}), batch={"max_line_bytes": 600})
     assert main(["run", str(job), "--quiet"]) == 1
     output = _output(tmp_path)
     assert output.filter(pl.col("id") == "r002")["error_code"].to_list() == ["BatchLineTooLarge"]
     assert (output.filter(pl.col("id") != "r002")["status"] == "ok").all()
-    assert "2" not in _billed(batch_emulator) and len(_billed(batch_emulator)) == 3
+    assert "2" not in _billed(emulator) and len(_billed(emulator)) == 3
 
 
 def test_dry_run_sends_the_jobs_lines_to_the_test_model_and_writes_nothing(
-    tmp_path: Path, env: dict[str, str], batch_emulator: Any, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, job_env: dict[str, str], emulator: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     job = _batch_job(tmp_path, _texts(ROWS))
     assert main(["run", str(job), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"{ROWS} line(s) sent to batch-test-model, {ROWS} answered" in out
-    lines = [e for e in batch_emulator.ledger if e["endpoint"] == "batch"]
+    lines = [e for e in emulator.ledger if e["endpoint"] == "batch"]
     assert len(lines) == ROWS and {e["model"] for e in lines} == {"batch-test-model"}
     assert not any(e.get("billable") for e in lines)
     assert not (tmp_path / "out").exists()
 
 
 def test_cancel_and_status_of_a_job_that_never_ran_in_batch_mode_send_nothing(
-    tmp_path: Path, env: dict[str, str], batch_emulator: Any, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, job_env: dict[str, str], emulator: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     job = _batch_job(tmp_path, _texts(2))
     assert main(["cancel", str(job)]) == 0
     assert main(["status", str(job)]) == 0
     assert "no batches" in capsys.readouterr().out
-    assert batch_emulator.ledger == []
+    assert emulator.ledger == []
 
 
 @pytest.mark.parametrize(
@@ -325,33 +314,33 @@ def test_cancel_and_status_of_a_job_that_never_ran_in_batch_mode_send_nothing(
     ],
 )
 def test_bad_batch_values_exit_2_naming_the_key_with_nothing_sent(
-    tmp_path: Path, env: dict[str, str], batch_emulator: Any, capsys: pytest.CaptureFixture[str], batch: dict, key: str
+    tmp_path: Path, job_env: dict[str, str], emulator: Any, capsys: pytest.CaptureFixture[str], batch: dict, key: str
 ) -> None:
     job = sentences_job(tmp_path, _texts(2), execution={"mode": "batch"}, batch=batch)
-    line = refused(["run", str(job)], tmp_path, batch_emulator, capsys)
+    line = refused(["run", str(job)], tmp_path, emulator, capsys)
     assert key in line
 
 
 def test_no_wait_and_dry_run_need_batch_mode(
-    tmp_path: Path, env: dict[str, str], batch_emulator: Any, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, job_env: dict[str, str], emulator: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     job = sentences_job(tmp_path, _texts(2))
     for flag in ("--no-wait", "--dry-run"):
-        line = refused(["run", str(job), flag], tmp_path, batch_emulator, capsys)
+        line = refused(["run", str(job), flag], tmp_path, emulator, capsys)
         assert flag in line and "--mode batch" in line
 
 
 def test_mode_batch_on_the_command_line_overrides_an_online_spec(
-    tmp_path: Path, env: dict[str, str], batch_emulator: Any
+    tmp_path: Path, job_env: dict[str, str], emulator: Any
 ) -> None:
     job = sentences_job(tmp_path, _texts(3), batch={"poll_interval_s": 0.05}, cache={"enabled": False})
     assert main(["run", str(job), "--mode", "batch", "--quiet"]) == 0
-    assert len(_billed(batch_emulator)) == 3
-    assert not any(e["endpoint"] == "native" for e in batch_emulator.ledger)
+    assert len(_billed(emulator)) == 3
+    assert not any(e["endpoint"] == "native" for e in emulator.ledger)
 
 
 def test_estimate_shows_the_online_and_the_batch_cost_side_by_side(
-    tmp_path: Path, env: dict[str, str], batch_emulator: Any, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, job_env: dict[str, str], emulator: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     job = _batch_job(tmp_path, _texts(ROWS))
     assert main(["estimate", str(job), "--json"]) == 0
@@ -361,7 +350,7 @@ def test_estimate_shows_the_online_and_the_batch_cost_side_by_side(
     assert "50%" in cost["batch"]["source"]
     assert main(["estimate", str(job)]) == 0
     assert "cost in batch mode" in capsys.readouterr().out
-    assert batch_emulator.ledger == []
+    assert emulator.ledger == []
 
 
 def test_the_sample_batch_job_runs_on_the_emulator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

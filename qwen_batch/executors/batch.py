@@ -379,18 +379,12 @@ class BatchExecution:
                 self._tally.retries += 1
                 return None
         return Outcome(
-            index=unit.index,
-            fingerprint=unit.fingerprint,
             status="error",
             request_id=result.request_id,
             error_code=result.code,
             error_message=result.message,
             retryable=result.retryable,
-            attempts=unit.batches,
-            latency_s=latency,
-            preflight_input_tokens=unit.input_tokens,
-            model=unit.model,
-            seed=unit.seed,
+            **_unit_fields(unit, latency),
         )
 
     def _past_online_after_unit(self, unit: UnitRecord) -> bool:
@@ -446,10 +440,21 @@ def _lines_of(path: Path, indices: set[int]) -> Iterator[tuple[int, bytes]]:
                 yield unit.dense_index(), raw
 
 
+def _unit_fields(unit: UnitRecord, latency: float | None) -> dict[str, Any]:
+    """The outcome fields a row's record gives, answered or not: ``attempts`` is its batches."""
+    return {
+        "index": unit.index,
+        "fingerprint": unit.fingerprint,
+        "attempts": unit.batches,
+        "latency_s": latency,
+        "preflight_input_tokens": unit.input_tokens,
+        "model": unit.model,
+        "seed": unit.seed,
+    }
+
+
 def _answered(unit: UnitRecord, reply: Reply, cost: float | None, latency: float | None) -> Outcome:
     return Outcome(
-        index=unit.index,
-        fingerprint=unit.fingerprint,
         status="ok",
         request_id=reply.request_id,
         output_text=reply.text,
@@ -457,14 +462,10 @@ def _answered(unit: UnitRecord, reply: Reply, cost: float | None, latency: float
         input_tokens=reply.input_tokens,
         output_tokens=reply.output_tokens,
         cost=cost,
-        attempts=unit.batches,
-        latency_s=latency,
-        preflight_input_tokens=unit.input_tokens,
-        model=unit.model,
-        seed=unit.seed,
         reasoning_text=reply.reasoning,
         reasoning_tokens=reply.reasoning_tokens or 0,
         usage_source=reply.usage_source,
+        **_unit_fields(unit, latency),
     )
 
 
