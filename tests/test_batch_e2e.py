@@ -293,9 +293,15 @@ def test_cancel_and_status_of_a_job_that_never_ran_in_batch_mode_send_nothing(
 ) -> None:
     job = _batch_job(tmp_path, _texts(2))
     assert main(["cancel", str(job)]) == 0
-    assert main(["status", str(job)]) == 0
     assert "no batches" in capsys.readouterr().out
-    assert emulator.ledger == []
+    assert main(["run", str(job), "--mode", "online", "--quiet"]) == 0
+    sent = len(emulator.ledger)
+    assert main(["cancel", str(job)]) == 0
+    assert main(["status", str(job)]) == 0
+    out = capsys.readouterr().out
+    assert "no batches" in out and "batches:" not in out
+    assert len(emulator.ledger) == sent
+    assert not (tmp_path / "out" / "result.parquet.checkpoint" / "batch.sqlite").exists()
 
 
 @pytest.mark.parametrize(

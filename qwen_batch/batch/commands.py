@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from .state import TERMINAL, BatchState, ShardRecord
+from .state import STATE_NAME, TERMINAL, BatchState, ShardRecord
 
 if TYPE_CHECKING:
     from ..plan import JobPlan
@@ -52,7 +52,7 @@ async def cancel_batches(plan: JobPlan, out: TextIO) -> int:
     from .api import BatchApi
     from .endpoint import batch_endpoint
 
-    state = BatchState.open(plan.checkpoint_dir) if plan.checkpoint_dir.exists() else None
+    state = BatchState.open(plan.checkpoint_dir) if (plan.checkpoint_dir / STATE_NAME).exists() else None
     if state is None:
         print(f"{plan.spec.name}: no batches (the job never ran in batch mode)", file=out)
         return 0
