@@ -367,3 +367,15 @@ def test_the_sample_batch_job_runs_on_the_emulator(tmp_path: Path, monkeypatch: 
     result = pl.read_parquet(output)
     assert result.height > 0 and (result["status"] == "ok").all()
     assert read_summary(output)["cost"]["price_source"].startswith("billed as batch")
+
+
+@pytest.mark.parametrize("emulator", [{"batch_line_s": 0.3}], indirect=True)
+def test_polling_waits_at_least_poll_interval_between_looks(tmp_path: Path, job_env: dict[str, str], emulator: Any) -> None:
+    job = _batch_job(tmp_path, _texts(5), batch={"max_requests_per_file": 5, "poll_interval_s": 0.1})
+    assert main(["run", str(job), "--quiet"]) == 0
+    looks = [e["time"] for e in emulator.ledger if e["endpoint"] == "batches" and e.get("action") == "retrieve"]
+    span = looks[-1] - looks[0]
+    assert span >= 1.5  # five lines of 0.3 s
+    gaps = [later - earlier for earlier, later in zip(looks, looks[1:])]
+    assert min(gaps) >= 0.09  # never sooner than poll_interval_s after the last look, even after a change
+    assert max(gaps) <= 0.4 + 0.3  # backed off at most to 4 x poll_interval_s (and one call's time)

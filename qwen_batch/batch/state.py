@@ -108,6 +108,10 @@ class BatchState:
     def close(self) -> None:
         self._db.close()
 
+    def shrink(self) -> None:
+        """Hand SQLite's page cache back before a memory-heavy step."""
+        self._db.execute("PRAGMA shrink_memory")
+
     @property
     def job_id(self) -> str:
         """A random id made with the state: batch names of two jobs (or of a --fresh start) never meet."""

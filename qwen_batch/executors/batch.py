@@ -134,6 +134,7 @@ class BatchExecution:
         self._wake = anyio.Event()  # set by a stop: the wait between polls ends at once
         poll = self._spec.poll_interval_s
         self._poll_s = min(poll, EMULATED_POLL_S) if plan.options.emulate else poll
+        self._max_poll_s = max(self._poll_s, min(self._poll_s * MAX_POLL_FACTOR, MAX_POLL_S))
 
     # -- the Execution protocol ------------------------------------------------------------
 
@@ -164,6 +165,7 @@ class BatchExecution:
         try:
             await anyio.to_thread.run_sync(self._shard_all, items)
             await self._drive()
+            self._state.shrink()  # the output that follows is the run's largest step
             if self._stop_reason is None:
                 _kill_point("before_output")
         except AuthError as error:
@@ -252,32 +254,33 @@ class BatchExecution:
     async def _drive(self) -> None:
         delay = self._poll_s
         while True:
+            if self._retry:
+                await anyio.to_thread.run_sync(self._resubmit)
             for shard in self._state.shards(uncollected_only=True):
-                if self._stop_reason is not None and self._stop_reason != STOP_BUDGET:
+                if self._stopping:
                     return
                 if shard.batch_id is None:
                     await self._submit(shard)
+            if self._online and not self._stopping:
+                await self._send_online()
             open_shards = self._state.shards(uncollected_only=True)
             self._tally.in_flight = sum(shard.lines for shard in open_shards)
-            if not open_shards:
-                if self._retry:
-                    await anyio.to_thread.run_sync(self._resubmit)
-                    continue
-                if self._online:
-                    await self._send_online()
+            if not open_shards or self._stopping:
                 return
-            if self._stop_reason is not None and self._stop_reason != STOP_BUDGET:
-                return
-            changed = await self._poll(open_shards)
-            if not self._wait and self._state.shards(uncollected_only=True) and not self._retry:
+            changed, collected = await self._poll(open_shards)
+            if not self._wait and not self._retry and not self._online and self._state.shards(uncollected_only=True):
                 self._stop(STOP_SUBMITTED, "submitted, not finished: run the same command again to collect")
                 return
-            if changed:
-                delay = self._poll_s
+            if collected:  # rows to send again, or the end: no wait
                 continue
+            delay = self._poll_s if changed else min(delay * 1.5, self._max_poll_s)
             with anyio.move_on_after(delay):
                 await self._wake.wait()
-            delay = min(delay * 1.5, max(self._poll_s, min(self._poll_s * MAX_POLL_FACTOR, MAX_POLL_S)))
+
+    @property
+    def _stopping(self) -> bool:
+        """Stopped by something other than the budget (which stops new rows, not collecting)."""
+        return self._stop_reason is not None and self._stop_reason != STOP_BUDGET
 
     async def _submit(self, shard: ShardRecord) -> None:
         """Create the shard's batch, once: adopt the one a killed run created, else upload and create."""
@@ -296,10 +299,11 @@ class BatchExecution:
             _kill_point("after_create")
         self._state.set_batch(shard.name, str(found["id"]), str(found.get("status") or "validating"), _number(found.get("created_at")))
 
-    async def _poll(self, shards: list[ShardRecord]) -> bool:
-        """Look at each open batch once; collect the finished ones. True when anything changed."""
+    async def _poll(self, shards: list[ShardRecord]) -> tuple[bool, bool]:
+        """Look at each open batch once and collect the finished ones: whether any status or count
+        changed, and whether any batch was collected."""
         _kill_point("polling")
-        changed = False
+        changed = collected = False
         for shard in shards:
             assert shard.batch_id is not None
             batch = await self._api.retrieve(shard.batch_id)
@@ -313,11 +317,12 @@ class BatchExecution:
                 self._notes(_status_line(shard, status, figures))
             if status in TERMINAL:
                 await self._collect(shard, batch, status)
+                collected = True
             elif self._past_online_after(shard) and shard.name not in self._cancelled:
                 self._notes(f"batch {shard.name}: batch.online_after passed; cancelling it to send its rest online")
                 await self._api.cancel(shard.batch_id)
                 self._cancelled.add(shard.name)
-        return changed
+        return changed, collected
 
     def _past_online_after(self, shard: ShardRecord) -> bool:
         after = self._spec.online_after_s
