@@ -379,3 +379,17 @@ def test_polling_waits_at_least_poll_interval_between_looks(tmp_path: Path, job_
     gaps = [later - earlier for earlier, later in zip(looks, looks[1:])]
     assert min(gaps) >= 0.09  # never sooner than poll_interval_s after the last look, even after a change
     assert max(gaps) <= 0.4 + 0.3  # backed off at most to 4 x poll_interval_s (and one call's time)
+
+
+def test_a_refused_key_stops_batch_mode_with_exit_3_and_never_shows_the_key(
+    tmp_path: Path, job_env: dict[str, str], emulator: Any, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    wrong = "sk-wrong-key-0123456789abcdef"
+    monkeypatch.setenv("DASHSCOPE_API_KEY", wrong)
+    job = _batch_job(tmp_path, _texts(3))
+    assert main(["run", str(job)]) == 3
+    captured = capsys.readouterr()
+    assert "API key was refused" in captured.err
+    assert wrong not in captured.err + captured.out
+    assert _creates(emulator) == 0 and not _billed(emulator)
