@@ -5,7 +5,7 @@ and one thinking mode only (dashscope-protocol.md section 7.2); a line longer th
 ``max_line_bytes`` is refused before anything is written. Lines stream to an open file per
 (model, thinking) key, so a job of any size holds one line in memory at a time; a full file
 is closed, fsynced and handed to ``on_sealed`` (which records it durably) before the next
-line of its key opens another.
+line of its key opens another; ``on_units`` takes each few thousand lines' units on the way.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from ..types import Request
 from ..wire import COMPATIBLE_NOT_SENT
 from .ids import custom_id
 
+UNITS_IN_MEMORY = 2_000
+"""Units a shard holds before ``on_units`` takes them (a whole file's would grow with its size)."""
 CHAT_URL = "/v1/chat/completions"
 """Each line's ``url`` and the batch's ``endpoint`` for chat models (section 7.2)."""
 
@@ -84,6 +86,7 @@ class ShardWriter:
         max_line_bytes: int,
         next_name: Callable[[], str],
         on_sealed: Callable[[Shard], None],
+        on_units: Callable[[Shard], None] | None = None,
     ) -> None:
         self._folder = folder
         self._max_lines = max_lines
@@ -91,6 +94,7 @@ class ShardWriter:
         self.max_line_bytes = max_line_bytes
         self._next_name = next_name
         self._on_sealed = on_sealed
+        self._on_units = on_units
         self._open: dict[tuple[str, bool], tuple[Shard, Any]] = {}
 
     def add(self, line: bytes, unit: UnitLine, *, thinking: bool) -> None:
@@ -115,6 +119,8 @@ class ShardWriter:
         shard.lines += 1
         shard.bytes += size
         shard.units.append(unit)
+        if self._on_units is not None and len(shard.units) >= UNITS_IN_MEMORY:
+            self._on_units(shard)
 
     def _start(self, key: tuple[str, bool]) -> tuple[Shard, Any]:
         name = self._next_name()

@@ -36,6 +36,10 @@ CREATE TABLE IF NOT EXISTS units (
     batches INTEGER NOT NULL, first_sent REAL
 );
 CREATE INDEX IF NOT EXISTS units_by_shard ON units (shard);
+CREATE TABLE IF NOT EXISTS staged (
+    shard TEXT NOT NULL, idx INTEGER NOT NULL, fingerprint TEXT NOT NULL,
+    input_tokens INTEGER NOT NULL, model TEXT NOT NULL, seed INTEGER
+);
 """
 _QUERY_CHUNK = 900  # below SQLite's default limit of host parameters in one statement
 
@@ -95,6 +99,7 @@ class BatchState:
         db.execute("PRAGMA synchronous=FULL")
         db.executescript(_SCHEMA)
         db.execute("INSERT OR IGNORE INTO meta VALUES ('job_id', ?)", (uuid.uuid4().hex[:16],))
+        db.execute("DELETE FROM staged")  # lines of a shard a killed run never sealed: it is written again
         return cls(db, checkpoint_dir / SHARD_FOLDER)
 
     @classmethod
@@ -126,20 +131,31 @@ class BatchState:
 
     # -- writing -----------------------------------------------------------------------
 
+    def stage(self, shard: Shard) -> None:
+        """Keep the shard's units so far here, not in memory: a 50,000-line file's are 10 MB."""
+        self._db.executemany(
+            "INSERT INTO staged VALUES (?, ?, ?, ?, ?, ?)",
+            [(shard.name, u.index, u.fingerprint, u.input_tokens, u.model, u.seed) for u in shard.units],
+        )
+        shard.units.clear()
+
     def record_shard(self, shard: Shard, ds_name: str, window_s: float) -> None:
         """Record a sealed shard and its units, in one transaction, before anything is uploaded."""
         with self._transaction():
+            self.stage(shard)
             self._db.execute(
                 "INSERT INTO shards (name, path, model, lines, bytes, ds_name, status, window_s) "
                 "VALUES (?, ?, ?, ?, ?, ?, 'written', ?)",
                 (shard.name, str(shard.path), shard.model, shard.lines, shard.bytes, ds_name, window_s),
             )
-            self._db.executemany(
+            self._db.execute(
                 "INSERT INTO units (idx, shard, fingerprint, input_tokens, model, seed, batches) "
-                "VALUES (?, ?, ?, ?, ?, ?, 1) ON CONFLICT (idx) DO UPDATE SET shard = excluded.shard, "
+                "SELECT idx, shard, fingerprint, input_tokens, model, seed, 1 FROM staged WHERE shard = ? "
+                "ORDER BY idx ON CONFLICT (idx) DO UPDATE SET shard = excluded.shard, "
                 "fingerprint = excluded.fingerprint, batches = units.batches + 1",
-                [(u.index, shard.name, u.fingerprint, u.input_tokens, u.model, u.seed) for u in shard.units],
+                (shard.name,),
             )
+            self._db.execute("DELETE FROM staged WHERE shard = ?", (shard.name,))
 
     def set_file(self, shard: str, file_id: str) -> None:
         self._db.execute("UPDATE shards SET file_id = ?, status = 'uploaded' WHERE name = ?", (file_id, shard))

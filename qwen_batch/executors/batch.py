@@ -190,6 +190,7 @@ class BatchExecution:
             max_line_bytes=spec.max_line_bytes,
             next_name=state.next_shard_name,
             on_sealed=sealed,
+            on_units=state.stage,
         )
 
     def _shard_all(self, items: Iterator[list[WorkItem]]) -> None:
