@@ -4,7 +4,7 @@
     python -m bench overhead latency     # some cases
     python -m bench --quick              # smaller sizes, fewer runs (a smoke test, not figures)
 
-Cases: overhead, latency, stream_overhead, stream_latency, rate_limit, memory, startup, resume, preflight, throttle, report. Prints a table and
+Cases: overhead, latency, stream_overhead, stream_latency, rate_limit, memory, batch_memory, startup, resume, preflight, throttle, report. Prints a table and
 writes bench/results/latest.json (every figure, the date, the machine and the command).
 """
 
@@ -28,6 +28,7 @@ QUICK = {
     "openai_overhead": {"rows": 2_000, "runs": 1},
     "rate_limit": {"seconds": 12.0, "runs": 1},
     "memory": {"rows": (20_000, 100_000)},
+    "batch_memory": {"rows": 20_000, "per_file": 5_000},
     "startup": {"rows": 100_000, "runs": 1},
     "resume": {"rows": 100_000, "done": 99_000, "runs": 1},
     "preflight": {"rows": 100_000, "runs": 1},

@@ -349,6 +349,34 @@ def memory(rows: tuple[int, ...] = (100_000, 1_000_000), concurrency: int = 64) 
     }
 
 
+def batch_memory(rows: int = 500_000, per_file: int = 50_000) -> Result:
+    """Peak RSS of the same job run online and in batch mode (several files), a fresh emulator each."""
+    peaks: dict[str, float] = {}
+    walls: dict[str, float] = {}
+    with h.workdir() as folder:
+        input_path = h.make_input(folder, rows)
+        for mode in ("online", "batch"):
+            # Lines cost no emulator time: the figure is the client's memory, not the service's speed.
+            with h.emulator("--batch-per-line", "0", "--batch-validating", "0.05", "--batch-finalizing", "0.05") as emu:
+                job = h.write_job(folder, input_path, name=f"batch-memory-{mode}")
+                with job.open("a", encoding="utf-8") as spec:
+                    spec.write(f"batch:\n  max_requests_per_file: {per_file}\n  poll_interval_s: 0.5\n")
+                child = h.run_child(h.with_peak_rss(h.run_command(job, "--mode", mode)), h.run_env(emu, folder))
+            assert child.max_rss_mb is not None
+            peaks[mode], walls[mode] = child.max_rss_mb, child.wall_s
+            print(f"  {mode:>6} {rows:,} rows: peak RSS {child.max_rss_mb:,.0f} MB ({child.wall_s:.0f} s)", flush=True)
+    return {
+        "case": "batch_memory",
+        "rows": rows,
+        "files": -(-rows // per_file),
+        "peak_rss_mb": {mode: round(value, 1) for mode, value in peaks.items()},
+        "process_wall_s": {mode: round(value, 1) for mode, value in walls.items()},
+        "goal": "batch mode's peak RSS under the online runner's at the same size",
+        "met": peaks["batch"] < peaks["online"],
+        "headline": f"batch {peaks['batch']:,.0f} MB, online {peaks['online']:,.0f} MB at {rows:,} rows",
+    }
+
+
 # -- 5. start-up and 6. resume -------------------------------------------------------------
 
 
@@ -713,6 +741,7 @@ CASES = {
     "openai_overhead": openai_overhead,
     "rate_limit": rate_limit,
     "memory": memory,
+    "batch_memory": batch_memory,
     "startup": startup,
     "resume": resume,
     "preflight": preflight,

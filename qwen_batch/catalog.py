@@ -21,6 +21,11 @@ from typing import Any, Literal, NotRequired, TypedDict
 
 CATALOG_PATH = Path(__file__).with_name("data") / "models.json"
 CURRENCY = "CNY"
+BATCH_PRICE_FACTOR = 0.5
+BATCH_PRICE_SOURCE = (
+    "DashScope Batch API docs, help.aliyun.com/zh/model-studio/batch-interfaces-compatible-with-openai "
+    "(dashscope-protocol.md section 7.7): successful requests at 50% of the real-time price"
+)
 ThinkingMode = Literal["none", "hybrid", "only"]
 """``none``: never thinks; ``hybrid``: ``enable_thinking`` turns it on or off; ``only``: always thinks."""
 NativePath = Literal["text", "multimodal"]
@@ -72,6 +77,21 @@ class Price:
     ) -> Price:
         thinking = None if thinking_output_per_1k is None else thinking_output_per_1k * 1000
         return cls((PriceTier(None, input_per_1k * 1000, output_per_1k * 1000, thinking),), currency, source)
+
+
+def batch_price(price: Price) -> Price:
+    """``price`` as the Batch API bills it: every tier at ``BATCH_PRICE_FACTOR``, the source saying so."""
+
+    def half(value: float | None) -> float | None:
+        return None if value is None else value * BATCH_PRICE_FACTOR
+
+    tiers = tuple(
+        PriceTier(t.up_to_input_tokens, t.input_per_million * BATCH_PRICE_FACTOR,
+                  t.output_per_million * BATCH_PRICE_FACTOR, half(t.thinking_output_per_million))
+        for t in price.tiers
+    )
+    source = f"billed as batch: {BATCH_PRICE_FACTOR:.0%} of the real-time price ({price.source or 'no source'}); {BATCH_PRICE_SOURCE}"
+    return Price(tiers, price.currency, source)
 
 
 @dataclass(frozen=True, slots=True)

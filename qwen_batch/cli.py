@@ -2,7 +2,8 @@
 
 Exit codes: 0 every row ok; 1 finished with failed rows; 2 bad spec, input, arguments or
 configuration (nothing sent, nothing overwritten); 3 aborted (key refused, the job's
-configuration refused by the service, budget reached);
+configuration refused by the service, budget reached); 75 batch mode with ``--no-wait``:
+submitted, not finished (run the same command again to collect);
 70 internal error (a bug; ``QWEN_BATCH_DEBUG=1`` prints its traceback, key scrubbed);
 130 interrupted.
 """
@@ -17,11 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .argtypes import ArgumentParser, number, whole_number
-from .errors import QwenBatchError, UsageError
+from .errors import ConfigError, QwenBatchError, UsageError
 from .spec import MAX_CONCURRENCY
 
 if TYPE_CHECKING:
     from .executors import Execution
+    from .plan import JobPlan
     from .report import Reporter
 
 EXIT_USAGE = 2
@@ -56,7 +58,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     reporter = Reporter(quiet=args.quiet)
     plan = prepare(Path(args.job), options)
-    run = functools.partial(execute, plan, reporter=reporter, watch=[functools.partial(_stop_on_signals, reporter=reporter)])
+    mode = args.mode or plan.spec.execution.mode
+    if mode != "batch" and (args.no_wait or args.dry_run):
+        flag = "--no-wait" if args.no_wait else "--dry-run"
+        raise ConfigError(f"{flag} is for batch mode: add --mode batch (or set execution.mode: batch in {args.job})")
+    if args.dry_run:
+        return _dry_run(plan, reporter)
+    executor = None
+    if mode == "batch":
+        from .executors.batch import BatchExecutor
+
+        executor = BatchExecutor(wait=not args.no_wait, notes=reporter.note)
+    run = functools.partial(
+        execute, plan, executor=executor, reporter=reporter, watch=[functools.partial(_stop_on_signals, reporter=reporter)]
+    )
     result = anyio.run(run, backend="asyncio")
     reporter.finish(result, plan, _resume_command(args))
     if args.report and result.wrote_output:
@@ -64,6 +79,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         write_report(plan.output_path, quiet=args.quiet)
     return result.exit_code
+
+
+def _dry_run(plan: JobPlan, reporter: Reporter) -> int:
+    """The batch chain through the free test model; 0 when every line came back answered."""
+    import anyio
+
+    from .batch.dryrun import dry_run
+
+    for warning in plan.warnings:
+        reporter.warn(warning)
+    result = anyio.run(dry_run, plan, reporter.note, backend="asyncio")
+    errors = ", ".join(f"{count} {code}" for code, count in sorted(result.errors.items())) or "none"
+    print(
+        f"dry run: batch {result.batch_id} {result.status}: {result.lines} line(s) sent to batch-test-model, "
+        f"{result.ok} answered, errors: {errors}; nothing was written"
+    )
+    return 0 if result.ok == result.lines and result.status == "completed" else 1
 
 
 async def _stop_on_signals(execution: Execution, reporter: Reporter) -> None:
@@ -92,6 +124,10 @@ def _resume_command(args: argparse.Namespace) -> str:
         argv += ["--output", args.output]
     if args.limit:
         argv += ["--limit", str(args.limit)]
+    if args.mode:
+        argv += ["--mode", args.mode]
+    if args.no_wait:
+        argv.append("--no-wait")
     return shlex.join(argv)
 
 
@@ -198,9 +234,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     from .plan import JobOptions
 
     status = job_status(Path(args.job), JobOptions(output=args.output))
+    from .batch.commands import recorded_batches, render_batches
     from .report import render_status
+    from .resume import checkpoint_dir_for
 
     render_status(status, sys.stdout)
+    render_batches(recorded_batches(checkpoint_dir_for(status.output_path)), sys.stdout)
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """Cancel the job's unfinished batches (batch mode); rows already answered are kept.
+
+    The next run collects what each batch finished and sends the rest again.
+    example: qwen-batch cancel jobs/nightly-batch.yaml
+    """
+    import anyio
+
+    from .batch.commands import cancel_batches
+    from .job import prepare
+    from .plan import JobOptions
+
+    plan = prepare(Path(args.job), JobOptions(output=args.output))
+    anyio.run(cancel_batches, plan, sys.stdout, backend="asyncio")
     return 0
 
 
@@ -236,7 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="qwen-batch",
         description="Run bulk prompt jobs on Qwen models through DashScope.",
-        epilog="Exit codes: 0 all rows ok, 1 some rows failed, 2 bad input, 3 aborted, 70 internal error, 130 interrupted.",
+        epilog=(
+            "Exit codes: 0 all rows ok, 1 some rows failed, 2 bad input, 3 aborted, "
+            "75 submitted, not finished (batch --no-wait), 70 internal error, 130 interrupted."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"qwen-batch {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -264,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-cost", type=number(0, low_open=True),
                      help="budget cap in the price currency, > 0 (overrides budget.max_cost)")
     run.add_argument("--report", action="store_true", help="write the run report (as `qwen-batch report`) when the run ends")
+    run.add_argument("--mode", choices=("online", "batch"),
+                     help="online: the worker pool; batch: DashScope's Batch API at half price (overrides execution.mode)")
+    run.add_argument("--no-wait", action="store_true",
+                     help="batch mode: submit and exit 75; run the same command again to collect")
+    run.add_argument("--dry-run", action="store_true",
+                     help="batch mode: send up to 100 lines to the free batch-test-model through the whole chain; write nothing")
 
     validate = add("validate", cmd_validate)
     validate.add_argument("job", help="the job spec (YAML)")
@@ -285,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("output", metavar="OUTPUT.parquet", help="the output Parquet of a run")
     report.add_argument("--html", metavar="PATH", help="where the page goes (default: <output>.report.html)")
     report.add_argument("--json", action="store_true", help="print report.json instead of the tables")
+    cancel = add("cancel", cmd_cancel)
+    cancel.add_argument("job", help="the job spec (YAML)")
+    cancel.add_argument("--output", help="output Parquet path (overrides output.path)")
 
     models = add("models", cmd_models)
     models.add_argument("names", nargs="*", metavar="MODEL", help="only these models (default: all)")

@@ -35,6 +35,17 @@ def expected_output_per_row(plan: JobPlan, done_mean: float | None, done_rows: i
     return min(mean_input, mean_max), "assumption: a reply as long as its prompt, capped at max_tokens"
 
 
+def _batch_cost(online: dict[str, Any]) -> dict[str, Any]:
+    """The same rows through the Batch API: every figure at ``BATCH_PRICE_FACTOR`` (one factor
+    on every tier and token kind, so the online range scales exactly)."""
+    from .catalog import BATCH_PRICE_FACTOR, BATCH_PRICE_SOURCE
+
+    figures = {
+        key: None if online[key] is None else round(online[key] * BATCH_PRICE_FACTOR, 6) for key in ("min", "expected", "max")
+    }
+    return {**figures, "source": BATCH_PRICE_SOURCE if online["min"] is not None else online["source"]}
+
+
 def build_estimate(
     plan: JobPlan,
     *,
@@ -61,6 +72,7 @@ def build_estimate(
         )
     else:
         cost.update(min=None, expected=None, max=None, source="unknown: no price for this model")
+    cost["batch"] = _batch_cost(cost)
     minutes = []
     if requests_per_minute:
         minutes.append(to_send / requests_per_minute)

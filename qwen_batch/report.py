@@ -203,6 +203,8 @@ class Reporter:
                 f"stopped: {result.stop_detail}; rows not sent stay not done, re-run to continue: {command}",
                 file=self.stream,
             )
+        elif result.stop_reason == "submitted":
+            print(f"submitted, not finished: run the same command again to collect: {command}", file=self.stream)
         elif result.stop_reason == "budget":
             print(
                 f"stopped: the budget of {plan.max_cost} would be exceeded; "
@@ -309,6 +311,10 @@ def render_estimate(estimate: dict[str, Any], out: TextIO) -> None:
         table.add_row("cost", "unknown (no price for this model)")
     else:
         table.add_row("cost", f"{cost['min']:.4f} .. {cost['max']:.4f} {currency} (expected {cost['expected']:.4f})")
+        batch = cost["batch"]
+        table.add_row(
+            "cost in batch mode", f"{batch['min']:.4f} .. {batch['max']:.4f} {currency} (expected {batch['expected']:.4f})"
+        )
     minutes = time["minutes_at_limits"]
     table.add_row("time at the limits", f"{minutes:.1f} min" if minutes is not None else time["note"])
     Console(file=out, width=100).print(table)

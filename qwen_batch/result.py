@@ -7,6 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 from .runner import STOP_AUTH, STOP_BUDGET, STOP_CONFIGURATION, STOP_ERROR_RATE, STOP_INTERRUPTED
 
+STOP_SUBMITTED = "submitted"
+"""Batch mode with ``--no-wait``: submitted, not finished; run the same command again to collect."""
+EXIT_SUBMITTED = 75  # sysexits EX_TEMPFAIL: try again later
+
 if TYPE_CHECKING:
     from .runner import RunStatistics
 
@@ -25,6 +29,8 @@ class JobResult:
     def exit_code(self) -> int:
         if self.stop_reason == STOP_INTERRUPTED:
             return 130
+        if self.stop_reason == STOP_SUBMITTED:
+            return EXIT_SUBMITTED
         if self.stop_reason in (STOP_AUTH, STOP_BUDGET, STOP_CONFIGURATION, STOP_ERROR_RATE):
             return 3
         return 1 if self.summary["rows"]["error"] else 0

@@ -63,6 +63,12 @@ def finish_problem(finish_reason: str, request_id: str | None) -> BackendError |
     return None
 
 
+def chat_body(request: Request, sent_parameters: dict[str, Any]) -> dict[str, Any]:
+    """The chat-completions body of ``request`` with its parameters in a dialect's form: what an
+    online request posts and what a batch line carries as its ``body``, the same for both."""
+    return {"model": request.model, "messages": request.messages, **sent_parameters}
+
+
 def estimated_usage(request: Request, text: str, reasoning: str | None) -> Usage:
     """Usage counted here for a reply that reported none: the request's exact input count, the
     answer (and reasoning) counted with the model's tokenizer."""
@@ -151,7 +157,7 @@ class OpenAIBackend:
         if parameters is not known:
             sent = self.dialect.body_parameters(parameters, COMPATIBLE_NOT_SENT)
             self._parameters_of = (parameters, sent)
-        body: dict[str, Any] = {"model": request.model, "messages": request.messages, **sent}
+        body = chat_body(request, sent)
         if streamed:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
