@@ -79,6 +79,10 @@ class Price:
         return cls((PriceTier(None, input_per_1k * 1000, output_per_1k * 1000, thinking),), currency, source)
 
 
+# How a batch run's price source begins (the summary's ``cost.price_source``; the report reads it).
+BILLED_AS_BATCH = "billed as batch"
+
+
 def batch_price(price: Price) -> Price:
     """``price`` as the Batch API bills it: every tier at ``BATCH_PRICE_FACTOR``, the source saying so."""
 
@@ -90,7 +94,7 @@ def batch_price(price: Price) -> Price:
                   t.output_per_million * BATCH_PRICE_FACTOR, half(t.thinking_output_per_million))
         for t in price.tiers
     )
-    source = f"billed as batch: {BATCH_PRICE_FACTOR:.0%} of the real-time price ({price.source or 'no source'}); {BATCH_PRICE_SOURCE}"
+    source = f"{BILLED_AS_BATCH}: {BATCH_PRICE_FACTOR:.0%} of the real-time price ({price.source or 'no source'}); {BATCH_PRICE_SOURCE}"
     return Price(tiers, price.currency, source)
 
 

@@ -367,6 +367,10 @@ def test_the_sample_batch_job_runs_on_the_emulator(tmp_path: Path, monkeypatch: 
     result = pl.read_parquet(output)
     assert result.height > 0 and (result["status"] == "ok").all()
     assert read_summary(output)["cost"]["price_source"].startswith("billed as batch")
+    # The run report says the run was batch, and its rows match the output.
+    assert main(["report", str(output), "--json"]) == 0
+    header = json.loads(output.with_name(output.name + ".report.json").read_text(encoding="utf-8"))["header"]
+    assert header["mode"] == "batch" and header["rows"]["ok"] == result.height
 
 
 @pytest.mark.parametrize("emulator", [{"batch_line_s": 0.3}], indirect=True)

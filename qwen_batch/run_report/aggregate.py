@@ -130,10 +130,20 @@ def _header(frame: pl.LazyFrame, names: list[str], summary: dict[str, Any] | Non
             "estimate_max": estimate[0] if estimate else None,
             "budget": last.get("max_cost"),
         },
-        "mode": last.get("mode", "unknown"),
+        "mode": last.get("mode") or _mode_from_summary(cost),
         "segments": len(segments),
         "has_event_log": bool(segments),
     }
+
+
+def _mode_from_summary(cost: dict[str, Any]) -> str:
+    """A run without an event-log segment (batch mode writes none): its summary's price source says."""
+    from ..catalog import BILLED_AS_BATCH
+
+    source = cost.get("price_source")
+    if not isinstance(source, str):
+        return "unknown"
+    return "batch" if source.startswith(BILLED_AS_BATCH) else "online"
 
 
 def _summary_wall_time(summary: dict[str, Any] | None) -> float | None:
