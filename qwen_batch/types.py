@@ -156,9 +156,24 @@ class Outcome:
         cached: bool = False,
     ) -> Outcome:
         """The ok outcome of ``request`` answered by ``reply`` (sent now, or from the cache)."""
-        return cls(
+        return cls.of_reply(
+            reply,
+            cost=cost,
             index=request.index,
             fingerprint=request.fingerprint,
+            attempts=attempts,
+            latency_s=latency_s,
+            cached=cached,
+            preflight_input_tokens=request.input_tokens,
+            model=request.model,
+            seed=request.seed,
+        )
+
+    @classmethod
+    def of_reply(cls, reply: Reply, *, cost: float | None, **row: Any) -> Outcome:
+        """The ok outcome ``reply`` gives, with ``row``'s own fields (index, fingerprint, attempts, ...):
+        the one mapping of a reply onto an outcome, for a sent request and a batch line alike."""
+        return cls(
             status="ok",
             request_id=reply.request_id,
             output_text=reply.text,
@@ -166,16 +181,11 @@ class Outcome:
             input_tokens=reply.input_tokens,
             output_tokens=reply.output_tokens,
             cost=cost,
-            attempts=attempts,
-            latency_s=latency_s,
-            cached=cached,
-            preflight_input_tokens=request.input_tokens,
-            model=request.model,
-            seed=request.seed,
             reasoning_text=reply.reasoning,
             reasoning_tokens=reply.reasoning_tokens or 0,
             first_token_s=reply.first_token_s,
             usage_source=reply.usage_source,
+            **row,
         )
 
     @property

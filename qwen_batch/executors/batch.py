@@ -460,19 +460,7 @@ def _unit_fields(unit: UnitRecord, latency: float | None) -> dict[str, Any]:
 
 
 def _answered(unit: UnitRecord, reply: Reply, cost: float | None, latency: float | None) -> Outcome:
-    return Outcome(
-        status="ok",
-        request_id=reply.request_id,
-        output_text=reply.text,
-        finish_reason=reply.finish_reason,
-        input_tokens=reply.input_tokens,
-        output_tokens=reply.output_tokens,
-        cost=cost,
-        reasoning_text=reply.reasoning,
-        reasoning_tokens=reply.reasoning_tokens or 0,
-        usage_source=reply.usage_source,
-        **_unit_fields(unit, latency),
-    )
+    return Outcome.of_reply(reply, cost=cost, **_unit_fields(unit, latency))
 
 
 def _missing_error(batch: dict[str, Any], status: str) -> LineError:
