@@ -206,6 +206,46 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Check a finished output against the spec and input its manifest names; sends nothing.
+
+    Exit 0 everything matches, 1 differences (listed), 2 bad input.
+    example: qwen-batch verify jobs/out/eval.parquet
+    """
+    from .verify import render_verification, verify_output
+
+    report = verify_output(Path(args.output))
+    render_verification(report, sys.stdout)
+    code = report.exit_code
+    if args.resend:
+        from .resend import render_resend, resend_sample
+
+        resent = resend_sample(Path(args.output), args.resend, emulate=args.emulate)
+        render_resend(resent, sys.stdout)
+    return code
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    """Compare two runs: the verdict from their manifests, then rows aligned by id, variant and sample.
+
+    Exit 0 no changed outputs, 1 differences, 2 not comparable or bad input.
+    example: qwen-batch diff last-week.parquet today.parquet --score correct
+    """
+    import json
+
+    from .diff import diff_outputs, exit_code
+    from .diff_report import render_diff, write_html
+
+    report = diff_outputs(Path(args.a), Path(args.b), score=args.score)
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False, indent=2))
+    else:
+        render_diff(report, sys.stdout)
+    if args.html:
+        write_html(report, Path(args.html))
+    return exit_code(report)
+
+
 def cmd_emulate(args: argparse.Namespace) -> int:
     """Serve the offline DashScope emulator on loopback until Ctrl-C.
 
@@ -268,6 +308,19 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("names", nargs="*", metavar="MODEL", help="only these models (default: all)")
     models.add_argument("--json", action="store_true", help="print JSON for scripts")
     models.add_argument("--catalog", help="a user catalog file to merge in (over QWEN_BATCH_CATALOG's)")
+
+    verify = add("verify", cmd_verify)
+    verify.add_argument("output", help="an output Parquet written by qwen-batch run")
+    verify.add_argument("--resend", type=positive_int, metavar="N",
+                        help="also send N sampled rows again and count identical answers")
+    verify.add_argument("--emulate", action="store_true", help="resend to the built-in emulator (no key needed)")
+
+    diff = add("diff", cmd_diff)
+    diff.add_argument("a", help="the earlier output Parquet (A)")
+    diff.add_argument("b", help="the later output Parquet (B)")
+    diff.add_argument("--score", metavar="COLUMN", help="a 0/1 or numeric column in both outputs: a paired test of B - A")
+    diff.add_argument("--json", action="store_true", help="print JSON for scripts")
+    diff.add_argument("--html", metavar="PATH", help="also write the report as one HTML page")
 
     emulate = add("emulate", cmd_emulate)
     from .emulator import cli as emulator_cli

