@@ -48,7 +48,7 @@ def resend_sample(output: Path, count: int, *, emulate: bool) -> Resent:
 
 async def _send_all(plan: Any, requests: list[Any], recorded: dict[int, str], result: Resent) -> None:
     from .backends.base import collect
-    from .errors import QwenBatchError
+    from .errors import BadRequest, RetryableError
     from .executors.online import _endpoint, _server, _service_backend
 
     async with AsyncExitStack() as stack:
@@ -58,7 +58,7 @@ async def _send_all(plan: Any, requests: list[Any], recorded: dict[int, str], re
         for request in requests:
             try:
                 reply = await collect(backend.stream(request))
-            except QwenBatchError:
+            except (RetryableError, BadRequest):
                 result.failed += 1
                 continue
             result.sent += 1

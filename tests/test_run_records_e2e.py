@@ -1,0 +1,175 @@
+"""Run records end to end: the manifest, `verify` and `diff`, the real CLI over loopback against the emulator."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+import yaml
+
+from qwen_batch.cli import main
+from qwen_batch.manifest import canonical_sha256
+
+from .conftest import sentences_job, write_csv
+
+TEXTS = [f"sentence number {i} about {topic}" for i, topic in enumerate(["tea", "rain", "maps", "owls", "jazz"] * 4)]
+
+
+def billable(emulator: Any) -> list[dict[str, Any]]:
+    return [entry for entry in emulator.ledger if entry["status"] == 200]
+
+
+def run_job(job: Path, output: Path, *extra: str) -> int:
+    return main(["run", str(job), "--quiet", "--output", str(output), *extra])
+
+
+def manifest_of(output: Path) -> dict[str, Any]:
+    return json.loads(output.with_name(output.name + ".manifest.json").read_text(encoding="utf-8"))
+
+
+def diff_json(a: Path, b: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, dict[str, Any]]:
+    capsys.readouterr()
+    code = main(["diff", str(a), str(b), "--json", *extra])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def set_parameter(job: Path, key: str, value: Any) -> None:
+    spec = yaml.safe_load(job.read_text(encoding="utf-8"))
+    spec["parameters"][key] = value
+    job.write_text(yaml.safe_dump(spec, allow_unicode=True, sort_keys=False), encoding="utf-8")
+
+
+def test_every_run_writes_a_manifest_of_what_it_was(tmp_path: Path, job_env: dict, emulator: Any) -> None:
+    job = sentences_job(tmp_path, TEXTS)
+    output = tmp_path / "out" / "result.parquet"
+    assert run_job(job, output) == 0
+    manifest = manifest_of(output)
+    assert manifest["spec_sha256"] == canonical_sha256(manifest["spec"])
+    assert manifest["input"]["sha256"] == hashlib.sha256((tmp_path / "input.csv").read_bytes()).hexdigest()
+    assert manifest["input"]["rows"] == len(TEXTS)
+    assert manifest["prompt"]["template"] == "Say something about: {text}"
+    assert manifest["service"] == {"protocol": "dashscope", "base_url": emulator.base_url, "emulated": False}
+    [variant] = manifest["variants"]
+    # Defaults the spec left out are resolved: the model's result_format, the seed.
+    assert variant["parameters"]["result_format"] == "text" and variant["parameters"]["seed"] == 7
+    assert manifest["catalog"]["qwen-turbo"]["price_used"]["source"]
+    assert manifest["job"]["git_commit"] is None  # tmp_path is in no repository
+    assert manifest["started_at"] <= manifest["ended_at"]
+    assert emulator.api_key not in output.with_name(output.name + ".manifest.json").read_text(encoding="utf-8")
+
+
+def test_verify_passes_then_fails_with_exit_1_after_one_input_cell_changes(
+    tmp_path: Path, job_env: dict, emulator: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = sentences_job(tmp_path, TEXTS)
+    output = tmp_path / "out" / "result.parquet"
+    assert run_job(job, output) == 0
+    sent = len(emulator.ledger)
+    capsys.readouterr()
+    assert main(["verify", str(output)]) == 0
+    assert "ok" in capsys.readouterr().out
+    changed = list(TEXTS)
+    changed[3] = "a different sentence"
+    write_csv(tmp_path / "input.csv", ["id", "text"], [[f"r{i:03d}", text] for i, text in enumerate(changed)])
+    assert main(["verify", str(output)]) == 1
+    out = capsys.readouterr().out
+    assert "differs: input:" in out and "input.csv" in out
+    assert len(emulator.ledger) == sent  # verify sends nothing
+
+
+def test_verify_without_a_manifest_is_exit_2_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    output = tmp_path / "old.parquet"
+    pl.DataFrame({"id": ["a"], "output_text": ["x"]}).write_parquet(output)
+    assert main(["verify", str(output)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "old.parquet.manifest.json" in err and "\n" not in err
+
+
+def test_verify_resend_counts_identical_answers(
+    tmp_path: Path, job_env: dict, emulator: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = sentences_job(tmp_path, TEXTS)
+    output = tmp_path / "out" / "result.parquet"
+    assert run_job(job, output) == 0
+    before = len(billable(emulator))
+    capsys.readouterr()
+    assert main(["verify", str(output), "--resend", "3"]) == 0
+    assert "resend: 3 of 3 answers identical" in capsys.readouterr().out
+    assert len(billable(emulator)) == before + 3
+
+
+def test_diff_of_two_identical_emulator_runs_exits_0_with_zero_changed_outputs(
+    tmp_path: Path, job_env: dict, emulator: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = sentences_job(tmp_path, TEXTS)
+    a, b = tmp_path / "out" / "a.parquet", tmp_path / "out" / "b.parquet"
+    assert run_job(job, a) == 0
+    assert run_job(job, b, "--no-cache") == 0
+    assert len(billable(emulator)) == 2 * len(TEXTS)  # the second run really sent
+    code, report = diff_json(a, b, capsys)
+    assert code == 0
+    assert report["verdict"] == "identical configuration"
+    counts = report["counts"]
+    assert counts["changed_output"] == 0 and counts["identical_output"] == len(TEXTS)
+    assert counts["only_in_a"] == 0 and counts["only_in_b"] == 0
+    assert report["deltas"]["output_tokens"]["delta"]["sum"] == 0
+    assert main(["diff", str(a), str(b)]) == 0
+    assert "changed_output: 0" in capsys.readouterr().out
+
+
+def test_diff_after_changing_the_temperature_is_comparable_lists_it_and_exits_1(
+    tmp_path: Path, job_env: dict, emulator: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = sentences_job(tmp_path, TEXTS)
+    a, b = tmp_path / "out" / "a.parquet", tmp_path / "out" / "b.parquet"
+    assert run_job(job, a) == 0
+    set_parameter(job, "temperature", 0.7)
+    assert run_job(job, b) == 0
+    texts_a = pl.read_parquet(a)["output_text"]
+    texts_b = pl.read_parquet(b)["output_text"]
+    changed = int((texts_a != texts_b).sum())
+    assert changed > 0  # the emulator answers another request with another text
+    code, report = diff_json(a, b, capsys)
+    assert code == 1
+    assert report["verdict"] == "comparable"
+    assert "parameters.temperature" in report["differing_settings"]
+    assert report["counts"]["changed_output"] == changed
+    assert report["counts"]["identical_output"] == len(TEXTS) - changed
+    html = tmp_path / "diff.html"
+    assert main(["diff", str(a), str(b), "--html", str(html)]) == 1
+    text = capsys.readouterr().out
+    assert "verdict: comparable" in text and "  parameters.temperature" in text
+    assert f"changed_output: {changed}" in text
+    assert "parameters.temperature" in html.read_text(encoding="utf-8")
+
+
+def test_diff_of_runs_over_another_input_is_not_comparable_exit_2(
+    tmp_path: Path, job_env: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first, second = tmp_path / "one", tmp_path / "two"
+    first.mkdir()
+    second.mkdir()
+    a, b = first / "out" / "a.parquet", second / "out" / "b.parquet"
+    assert run_job(sentences_job(first, TEXTS), a) == 0
+    assert run_job(sentences_job(second, TEXTS[:-1]), b) == 0
+    code, report = diff_json(a, b, capsys)
+    assert code == 2
+    assert report["verdict"] == "not comparable"
+    assert any("another input" in reason for reason in report["not_comparable_because"])
+
+
+def test_diff_score_column_missing_is_exit_2(
+    tmp_path: Path, job_env: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = sentences_job(tmp_path, TEXTS)
+    a, b = tmp_path / "out" / "a.parquet", tmp_path / "out" / "b.parquet"
+    assert run_job(job, a) == 0
+    assert run_job(job, b) == 0
+    capsys.readouterr()
+    assert main(["diff", str(a), str(b), "--score", "correct"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "'correct'" in err and "a.parquet" in err
