@@ -212,17 +212,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
     Exit 0 everything matches, 1 differences (listed), 2 bad input.
     example: qwen-batch verify jobs/out/eval.parquet
     """
-    from .verify import render_verification, verify_output
+    from .job import prepare
+    from .manifest import read_manifest
+    from .verify import job_of, render_verification, rendering_options, verify_output
 
-    report = verify_output(Path(args.output))
+    output = Path(args.output)
+    manifest = read_manifest(output)
+    job = job_of(manifest, output)
+    plan = prepare(job, rendering_options(manifest, output), check_over_long=False)
+    report = verify_output(output, manifest, plan)
     render_verification(report, sys.stdout)
-    code = report.exit_code
     if args.resend:
         from .resend import render_resend, resend_sample
 
-        resent = resend_sample(Path(args.output), args.resend, emulate=args.emulate)
-        render_resend(resent, sys.stdout)
-    return code
+        sending = prepare(job, rendering_options(manifest, output, emulate=args.emulate), check_over_long=False)
+        render_resend(resend_sample(output, args.resend, manifest, sending), sys.stdout)
+    return report.exit_code
 
 
 def cmd_diff(args: argparse.Namespace) -> int:

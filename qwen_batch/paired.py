@@ -42,8 +42,8 @@ def mcnemar(a: pl.Series, b: pl.Series) -> dict[str, Any]:
     return {
         "test": "mcnemar-exact",
         "n": n,
-        "mean_a": float(a.mean() or 0.0),
-        "mean_b": float(b.mean() or 0.0),
+        "mean_a": _number(a.mean()),
+        "mean_b": _number(b.mean()),
         "a_only": a_only,
         "b_only": b_only,
         "difference": difference,
@@ -74,19 +74,24 @@ def paired_bootstrap(a: pl.Series, b: pl.Series) -> dict[str, Any]:
         dtype=pl.Float64,
     )
     low, high = (1 - CONFIDENCE) / 2, 1 - (1 - CONFIDENCE) / 2
-    below = float((means <= 0).mean() or 0.0)
-    above = float((means >= 0).mean() or 0.0)
+    below = _number((means <= 0).mean())
+    above = _number((means >= 0).mean())
     return {
         "test": "paired-bootstrap",
         "n": a.len(),
-        "mean_a": float(a.mean() or 0.0),
-        "mean_b": float(b.mean() or 0.0),
-        "difference": float(deltas.mean() or 0.0),
-        "ci": [float(means.quantile(low) or 0.0), float(means.quantile(high) or 0.0)],
+        "mean_a": _number(a.mean()),
+        "mean_b": _number(b.mean()),
+        "difference": _number(deltas.mean()),
+        "ci": [_number(means.quantile(low)), _number(means.quantile(high))],
         "confidence": CONFIDENCE,
         "p_value": min(1.0, 2.0 * min(below, above)),
         "resamples": BOOTSTRAP_RESAMPLES,
     }
+
+
+def _number(value: object) -> float:
+    """A polars aggregate as a float (0.0 for an empty one)."""
+    return float(value) if isinstance(value, (int, float)) else 0.0
 
 
 def _small_n_warning(n: int, result: dict[str, Any]) -> str | None:

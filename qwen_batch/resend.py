@@ -10,11 +10,13 @@ import random
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from .manifest import read_manifest
+
+if TYPE_CHECKING:
+    from .plan import JobPlan
 
 
 @dataclass
@@ -26,27 +28,21 @@ class Resent:
     changed_ids: list[str] = field(default_factory=list)
 
 
-def resend_sample(output: Path, count: int, *, emulate: bool) -> Resent:
-    """Send ``count`` sampled ok units again (to the emulator with ``emulate``) and compare the texts."""
+def resend_sample(output: Path, count: int, manifest: dict[str, Any], plan: JobPlan) -> Resent:
+    """Send ``count`` sampled ok units of ``output`` again, as ``plan`` renders them, and compare the texts."""
     import anyio
 
-    from .job import prepare
-    from .plan import JobOptions
-
-    manifest = read_manifest(output)
     texts = pl.read_parquet(output, columns=["output_text", "status"]).with_row_index("index")
     ok = texts.filter(pl.col("status") == "ok")
     chosen = set(random.Random(manifest["run_id"]).sample(ok["index"].to_list(), min(count, ok.height)))
     recorded = dict(ok.filter(pl.col("index").is_in(chosen)).select("index", "output_text").iter_rows())
-    plan = prepare(Path(manifest["job"]["path"]), JobOptions(emulate=emulate, output=output, fresh=True),
-                   check_over_long=False)
     requests = [request for request in plan.requests() if request.index in chosen]
     result = Resent(asked=count)
     anyio.run(_send_all, plan, requests, recorded, result, backend="asyncio")
     return result
 
 
-async def _send_all(plan: Any, requests: list[Any], recorded: dict[int, str], result: Resent) -> None:
+async def _send_all(plan: JobPlan, requests: list[Any], recorded: dict[int, str], result: Resent) -> None:
     from .backends.base import collect
     from .errors import BadRequest, RetryableError
     from .executors.online import _endpoint, _server, _service_backend

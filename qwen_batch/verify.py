@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
 from .errors import InputError
-from .manifest import canonical_sha256, changed_keys, read_manifest
+from .manifest import canonical_sha256, changed_keys
+from .plan import JobOptions
+
+if TYPE_CHECKING:
+    from .plan import JobPlan
 
 LISTED = 10  # differing rows named in the report; the count is always whole
 
@@ -34,35 +38,39 @@ class Verification:
         return 1 if self.differences else 0
 
 
-def verify_output(output: Path) -> Verification:
-    """Check ``output`` against the spec and input its manifest names; InputError when it cannot."""
-    from .job import prepare
-    from .plan import JobOptions
-    from .resume import input_identity
-    from .spec import load_spec
-
-    manifest = read_manifest(output)
-    frame = _read_output(output)
+def job_of(manifest: dict[str, Any], output: Path) -> Path:
+    """The job file the manifest names; InputError when it is gone (nothing to re-render from)."""
     job = manifest.get("job", {}).get("path")
     if not job or not Path(job).is_file():
         raise InputError(f"{output}: the job file its manifest names ({job}) is gone; restore it to verify")
-    spec = load_spec(Path(job))
+    return Path(job)
+
+
+def rendering_options(manifest: dict[str, Any], output: Path, *, emulate: bool | None = None) -> JobOptions:
+    """Options that render every unit of the recorded run again, trusting no checkpoint."""
+    rows = int(manifest.get("input", {}).get("rows", 0))
+    emulated = bool(manifest.get("service", {}).get("emulated")) if emulate is None else emulate
+    return JobOptions(output=output, fresh=True, limit=max(rows, 1), emulate=emulated)
+
+
+def verify_output(output: Path, manifest: dict[str, Any], plan: JobPlan) -> Verification:
+    """Check ``output`` against its manifest and ``plan``, the job prepared again from the files it names."""
+    from .resume import input_identity
+
+    frame = _read_output(output)
+    spec = plan.spec
     report = Verification(output=output, units=frame.height, checked_units=0)
     resolved = spec.model_dump(mode="json")
     if canonical_sha256(resolved) != manifest.get("spec_sha256"):
         keys = ", ".join(changed_keys(manifest.get("spec", {}), resolved)) or "(formatting only)"
-        report.differences.append(f"spec: {job} changed since the run: {keys}")
+        report.differences.append(f"spec: {spec.where} changed since the run: {keys}")
     input_path = Path(spec.input.path)
-    recorded = manifest.get("input", {})
+    recorded = manifest.get("input", {}).get("sha256")
     current = input_identity(input_path)["input_sha256"]
-    if current != recorded.get("sha256"):
+    if current != recorded:
         report.differences.append(
-            f"input: {input_path} sha256 {current[:12]}... differs from the run's {str(recorded.get('sha256'))[:12]}..."
+            f"input: {input_path} sha256 {current[:12]}... differs from the run's {str(recorded)[:12]}..."
         )
-    rows = int(recorded.get("rows", 0))
-    plan = prepare(Path(job), JobOptions(output=output, fresh=True, limit=max(rows, 1),
-                                         emulate=bool(manifest.get("service", {}).get("emulated"))),
-                   check_over_long=False)
     _check_requests(report, frame, plan.requests())
     return report
 
