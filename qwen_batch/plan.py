@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .spec import JobSpec
     from .table import Table
     from .types import Request
+    from .variants import Variant
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,18 @@ class JobPlan:
     cache_path: Path | None = None  # the response cache this run reads and writes, None when off
     # How requests are sent (stream, thinking, native path); the default is today's plain text call.
     mode: Mode = field(default_factory=lambda: Mode(False, False, "text", True, 0))
+    # Issue 17: the sweep's variants in sweep order (one, id "", without a sweep) and samples per row.
+    variants: tuple[Variant, ...] = ()
+    samples: int = 1
+
+    @property
+    def units_per_row(self) -> int:
+        return max(1, len(self.variants)) * self.samples
+
+    @property
+    def units(self) -> int:
+        """Units of work: rows x variants x samples (types.UnitKey numbers them densely)."""
+        return self.rows * self.units_per_row
 
     @property
     def summary_path(self) -> Path:

@@ -1,0 +1,150 @@
+"""Samples and sweeps: the variants of a job and the units they make with its rows.
+
+A job's work is units: every input row crossed with every variant (one combination of the
+``sweep:`` matrix, in sweep order: the first key varies slowest) and every sample
+(``samples:``; sample ``k`` is sent with seed ``parameters.seed + k``, so it is reproducible
+and the response cache never answers sample 2 with sample 1's reply). Units are numbered
+densely (``types.UnitKey.dense_index``), so the output's order is input order, then variant,
+then sample, and resume, cache and output join on that one number.
+
+A variant's id is stable and readable, ``model=qwen-plus,temperature=0.7``: the swept keys
+and values in sweep order, ``""`` for a job without a sweep.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .catalog import ModelInfo, Price
+    from .modes import Mode
+    from .render import Renderer
+    from .spec import JobSpec
+
+NO_SWEEP = ""
+"""The variant id of a job without a sweep."""
+_UNIT_SEPARATOR = "\x1f"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One combination of the sweep, resolved: its spec, catalog entry, price, limits and mode.
+
+    ``spec`` is the job's spec with this variant's model, seed and parameters; ``renderers``
+    holds one renderer per sample (sample ``k``'s seed is ``seed + k``).
+    """
+
+    index: int
+    id: str
+    settings: dict[str, Any]
+    spec: JobSpec
+    model_info: ModelInfo | None
+    price: Price | None
+    mode: Mode
+    renderers: tuple[Renderer, ...]
+
+    @property
+    def model(self) -> str:
+        return self.spec.model
+
+    @property
+    def seed(self) -> int:
+        """The seed of sample 0; sample ``k`` is sent with ``seed + k``."""
+        return self.spec.parameters.seed
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        """The parameters sample 0's requests carry (defaults filled, as sent)."""
+        return self.renderers[0].parameters
+
+    @property
+    def rate_limits(self) -> tuple[float | None, float | None]:
+        """The spec's RPM and TPM, else this variant's model's documented defaults."""
+        execution = self.spec.execution
+        rpm, tpm = execution.requests_per_minute, execution.tokens_per_minute
+        defaults = self.model_info.rate_limits if self.model_info else None
+        if defaults is not None:
+            rpm = rpm if rpm is not None else defaults.requests_per_minute
+            tpm = tpm if tpm is not None else defaults.tokens_per_minute
+        return rpm, tpm
+
+
+def sweep_settings(spec: JobSpec) -> list[dict[str, Any]]:
+    """Every combination of the spec's sweep, in sweep order; ``[{}]`` without a sweep.
+
+    Keys are ``model``, ``seed`` and ``parameters``' keys, in the order the spec gives them.
+    """
+    sweep = spec.sweep
+    if sweep is None:
+        return [{}]
+    axes: list[tuple[str, Sequence[Any]]] = []
+    if sweep.model is not None:
+        axes.append(("model", sweep.model))
+    if sweep.seed is not None:
+        axes.append(("seed", sweep.seed))
+    axes.extend(sweep.parameters.items())
+    names = [name for name, _ in axes]
+    return [dict(zip(names, values, strict=True)) for values in itertools.product(*(v for _, v in axes))]
+
+
+def variant_id(settings: dict[str, Any]) -> str:
+    """``model=qwen-plus,temperature=0.7``: the swept keys and values in sweep order."""
+    return ",".join(f"{name}={_shown(value)}" for name, value in settings.items())
+
+
+def _shown(value: Any) -> str:
+    if value is True or value is False:
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    return str(value)
+
+
+def variant_spec(spec: JobSpec, settings: dict[str, Any]) -> JobSpec:
+    """The job's spec with one combination applied (raises pydantic's ValidationError on a bad value)."""
+    from .spec import Parameters
+
+    parameters = {key: value for key, value in settings.items() if key != "model"}
+    if not parameters and "model" not in settings:
+        return spec
+    merged = Parameters.model_validate({**spec.parameters.model_dump(exclude_unset=True), **parameters})
+    update: dict[str, Any] = {"parameters": merged}
+    if "model" in settings:
+        update["model"] = settings["model"]
+    derived = spec.model_copy(update=update)
+    derived._path = spec.path
+    return derived
+
+
+def sample_spec(spec: JobSpec, sample: int) -> JobSpec:
+    """``spec`` as sample ``sample`` sends it: seed ``parameters.seed + sample``."""
+    if sample == 0:
+        return spec
+    parameters = spec.parameters.model_copy(update={"seed": spec.parameters.seed + sample})
+    derived = spec.model_copy(update={"parameters": parameters})
+    derived._path = spec.path
+    return derived
+
+
+def unit_key(row_id: str, variant_id: str, sample: int) -> str:
+    """One unit's stable key, the same in every run of the job and on every machine.
+
+    What names a unit outside the dense index: batch mode's ``custom_id``, the redo record
+    and (later) ``--shard``'s stable hash. A row's id, the variant's id and the sample,
+    joined by the ASCII unit separator, which no id column or variant id holds in practice.
+    """
+    return f"{row_id}{_UNIT_SEPARATOR}{variant_id}{_UNIT_SEPARATOR}{sample}"
+
+
+def split_unit_key(key: str) -> tuple[str, str, int]:
+    """The ``(row_id, variant_id, sample)`` of a ``unit_key``."""
+    row_id, variant, sample = key.rsplit(_UNIT_SEPARATOR, 2)
+    return row_id, variant, int(sample)
+
+
+def unit_slots(variants: Sequence[Variant], samples: int) -> list[tuple[str, int]]:
+    """``(variant id, sample)`` of each unit of a row, in output order (variant, then sample)."""
+    return [(variant.id, sample) for variant in variants for sample in range(samples)]
