@@ -26,8 +26,6 @@ if TYPE_CHECKING:
 
 MANIFEST_FORMAT = 1
 GIT_TIMEOUT_S = 5.0
-# The record i17-units' --redo keeps in the checkpoint: one JSON object per redone batch.
-REDO_FILE = "redo.jsonl"
 
 
 def manifest_path_for(output_path: Path) -> Path:
@@ -46,6 +44,7 @@ def utc_now() -> datetime:
 def build_manifest(plan: JobPlan, *, run_id: str, started: datetime, ended: datetime) -> dict[str, Any]:
     """The manifest of one run of ``plan`` (a JSON-ready dict)."""
     from .endpoint import configured_base_url
+    from .redo import read_redo_log
 
     spec = plan.spec
     resolved = spec.model_dump(mode="json")
@@ -65,8 +64,9 @@ def build_manifest(plan: JobPlan, *, run_id: str, started: datetime, ended: date
             "id_column": spec.input.id_column,
         },
         "prompt": spec.prompt.model_dump(mode="json"),
-        "units_per_row": 1,
-        "variants": [_variant(plan)],
+        "samples": plan.samples,
+        "units_per_row": plan.units_per_row,
+        "variants": _variants(plan),
         "catalog": _catalog_entries(plan),
         "versions": _versions(),
         "service": {
@@ -75,26 +75,34 @@ def build_manifest(plan: JobPlan, *, run_id: str, started: datetime, ended: date
             "emulated": plan.options.emulate,
         },
         "output": {"path": str(plan.output_path.resolve())},
-        "redone": read_redo_records(plan.checkpoint_dir),
+        "redone": read_redo_log(plan.checkpoint_dir),
     }
 
 
-def _variant(plan: JobPlan) -> dict[str, Any]:
-    """One variant: the job's own model and the parameters every request carries, defaults filled."""
-    return {
-        "id": "",
-        "model": plan.spec.model,
-        "seed": plan.spec.parameters.seed,
-        "parameters": plan.renderer.parameters,
-        "mode": dataclasses.asdict(plan.mode),
-    }
+def _variants(plan: JobPlan) -> list[dict[str, Any]]:
+    """Each variant in sweep order: its model, seed and the parameters its requests carry, defaults filled.
+
+    Sample ``k`` is sent with ``seed + k``; the parameters are sample 0's.
+    """
+    if not plan.variants:  # a plan built without variants.py: the job's one model
+        return [{"id": "", "settings": {}, "model": plan.spec.model, "seed": plan.spec.parameters.seed,
+                 "parameters": plan.renderer.parameters, "mode": dataclasses.asdict(plan.mode)}]
+    return [
+        {"id": variant.id, "settings": variant.settings, "model": variant.model, "seed": variant.seed,
+         "parameters": variant.parameters, "mode": dataclasses.asdict(variant.mode)}
+        for variant in plan.variants
+    ]
 
 
 def _catalog_entries(plan: JobPlan) -> dict[str, Any]:
-    info = plan.model_info
-    entry: dict[str, Any] = dataclasses.asdict(info) if info is not None else {"name": plan.spec.model, "known": False}
-    entry["price_used"] = dataclasses.asdict(plan.price) if plan.price is not None else None
-    return {plan.spec.model: entry}
+    """The catalog entry (limits, prices, their sources) and the price used, per model the run asked."""
+    used = [(v.model, v.model_info, v.price) for v in plan.variants] or [(plan.spec.model, plan.model_info, plan.price)]
+    entries: dict[str, Any] = {}
+    for model, info, price in used:
+        entry: dict[str, Any] = dataclasses.asdict(info) if info is not None else {"name": model, "known": False}
+        entry["price_used"] = dataclasses.asdict(price) if price is not None else None
+        entries[model] = entry
+    return entries
 
 
 def _versions() -> dict[str, str]:
@@ -124,16 +132,6 @@ def git_commit(folder: Path | None) -> str | None:
         return None
     commit = done.stdout.strip()
     return commit if done.returncode == 0 and commit else None
-
-
-def read_redo_records(checkpoint_dir: Path) -> list[Any]:
-    """The units earlier ``--redo`` runs sent again, under which spec (empty when none)."""
-    path = checkpoint_dir / REDO_FILE
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return []
-    return [json.loads(line) for line in lines if line.strip()]
 
 
 def canonical_sha256(value: Any) -> str:

@@ -78,7 +78,22 @@ def test_verify_passes_then_fails_with_exit_1_after_one_input_cell_changes(
     assert main(["verify", str(output)]) == 1
     out = capsys.readouterr().out
     assert "differs: input:" in out and "input.csv" in out
+    assert "differs: requests: 1 of 20 units render to another request now: r003" in out
     assert len(emulator.ledger) == sent  # verify sends nothing
+
+
+def test_verify_lists_a_changed_spec_setting(
+    tmp_path: Path, job_env: dict, emulator: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = sentences_job(tmp_path, TEXTS)
+    output = tmp_path / "out" / "result.parquet"
+    assert run_job(job, output) == 0
+    set_parameter(job, "max_tokens", 300)
+    capsys.readouterr()
+    assert main(["verify", str(output)]) == 1
+    out = capsys.readouterr().out
+    assert "differs: spec:" in out and "parameters.max_tokens" in out
+    assert "differs: requests: 20 of 20 units" in out
 
 
 def test_verify_without_a_manifest_is_exit_2_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
