@@ -22,10 +22,17 @@ from .checkpoint import write_file_atomically
 from .errors import InputError, StorageError
 
 if TYPE_CHECKING:
+    from .modes import Mode
     from .plan import JobPlan
 
 MANIFEST_FORMAT = 1
 GIT_TIMEOUT_S = 5.0
+# The sampling defaults the service applies to what a request leaves unset, by mode
+# (shared/research-wave2.md A.4, from the compatible-mode reference of mid-2025, a mirror).
+_DEFAULTS_SOURCE = "DashScope compatible-mode reference, mid-2025 (mirror), via shared/research-wave2.md A.4"
+_THINKING_DEFAULTS = {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
+_QWQ_DEFAULTS = {"temperature": 0.6, "top_p": 0.95, "top_k": 40}
+_QWEN3_PLAIN_DEFAULTS = {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
 
 
 def manifest_path_for(output_path: Path) -> Path:
@@ -84,14 +91,37 @@ def _variants(plan: JobPlan) -> list[dict[str, Any]]:
 
     Sample ``k`` is sent with ``seed + k``; the parameters are sample 0's.
     """
+    one: list[tuple[str, dict[str, Any], str, int, dict[str, Any], Mode]]
     if not plan.variants:  # a plan built without variants.py: the job's one model
-        return [{"id": "", "settings": {}, "model": plan.spec.model, "seed": plan.spec.parameters.seed,
-                 "parameters": plan.renderer.parameters, "mode": dataclasses.asdict(plan.mode)}]
+        one = [("", {}, plan.spec.model, plan.spec.parameters.seed, plan.renderer.parameters, plan.mode)]
+    else:
+        one = [(v.id, v.settings, v.model, v.seed, v.parameters, v.mode) for v in plan.variants]
     return [
-        {"id": variant.id, "settings": variant.settings, "model": variant.model, "seed": variant.seed,
-         "parameters": variant.parameters, "mode": dataclasses.asdict(variant.mode)}
-        for variant in plan.variants
+        {"id": name, "settings": settings, "model": model, "seed": seed, "parameters": parameters,
+         "mode": dataclasses.asdict(mode), "service_defaults": service_defaults(model, mode.thinking, parameters)}
+        for name, settings, model, seed, parameters, mode in one
     ]
+
+
+def service_defaults(model: str, thinking: bool, sent: dict[str, Any]) -> dict[str, Any]:
+    """The sampling values the service applies to the parameters a request leaves unset, where documented.
+
+    They change with the mode (a thinking request samples hotter); ``{}`` for a family the
+    reference gives none for.
+    """
+    from .models_list import family
+
+    name = family(model)
+    if name == "qwq":
+        table = _QWQ_DEFAULTS
+    elif thinking:
+        table = _THINKING_DEFAULTS
+    elif name.startswith("qwen3"):
+        table = _QWEN3_PLAIN_DEFAULTS
+    else:
+        return {}
+    applied = {key: value for key, value in table.items() if key not in sent}
+    return {**applied, "source": _DEFAULTS_SOURCE} if applied else {}
 
 
 def _catalog_entries(plan: JobPlan) -> dict[str, Any]:

@@ -160,3 +160,14 @@ def test_a_small_n_gets_a_warning() -> None:
 def test_changed_keys_name_nested_settings() -> None:
     assert flatten({"a": {"b": 1, "c": [1, 2]}}) == {"a.b": 1, "a.c": [1, 2]}
     assert changed_keys({"a": {"b": 1}, "x": 1}, {"a": {"b": 2}, "y": 1}) == ["a.b", "x", "y"]
+
+
+def test_the_service_defaults_recorded_follow_the_mode_and_leave_out_what_was_sent() -> None:
+    from qwen_batch.manifest import service_defaults
+
+    thinking = service_defaults("qwen-plus", True, {"temperature": 0.0, "seed": 1})
+    assert {key: thinking[key] for key in ("top_p", "top_k")} == {"top_p": 0.95, "top_k": 20}
+    assert "temperature" not in thinking and "A.4" in thinking["source"]
+    assert service_defaults("qwen3.5-flash", False, {})["temperature"] == 0.7
+    assert service_defaults("qwq-plus", True, {})["top_k"] == 40
+    assert service_defaults("qwen-turbo", False, {}) == {}  # no documented defaults for the family

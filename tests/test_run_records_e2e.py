@@ -54,6 +54,7 @@ def test_every_run_writes_a_manifest_of_what_it_was(tmp_path: Path, job_env: dic
     assert manifest["prompt"]["template"] == "Say something about: {text}"
     assert manifest["service"] == {"protocol": "dashscope", "base_url": emulator.base_url, "emulated": False}
     [variant] = manifest["variants"]
+    assert variant["service_defaults"] == {}  # qwen-turbo without thinking: none documented
     # Defaults the spec left out are resolved: the model's result_format, the seed.
     assert variant["parameters"]["result_format"] == "text" and variant["parameters"]["seed"] == 7
     assert manifest["catalog"]["qwen-turbo"]["price_used"]["source"]
