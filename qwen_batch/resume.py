@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from .render import Renderer
     from .spec import JobSpec
     from .types import Request
+    from .variants import Variant
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,15 +81,25 @@ def checkpoint_dir_for(output_path: Path) -> Path:
     return output_path.with_name(output_path.name + ".checkpoint")
 
 
-def request_manifest(spec: JobSpec, renderer: Renderer) -> dict[str, Any]:
-    """The parts of a job that decide its requests; a resume refuses when they change."""
-    return {
+def request_manifest(spec: JobSpec, renderer: Renderer, variants: Sequence[Variant] = ()) -> dict[str, Any]:
+    """The parts of a job that decide its requests; a resume refuses when they change.
+
+    A job of one variant and one sample keeps the form earlier releases wrote, so their
+    checkpoints still resume; a sweep or samples add each variant's model and parameters.
+    """
+    manifest = {
         "format": 1,
         "model": spec.model,
         "prompt": spec.prompt.model_dump(mode="json"),
         "parameters": renderer.parameters,
         "id_column": spec.input.id_column,
     }
+    if len(variants) > 1 or spec.samples > 1 or spec.sweep is not None:
+        manifest["samples"] = spec.samples
+        manifest["variants"] = [
+            {"id": variant.id, "model": variant.model, "parameters": variant.parameters} for variant in variants
+        ]
+    return manifest
 
 
 INPUT_IDENTITY_FILE = "input.json"
