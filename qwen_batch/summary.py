@@ -159,16 +159,15 @@ def _variant_frame(frame: pl.DataFrame, plan: JobPlan) -> pl.DataFrame:
     )
 
 
-def _by_variant(frame: pl.DataFrame, plan: JobPlan) -> list[dict[str, Any]]:
-    """The summary's rows, tokens and cost per variant, in sweep order."""
+def _by_variant(frame: pl.DataFrame, plan: JobPlan) -> dict[str, dict[str, Any]]:
+    """The summary's rows, tokens and cost per variant id, in sweep order."""
     totals = {row["variant_number"]: row for row in _variant_frame(frame, plan).iter_rows(named=True)}
-    out: list[dict[str, Any]] = []
+    out: dict[str, dict[str, Any]] = {}
     for variant in plan.variants:
         row = totals.get(variant.index, {})
         priced = variant.price is not None
-        out.append(
+        out[variant.id] = (
             {
-                "variant": variant.id,
                 "model": variant.model,
                 "rows": {"total": plan.rows * plan.samples, "ok": int(row.get("ok", 0)), "error": int(row.get("error", 0))},
                 "tokens": {"input": int(row.get("input", 0)), "output": int(row.get("output", 0))},
@@ -181,7 +180,7 @@ def _by_variant(frame: pl.DataFrame, plan: JobPlan) -> list[dict[str, Any]]:
 def _cost_by_model(frame: pl.DataFrame, plan: JobPlan) -> dict[str, float | None]:
     """Each model's cost (None where it has no price), summed over its variants."""
     costs: dict[str, float | None] = {}
-    for entry in _by_variant(frame, plan):
+    for entry in _by_variant(frame, plan).values():
         model, cost = entry["model"], entry["cost"]
         known = costs.get(model, 0.0)
         costs[model] = None if cost is None or known is None else round(known + cost, COST_DECIMALS)
