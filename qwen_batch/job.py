@@ -86,10 +86,13 @@ def prepare(
     checkpoint_dir = checkpoint_dir_for(output_path)
     identity = input_identity(spec.input.path)
     units = rows * len(renderers)
+    redo = None
     if options.redo is not None:
         from .redo import prepare_redo
 
-        resume, previous_cost = prepare_redo(checkpoint_dir, output_path, options.redo, manifest, units, identity)
+        resume, previous_cost, redo = prepare_redo(
+            spec, checkpoint_dir, output_path, options.redo, units, len(renderers), identity
+        )
     else:
         resume, previous_cost = resume_state(
             checkpoint_dir, manifest, units, identity, fresh=options.fresh, retry_errors=options.retry_errors
@@ -140,6 +143,7 @@ def prepare(
         mode=mode,
         variants=variants,
         samples=spec.samples,
+        redo=redo,
     )
     _check_json_mode(plan)
     return plan
@@ -240,6 +244,10 @@ async def execute(
     if plan.options.fresh:
         set_aside([plan.checkpoint_dir, plan.output_path, plan.summary_path])
     async with AsyncExitStack() as stack:
+        if plan.redo is not None:
+            from .redo import record_redo
+
+            record_redo(plan.checkpoint_dir, plan.spec, plan.manifest, plan.redo)
         checkpoint = Checkpoint.open(plan.checkpoint_dir, plan.manifest)
         record_input_identity(plan.checkpoint_dir, plan.input_identity)
         stack.callback(checkpoint.close)

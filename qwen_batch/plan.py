@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .spec import JobSpec
     from .table import Table
     from .types import Request
+    from .redo import Redo
     from .variants import Variant
 
 
@@ -78,6 +79,7 @@ class JobPlan:
     # Issue 17: the sweep's variants in sweep order (one, id "", without a sweep) and samples per row.
     variants: tuple[Variant, ...] = ()
     samples: int = 1
+    redo: Redo | None = None  # ``run --redo``: the units sent again (redo.py)
 
     @property
     def renderers(self) -> tuple[Renderer, ...]:

@@ -125,7 +125,7 @@ def record_input_identity(checkpoint_dir: Path, identity: dict[str, Any]) -> Non
         raise StorageError(f"{checkpoint_dir / INPUT_IDENTITY_FILE}: cannot write ({exc.strerror})") from None
 
 
-def _same_input_as_before(checkpoint_dir: Path, identity: dict[str, Any]) -> bool:
+def same_input_as_before(checkpoint_dir: Path, identity: dict[str, Any]) -> bool:
     try:
         recorded: object = json.loads((checkpoint_dir / INPUT_IDENTITY_FILE).read_text(encoding="utf-8"))
         return recorded == identity
@@ -149,7 +149,7 @@ def resume_state(
     resume = ResumeIndex(rows)
     if fresh or not checkpoint_dir.exists():
         return resume, 0.0
-    resume.verified = _same_input_as_before(checkpoint_dir, identity)
+    resume.verified = same_input_as_before(checkpoint_dir, identity)
     checkpoint = Checkpoint.open(checkpoint_dir, manifest)
     try:
         done = checkpoint.done_frame(extra_columns=("input_tokens", "preflight_input_tokens"))
