@@ -53,6 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         retry_errors=args.retry_errors,
         no_cache=args.no_cache,
         max_cost=args.max_cost,
+        redo=args.redo,
     )
     reporter = Reporter(quiet=args.quiet)
     plan = prepare(Path(args.job), options)
@@ -287,7 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"requests in flight, 1 to {MAX_CONCURRENCY} (overrides execution.concurrency)")
     run.add_argument("--output", help="output Parquet path (overrides output.path)")
     run.add_argument("--quiet", action="store_true", help="no progress or notes")
-    run.add_argument("--fresh", action="store_true", help="start over; earlier results are moved aside, not deleted")
+    restart = run.add_mutually_exclusive_group()
+    restart.add_argument("--fresh", action="store_true", help="start over; earlier results are moved aside, not deleted")
+    restart.add_argument("--redo", metavar="WHERE",
+                         help="send again, with the current spec, the rows of the previous output this SQL filter "
+                         "selects (e.g. \"finish_reason = 'length'\"); keep every other row")
     run.add_argument("--retry-errors", action="store_true", help="on resume, send rows that failed permanently again")
     run.add_argument("--no-cache", action="store_true", help="neither read nor write the response cache")
     run.add_argument("--max-cost", type=number(0, low_open=True),

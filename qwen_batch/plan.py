@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .spec import JobSpec
     from .table import Table
     from .types import Request
+    from .redo import Redo
     from .variants import Variant
 
 
@@ -38,6 +39,7 @@ class JobOptions:
     retry_errors: bool = False
     no_cache: bool = False
     max_cost: float | None = None
+    redo: str | None = None  # ``run --redo "WHERE"``: a SQL filter over the previous output (redo.py)
 
 
 def checked_paths(spec: JobSpec, options: JobOptions) -> JobPaths:
@@ -77,6 +79,14 @@ class JobPlan:
     # Issue 17: the sweep's variants in sweep order (one, id "", without a sweep) and samples per row.
     variants: tuple[Variant, ...] = ()
     samples: int = 1
+    redo: Redo | None = None  # ``run --redo``: the units sent again (redo.py)
+
+    @property
+    def renderers(self) -> tuple[Renderer, ...]:
+        """The renderer of each unit of a row, in output order (variant, then sample)."""
+        if not self.variants:
+            return (self.renderer,)
+        return tuple(renderer for variant in self.variants for renderer in variant.renderers)
 
     @property
     def units_per_row(self) -> int:
@@ -122,5 +132,5 @@ class JobPlan:
         from .preflight import rendered
         from .types import Request
 
-        for batch in rendered(self.renderer, self.table.iter_batches(limit=self.rows)):
+        for batch in rendered(self.renderers, self.table.iter_batches(limit=self.rows)):
             yield from (item for item in batch if isinstance(item, Request))

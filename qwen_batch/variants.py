@@ -148,3 +148,83 @@ def split_unit_key(key: str) -> tuple[str, str, int]:
 def unit_slots(variants: Sequence[Variant], samples: int) -> list[tuple[str, int]]:
     """``(variant id, sample)`` of each unit of a row, in output order (variant, then sample)."""
     return [(variant.id, sample) for variant in variants for sample in range(samples)]
+
+
+def build_variants(spec: JobSpec, catalog: Any, *, emulate: bool) -> tuple[Variant, ...]:
+    """Every variant of the job, each checked against its own model (limits, price, mode).
+
+    Raises SpecError for a sweep value its parameter refuses, an unknown model, or variants
+    of one model whose requests would be sent differently (streamed or not, endpoint path):
+    the online executor picks each request's connection by its model.
+    """
+    from pydantic import ValidationError
+
+    from .configuration import check_model_known
+    from .errors import SpecError
+    from .modes import mode_of
+    from .render import Renderer
+    from .servers import dashscope_rules_bind
+    from .spec import describe_validation_error, price_for, resolve_model
+
+    combinations = sweep_settings(spec)
+    samples = spec.samples
+    per_row = len(combinations) * samples
+    variants: list[Variant] = []
+    for number, settings in enumerate(combinations):
+        try:
+            derived = variant_spec(spec, settings)
+        except ValidationError as error:
+            raise SpecError(
+                f"{spec.where}: sweep: variant {variant_id(settings)!r}: {describe_validation_error(error)}"
+            ) from None
+        check_model_known(derived, catalog)
+        info = resolve_model(derived, catalog)
+        mode = mode_of(derived, info, service_rules=dashscope_rules_bind(derived, emulate=emulate))
+        renderers = tuple(
+            Renderer(
+                sample_spec(derived, sample),
+                info,
+                protocol=spec.api.protocol,
+                reasoning_cap=mode.reasoning_cap,
+                thinking=mode.thinking,
+                variant=number,
+                sample=sample,
+                slot=number * samples + sample,
+                units_per_row=per_row,
+            )
+            for sample in range(samples)
+        )
+        price = None if spec.api.names_local_server else price_for(derived, info)
+        variants.append(
+            Variant(number, variant_id(settings), settings, derived, info, price, mode, renderers)
+        )
+    _check_one_way_per_model(spec, variants)
+    return tuple(variants)
+
+
+def _check_one_way_per_model(spec: JobSpec, variants: Sequence[Variant]) -> None:
+    from .errors import SpecError
+
+    first: dict[str, Variant] = {}
+    for variant in variants:
+        seen = first.setdefault(variant.model, variant)
+        if (variant.mode.stream, variant.mode.path) != (seen.mode.stream, seen.mode.path):
+            raise SpecError(
+                f"{spec.where}: sweep: variants {seen.id!r} and {variant.id!r} of {variant.model} would be "
+                "sent differently (streamed or not, or on another endpoint); sweep that setting in two jobs"
+            )
+
+
+def connections(variants: Sequence[Variant]) -> dict[str, Mode]:
+    """The mode each model of the job is sent in (one per model: ``build_variants`` checks it)."""
+    return {variant.model: variant.mode for variant in variants}
+
+
+def all_renderers(variants: Sequence[Variant]) -> tuple[Renderer, ...]:
+    """The renderer of each unit of a row, in output order (variant, then sample)."""
+    return tuple(renderer for variant in variants for renderer in variant.renderers)
+
+
+def model_prices(variants: Sequence[Variant]) -> dict[str, Price | None]:
+    """Each model's price (a sweep's models each cost their own)."""
+    return {variant.model: variant.price for variant in variants}
