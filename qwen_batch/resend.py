@@ -45,12 +45,12 @@ def resend_sample(output: Path, count: int, manifest: dict[str, Any], plan: JobP
 async def _send_all(plan: JobPlan, requests: list[Any], recorded: dict[int, str], result: Resent) -> None:
     from .backends.base import collect
     from .errors import BadRequest, RetryableError
-    from .executors.online import _endpoint, _server, _service_backend
+    from .executors.online import _endpoint, _open_backends, _server
 
     async with AsyncExitStack() as stack:
         base_url, api_key = await _endpoint(plan, stack)
         server = await _server(plan, base_url, api_key)
-        backend = await stack.enter_async_context(_service_backend(plan, base_url, api_key, server))
+        backend = await _open_backends(plan, base_url, api_key, server, stack)
         for request in requests:
             try:
                 reply = await collect(backend.stream(request))

@@ -189,3 +189,50 @@ def test_diff_score_column_missing_is_exit_2(
     assert main(["diff", str(a), str(b), "--score", "correct"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "'correct'" in err and "a.parquet" in err
+
+
+SWEEP = {"model": ["qwen-turbo", "qwen-plus"], "parameters": {"temperature": [0.0, 0.7]}}
+
+
+def test_a_sweep_is_recorded_verified_and_diffed_unit_by_unit(
+    tmp_path: Path, job_env: dict, emulator: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """2 models x 2 temperatures x 3 samples over 20 rows: 240 units in the manifest, verify and diff."""
+    job = sentences_job(tmp_path, TEXTS, samples=3, sweep=SWEEP)
+    a, b = tmp_path / "out" / "a.parquet", tmp_path / "out" / "b.parquet"
+    assert run_job(job, a) == 0
+    assert run_job(job, b, "--no-cache") == 0
+    manifest = manifest_of(a)
+    assert manifest["units_per_row"] == 12 and manifest["samples"] == 3
+    assert [v["id"] for v in manifest["variants"]] == [
+        "model=qwen-turbo,temperature=0.0", "model=qwen-turbo,temperature=0.7",
+        "model=qwen-plus,temperature=0.0", "model=qwen-plus,temperature=0.7",
+    ]
+    assert {v["model"] for v in manifest["variants"]} == set(manifest["catalog"]) == {"qwen-turbo", "qwen-plus"}
+    code, report = diff_json(a, b, capsys)
+    assert code == 0 and report["verdict"] == "identical configuration"
+    assert report["counts"]["identical_output"] == 240 and report["counts"]["same_request"] == 240
+    capsys.readouterr()
+    assert main(["verify", str(a)]) == 0
+    assert "240 of 240 requests match" in capsys.readouterr().out
+    changed = list(TEXTS)
+    changed[3] = "a different sentence"
+    write_csv(tmp_path / "input.csv", ["id", "text"], [[f"r{i:03d}", text] for i, text in enumerate(changed)])
+    assert main(["verify", str(a)]) == 1
+    out = capsys.readouterr().out
+    assert "differs: requests: 12 of 240 units render to another request now: r003" in out
+
+
+def test_the_manifest_lists_the_units_a_redo_sent_again(tmp_path: Path, job_env: dict, emulator: Any) -> None:
+    job = sentences_job(tmp_path, TEXTS, parameters={"seed": 7, "max_tokens": 8})
+    output = tmp_path / "out" / "result.parquet"
+    assert run_job(job, output) == 0
+    truncated = set(pl.read_parquet(output).filter(pl.col("finish_reason") == "length")["id"])
+    assert truncated  # the emulator's filler runs past 8 tokens on some rows
+    assert manifest_of(output)["redone"] == []
+    set_parameter(job, "max_tokens", 400)
+    assert run_job(job, output, "--redo", "finish_reason = 'length'") == 0
+    [record] = manifest_of(output)["redone"]
+    assert record["where"] == "finish_reason = 'length'"
+    assert {unit["row_id"] for unit in record["units"]} == truncated
+    assert manifest_of(output)["spec"]["parameters"]["max_tokens"] == 400
