@@ -43,10 +43,27 @@ def set_parameter(job: Path, key: str, value: Any) -> None:
     job.write_text(yaml.safe_dump(spec, allow_unicode=True, sort_keys=False), encoding="utf-8")
 
 
-def test_every_run_writes_a_manifest_of_what_it_was(tmp_path: Path, job_env: dict, emulator: Any) -> None:
-    job = sentences_job(tmp_path, TEXTS)
-    output = tmp_path / "out" / "result.parquet"
+def finished_job(folder: Path, **overrides: Any) -> tuple[Path, Path]:
+    """A sentences job run once to the end: its spec and its output."""
+    job = sentences_job(folder, TEXTS, **overrides)
+    output = folder / "out" / "result.parquet"
     assert run_job(job, output) == 0
+    return job, output
+
+
+def verify_before_and_after_a_cell_changes(output: Path, input_csv: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """``verify`` exits 0, then 1 once row r003's text changes; what both printed."""
+    capsys.readouterr()
+    assert main(["verify", str(output)]) == 0
+    changed = list(TEXTS)
+    changed[3] = "a different sentence"
+    write_csv(input_csv, ["id", "text"], [[f"r{i:03d}", text] for i, text in enumerate(changed)])
+    assert main(["verify", str(output)]) == 1
+    return capsys.readouterr().out
+
+
+def test_every_run_writes_a_manifest_of_what_it_was(tmp_path: Path, job_env: dict, emulator: Any) -> None:
+    job, output = finished_job(tmp_path)
     manifest = manifest_of(output)
     assert manifest["spec_sha256"] == canonical_sha256(manifest["spec"])
     assert manifest["input"]["sha256"] == hashlib.sha256((tmp_path / "input.csv").read_bytes()).hexdigest()
@@ -66,18 +83,10 @@ def test_every_run_writes_a_manifest_of_what_it_was(tmp_path: Path, job_env: dic
 def test_verify_passes_then_fails_with_exit_1_after_one_input_cell_changes(
     tmp_path: Path, job_env: dict, emulator: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    job = sentences_job(tmp_path, TEXTS)
-    output = tmp_path / "out" / "result.parquet"
-    assert run_job(job, output) == 0
+    job, output = finished_job(tmp_path)
     sent = len(emulator.ledger)
-    capsys.readouterr()
-    assert main(["verify", str(output)]) == 0
-    assert "ok" in capsys.readouterr().out
-    changed = list(TEXTS)
-    changed[3] = "a different sentence"
-    write_csv(tmp_path / "input.csv", ["id", "text"], [[f"r{i:03d}", text] for i, text in enumerate(changed)])
-    assert main(["verify", str(output)]) == 1
-    out = capsys.readouterr().out
+    out = verify_before_and_after_a_cell_changes(output, tmp_path / "input.csv", capsys)
+    assert "ok: spec, input and 20 of 20 requests match" in out
     assert "differs: input:" in out and "input.csv" in out
     assert "differs: requests: 1 of 20 units render to another request now: r003" in out
     assert len(emulator.ledger) == sent  # verify sends nothing
@@ -86,9 +95,7 @@ def test_verify_passes_then_fails_with_exit_1_after_one_input_cell_changes(
 def test_verify_lists_a_changed_spec_setting(
     tmp_path: Path, job_env: dict, emulator: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    job = sentences_job(tmp_path, TEXTS)
-    output = tmp_path / "out" / "result.parquet"
-    assert run_job(job, output) == 0
+    job, output = finished_job(tmp_path)
     set_parameter(job, "max_tokens", 300)
     capsys.readouterr()
     assert main(["verify", str(output)]) == 1
@@ -108,9 +115,7 @@ def test_verify_without_a_manifest_is_exit_2_naming_it(tmp_path: Path, capsys: p
 def test_verify_resend_counts_identical_answers(
     tmp_path: Path, job_env: dict, emulator: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    job = sentences_job(tmp_path, TEXTS)
-    output = tmp_path / "out" / "result.parquet"
-    assert run_job(job, output) == 0
+    job, output = finished_job(tmp_path)
     before = len(billable(emulator))
     capsys.readouterr()
     assert main(["verify", str(output), "--resend", "3"]) == 0
@@ -212,21 +217,13 @@ def test_a_sweep_is_recorded_verified_and_diffed_unit_by_unit(
     code, report = diff_json(a, b, capsys)
     assert code == 0 and report["verdict"] == "identical configuration"
     assert report["counts"]["identical_output"] == 240 and report["counts"]["same_request"] == 240
-    capsys.readouterr()
-    assert main(["verify", str(a)]) == 0
-    assert "240 of 240 requests match" in capsys.readouterr().out
-    changed = list(TEXTS)
-    changed[3] = "a different sentence"
-    write_csv(tmp_path / "input.csv", ["id", "text"], [[f"r{i:03d}", text] for i, text in enumerate(changed)])
-    assert main(["verify", str(a)]) == 1
-    out = capsys.readouterr().out
+    out = verify_before_and_after_a_cell_changes(a, tmp_path / "input.csv", capsys)
+    assert "240 of 240 requests match" in out
     assert "differs: requests: 12 of 240 units render to another request now: r003" in out
 
 
 def test_the_manifest_lists_the_units_a_redo_sent_again(tmp_path: Path, job_env: dict, emulator: Any) -> None:
-    job = sentences_job(tmp_path, TEXTS, parameters={"seed": 7, "max_tokens": 8})
-    output = tmp_path / "out" / "result.parquet"
-    assert run_job(job, output) == 0
+    job, output = finished_job(tmp_path, parameters={"seed": 7, "max_tokens": 8})
     truncated = set(pl.read_parquet(output).filter(pl.col("finish_reason") == "length")["id"])
     assert truncated  # the emulator's filler runs past 8 tokens on some rows
     assert manifest_of(output)["redone"] == []
