@@ -24,6 +24,7 @@ NOT_COMPARABLE = "not comparable"
 KEYS = ("id", "variant", "sample")
 METRICS = ("input_tokens", "output_tokens", "cost", "latency_s")
 MOST_CHANGED = 10
+_POSITION = "__qwen_batch_position__"  # the reserved prefix: no input column is named so
 # Spec sections that decide where and how fast a run goes, never what it asks.
 _NOT_SETTINGS = ("name", "output", "execution", "cache", "budget", "preflight", "input", "catalog")
 
@@ -74,7 +75,7 @@ def _aligned_side(path: Path, manifest: dict[str, Any], score: str | None, tag: 
     row_id = (
         pl.col(id_column).cast(pl.String)
         if id_column and id_column in schema
-        else (pl.col("__position") // per_row).cast(pl.String)
+        else (pl.col(_POSITION) // per_row).cast(pl.String)
     )
 
     def column(name: str, default: Any, dtype: pl.DataType) -> pl.Expr:
@@ -93,7 +94,7 @@ def _aligned_side(path: Path, manifest: dict[str, Any], score: str | None, tag: 
     ]
     if score is not None:
         selected.append(pl.col(score).cast(pl.Float64).alias(f"score_{tag}"))
-    return pl.scan_parquet(path).with_row_index("__position").select(selected)
+    return pl.scan_parquet(path).with_row_index(_POSITION).select(selected)
 
 
 def _hashed(text: pl.Expr) -> pl.Expr:

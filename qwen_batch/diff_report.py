@@ -34,7 +34,7 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     lines.append("deltas (B - A per aligned row; sums over each output):")
     for metric, sides in report["deltas"].items():
         figures = "  ".join(
-            f"{side} sum {_number(values['sum'])} p50 {_number(values['p50'])} p95 {_number(values['p95'])}"
+            f"{side} sum {_figure(values['sum'])} p50 {_figure(values['p50'])} p95 {_figure(values['p95'])}"
             for side, values in sides.items()
         )
         lines.append(f"  {metric}: {figures}")
@@ -44,7 +44,7 @@ def report_lines(report: dict[str, Any]) -> list[str]:
             lines.append(
                 f"  id {row['id']} variant {row['variant'] or '-'} sample {row['sample']}: "
                 f"{row['status_a']} -> {row['status_b']}, finish_reason {row['finish_a']} -> {row['finish_b']}, "
-                f"output_tokens {_number(row['output_tokens_a'])} -> {_number(row['output_tokens_b'])}"
+                f"output_tokens {_figure(row['output_tokens_a'])} -> {_figure(row['output_tokens_b'])}"
             )
     if "score" in report:
         lines += _score_lines(report["score"])
@@ -65,7 +65,7 @@ def _score_lines(score: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _number(value: Any) -> str:
+def _figure(value: Any) -> str:
     if value is None:
         return "-"
     return f"{value:.6g}" if isinstance(value, float) else str(value)

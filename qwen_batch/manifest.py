@@ -36,7 +36,9 @@ _QWEN3_PLAIN_DEFAULTS = {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
 
 
 def manifest_path_for(output_path: Path) -> Path:
-    return output_path.with_name(output_path.name + ".manifest.json")
+    from .paths import MANIFEST_SUFFIX
+
+    return output_path.with_name(output_path.name + MANIFEST_SUFFIX)
 
 
 def new_run_id(started: datetime) -> str:
@@ -182,6 +184,8 @@ def write_manifest(output_path: Path, manifest: dict[str, Any]) -> Path:
 
 def read_manifest(output_path: Path) -> dict[str, Any]:
     """The manifest beside ``output_path``; InputError (exit 2) naming the file when missing or unreadable."""
+    if not output_path.is_file():
+        raise InputError(f"{output_path}: no such output file; name the Parquet file a qwen-batch run wrote")
     path = manifest_path_for(output_path)
     try:
         data: object = json.loads(path.read_text(encoding="utf-8"))

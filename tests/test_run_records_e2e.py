@@ -112,6 +112,12 @@ def test_verify_without_a_manifest_is_exit_2_naming_it(tmp_path: Path, capsys: p
     assert err.startswith("error: ") and "old.parquet.manifest.json" in err and "\n" not in err
 
 
+def test_diff_of_a_missing_output_is_exit_2_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["diff", str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {tmp_path / 'a.parquet'}: no such output file; name the Parquet file a qwen-batch run wrote"
+
+
 def test_verify_resend_counts_identical_answers(
     tmp_path: Path, job_env: dict, emulator: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
