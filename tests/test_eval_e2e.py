@@ -7,11 +7,7 @@ the same way every time, and reads the emulator's ledger to count what was sent.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +23,7 @@ from qwen_batch.redo import REDO_FILE, read_redo_log
 from qwen_batch.testing import EmulatorThread
 
 from .conftest import read_summary, run_subprocess, sentences_job
+from .test_resume_e2e import _start, _wait_for_billed
 
 ROWS = 20
 MODELS = ["qwen-plus", "qwen3.5-flash"]
@@ -109,24 +106,6 @@ def test_samples_without_a_sweep_have_an_empty_variant_and_consecutive_seeds(
         (f"r{row:03d}", "", sample, SEED + sample) for row in range(3) for sample in range(2)
     ]
     assert len(_billed(emulator)) == 6
-
-
-def _start(job: Path, env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "qwen_batch", "run", str(job), "--quiet"],
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _wait_for_billed(emu: Any, count: int, process: subprocess.Popen[str], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while emu.stats()["billable"] < count and process.poll() is None:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"emulator billed {emu.stats()['billable']} < {count}")
-        emu.wait_for_request(timeout=1.0)
 
 
 def test_a_sweep_killed_with_sigkill_resumes_without_sending_a_finished_unit_again(tmp_path: Path) -> None:
