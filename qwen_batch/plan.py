@@ -118,14 +118,10 @@ class JobPlan:
 
     @property
     def rate_limits(self) -> tuple[float | None, float | None]:
-        """The spec's RPM and TPM, else the catalog's documented defaults for the model (shared/NOTES.md)."""
-        execution = self.spec.execution
-        rpm, tpm = execution.requests_per_minute, execution.tokens_per_minute
-        defaults = self.model_info.rate_limits if self.model_info else None
-        if defaults is not None:
-            rpm = rpm if rpm is not None else defaults.requests_per_minute
-            tpm = tpm if tpm is not None else defaults.tokens_per_minute
-        return rpm, tpm
+        """The spec's RPM and TPM, else the catalog's documented defaults for the (first) model."""
+        from .variants import rate_limits_for
+
+        return rate_limits_for(self.spec, self.model_info)
 
     def requests(self) -> Iterator[Request]:
         """The request of every row that renders to one, in input order: rendered again, sent nowhere."""

@@ -63,13 +63,18 @@ class Variant:
     @property
     def rate_limits(self) -> tuple[float | None, float | None]:
         """The spec's RPM and TPM, else this variant's model's documented defaults."""
-        execution = self.spec.execution
-        rpm, tpm = execution.requests_per_minute, execution.tokens_per_minute
-        defaults = self.model_info.rate_limits if self.model_info else None
-        if defaults is not None:
-            rpm = rpm if rpm is not None else defaults.requests_per_minute
-            tpm = tpm if tpm is not None else defaults.tokens_per_minute
-        return rpm, tpm
+        return rate_limits_for(self.spec, self.model_info)
+
+
+def rate_limits_for(spec: JobSpec, model_info: ModelInfo | None) -> tuple[float | None, float | None]:
+    """The spec's RPM and TPM, else the catalog's documented defaults for the model (shared/NOTES.md)."""
+    execution = spec.execution
+    rpm, tpm = execution.requests_per_minute, execution.tokens_per_minute
+    defaults = model_info.rate_limits if model_info else None
+    if defaults is not None:
+        rpm = rpm if rpm is not None else defaults.requests_per_minute
+        tpm = tpm if tpm is not None else defaults.tokens_per_minute
+    return rpm, tpm
 
 
 def sweep_settings(spec: JobSpec) -> list[dict[str, Any]]:
