@@ -7,6 +7,7 @@ every unit's ``request_sha256`` against the request rendered again now. Sends no
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,7 @@ from .plan import JobOptions
 
 if TYPE_CHECKING:
     from .plan import JobPlan
+    from .types import Request
 
 LISTED = 10  # differing rows named in the report; the count is always whole
 
@@ -71,8 +73,21 @@ def verify_output(output: Path, manifest: dict[str, Any], plan: JobPlan) -> Veri
         report.differences.append(
             f"input: {input_path} sha256 {current[:12]}... differs from the run's {str(recorded)[:12]}..."
         )
-    _check_requests(report, frame, plan.requests())
+    _check_requests(report, frame, plan.requests(), _unit_namer(plan))
     return report
+
+
+def _unit_namer(plan: JobPlan) -> Callable[[Request], str]:
+    """How a message names a unit: its row id, with the variant and sample when the job has several."""
+    if plan.units_per_row == 1:
+        return lambda request: request.row_id
+    ids = [variant.id for variant in plan.variants]
+
+    def name(request: Request) -> str:
+        variant = ids[request.unit.variant] if request.unit.variant < len(ids) else request.unit.variant
+        return f"{request.row_id} ({variant or 'no sweep'}, sample {request.unit.sample})"
+
+    return name
 
 
 def _read_output(output: Path) -> pl.DataFrame:
@@ -88,7 +103,9 @@ def _read_output(output: Path) -> pl.DataFrame:
     return frame.select(pl.col("request_sha256").cast(pl.String)).with_row_index("index")
 
 
-def _check_requests(report: Verification, frame: pl.DataFrame, requests: Any) -> None:
+def _check_requests(
+    report: Verification, frame: pl.DataFrame, requests: Iterable[Request], unit_name: Callable[[Request], str]
+) -> None:
     """Each unit's recorded fingerprint against the one rendered now, by dense unit index."""
     indices: list[int] = []
     fingerprints: list[str] = []
@@ -96,7 +113,7 @@ def _check_requests(report: Verification, frame: pl.DataFrame, requests: Any) ->
     for request in requests:
         indices.append(request.index)
         fingerprints.append(request.fingerprint)
-        ids.append(request.row_id)
+        ids.append(unit_name(request))
     rendered = pl.DataFrame(
         {"index": pl.Series(indices, dtype=pl.UInt32), "rendered": fingerprints, "row_id": ids},
         schema={"index": pl.UInt32, "rendered": pl.String, "row_id": pl.String},

@@ -225,7 +225,7 @@ def test_a_sweep_is_recorded_verified_and_diffed_unit_by_unit(
     assert report["counts"]["identical_output"] == 240 and report["counts"]["same_request"] == 240
     out = verify_before_and_after_a_cell_changes(a, tmp_path / "input.csv", capsys)
     assert "240 of 240 requests match" in out
-    assert "differs: requests: 12 of 240 units render to another request now: r003" in out
+    assert "differs: requests: 12 of 240 units render to another request now: r003 (model=qwen-turbo,temperature=0.0, sample 0), r003 (model=qwen-turbo,temperature=0.0, sample 1)" in out
 
 
 def test_the_manifest_lists_the_units_a_redo_sent_again(tmp_path: Path, job_env: dict, emulator: Any) -> None:
