@@ -725,3 +725,13 @@ def set_aside(paths: Iterable[Path], *, output: Path | None = None) -> Path | No
     except OSError as exc:
         raise _storage_error("sync the folder for the old results", folder, exc) from None
     return folder
+
+
+def replace_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    """Record ``manifest`` as the job of a checkpoint that keeps its rows (``run --redo``: the
+    rows it does not redo were sent under the old one, redo.py records which). Raises StorageError."""
+    path = Path(directory) / MANIFEST_NAME
+    try:
+        write_file_atomically(path, _manifest_bytes(_normalised(manifest)))
+    except OSError as exc:
+        raise _storage_error("write the checkpoint manifest", path, exc) from None

@@ -55,6 +55,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         retry_errors=args.retry_errors,
         no_cache=args.no_cache,
         max_cost=args.max_cost,
+        redo=args.redo,
     )
     reporter = Reporter(quiet=args.quiet)
     plan = prepare(Path(args.job), options)
@@ -278,6 +279,51 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Check a finished output against the spec and input its manifest names; sends nothing.
+
+    Exit 0 everything matches, 1 differences (listed), 2 bad input.
+    example: qwen-batch verify jobs/out/eval.parquet
+    """
+    from .job import prepare
+    from .manifest import read_manifest
+    from .verify import job_of, render_verification, rendering_options, verify_output
+
+    output = Path(args.output)
+    manifest = read_manifest(output)
+    job = job_of(manifest, output)
+    plan = prepare(job, rendering_options(manifest, output), check_over_long=False)
+    report = verify_output(output, manifest, plan)
+    render_verification(report, sys.stdout)
+    if args.resend:
+        from .resend import render_resend, resend_sample
+
+        sending = prepare(job, rendering_options(manifest, output, emulate=args.emulate), check_over_long=False)
+        render_resend(resend_sample(output, args.resend, manifest, sending), sys.stdout)
+    return report.exit_code
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    """Compare two runs: the verdict from their manifests, then rows aligned by id, variant and sample.
+
+    Exit 0 no changed outputs, 1 differences, 2 not comparable or bad input.
+    example: qwen-batch diff last-week.parquet today.parquet --score correct
+    """
+    import json
+
+    from .diff import diff_outputs, exit_code
+    from .diff_report import render_diff, write_html
+
+    report = diff_outputs(Path(args.a), Path(args.b), score=args.score)
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False, indent=2))
+    else:
+        render_diff(report, sys.stdout)
+    if args.html:
+        write_html(report, Path(args.html))
+    return exit_code(report)
+
+
 def cmd_emulate(args: argparse.Namespace) -> int:
     """Serve the offline DashScope emulator on loopback until Ctrl-C.
 
@@ -317,7 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"requests in flight, 1 to {MAX_CONCURRENCY} (overrides execution.concurrency)")
     run.add_argument("--output", help="output Parquet path (overrides output.path)")
     run.add_argument("--quiet", action="store_true", help="no progress or notes")
-    run.add_argument("--fresh", action="store_true", help="start over; earlier results are moved aside, not deleted")
+    restart = run.add_mutually_exclusive_group()
+    restart.add_argument("--fresh", action="store_true", help="start over; earlier results are moved aside, not deleted")
+    restart.add_argument("--redo", metavar="WHERE",
+                         help="send again, with the current spec, the rows of the previous output this SQL filter "
+                         "selects (e.g. \"finish_reason = 'length'\"); keep every other row")
     run.add_argument("--retry-errors", action="store_true", help="on resume, send rows that failed permanently again")
     run.add_argument("--no-cache", action="store_true", help="neither read nor write the response cache")
     run.add_argument("--max-cost", type=number(0, low_open=True),
@@ -358,6 +408,19 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("names", nargs="*", metavar="MODEL", help="only these models (default: all)")
     models.add_argument("--json", action="store_true", help="print JSON for scripts")
     models.add_argument("--catalog", help="a user catalog file to merge in (over QWEN_BATCH_CATALOG's)")
+
+    verify = add("verify", cmd_verify)
+    verify.add_argument("output", help="an output Parquet written by qwen-batch run")
+    verify.add_argument("--resend", type=positive_int, metavar="N",
+                        help="also send N sampled rows again and count identical answers")
+    verify.add_argument("--emulate", action="store_true", help="resend to the built-in emulator (no key needed)")
+
+    diff = add("diff", cmd_diff)
+    diff.add_argument("a", help="the earlier output Parquet (A)")
+    diff.add_argument("b", help="the later output Parquet (B)")
+    diff.add_argument("--score", metavar="COLUMN", help="a 0/1 or numeric column in both outputs: a paired test of B - A")
+    diff.add_argument("--json", action="store_true", help="print JSON for scripts")
+    diff.add_argument("--html", metavar="PATH", help="also write the report as one HTML page")
 
     emulate = add("emulate", cmd_emulate)
     from .emulator import cli as emulator_cli

@@ -23,22 +23,21 @@ from .checkpoint import Checkpoint, set_aside
 from .endpoint import base_url_key, configured_base_url
 from .catalog import ModelInfo
 from .errors import InputError, QwenBatchError, SpecError
-from .modes import mode_of
 from .output import check_input_columns
 from .plan import JobOptions, JobPlan, checked_paths
 from .preflight import PreflightReport, rendered, run_preflight
-from .render import Renderer
 from .result import JobResult
 from .resume import checkpoint_dir_for, input_identity, record_input_identity, request_manifest, resume_state
 from .runner import STOP_BUDGET
-from .servers import dashscope_rules_bind
-from .spec import JobSpec, check_base_url, load_spec, price_for, resolve_model
+from .spec import JobSpec, check_base_url, load_spec
 from .table import open_table
 from .user_catalog import for_job
+from .variants import Variant, all_renderers, build_variants, model_prices
 from .work import BATCH_ROWS, CheckpointAndCacheSink, work_items
 
 if TYPE_CHECKING:
     from .executors import Execution, Executor
+    from .output import UnitSlot
 
 # Started beside a running execution, cancelled when it ends (the CLI's signal handler is one).
 Watcher = Callable[["Execution"], Coroutine[Any, Any, None]]
@@ -57,57 +56,55 @@ def prepare(
     Over-long rows raise InputError when the spec's policy is ``fail``, unless
     ``check_over_long`` is false (``validate`` lists them itself).
     """
-    from .configuration import check_model_known, check_native_path
+    from .configuration import check_native_path
 
     spec = load_spec(spec_path)
     catalog = for_job(spec.catalog)
-    check_model_known(spec, catalog)
     if not options.emulate:
         # The URL is checked for secrets and shape before any message quotes it.
         base_url, source = configured_base_url(spec), base_url_key(spec)
         check_base_url(base_url, spec.api.allow_insecure_http, source=source)
         if spec.api.protocol == "dashscope":
             check_native_path(base_url, source)
-    model_info = resolve_model(spec, catalog)
-    mode = mode_of(spec, model_info, service_rules=dashscope_rules_bind(spec, emulate=options.emulate))
-    warnings: list[str] = []
-    if model_info is None:
-        warnings.append(
-            f"model {spec.model!r} is not in the catalog: no input-length check, "
-            "and cost is unknown unless the spec has a pricing section"
-        )
-    price = price_for(spec, model_info)
-    if spec.api.names_local_server:
-        # A server the user runs has no price: one note, and null costs (no warning per row).
-        price = None
-        warnings.append(f"a {spec.api.server} server has no price: cost will be null")
-    elif price is None and model_info is not None:
-        warnings.append(f"no known price for {spec.model!r}: cost will be null (add a pricing section)")
+    variants = build_variants(spec, catalog, emulate=options.emulate)
+    first = variants[0]
+    model_info, mode, price = first.model_info, first.mode, first.price
+    warnings = _model_warnings(spec, variants)
     paths = checked_paths(spec, options)
     output_path = paths.output
     table = open_table(spec)
     check_input_columns(table.columns)
     rows = table.num_rows if options.limit is None else min(options.limit, table.num_rows)
-    renderer = Renderer(
-        spec, model_info, protocol=spec.api.protocol, reasoning_cap=mode.reasoning_cap, thinking=mode.thinking
-    )
+    renderer = first.renderers[0]
+    renderers = all_renderers(variants)
     if spec.api.protocol == "openai" and spec.api.server != "auto":
         from .servers import check_dialect
 
-        check_dialect(spec.where, spec.api.server, renderer.parameters)
-    manifest = request_manifest(spec, renderer)
+        for variant in variants:
+            check_dialect(spec.where, spec.api.server, variant.parameters)
+    manifest = request_manifest(spec, renderer, variants)
     checkpoint_dir = checkpoint_dir_for(output_path)
     identity = input_identity(spec.input.path)
-    resume, previous_cost = resume_state(
-        checkpoint_dir, manifest, rows, identity, fresh=options.fresh, retry_errors=options.retry_errors
-    )
+    units = rows * len(renderers)
+    redo = None
+    if options.redo is not None:
+        from .redo import prepare_redo
+
+        resume, previous_cost, redo = prepare_redo(
+            spec, checkpoint_dir, output_path, options.redo, units, len(renderers), identity
+        )
+    else:
+        resume, previous_cost = resume_state(
+            checkpoint_dir, manifest, units, identity, fresh=options.fresh, retry_errors=options.retry_errors
+        )
     batches = table.iter_batches(batch_size=BATCH_ROWS, limit=rows)
     report = run_preflight(
-        rendered(renderer, batches, resume, skip_finished=resume.verified),
-        max_input_tokens=model_info.max_input_tokens if model_info else None,
+        rendered(renderers, batches, resume, skip_finished=resume.verified),
+        max_input_tokens=_input_limit(variants),
         resume=resume,
         over_long_is_error=spec.preflight.over_long == "error",
         price=price,
+        prices=model_prices(variants),
         cache=cache,
         max_tokens=renderer.max_tokens,
         reasoning_cap=mode.reasoning_cap,
@@ -144,9 +141,40 @@ def prepare(
         warnings=warnings,
         cache_path=paths.cache,
         mode=mode,
+        variants=variants,
+        samples=spec.samples,
+        redo=redo,
     )
     _check_json_mode(plan)
     return plan
+
+
+def _model_warnings(spec: JobSpec, variants: tuple[Variant, ...]) -> list[str]:
+    """One warning per model of the job that is unknown or unpriced, and one for a local server."""
+    warnings: list[str] = []
+    seen: set[str] = set()
+    for variant in variants:
+        model, info = variant.model, variant.model_info
+        if model in seen:
+            continue
+        seen.add(model)
+        if info is None:
+            warnings.append(
+                f"model {model!r} is not in the catalog: no input-length check, "
+                "and cost is unknown unless the spec has a pricing section"
+            )
+        elif variant.price is None and not spec.api.names_local_server:
+            warnings.append(f"no known price for {model!r}: cost will be null (add a pricing section)")
+    if spec.api.names_local_server:
+        # A server the user runs has no price: one note, and null costs (no warning per row).
+        warnings.append(f"a {spec.api.server} server has no price: cost will be null")
+    return warnings
+
+
+def _input_limit(variants: tuple[Variant, ...]) -> int | None:
+    """The input limit rows are checked against: the smallest of the job's models (None if unknown)."""
+    limits = [v.model_info.max_input_tokens for v in variants if v.model_info and v.model_info.max_input_tokens]
+    return min(limits) if limits else None
 
 
 def _check_json_mode(plan: JobPlan) -> None:
@@ -204,8 +232,11 @@ async def execute(
     started with the running execution beside it and cancelled when it ends (the CLI's
     signal handler asks it to stop from there). Whatever stops it, what finished is on disk.
     """
+    from .manifest import new_run_id, utc_now
     from .output import write_results, write_summary_json
     from .summary import build_summary
+
+    started = utc_now()
 
     if executor is None:
         from .executors.online import OnlineExecutor
@@ -216,6 +247,10 @@ async def execute(
     if plan.options.fresh:
         set_aside([plan.checkpoint_dir, plan.output_path, plan.summary_path])
     async with AsyncExitStack() as stack:
+        if plan.redo is not None:
+            from .redo import record_redo
+
+            record_redo(plan.checkpoint_dir, plan.spec, plan.manifest, plan.redo)
         checkpoint = Checkpoint.open(plan.checkpoint_dir, plan.manifest)
         record_input_identity(plan.checkpoint_dir, plan.input_identity)
         stack.callback(checkpoint.close)
@@ -257,6 +292,7 @@ async def execute(
                     model=plan.spec.model,
                     seed=plan.spec.parameters.seed,
                     missing=missing,
+                    slots=unit_slots(plan),
                 )
             )
             wrote_output = True
@@ -264,7 +300,16 @@ async def execute(
         priced = plan if execution.price is plan.price else dataclasses.replace(plan, price=execution.price)
         summary = build_summary(priced, log, statistics, stop_reason)
         write_summary_json(plan.summary_path, summary)
+        if wrote_output:
+            _write_run_manifest(plan, new_run_id(started), started)
     return JobResult(statistics, summary, stop_reason, execution.stop_detail, wrote_output)
+
+
+def _write_run_manifest(plan: JobPlan, run_id: str, started: Any) -> None:
+    """``<output>.manifest.json`` beside the output it describes (manifest.py)."""
+    from .manifest import build_manifest, utc_now, write_manifest
+
+    write_manifest(plan.output_path, build_manifest(plan, run_id=run_id, started=started, ended=utc_now()))
 
 
 def sole_error(group: BaseExceptionGroup) -> BaseException:
@@ -282,3 +327,14 @@ def sole_error(group: BaseExceptionGroup) -> BaseException:
             leaves.append(error)
     ours = [leaf for leaf in leaves if isinstance(leaf, QwenBatchError)]
     return ours[0] if ours and len(ours) == len(leaves) else group
+
+
+def unit_slots(plan: JobPlan) -> list[UnitSlot]:
+    """Each unit of a row as the output names it: variant id, sample, and what it is sent with."""
+    from .output import UnitSlot
+
+    return [
+        UnitSlot(variant.id, sample, variant.model, variant.seed + sample)
+        for variant in plan.variants
+        for sample in range(plan.samples)
+    ]

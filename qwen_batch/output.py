@@ -56,6 +56,11 @@ _RESULT_FIELDS: list[pa.Field[pa.DataType]] = [
     pa.field("output_json", pa.string()),
     pa.field("parse_status", pa.string()),
     pa.field("parse_error", pa.string()),
+    # Issue 17 (variants.py): the unit's variant ("" without a sweep) and sample, and the
+    # sha256 of its exact request (the fingerprint the cache keys on; null if never rendered).
+    pa.field("variant", pa.string()),
+    pa.field("sample", pa.int64()),
+    pa.field("request_sha256", pa.string()),
 ]
 RESULT_SCHEMA = pa.schema(_RESULT_FIELDS)
 RESULT_COLUMNS: tuple[str, ...] = tuple(RESULT_SCHEMA.names)
@@ -74,6 +79,35 @@ STAGE_ROW_GROUP = 20_000
 _ROW = "__qwen_batch_row__"
 _MISSING = "__qwen_batch_missing__"
 _PREFIX = "__qwen_batch_rec_"
+_SLOT = "__qwen_batch_slot__"
+_VARIANT = "__qwen_batch_variant__"
+_SAMPLE = "__qwen_batch_sample__"
+_SLOT_MODEL = "__qwen_batch_slot_model__"
+_SLOT_SEED = "__qwen_batch_slot_seed__"
+
+
+@dataclass(frozen=True, slots=True)
+class UnitSlot:
+    """One unit of every row (variants.py): its variant id and sample, and the model and seed
+    it is sent with (for a unit without a record, or one written before they were kept)."""
+
+    variant: str
+    sample: int
+    model: str
+    seed: int | None
+
+
+def _slot_frame(slots: list[UnitSlot]) -> pl.LazyFrame:
+    return pl.LazyFrame(
+        {
+            _SLOT: list(range(len(slots))),
+            _VARIANT: [slot.variant for slot in slots],
+            _SAMPLE: [slot.sample for slot in slots],
+            _SLOT_MODEL: [slot.model for slot in slots],
+            _SLOT_SEED: [slot.seed for slot in slots],
+        },
+        schema={_SLOT: pl.Int64, _VARIANT: pl.String, _SAMPLE: pl.Int64, _SLOT_MODEL: pl.String, _SLOT_SEED: pl.Int64},
+    )
 _RECORD_COLUMNS = (
     "request_id",
     "output_text",
@@ -97,6 +131,7 @@ _RECORD_COLUMNS = (
     "output_json",
     "parse_status",
     "parse_error",
+    "fingerprint",
 )
 
 
@@ -198,9 +233,7 @@ def _input_batches(input_frame: pl.LazyFrame, batch_rows: int) -> Iterator[pl.Da
             return
 
 
-def _result_columns(
-    input_columns: list[str], *, model: str, seed: int | None, missing: tuple[str, str] | None
-) -> list[pl.Expr]:
+def _result_columns(input_columns: list[str], *, missing: tuple[str, str] | None) -> list[pl.Expr]:
     def rec_col(name: str) -> pl.Expr:
         return pl.col(_PREFIX + name)
 
@@ -228,8 +261,8 @@ def _result_columns(
         pl.when(is_missing).then(pl.lit(0, dtype=pl.Int64)).otherwise(rec_col("attempts")).alias("attempts"),
         rec_col("latency_s").alias("latency_s"),
         # What each unit was sent with; the job's where the record predates them or is missing.
-        rec_col("model").fill_null(pl.lit(model, dtype=pl.String)).alias("model"),
-        rec_col("seed").fill_null(pl.lit(seed, dtype=pl.Int64)).alias("seed"),
+        rec_col("model").fill_null(pl.col(_SLOT_MODEL)).alias("model"),
+        rec_col("seed").fill_null(pl.col(_SLOT_SEED)).alias("seed"),
         # An older log's over-long rows kept the preflight count in input_tokens.
         rec_col("preflight_input_tokens")
         .fill_null(pl.when(~is_billed).then(rec_col("input_tokens")))
@@ -248,6 +281,9 @@ def _result_columns(
         rec_col("output_json").alias("output_json"),
         rec_col("parse_status").alias("parse_status"),
         rec_col("parse_error").alias("parse_error"),
+        pl.col(_VARIANT).alias("variant"),
+        pl.col(_SAMPLE).alias("sample"),
+        pl.when(rec_col("fingerprint") != "").then(rec_col("fingerprint")).alias("request_sha256"),
         is_missing.alias(_MISSING),
     ]
 
@@ -261,6 +297,7 @@ def write_results(
     seed: int | None,
     missing: tuple[str, str] | None = None,
     batch_rows: int = BATCH_ROWS,
+    slots: list[UnitSlot] | None = None,
 ) -> WriteStats:
     """Write one output row per input row, in input order, atomically replacing ``out_path``.
 
@@ -273,13 +310,17 @@ def write_results(
     no record gets status "error" with ``missing=(code, message)``; without
     ``missing`` it raises ValueError and the previous output is left as it was. Raises
     InputError if an input column is named like a result column, StorageError if the disk
-    refuses.
+    refuses. ``slots`` are the units of each row (variants x samples, in output order; unit
+    ``j`` of row ``r`` has index ``r * len(slots) + j``); one, ``("", 0)``, by default.
     """
     out_path = Path(out_path)
     input_columns = input_frame.collect_schema().names()
     check_input_columns(input_columns)
     schema = output_schema(input_frame.collect_schema())
-    columns = _result_columns(input_columns, model=model, seed=seed, missing=missing)
+    columns = _result_columns(input_columns, missing=missing)
+    slots = slots or [UnitSlot("", 0, model, seed)]
+    per_row = len(slots)
+    slot_frame = _slot_frame(slots)
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -293,11 +334,12 @@ def write_results(
         with open(tmp, "wb") as f:
             with pq.ParquetWriter(f, schema, compression=COMPRESSION) as writer:
                 for batch in _input_batches(input_frame, batch_rows):
-                    start, end = rows, rows + batch.height
+                    start, end = rows, rows + batch.height * per_row
                     joined = (
                         batch.lazy()
-                        .with_row_index(_ROW, offset=start)
-                        .with_columns(pl.col(_ROW).cast(pl.Int64))
+                        .with_row_index(_ROW, offset=start // per_row)
+                        .join(slot_frame, how="cross", maintain_order="left_right")
+                        .with_columns((pl.col(_ROW).cast(pl.Int64) * per_row + pl.col(_SLOT)).alias(_ROW))
                         # maintain_order="left" keeps the input order: a hash join may not.
                         .join(_window(staged, start, end), on=_ROW, how="left", maintain_order="left", validate="m:1")
                         .select(columns)

@@ -3,7 +3,7 @@
 Two promises rest on this module:
 
 * **Nothing of the user's is overwritten.** ``job_paths`` resolves every path a job writes
-  (the output Parquet, its ``.summary.json``, its ``.checkpoint/`` folder, the response cache)
+  (the output Parquet, its ``.summary.json`` and ``.manifest.json``, its ``.checkpoint/`` folder, the response cache)
   through ``~`` and symbolic links, and refuses the set when one of them is, holds, or
   shares a file with the job file, the input, or another of them, or is an existing folder
   (for a file) or file (for the checkpoint folder).
@@ -56,6 +56,7 @@ SPEC_MAX_BYTES = 10 * 1024 * 1024  # a job spec is a page of YAML; anything larg
 OUTPUT_SUFFIX = ".parquet"
 CHECKPOINT_SUFFIX = ".checkpoint"
 SUMMARY_SUFFIX = ".summary.json"
+MANIFEST_SUFFIX = ".manifest.json"  # the run record (manifest.py)
 CACHE_COMPANIONS = ("-wal", "-shm", "-journal")  # files SQLite writes next to the cache
 
 _SPECIAL_KINDS = (
@@ -173,6 +174,10 @@ class JobPaths:
     def summary(self) -> Path:
         return self.output.with_name(self.output.name + SUMMARY_SUFFIX)
 
+    @property
+    def manifest(self) -> Path:
+        return self.output.with_name(self.output.name + MANIFEST_SUFFIX)
+
 
 @dataclass(frozen=True)
 class _Place:
@@ -215,6 +220,7 @@ def job_paths(
     written = [
         _place(output_label, paths.output, error),
         _place(f"the summary file {paths.summary.name} of {output_label}", paths.summary, error),
+        _place(f"the run manifest {paths.manifest.name} of {output_label}", paths.manifest, error),
         _place(f"the checkpoint folder {paths.checkpoint.name} of {output_label}", paths.checkpoint, error, folder=True),
     ]
     if cache is not None:

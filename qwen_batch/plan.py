@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from .spec import JobSpec
     from .table import Table
     from .types import Request
+    from .redo import Redo
+    from .variants import Variant
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class JobOptions:
     retry_errors: bool = False
     no_cache: bool = False
     max_cost: float | None = None
+    redo: str | None = None  # ``run --redo "WHERE"``: a SQL filter over the previous output (redo.py)
 
 
 def checked_paths(spec: JobSpec, options: JobOptions) -> JobPaths:
@@ -73,6 +76,26 @@ class JobPlan:
     cache_path: Path | None = None  # the response cache this run reads and writes, None when off
     # How requests are sent (stream, thinking, native path); the default is today's plain text call.
     mode: Mode = field(default_factory=lambda: Mode(False, False, "text", True, 0))
+    # Issue 17: the sweep's variants in sweep order (one, id "", without a sweep) and samples per row.
+    variants: tuple[Variant, ...] = ()
+    samples: int = 1
+    redo: Redo | None = None  # ``run --redo``: the units sent again (redo.py)
+
+    @property
+    def renderers(self) -> tuple[Renderer, ...]:
+        """The renderer of each unit of a row, in output order (variant, then sample)."""
+        if not self.variants:
+            return (self.renderer,)
+        return tuple(renderer for variant in self.variants for renderer in variant.renderers)
+
+    @property
+    def units_per_row(self) -> int:
+        return max(1, len(self.variants)) * self.samples
+
+    @property
+    def units(self) -> int:
+        """Units of work: rows x variants x samples (types.UnitKey numbers them densely)."""
+        return self.rows * self.units_per_row
 
     @property
     def summary_path(self) -> Path:
@@ -95,19 +118,15 @@ class JobPlan:
 
     @property
     def rate_limits(self) -> tuple[float | None, float | None]:
-        """The spec's RPM and TPM, else the catalog's documented defaults for the model (shared/NOTES.md)."""
-        execution = self.spec.execution
-        rpm, tpm = execution.requests_per_minute, execution.tokens_per_minute
-        defaults = self.model_info.rate_limits if self.model_info else None
-        if defaults is not None:
-            rpm = rpm if rpm is not None else defaults.requests_per_minute
-            tpm = tpm if tpm is not None else defaults.tokens_per_minute
-        return rpm, tpm
+        """The spec's RPM and TPM, else the catalog's documented defaults for the (first) model."""
+        from .variants import rate_limits_for
+
+        return rate_limits_for(self.spec, self.model_info)
 
     def requests(self) -> Iterator[Request]:
         """The request of every row that renders to one, in input order: rendered again, sent nowhere."""
         from .preflight import rendered
         from .types import Request
 
-        for batch in rendered(self.renderer, self.table.iter_batches(limit=self.rows)):
+        for batch in rendered(self.renderers, self.table.iter_batches(limit=self.rows)):
             yield from (item for item in batch if isinstance(item, Request))

@@ -62,7 +62,7 @@ class PreflightReport:
 # Only a resume that keeps its finished rows checks them as DoneRows: skipping them yields none.
 @overload
 def rendered(
-    renderer: Renderer,
+    renderer: Renderer | Sequence[Renderer],
     batches: Iterable[Sequence[Mapping[str, Any]]],
     resume: ResumeIndex | None = None,
     *,
@@ -70,55 +70,68 @@ def rendered(
 ) -> Iterator[Sequence[Request | RowProblem]]: ...
 @overload
 def rendered(
-    renderer: Renderer,
+    renderer: Renderer | Sequence[Renderer],
     batches: Iterable[Sequence[Mapping[str, Any]]],
     resume: ResumeIndex | None = None,
     *,
     skip_finished: bool = False,
 ) -> Iterator[Sequence[Request | RowProblem | DoneRow]]: ...
 def rendered(
-    renderer: Renderer,
+    renderer: Renderer | Sequence[Renderer],
     batches: Iterable[Sequence[Mapping[str, Any]]],
     resume: ResumeIndex | None = None,
     *,
     skip_finished: bool = False,
 ) -> Iterator[Sequence[Request | RowProblem | DoneRow]]:
-    """Render each batch of rows; the index is the row's position in the table.
+    """Render each batch of rows into its units: one per renderer (variant x sample), in order.
 
-    With ``resume``, token counts it already knows are reused, and rows an earlier run
-    finished are either left out (``skip_finished``, without rendering them) or, when their
-    token count is known, checked by fingerprint only (``DoneRow``).
+    A unit's index is dense: ``position * len(renderers) + slot`` (the row's position for a
+    single renderer). With ``resume``, token counts it already knows are reused, and units an
+    earlier run finished are either left out (``skip_finished``, without rendering them) or,
+    when their token count is known, checked by fingerprint only (``DoneRow``).
     """
-    index = 0
-    render = renderer.render
+    units = (renderer,) if isinstance(renderer, Renderer) else tuple(renderer)
+    per_row = len(units)
+    position = 0
     if resume is None:
+        if per_row == 1:
+            render = units[0].render
+            for batch in batches:
+                out: list[Request | RowProblem | DoneRow] = []
+                for row in batch:
+                    out.append(render(position, row))
+                    position += 1
+                yield out
+            return
         for batch in batches:
-            out: list[Request | RowProblem | DoneRow] = []
+            out = []
             for row in batch:
-                out.append(render(index, row))
-                index += 1
+                out.extend([unit.render(position, row) for unit in units])
+                position += 1
             yield out
         return
     finished, known = resume.finished, resume.input_tokens
-    fingerprint, max_tokens = renderer.fingerprint, renderer.max_tokens
     for batch in batches:
         out = []
         for row in batch:
-            if finished[index]:
-                if skip_finished:
-                    index += 1
-                    continue
-                tokens = known[index]
-                if tokens:
-                    checked = fingerprint(index, row)
-                    if isinstance(checked, RowProblem):
-                        out.append(checked)
-                    else:
-                        out.append(DoneRow(index, checked[0], checked[1], tokens, max_tokens))
-                    index += 1
-                    continue
-            out.append(render(index, row, known[index] or None))
-            index += 1
+            index = position * per_row
+            for unit in units:
+                if finished[index]:
+                    if skip_finished:
+                        index += 1
+                        continue
+                    tokens = known[index]
+                    if tokens:
+                        checked = unit.fingerprint(position, row)
+                        if isinstance(checked, RowProblem):
+                            out.append(checked)
+                        else:
+                            out.append(DoneRow(index, checked[0], checked[1], tokens, unit.max_tokens))
+                        index += 1
+                        continue
+                out.append(unit.render(position, row, known[index] or None))
+                index += 1
+            position += 1
         yield out
 
 
@@ -132,6 +145,7 @@ def run_preflight(
     cache: ServiceCache | None = None,
     max_tokens: int = 0,
     reasoning_cap: int = 0,
+    prices: Mapping[str, Price | None] | None = None,
 ) -> PreflightReport:
     """Count and check every rendered row; see PreflightReport.
 
@@ -141,7 +155,8 @@ def run_preflight(
     its own tier), from which an expected cost follows for any expected reply length.
     A thinking job's rows may also bill ``reasoning_cap`` reasoning tokens each: the maximum
     counts them at the thinking price (``to_send_reasoning_price`` sums it like the output's).
-    With a cache, rows it would answer count as ``cached``, not as rows to send.
+    With a cache, rows it would answer count as ``cached``, not as rows to send. ``prices``
+    maps each model of a sweep to its own price (``price`` is the first variant's).
     When ``resume.verified``, the finished rows are not in ``batches`` at all: they are
     counted from the resume index (each with ``max_tokens``), and not listed as over-long.
     """
@@ -182,8 +197,9 @@ def run_preflight(
             to_send += 1
             to_send_tokens += item.input_tokens
             to_send_max_out += item.max_tokens
-            if price is not None:
-                tier = price.tier_for(item.input_tokens)
+            item_price = prices.get(item.model, price) if prices is not None and type(item) is Request else price
+            if item_price is not None:
+                tier = item_price.tier_for(item.input_tokens)
                 input_cost = item.input_tokens * tier.input_per_million / 1_000_000
                 cost_min += input_cost
                 reasoning = tier.reasoning_per_million / 1_000_000

@@ -100,8 +100,18 @@ class Renderer:
         protocol: str = DASHSCOPE,
         reasoning_cap: int = 0,
         thinking: bool = False,
+        variant: int = 0,
+        sample: int = 0,
+        slot: int = 0,
+        units_per_row: int = 1,
     ) -> None:
         check_against_model(spec, model_info)
+        # Which unit of each row this renderer makes (variants.py): its dense index is
+        # ``position * units_per_row + slot``.
+        self._variant, self._sample = variant, sample
+        self._units_per_row = units_per_row
+        self._slot = slot
+
         params = spec.parameters.to_wire()
         max_tokens = spec.parameters.max_tokens
         if max_tokens is None and model_info is not None:
@@ -150,16 +160,19 @@ class Renderer:
         """The parameters every request of this run carries (a copy)."""
         return dict(self._parameters)
 
-    def render(self, index: int, row: Mapping[str, Any], input_tokens: int | None = None) -> Request | RowProblem:
-        """Row ``index`` -> its Request, or a RowProblem; never raises on cell contents.
+    def render(self, position: int, row: Mapping[str, Any], input_tokens: int | None = None) -> Request | RowProblem:
+        """The row at ``position`` -> this renderer's unit of it, a Request or a RowProblem;
+        never raises on cell contents.
 
-        One variant and one sample per row, so the unit is ``UnitKey(index)`` and its dense
-        index is ``index``.
+        The unit is ``UnitKey(position, variant, sample)``; its dense index (the Request's and
+        RowProblem's ``index``) is ``position * units_per_row + slot`` (``position`` itself
+        for a job of one variant and one sample).
 
         ``input_tokens``, when given, is the row's count from an earlier rendering of the same
         request (the preflight's): it is used as it is instead of counting again.
         """
-        row_id = self.row_id(index, row)
+        row_id = self.row_id(position, row)
+        index = position * self._units_per_row + self._slot
         try:
             canonical, messages, content = self._canonical(row)
         except _Problem as problem:
@@ -181,15 +194,16 @@ class Renderer:
             fingerprint=hashlib.sha256(canonical).hexdigest(),
             input_tokens=input_tokens,
             max_tokens=self.max_tokens,
-            unit=_new_unit(UnitKey, (index, 0, 0)),
+            unit=_new_unit(UnitKey, (position, self._variant, self._sample)),
             reasoning_cap=self.reasoning_cap,
         )
 
-    def fingerprint(self, index: int, row: Mapping[str, Any]) -> tuple[str, str] | RowProblem:
+    def fingerprint(self, position: int, row: Mapping[str, Any]) -> tuple[str, str] | RowProblem:
         """``(row_id, fingerprint)`` of the row's request, or its RowProblem, as ``render`` would
         give them, without building the request or counting its tokens (for checking rows an
         earlier run finished)."""
-        row_id = self.row_id(index, row)
+        row_id = self.row_id(position, row)
+        index = position * self._units_per_row + self._slot
         try:
             canonical = self._canonical(row)[0]
         except _Problem as problem:

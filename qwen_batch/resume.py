@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from .render import Renderer
     from .spec import JobSpec
     from .types import Request
+    from .variants import Variant
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,15 +81,25 @@ def checkpoint_dir_for(output_path: Path) -> Path:
     return output_path.with_name(output_path.name + ".checkpoint")
 
 
-def request_manifest(spec: JobSpec, renderer: Renderer) -> dict[str, Any]:
-    """The parts of a job that decide its requests; a resume refuses when they change."""
-    return {
+def request_manifest(spec: JobSpec, renderer: Renderer, variants: Sequence[Variant] = ()) -> dict[str, Any]:
+    """The parts of a job that decide its requests; a resume refuses when they change.
+
+    A job of one variant and one sample keeps the form earlier releases wrote, so their
+    checkpoints still resume; a sweep or samples add each variant's model and parameters.
+    """
+    manifest = {
         "format": 1,
         "model": spec.model,
         "prompt": spec.prompt.model_dump(mode="json"),
         "parameters": renderer.parameters,
         "id_column": spec.input.id_column,
     }
+    if len(variants) > 1 or spec.samples > 1 or spec.sweep is not None:
+        manifest["samples"] = spec.samples
+        manifest["variants"] = [
+            {"id": variant.id, "model": variant.model, "parameters": variant.parameters} for variant in variants
+        ]
+    return manifest
 
 
 INPUT_IDENTITY_FILE = "input.json"
@@ -113,7 +125,7 @@ def record_input_identity(checkpoint_dir: Path, identity: dict[str, Any]) -> Non
         raise StorageError(f"{checkpoint_dir / INPUT_IDENTITY_FILE}: cannot write ({exc.strerror})") from None
 
 
-def _same_input_as_before(checkpoint_dir: Path, identity: dict[str, Any]) -> bool:
+def same_input_as_before(checkpoint_dir: Path, identity: dict[str, Any]) -> bool:
     try:
         recorded: object = json.loads((checkpoint_dir / INPUT_IDENTITY_FILE).read_text(encoding="utf-8"))
         return recorded == identity
@@ -137,7 +149,7 @@ def resume_state(
     resume = ResumeIndex(rows)
     if fresh or not checkpoint_dir.exists():
         return resume, 0.0
-    resume.verified = _same_input_as_before(checkpoint_dir, identity)
+    resume.verified = same_input_as_before(checkpoint_dir, identity)
     checkpoint = Checkpoint.open(checkpoint_dir, manifest)
     try:
         done = checkpoint.done_frame(extra_columns=("input_tokens", "preflight_input_tokens"))

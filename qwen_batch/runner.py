@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -130,6 +130,8 @@ class Runner:
         replies: ReplyStore | None = None,
         events: RunEvents | None = None,
         event_sink: EventSink | None = None,
+        prices: Mapping[str, Price | None] | None = None,
+        limits_by_model: Mapping[str, Limits] | None = None,
     ) -> None:
         self._backend = backend
         # JSON mode parses every answer and asks again (structured.py); ``replies`` is the
@@ -142,8 +144,12 @@ class Runner:
         self._sink = sink
         self._concurrency = concurrency
         self._limits = limits
+        # A sweep's models each have their own quota (variants.py); ``limits`` is for any other.
+        self._limits_by_model = limits_by_model
         self._retry_policy = retry_policy
         self._price = price
+        # A sweep's models each cost their own (variants.py); ``price`` is for any other.
+        self._prices = prices
         self._budget = budget
         self._clock = clock
         self._drain_timeout_s = drain_timeout_s
@@ -191,7 +197,7 @@ class Runner:
             throttled=c.throttled,
             in_flight=c.in_flight,
             elapsed_s=self._clock() - self._started,
-            cooling_down_s=self._limits.throttle.statistics().cooling_down_s,
+            cooling_down_s=self._cooling_down_s(),
             reasks=c.reasks,
         )
 
@@ -317,7 +323,7 @@ class Runner:
         worst = 0.0
         if self._budget is not None:
             worst = (
-                pricing.worst_case_cost(self._price, request.input_tokens, request.max_tokens, request.reasoning_cap)
+                pricing.worst_case_cost(self._price_of(request.model), request.input_tokens, request.max_tokens, request.reasoning_cap)
                 or 0.0
             )
             if not self._budget.try_reserve(worst):
@@ -336,7 +342,7 @@ class Runner:
         not recorded, and a resume sends it.
         """
         counters = self._counters
-        limits = self._limits
+        limits = self._limits if self._limits_by_model is None else self._limits_by_model.get(request.model, self._limits)
         charge = request.worst_case_tokens
         events = self._events
         begun = 0
@@ -412,10 +418,23 @@ class Runner:
         return Outcome.answered(
             request,
             reply,
-            cost=pricing.cost(self._price, reply.input_tokens, reply.output_tokens, reply.reasoning_tokens or 0),
+            cost=pricing.cost(
+                self._price_of(request.model), reply.input_tokens, reply.output_tokens, reply.reasoning_tokens or 0
+            ),
             attempts=attempts,
             latency_s=self._clock() - started,
         )
+
+    def _cooling_down_s(self) -> float:
+        """The longest cool-down of any model's limiter (a sweep's models each have one)."""
+        every = [self._limits, *(self._limits_by_model or {}).values()]
+        return max(limits.throttle.statistics().cooling_down_s for limits in every)
+
+    def _price_of(self, model: str | None) -> Price | None:
+        prices = self._prices
+        if prices is None or model is None:
+            return self._price
+        return prices.get(model, self._price)
 
     async def _write_outcomes(self, commits: _GroupCommit) -> None:
         """Group commit: write every outcome waiting, once, then release their workers."""
@@ -458,7 +477,7 @@ class Runner:
                     c.cached += 1
                     c.cache_saved_cost += (
                         pricing.cost(
-                            self._price,
+                            self._price_of(outcome.model),
                             outcome.input_tokens or 0,
                             outcome.output_tokens or 0,
                             outcome.reasoning_tokens or 0,

@@ -360,6 +360,36 @@ class Parameters(BaseModel):
         return wire
 
 
+def _non_empty_list(value: list[Any]) -> list[Any]:
+    if not value:
+        raise ValueError("a sweep axis needs at least one value")
+    if len({repr(v) for v in value}) != len(value):
+        raise ValueError("a sweep axis lists a value twice")
+    return value
+
+
+def _sweepable_parameters(value: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    unknown = [key for key in value if key not in Parameters.model_fields or key == "seed"]
+    if unknown:
+        raise ValueError(
+            f"unknown parameter(s) {', '.join(unknown)} (sweep.seed sweeps the seed; "
+            f"parameters are {', '.join(k for k in Parameters.model_fields if k != 'seed')})"
+        )
+    for values in value.values():
+        _non_empty_list(values)
+    return value
+
+
+class SweepSpec(BaseModel):
+    """A matrix crossed with every row (variants.py): models, seeds and parameter values."""
+
+    model_config = _CONFIG
+
+    model: Annotated[list[Annotated[str, Field(min_length=1)]], AfterValidator(_non_empty_list)] | None = None
+    seed: Annotated[list[Annotated[int, _in_range(0, SEED_MAX)]], AfterValidator(_non_empty_list)] | None = None
+    parameters: Annotated[dict[str, list[Any]], AfterValidator(_sweepable_parameters)] = Field(default_factory=dict)
+
+
 class ExecutionSpec(BaseModel):
     """How hard to push: concurrency, client-side rate limits, retries, timeout."""
 
@@ -575,6 +605,9 @@ class JobSpec(BaseModel):
     model_limits: ModelLimitsSpec = Field(default_factory=ModelLimitsSpec)
     batch: BatchSpec = Field(default_factory=BatchSpec)
     catalog: PathStr | None = None  # a user catalog file (user_catalog.py), over the built-in one
+    # Issue 17 (variants.py): results per row, and a matrix of models/seeds/parameters.
+    samples: PositiveInt = 1
+    sweep: SweepSpec | None = None
 
     _path: Path | None = PrivateAttr(default=None)
 

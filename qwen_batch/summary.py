@@ -59,7 +59,7 @@ def build_summary(
             (pl.col("usage_source") == "estimated").fill_null(False).alias(ESTIMATED),
             pl.col("reasks").fill_null(0),
         )
-        .filter(pl.col("index") < plan.rows)
+        .filter(pl.col("index") < plan.units)
         # The last record of each index, as a filter: unique(keep="last") took 460 MB on a
         # million-row log where this takes 180 MB.
         .filter(pl.col("index").is_last_distinct())
@@ -91,10 +91,10 @@ def build_summary(
     by_code = errors.group_by("error_code").len().sort("error_code")
     model = plan.spec.model
     rows = {
-        "total": plan.rows,
+        "total": plan.units,
         "ok": ok.height,
         "error": errors.height,
-        "not_done": plan.rows - frame.height,
+        "not_done": plan.units - frame.height,
         TRUNCATED_IN_THINKING: int(ok[TRUNCATED_IN_THINKING].sum()),
     }
     if asks_json(plan.spec):
@@ -117,11 +117,12 @@ def build_summary(
         "cost": {
             "currency": price.currency if price else CURRENCY,
             "total": cost,
-            "by_model": {model: cost},
+            "by_model": _cost_by_model(frame, plan) if len(plan.variants) > 1 else {model: cost},
             "reasoning": _reasoning_cost(paid, price),
             "price_source": price.source if price else "unknown: no price for this model",
         },
         "cache": {"hits": cached.height, "saved_cost": saved},
+        "by_variant": _by_variant(frame, plan),
         "retries": statistics.retries,
         "throttled": statistics.throttled,
         "this_run": {
@@ -134,6 +135,56 @@ def build_summary(
         "wall_time_s": round(statistics.elapsed_s, 3),
         "rows_per_second": round(statistics.rows_per_second, 2),
     }
+
+
+def _variant_frame(frame: pl.DataFrame, plan: JobPlan) -> pl.DataFrame:
+    """Units, rows, tokens and cost per variant (the unit index names its variant: types.UnitKey)."""
+    import polars as pl
+
+    variants = plan.variants
+    if not variants:
+        return pl.DataFrame()
+    number = (pl.col("index") % plan.units_per_row) // plan.samples
+    paid = billed()
+    return (
+        frame.group_by(number.alias("variant_number"))
+        .agg(
+            (pl.col("status") == "ok").sum().alias("ok"),
+            (pl.col("status") == "error").sum().alias("error"),
+            pl.when(paid).then(pl.col("input_tokens")).fill_null(0).sum().alias("input"),
+            pl.when(paid).then(pl.col("output_tokens")).fill_null(0).sum().alias("output"),
+            pl.col("cost").fill_null(0.0).sum().alias("cost"),
+        )
+        .sort("variant_number")
+    )
+
+
+def _by_variant(frame: pl.DataFrame, plan: JobPlan) -> dict[str, dict[str, Any]]:
+    """The summary's rows, tokens and cost per variant id, in sweep order."""
+    totals = {row["variant_number"]: row for row in _variant_frame(frame, plan).iter_rows(named=True)}
+    out: dict[str, dict[str, Any]] = {}
+    for variant in plan.variants:
+        row = totals.get(variant.index, {})
+        priced = variant.price is not None
+        out[variant.id] = (
+            {
+                "model": variant.model,
+                "rows": {"total": plan.rows * plan.samples, "ok": int(row.get("ok", 0)), "error": int(row.get("error", 0))},
+                "tokens": {"input": int(row.get("input", 0)), "output": int(row.get("output", 0))},
+                "cost": round(float(row.get("cost", 0.0)), COST_DECIMALS) if priced else None,
+            }
+        )
+    return out
+
+
+def _cost_by_model(frame: pl.DataFrame, plan: JobPlan) -> dict[str, float | None]:
+    """Each model's cost (None where it has no price), summed over its variants."""
+    costs: dict[str, float | None] = {}
+    for entry in _by_variant(frame, plan).values():
+        model, cost = entry["model"], entry["cost"]
+        known = costs.get(model, 0.0)
+        costs[model] = None if cost is None or known is None else round(known + cost, COST_DECIMALS)
+    return costs
 
 
 def _parse_counts(frame: pl.DataFrame) -> dict[str, Any]:

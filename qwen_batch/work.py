@@ -36,7 +36,7 @@ def work_items(plan: JobPlan, cache: ServiceCache | None) -> Iterator[list[WorkI
     json_mode = asks_json(plan.spec)
     needs_json_word = refuses_rows(plan.spec, emulate=plan.options.emulate)
     batches = rendered(
-        plan.renderer,
+        plan.renderers,
         plan.table.iter_batches(batch_size=BATCH_ROWS, limit=plan.rows),
         plan.resume,
         skip_finished=True,

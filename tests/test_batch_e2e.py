@@ -114,6 +114,36 @@ def test_a_job_of_several_files_answers_every_row_once_at_half_price_as_online_w
     assert summary["cost"]["total"] == pytest.approx(read_summary(online_folder / "out" / "result.parquet")["cost"]["total"] / 2)
 
 
+def test_a_sweep_with_samples_in_batch_mode_answers_every_unit_once_as_online_would(
+    tmp_path: Path, job_env: dict[str, str], emulator: Any
+) -> None:
+    """Two models x 2 samples over 4 rows: 16 units, one model per file, each unit's custom_id
+    ``row.variant.sample`` read back to its own output row, each model at its own batch price."""
+    rows, sweep = 4, {"model": ["qwen-turbo", "qwen-plus"]}
+    online_folder, folder = tmp_path / "online", tmp_path / "batch"
+    online_folder.mkdir()
+    folder.mkdir()
+    online_job = sentences_job(online_folder, _texts(rows), cache={"enabled": False}, samples=2, sweep=sweep)
+    assert main(["run", str(online_job), "--quiet"]) == 0
+    job = _batch_job(folder, _texts(rows), samples=2, sweep=sweep)
+    assert main(["run", str(job), "--quiet"]) == 0
+    online, batch = _output(online_folder), _output(folder)
+    assert batch.height == rows * 2 * 2
+    assert_frame_equal(batch.drop(VOLATILE), online.drop(VOLATILE))
+    assert batch["sample"].to_list()[:4] == [0, 1, 0, 1]
+    assert batch["model"].to_list()[:4] == ["qwen-turbo", "qwen-turbo", "qwen-plus", "qwen-plus"]
+    assert batch["cost"].to_list() == pytest.approx([cost / 2 for cost in online["cost"].to_list()])
+    billed = _billed(emulator)
+    expected = {str(r) if (v, s) == (0, 0) else f"{r}.{v}.{s}" for r in range(rows) for v in range(2) for s in range(2)}
+    assert set(billed) == expected and set(billed.values()) == {1}
+    # The emulator refuses a line whose model is not its file's (mismatched_model): one model per
+    # file, 8 units each, 3 lines a file.
+    assert _creates(emulator) == 6
+    summary = read_summary(folder / "out" / "result.parquet")
+    assert summary["rows"]["ok"] == rows * 4
+    assert set(summary["by_variant"]) == {"model=qwen-turbo", "model=qwen-plus"}
+
+
 def _start(job: Path, env: dict[str, str], *extra: str, kill_at: str | None = None) -> subprocess.Popen[str]:
     full = {**os.environ, **env}
     full.pop("QWEN_BATCH_KILL_AT", None)

@@ -73,6 +73,11 @@ def summary_is_the_job_file(folder: Path) -> tuple[list[str], list[str]]:
     return [str(job)], ["summary file r.parquet.summary.json", "is the job file"]
 
 
+def manifest_is_the_job_file(folder: Path) -> tuple[list[str], list[str]]:
+    job = write_spec(folder, name="r.parquet.manifest.json", output={"path": "r.parquet"})
+    return [str(job)], ["run manifest r.parquet.manifest.json", "is the job file"]
+
+
 def checkpoint_folder_holds_the_input(folder: Path) -> tuple[list[str], list[str]]:
     (folder / "r.parquet.checkpoint").mkdir()
     write_csv(folder / "r.parquet.checkpoint" / "rows.csv", ["id", "text"], [["a", "one"]])
@@ -121,6 +126,7 @@ def input_ends_in_a_slash(folder: Path) -> tuple[list[str], list[str]]:
 CASES: dict[str, Case] = {case.__name__: case for case in [
     output_is_the_job_file, output_flag_links_to_the_job_file, output_links_to_the_input,
     output_through_a_linked_folder_is_the_input, output_is_a_hard_link_of_the_input, summary_is_the_job_file,
+    manifest_is_the_job_file,
     checkpoint_folder_holds_the_input, checkpoint_name_is_a_file, cache_is_the_input, cache_is_the_output,
     output_is_an_existing_folder, output_flag_is_an_existing_folder, output_is_a_symlink_loop, input_ends_in_a_slash,
 ]}

@@ -18,7 +18,7 @@ from qwen_batch.output import RESULT_COLUMNS
 from .conftest import REPO, read_summary, sentences_job
 
 # Maps whose keys are data (an error code, a model name), documented as one placeholder.
-DATA_KEYED = {"errors_by_code": "<code>", "cost.by_model": "<model>"}
+DATA_KEYED = {"errors_by_code": "<code>", "cost.by_model": "<model>", "by_variant": "<variant>"}
 
 
 def _table_names(heading: str) -> set[str]:

@@ -20,6 +20,7 @@ RESULT_COLUMNS = [
     "preflight_input_tokens",
     "reasoning_text", "reasoning_tokens", "first_token_s", "usage_source",
     "output_json", "parse_status", "parse_error",
+    "variant", "sample", "request_sha256",
 ]
 TEXTS = ["今天天气很好。", "The quick brown fox.", "数据 {text} 和 {{braces}} 以及 %s", "Hello again, world."]
 

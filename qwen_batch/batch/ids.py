@@ -28,6 +28,16 @@ def unit_of(custom: str) -> UnitKey | None:
     return UnitKey(*numbers)
 
 
+def dense_index_of(custom: str, units_per_row: tuple[int, int]) -> int | None:
+    """The dense unit index a ``custom_id`` names in a job of ``(variants, samples)`` per row;
+    None when it is none of ours or names a variant or sample the job does not have."""
+    unit = unit_of(custom)
+    variants, samples = units_per_row
+    if unit is None or unit.variant >= variants or unit.sample >= samples:
+        return None
+    return unit.dense_index(variants, samples)
+
+
 def ds_name(job_id: str, shard: str) -> str:
     """``metadata.ds_name`` of a shard's batch: the job's id and the shard, what crash recovery lists by."""
     name = f"qwen-batch/{job_id}/{shard}"

@@ -22,7 +22,7 @@ from ..backends.openai import finish_problem
 from ..errors import BackendError
 from ..types import Reply
 from ..wire import ERRORS, MalformedReply, compatible_usage, read_compatible_choice
-from .ids import unit_of
+from .ids import dense_index_of
 
 REFUSAL_CODES = frozenset({"mismatched_model", "duplicate_custom_id", "url_not_found"})
 """The batch's own line validation (section 7.2): sending the line again gives the same answer."""
@@ -44,8 +44,12 @@ class LineError:
 LineResult = Reply | LineError
 
 
-def read_lines(path: Path, *, estimate: Any = None) -> Iterator[tuple[int, LineResult]]:
-    """``(unit row, result)`` for each line of a downloaded file; lines naming no unit of ours are skipped.
+def read_lines(
+    path: Path, units_per_row: tuple[int, int] = (1, 1), *, estimate: Any = None
+) -> Iterator[tuple[int, LineResult]]:
+    """``(unit index, result)`` for each line of a downloaded file; lines naming no unit of ours are skipped.
+
+    ``units_per_row`` is the job's ``(variants, samples)``: the unit's dense index is over them.
 
     ``estimate(row, text, reasoning) -> (input, output, reasoning)`` counts a reply the
     service reported no usage for (None: such a reply is an error line).
@@ -58,10 +62,10 @@ def read_lines(path: Path, *, estimate: Any = None) -> Iterator[tuple[int, LineR
                 line = orjson.loads(raw)
             except orjson.JSONDecodeError:
                 continue
-            unit = unit_of(str(line.get("custom_id"))) if isinstance(line, dict) else None
-            if unit is None:
+            index = dense_index_of(str(line.get("custom_id")), units_per_row) if isinstance(line, dict) else None
+            if index is None:
                 continue
-            yield unit.row, read_line(line, unit.row, estimate)
+            yield index, read_line(line, index, estimate)
 
 
 def read_line(line: dict[str, Any], row: int, estimate: Any = None) -> LineResult:

@@ -36,9 +36,9 @@ from ..catalog import batch_price
 from ..errors import AuthError, BackendError
 from ..result import STOP_SUBMITTED
 from ..runner import STOP_AUTH, STOP_BUDGET, STOP_CONFIGURATION, STOP_INTERRUPTED
-from ..types import Outcome, Reply, Request
+from ..types import Outcome, Reply, Request, UnitKey
 from ..batch.api import BatchApi
-from ..batch.ids import ds_name, unit_of
+from ..batch.ids import dense_index_of, ds_name
 from ..batch.results import REFUSAL_CODES, LineError, read_lines
 from ..batch.shards import LineTooLarge, Shard, ShardWriter, render_line, unit_line
 from ..batch.state import TERMINAL, BatchState, ShardRecord, UnitRecord, unit_lines
@@ -122,8 +122,12 @@ class BatchExecution:
         self._notes = notes
         self._spec = plan.spec.batch
         self.price: Price | None = batch_price(plan.price) if plan.price is not None else None
+        # A sweep's models each have their price and mode; a unit's variant names them.
+        self._prices = {variant.model: _batch_price_or_none(variant.price) for variant in plan.variants}
+        self._thinking = tuple(variant.mode.thinking for variant in plan.variants) or (plan.mode.thinking,)
+        self._units_per_row = (max(1, len(plan.variants)), plan.samples)
         self.rate_limits: tuple[float | None, float | None] = (None, None)  # the real-time limits do not apply
-        self._tally = Tally(plan.rows)
+        self._tally = Tally(plan.units)
         self._stop_reason: str | None = None
         self._stop_detail: str | None = None
         self._retry: dict[str, set[int]] = {}  # shard -> rows to send again in a new batch
@@ -196,7 +200,6 @@ class BatchExecution:
     def _shard_all(self, items: Iterator[list[WorkItem]]) -> None:
         """(Thread) every row not yet done nor in an open batch into sealed, recorded shards."""
         writer = self._writer()
-        thinking = self._plan.mode.thinking
         try:
             for batch in items:
                 settled = [item for item in batch if isinstance(item, Outcome)]
@@ -209,7 +212,7 @@ class BatchExecution:
                         self._stop(STOP_BUDGET)
                         break
                     try:
-                        writer.add(render_line(request), unit_line(request), thinking=thinking)
+                        writer.add(render_line(request), unit_line(request), thinking=self._thinks(request.index))
                     except LineTooLarge as error:
                         settled.append(self._too_large(request, int(str(error))))
                 self._write(settled)
@@ -223,7 +226,7 @@ class BatchExecution:
         limit = self._plan.max_cost
         if limit is None:
             return True
-        worst = pricing.worst_case_cost(self.price, request.input_tokens, request.max_tokens, request.reasoning_cap) or 0.0
+        worst = pricing.worst_case_cost(self._price_of(request.model), request.input_tokens, request.max_tokens, request.reasoning_cap) or 0.0
         if self._reserved + worst > limit:
             return False
         self._reserved += worst
@@ -356,7 +359,7 @@ class BatchExecution:
             pending.clear()
 
         for path in files:
-            for index, result in read_lines(path, estimate=self._estimate):
+            for index, result in read_lines(path, self._units_per_row, estimate=self._estimate):
                 if index in seen or resume.is_finished(index):
                     continue
                 seen.add(index)
@@ -374,7 +377,7 @@ class BatchExecution:
     def _decide(self, unit: UnitRecord, result: Reply | LineError, shard: ShardRecord, latency: float | None) -> Outcome | None:
         """The row's outcome, or None when it goes into a new batch or online."""
         if isinstance(result, Reply):
-            cost = pricing.cost(self.price, result.input_tokens, result.output_tokens, result.reasoning_tokens or 0)
+            cost = pricing.cost(self._price_of(unit.model), result.input_tokens, result.output_tokens, result.reasoning_tokens or 0)
             return _answered(unit, result, cost, latency)
         if result.retryable:
             if self._past_online_after_unit(unit):
@@ -392,6 +395,15 @@ class BatchExecution:
             retryable=result.retryable,
             **_unit_fields(unit, latency),
         )
+
+    def _price_of(self, model: str) -> Price | None:
+        """The batch price of a unit's model (the job's, without a sweep)."""
+        return self._prices.get(model, self.price)
+
+    def _thinks(self, index: int) -> bool:
+        """Whether the unit's variant runs in thinking mode (its shard key: one mode per file)."""
+        variants, samples = self._units_per_row
+        return self._thinking[UnitKey.of_dense_index(index, variants, samples).variant]
 
     def _past_online_after_unit(self, unit: UnitRecord) -> bool:
         after = self._spec.online_after_s
@@ -412,13 +424,12 @@ class BatchExecution:
         """(Thread) the rows to send again, copied line for line from their shards into new ones."""
         retry, self._retry = self._retry, {}
         writer = self._writer()
-        thinking = self._plan.mode.thinking
         try:
             for name, indices in sorted(retry.items()):
                 units = self._state.units(indices)
-                for line in _lines_of(self._state.folder / f"{name}.jsonl", indices):
+                for line in _lines_of(self._state.folder / f"{name}.jsonl", indices, self._units_per_row):
                     index, raw = line
-                    writer.add(raw, unit_lines([units[index]])[0], thinking=thinking)
+                    writer.add(raw, unit_lines([units[index]])[0], thinking=self._thinks(index))
         finally:
             writer.close()
 
@@ -436,14 +447,17 @@ class BatchExecution:
         self._tally.add(statistics)
 
 
-def _lines_of(path: Path, indices: set[int]) -> Iterator[tuple[int, bytes]]:
-    """The lines of a shard file whose unit is in ``indices``."""
+def _lines_of(path: Path, indices: set[int], units_per_row: tuple[int, int]) -> Iterator[tuple[int, bytes]]:
+    """The lines of a shard file whose unit is in ``indices`` (dense, over ``(variants, samples)``)."""
     with path.open("rb") as handle:
         for raw in handle:
-            custom = orjson.loads(raw).get("custom_id")
-            unit = unit_of(str(custom))
-            if unit is not None and unit.dense_index() in indices:
-                yield unit.dense_index(), raw
+            index = dense_index_of(str(orjson.loads(raw).get("custom_id")), units_per_row)
+            if index is not None and index in indices:
+                yield index, raw
+
+
+def _batch_price_or_none(price: Price | None) -> Price | None:
+    return batch_price(price) if price is not None else None
 
 
 def _unit_fields(unit: UnitRecord, latency: float | None) -> dict[str, Any]:

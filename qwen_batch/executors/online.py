@@ -15,9 +15,12 @@ from ..budget import Budget
 from ..cache import EMULATOR_SERVICE
 from ..endpoint import base_url_key, configured_base_url, resolve_api
 from ..runner import Runner
+from ..variants import connections
 
 if TYPE_CHECKING:
-    from ..backends.base import Backend, OpenBackend
+    from ..backends.base import Backend, Event, OpenBackend
+    from ..modes import Mode
+    from ..types import Request
     from ..catalog import Price
     from ..emulator.servers import ServerName
     from ..errors import ConfigurationRefused
@@ -60,7 +63,7 @@ class OnlineExecutor:
                 base_url, api_key = await _endpoint(plan, stack)
                 server = await _server(plan, base_url, api_key)
                 local = _is_local(server)
-                backend = await stack.enter_async_context(_service_backend(plan, base_url, api_key, server))
+                backend = await _open_backends(plan, base_url, api_key, server, stack)
             event_log = _event_log(plan)
             if event_log is not None:
                 stack.callback(event_log.close)
@@ -148,11 +151,42 @@ def _note(message: str) -> None:
     print(f"note: {message}", file=sys.stderr, flush=True)
 
 
-def _service_backend(plan: JobPlan, base_url: str, api_key: str | None, server: str) -> OpenBackend:
-    """The registered backend of the job's protocol, speaking ``server``'s dialect."""
+async def _open_backends(
+    plan: JobPlan, base_url: str, api_key: str | None, server: str, stack: AsyncExitStack
+) -> Backend:
+    """The job's backend; for a sweep whose models are sent differently (one streams, one
+    does not), one backend per way, each request sent through its model's."""
+    modes = connections(plan.variants) if plan.variants else {}
+    ways = {_way(mode) for mode in modes.values()}
+    if len(ways) <= 1:
+        return await stack.enter_async_context(_service_backend(plan, base_url, api_key, server, plan.mode))
+    opened: dict[tuple[bool, str, bool], Backend] = {}
+    for mode in modes.values():
+        if _way(mode) not in opened:
+            opened[_way(mode)] = await stack.enter_async_context(
+                _service_backend(plan, base_url, api_key, server, mode)
+            )
+    return _ByModel({model: opened[_way(mode)] for model, mode in modes.items()})
+
+
+def _way(mode: Mode) -> tuple[bool, str, bool]:
+    return mode.stream, mode.path, mode.path_known
+
+
+class _ByModel:
+    """Sends each request through the backend of its model (variants.connections)."""
+
+    def __init__(self, backends: dict[str, Backend]) -> None:
+        self._backends = backends
+
+    def stream(self, request: Request) -> AsyncIterator[Event]:
+        return self._backends[request.model].stream(request)
+
+
+def _service_backend(plan: JobPlan, base_url: str, api_key: str | None, server: str, mode: Mode) -> OpenBackend:
+    """The registered backend of the job's protocol, speaking ``server``'s dialect, sending in ``mode``."""
     from ..backends.registry import backend_factory
 
-    mode = plan.mode
     return backend_factory(plan.spec.api.protocol)(
         base_url,
         api_key,
@@ -165,24 +199,34 @@ def _service_backend(plan: JobPlan, base_url: str, api_key: str | None, server: 
     )
 
 
-def _rate_limits(plan: JobPlan, local: bool) -> tuple[float | None, float | None]:
-    """The run's RPM and TPM: a local server has no DashScope quota, so only the spec's own apply."""
+def _rate_limits(
+    plan: JobPlan, local: bool, model_limits: tuple[float | None, float | None] | None = None
+) -> tuple[float | None, float | None]:
+    """The run's RPM and TPM (``model_limits``: one model's of a sweep): a local server has no
+    DashScope quota, so only the spec's own apply."""
     if local:
         execution = plan.spec.execution
         return execution.requests_per_minute, execution.tokens_per_minute
-    return plan.rate_limits
+    return plan.rate_limits if model_limits is None else model_limits
 
 
 def _runner(
     plan: JobPlan, backend: Backend, sink: OutcomeSink, *, local: bool = False, event_log: EventLog | None = None
 ) -> Runner:
     from ..jsonmode import json_mode_of
+    from ..variants import model_prices
     from ..limits import Limits
     from ..retry import RetryPolicy
     from ..run_events import RunEvents, segment_header
 
     rpm, tpm = _rate_limits(plan, local)
     max_cost = plan.max_cost
+    limits_by_model = None
+    if len({variant.model for variant in plan.variants}) > 1:
+        limits_by_model = {
+            variant.model: Limits.from_settings(*_rate_limits(plan, local, variant.rate_limits))
+            for variant in plan.variants
+        }
     json_mode = json_mode_of(plan.spec)
     limits = Limits.from_settings(rpm, tpm)
     events = None
@@ -201,7 +245,9 @@ def _runner(
         limits=limits,
         retry_policy=RetryPolicy(max_retries=plan.spec.execution.max_retries),
         price=None if local else plan.price,
-        rows_total=plan.rows,
+        prices=None if local or len(plan.variants) < 2 else model_prices(plan.variants),
+        limits_by_model=limits_by_model,
+        rows_total=plan.units,
         budget=Budget(max_cost, spent=plan.previous_cost) if max_cost is not None else None,
         max_error_rate=plan.spec.execution.max_error_rate,
         json_mode=json_mode,
