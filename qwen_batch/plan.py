@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .table import Table
     from .types import Request
     from .redo import Redo
+    from .sharding import Shard
     from .variants import Variant
 
 
@@ -40,6 +41,7 @@ class JobOptions:
     no_cache: bool = False
     max_cost: float | None = None
     redo: str | None = None  # ``run --redo "WHERE"``: a SQL filter over the previous output (redo.py)
+    shard: Shard | None = None  # ``run --shard I/N``: only this shard's units (sharding.py)
 
 
 def checked_paths(spec: JobSpec, options: JobOptions) -> JobPaths:
