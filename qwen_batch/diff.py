@@ -58,6 +58,7 @@ def _settings(manifest: dict[str, Any]) -> dict[str, Any]:
     service = manifest.get("service", {})
     flat["service.protocol"] = service.get("protocol")
     flat["service.emulated"] = service.get("emulated")
+    flat["service.mode"] = service.get("mode", "online")  # a manifest from before batch mode: online
     flat.update(flatten(manifest.get("catalog", {}), "catalog"))
     return flat
 

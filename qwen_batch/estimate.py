@@ -78,7 +78,7 @@ def build_estimate(
         minutes.append(to_send / requests_per_minute)
     if tokens_per_minute:
         minutes.append((report.to_send_input_tokens + expected_output + expected_reasoning) / tokens_per_minute)
-    return {
+    estimate = {
         "job": plan.spec.name,
         "model": plan.spec.model,
         "rows": plan.rows,
@@ -109,3 +109,33 @@ def build_estimate(
             "note": None if minutes else "no rate limits: bound by concurrency and the service's latency",
         },
     }
+    if len(plan.variants) > 1:
+        estimate["by_variant"] = _by_variant(plan, expected_per_row)
+    return estimate
+
+
+def _by_variant(plan: JobPlan, expected_per_row: float) -> dict[str, dict[str, Any]]:
+    """A sweep's requests, input tokens and cost bounds per variant, in sweep order (each at its
+    model's price; the expected output per unit is the job's)."""
+    shares = plan.preflight.to_send_by_variant
+    cap = plan.preflight.reasoning_cap
+    out: dict[str, dict[str, Any]] = {}
+    for variant in plan.variants:
+        share = shares[variant.index] if variant.index < len(shares) else None
+        to_send = share.to_send if share is not None else 0
+        entry: dict[str, Any] = {
+            "model": variant.model,
+            "requests_to_send": to_send,
+            "input_tokens": share.input_tokens if share is not None else 0,
+            "cost": {"min": None, "expected": None, "max": None},
+        }
+        if share is not None and variant.price is not None:
+            reasoning = cap * share.reasoning_price
+            entry["cost"] = {
+                "min": round(share.cost_min, 6),
+                "expected": round(share.cost_min + expected_per_row * share.output_price + reasoning, 6),
+                "max": round(share.cost_max, 6),
+            }
+        out[variant.id] = entry
+    return out
+

@@ -301,15 +301,16 @@ async def execute(
         summary = build_summary(priced, log, statistics, stop_reason)
         write_summary_json(plan.summary_path, summary)
         if wrote_output:
-            _write_run_manifest(plan, new_run_id(started), started)
+            _write_run_manifest(plan, new_run_id(started), started, executor.mode)
     return JobResult(statistics, summary, stop_reason, execution.stop_detail, wrote_output)
 
 
-def _write_run_manifest(plan: JobPlan, run_id: str, started: Any) -> None:
+def _write_run_manifest(plan: JobPlan, run_id: str, started: Any, mode: str) -> None:
     """``<output>.manifest.json`` beside the output it describes (manifest.py)."""
     from .manifest import build_manifest, utc_now, write_manifest
 
-    write_manifest(plan.output_path, build_manifest(plan, run_id=run_id, started=started, ended=utc_now()))
+    manifest = build_manifest(plan, run_id=run_id, started=started, ended=utc_now(), execution_mode=mode)
+    write_manifest(plan.output_path, manifest)
 
 
 def sole_error(group: BaseExceptionGroup) -> BaseException:

@@ -50,9 +50,11 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def build_manifest(plan: JobPlan, *, run_id: str, started: datetime, ended: datetime) -> dict[str, Any]:
-    """The manifest of one run of ``plan`` (a JSON-ready dict)."""
-    from .endpoint import configured_base_url
+def build_manifest(
+    plan: JobPlan, *, run_id: str, started: datetime, ended: datetime, execution_mode: str = "online"
+) -> dict[str, Any]:
+    """The manifest of one run of ``plan`` (a JSON-ready dict); ``execution_mode`` is how its rows
+    were sent (``online``, or ``batch``: through the Batch API at its base URL and price)."""
     from .redo import read_redo_log
 
     spec = plan.spec
@@ -76,13 +78,9 @@ def build_manifest(plan: JobPlan, *, run_id: str, started: datetime, ended: date
         "samples": plan.samples,
         "units_per_row": plan.units_per_row,
         "variants": _variants(plan),
-        "catalog": _catalog_entries(plan),
+        "catalog": _catalog_entries(plan, batch=execution_mode == "batch"),
         "versions": _versions(),
-        "service": {
-            "protocol": spec.api.protocol,
-            "base_url": None if plan.options.emulate else configured_base_url(spec),
-            "emulated": plan.options.emulate,
-        },
+        "service": _service(plan, execution_mode),
         "output": {"path": str(plan.output_path.resolve())},
         "redone": read_redo_log(plan.checkpoint_dir),
     }
@@ -126,13 +124,32 @@ def service_defaults(model: str, thinking: bool, sent: dict[str, Any]) -> dict[s
     return {**applied, "source": _DEFAULTS_SOURCE} if applied else {}
 
 
-def _catalog_entries(plan: JobPlan) -> dict[str, Any]:
-    """The catalog entry (limits, prices, their sources) and the price used, per model the run asked."""
+def _service(plan: JobPlan, execution_mode: str) -> dict[str, Any]:
+    """Where and how the rows were sent: protocol, mode, base URL (never the key), emulated or not."""
+    from .batch.endpoint import batch_base_url
+    from .endpoint import configured_base_url
+
+    spec = plan.spec
+    base_url = batch_base_url(spec) if execution_mode == "batch" else configured_base_url(spec)
+    return {
+        "protocol": spec.api.protocol,
+        "mode": execution_mode,
+        "base_url": None if plan.options.emulate else base_url,
+        "emulated": plan.options.emulate,
+    }
+
+
+def _catalog_entries(plan: JobPlan, *, batch: bool = False) -> dict[str, Any]:
+    """The catalog entry (limits, prices, their sources) and the price used, per model the run asked
+    (``batch``: the Batch API's, a fraction of the real-time price)."""
+    from .catalog import batch_price
+
     used = [(v.model, v.model_info, v.price) for v in plan.variants] or [(plan.spec.model, plan.model_info, plan.price)]
     entries: dict[str, Any] = {}
     for model, info, price in used:
         entry: dict[str, Any] = dataclasses.asdict(info) if info is not None else {"name": model, "known": False}
-        entry["price_used"] = dataclasses.asdict(price) if price is not None else None
+        billed = batch_price(price) if batch and price is not None else price
+        entry["price_used"] = dataclasses.asdict(billed) if billed is not None else None
         entries[model] = entry
     return entries
 

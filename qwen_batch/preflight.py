@@ -29,6 +29,19 @@ class OverLongRow:
     input_tokens: int
 
 
+@dataclass(slots=True)
+class VariantShare:
+    """The units of one variant still to send, and their cost bounds (``estimate`` per variant)."""
+
+    to_send: int = 0
+    input_tokens: int = 0
+    max_output_tokens: int = 0
+    cost_min: float = 0.0
+    cost_max: float = 0.0
+    output_price: float = 0.0  # the price of one output token summed over these units
+    reasoning_price: float = 0.0  # and of one reasoning token
+
+
 @dataclass(frozen=True, slots=True)
 class PreflightReport:
     """What a job will send, known before sending."""
@@ -53,6 +66,8 @@ class PreflightReport:
     # price of one reasoning token summed over those rows, each at its own tier.
     reasoning_cap: int = 0
     to_send_reasoning_price: float | None = None
+    # A sweep's units to send per variant number (sweep order); empty for a job of one variant.
+    to_send_by_variant: tuple[VariantShare, ...] = ()
 
     @property
     def to_send_max_reasoning_tokens(self) -> int:
@@ -166,6 +181,7 @@ def run_preflight(
     over_long: list[OverLongRow] = []
     mismatched: list[str] = []
     first_problem: RowProblem | None = None
+    shares: dict[int, VariantShare] = {}
     known = resume.input_tokens if resume is not None else None
     for batch in batches:
         candidates: list[Request | DoneRow] = []
@@ -198,15 +214,27 @@ def run_preflight(
             to_send_tokens += item.input_tokens
             to_send_max_out += item.max_tokens
             item_price = prices.get(item.model, price) if prices is not None and type(item) is Request else price
+            share = None
+            if prices is not None:
+                number = item.unit.variant if type(item) is Request else 0
+                share = shares.get(number) or shares.setdefault(number, VariantShare())
+                share.to_send += 1
+                share.input_tokens += item.input_tokens
+                share.max_output_tokens += item.max_tokens
             if item_price is not None:
                 tier = item_price.tier_for(item.input_tokens)
                 input_cost = item.input_tokens * tier.input_per_million / 1_000_000
                 cost_min += input_cost
                 reasoning = tier.reasoning_per_million / 1_000_000
-                cost_max += input_cost + item.max_tokens * tier.output_per_million / 1_000_000
-                cost_max += reasoning_cap * reasoning
+                unit_max = input_cost + item.max_tokens * tier.output_per_million / 1_000_000 + reasoning_cap * reasoning
+                cost_max += unit_max
                 output_price += tier.output_per_million / 1_000_000
                 reasoning_price += reasoning
+                if share is not None:
+                    share.cost_min += input_cost
+                    share.cost_max += unit_max
+                    share.output_price += tier.output_per_million / 1_000_000
+                    share.reasoning_price += reasoning
     if resume is not None and resume.verified:
         finished = resume.count()
         rows += finished
@@ -232,4 +260,5 @@ def run_preflight(
         mismatched_row_ids=tuple(mismatched),
         reasoning_cap=reasoning_cap,
         to_send_reasoning_price=reasoning_price if price is not None else None,
+        to_send_by_variant=tuple(shares.get(number, VariantShare()) for number in range(max(shares, default=-1) + 1)),
     )

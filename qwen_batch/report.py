@@ -317,4 +317,21 @@ def render_estimate(estimate: dict[str, Any], out: TextIO) -> None:
         )
     minutes = time["minutes_at_limits"]
     table.add_row("time at the limits", f"{minutes:.1f} min" if minutes is not None else time["note"])
-    Console(file=out, width=100).print(table)
+    console = Console(file=out, width=100)
+    console.print(table)
+    if "by_variant" in estimate:
+        console.print(_variant_estimate_table(estimate["by_variant"], currency))
+
+
+def _variant_estimate_table(by_variant: dict[str, dict[str, Any]], currency: str) -> Any:
+    """A sweep's estimate per variant: requests, exact input tokens, cost bounds at its model's price."""
+    from rich.table import Table
+
+    table = Table(title="per variant")
+    for column in ("variant", "model", "requests", "input tokens", f"cost {currency}".strip()):
+        table.add_column(column)
+    for name, entry in by_variant.items():
+        cost = entry["cost"]
+        shown = "unknown" if cost["min"] is None else f"{cost['min']:.4f} .. {cost['max']:.4f} (expected {cost['expected']:.4f})"
+        table.add_row(name, entry["model"], str(entry["requests_to_send"]), str(entry["input_tokens"]), shown)
+    return table

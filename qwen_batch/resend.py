@@ -7,7 +7,6 @@ unit is sent once, without retries or the cache: the point is what the service a
 from __future__ import annotations
 
 import random
-from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,12 +44,9 @@ def resend_sample(output: Path, count: int, manifest: dict[str, Any], plan: JobP
 async def _send_all(plan: JobPlan, requests: list[Any], recorded: dict[int, str], result: Resent) -> None:
     from .backends.base import collect
     from .errors import BadRequest, RetryableError
-    from .executors.online import _endpoint, _open_backends, _server
+    from .executors.online import service_backend
 
-    async with AsyncExitStack() as stack:
-        base_url, api_key = await _endpoint(plan, stack)
-        server = await _server(plan, base_url, api_key)
-        backend = await _open_backends(plan, base_url, api_key, server, stack)
+    async with service_backend(plan) as backend:
         for request in requests:
             try:
                 reply = await collect(backend.stream(request))

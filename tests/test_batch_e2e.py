@@ -25,6 +25,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from qwen_batch.cli import main
+from qwen_batch.diff import diff_outputs
 from qwen_batch.emulator import EmulatorConfig
 from qwen_batch.testing import EmulatorThread
 
@@ -142,6 +143,15 @@ def test_a_sweep_with_samples_in_batch_mode_answers_every_unit_once_as_online_wo
     summary = read_summary(folder / "out" / "result.parquet")
     assert summary["rows"]["ok"] == rows * 4
     assert set(summary["by_variant"]) == {"model=qwen-turbo", "model=qwen-plus"}
+    manifest = json.loads((folder / "out" / "result.parquet.manifest.json").read_text(encoding="utf-8"))
+    online_manifest = json.loads((online_folder / "out" / "result.parquet.manifest.json").read_text(encoding="utf-8"))
+    assert manifest["service"]["mode"] == "batch" and online_manifest["service"]["mode"] == "online"
+    assert manifest["service"]["base_url"].endswith("/compatible-mode/v1")
+    for model in ("qwen-turbo", "qwen-plus"):
+        assert manifest["catalog"][model]["price_used"]["source"].startswith("billed as batch")
+    compared = diff_outputs(online_folder / "out" / "result.parquet", folder / "out" / "result.parquet")
+    assert compared["verdict"] == "comparable" and "service.mode" in compared["differing_settings"]
+    assert compared["counts"]["identical_output"] == rows * 4
 
 
 def _start(job: Path, env: dict[str, str], *extra: str, kill_at: str | None = None) -> subprocess.Popen[str]:

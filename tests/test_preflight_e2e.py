@@ -172,3 +172,33 @@ def test_raising_the_budget_and_re_running_completes_without_paying_twice(tmp_pa
     assert len(paid) == 30 and max(paid.values()) == 1
     summary = read_summary(tmp_path / "out" / "result.parquet")
     assert summary["cost"]["total"] == pytest.approx(frame["cost"].sum())
+
+
+def test_a_sweeps_estimate_breaks_requests_tokens_and_cost_down_by_variant(
+    tmp_path: Path, job_env: dict, emulator: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = sentences_job(
+        tmp_path, ["one", "two", "three"], parameters={"seed": 7, "max_tokens": 100},
+        samples=2, sweep={"model": ["qwen-turbo", "qwen-plus"]},
+    )
+    plan = qwen_batch.prepare(job, output=tmp_path / "out" / "result.parquet")
+    tokens_by_model = Counter[str]()
+    for request in plan.requests():
+        tokens_by_model[request.model] += request.input_tokens
+    assert main(["estimate", str(job), "--json"]) == 0
+    estimate = json.loads(capsys.readouterr().out)
+    by_variant = estimate["by_variant"]
+    assert list(by_variant) == ["model=qwen-turbo", "model=qwen-plus"]
+    for entry in by_variant.values():
+        assert entry["requests_to_send"] == 6
+        assert entry["input_tokens"] == tokens_by_model[entry["model"]]
+        price = next(v.price for v in plan.variants if v.model == entry["model"])
+        tier = price.tier_for(0)
+        assert entry["cost"]["min"] == pytest.approx(entry["input_tokens"] * tier.input_per_million / 1e6, abs=1e-6)
+        assert entry["cost"]["max"] == pytest.approx(entry["cost"]["min"] + 600 * tier.output_per_million / 1e6, abs=1e-6)
+    for key in ("min", "expected", "max"):
+        assert sum(entry["cost"][key] for entry in by_variant.values()) == pytest.approx(estimate["cost"][key], abs=1e-5)
+    assert main(["estimate", str(job)]) == 0
+    text = capsys.readouterr().out
+    assert "per variant" in text and "model=qwen-plus" in text
+    assert emulator.ledger == []

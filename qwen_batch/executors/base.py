@@ -45,6 +45,9 @@ class Execution(Protocol):
 class Executor(Protocol):
     """Opens an ``Execution`` of a plan over a sink; the sink makes every outcome durable."""
 
+    mode: str
+    """How it sends (``online`` or ``batch``), as the run's manifest records it."""
+
     def check(self, plan: JobPlan) -> None:
         """Raise what would stop this plan before anything is written (a missing key, say)."""
 

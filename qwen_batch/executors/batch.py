@@ -69,6 +69,8 @@ class BatchExecutor:
     """Executes a plan through the Batch API. ``wait``: collect until done (else submit and stop);
     ``notes``: where status lines go; ``transport``: an ``httpx`` transport for the API (a test seam)."""
 
+    mode = "batch"
+
     def __init__(self, *, wait: bool = True, notes: Callable[[str], None] | None = None, transport: Any = None) -> None:
         self._wait = wait
         self._notes = notes or (lambda message: None)

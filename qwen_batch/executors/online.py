@@ -39,6 +39,8 @@ class OnlineExecutor:
     are cached apart from every real service's, under ``service``).
     """
 
+    mode = "online"
+
     def __init__(self, backend: Backend | None = None, *, service: str = INJECTED_SERVICE) -> None:
         self._backend = backend
         self._injected_service = service
@@ -69,6 +71,16 @@ class OnlineExecutor:
                 stack.callback(event_log.close)
             runner = _runner(plan, backend, sink, local=local, event_log=event_log)
             yield OnlineExecution(plan, runner, base_url, local=local)
+
+
+@asynccontextmanager
+async def service_backend(plan: JobPlan) -> AsyncIterator[Backend]:
+    """The backend (one per model of a sweep) a real run of ``plan`` sends through, with no pool,
+    limits or sink around it: ``verify --resend`` sends a few units again through it."""
+    async with AsyncExitStack() as stack:
+        base_url, api_key = await _endpoint(plan, stack)
+        server = await _server(plan, base_url, api_key)
+        yield await _open_backends(plan, base_url, api_key, server, stack)
 
 
 def _event_log(plan: JobPlan) -> EventLog | None:
