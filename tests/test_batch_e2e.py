@@ -268,6 +268,31 @@ def test_no_wait_exits_75_cancel_keeps_answered_rows_and_a_rerun_collects_the_re
     assert _creates(emulator) == 2
 
 
+def _files(folder: Path) -> dict[Path, bytes]:
+    """Every file's bytes, less SQLite's own -wal/-shm companions (a reader creates them)."""
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and not p.name.endswith(("-wal", "-shm"))}
+
+
+@pytest.mark.parametrize("emulator", [{"batch_line_s": 0.5}], indirect=True)
+def test_fresh_refuses_while_a_batch_may_still_bill_and_starts_over_once_it_is_cancelled(
+    tmp_path: Path, job_env: dict[str, str], emulator: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = _batch_job(tmp_path, _texts(6), batch={"max_requests_per_file": 6})
+    assert main(["run", str(job), "--no-wait"]) == 75
+    checkpoint = tmp_path / "out" / "result.parquet.checkpoint"
+    before = _files(checkpoint)
+    capsys.readouterr()
+    assert main(["run", str(job), "--fresh", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--fresh would leave 1 batch(es)" in err[0] and "qwen-batch cancel" in err[0]
+    assert _files(checkpoint) == before  # nothing moved aside or rewritten
+    assert _creates(emulator) == 1
+    assert main(["cancel", str(job)]) == 0
+    assert main(["run", str(job), "--fresh", "--quiet"]) == 0
+    assert (_output(tmp_path)["status"] == "ok").all()
+    assert list(tmp_path.glob("out/result.parquet.old-*"))  # the old run set aside, not deleted
+
+
 @pytest.mark.parametrize("emulator", [{"batch_line_s": 0.3}], indirect=True)
 def test_a_second_no_wait_run_exits_75_again_then_a_waiting_run_collects(
     tmp_path: Path, job_env: dict[str, str], emulator: Any

@@ -23,6 +23,15 @@ def recorded_batches(checkpoint_dir: Path) -> list[ShardRecord]:
         state.close()
 
 
+def still_running(checkpoint_dir: Path) -> list[ShardRecord]:
+    """The job's batches last seen neither finished nor asked to cancel: they may still bill."""
+    return [
+        shard
+        for shard in recorded_batches(checkpoint_dir)
+        if shard.batch_id is not None and not shard.collected and shard.status not in TERMINAL | {"cancelling"}
+    ]
+
+
 def _when(seconds: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds)) if seconds is not None else "-"
 

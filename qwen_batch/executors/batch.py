@@ -80,9 +80,19 @@ class BatchExecutor:
         return f"BatchExecutor(wait={self._wait})"
 
     def check(self, plan: JobPlan) -> None:
+        from ..batch.commands import still_running
         from .online import OnlineExecutor
 
         OnlineExecutor().check(plan)
+        if plan.options.fresh and (running := still_running(plan.checkpoint_dir)):
+            from ..errors import ConfigError
+
+            listed = ", ".join(shard.batch_id or shard.name for shard in running[:5])
+            more = f" and {len(running) - 5} more" if len(running) > 5 else ""
+            raise ConfigError(
+                f"{plan.checkpoint_dir}: --fresh would leave {len(running)} batch(es) of the previous run "
+                f"running and billing ({listed}{more}); run `qwen-batch cancel {plan.spec.where}` first, then --fresh"
+            )
 
     def service(self, plan: JobPlan) -> str:
         # A batch answer is the model's answer to the same request: shared with online runs.
