@@ -101,6 +101,7 @@ def prepare(
     report = run_preflight(
         rendered(renderers, batches, resume, skip_finished=resume.verified),
         max_input_tokens=_input_limit(variants),
+        input_limits=_input_limits(variants),
         resume=resume,
         over_long_is_error=spec.preflight.over_long == "error",
         price=price,
@@ -172,9 +173,14 @@ def _model_warnings(spec: JobSpec, variants: tuple[Variant, ...]) -> list[str]:
 
 
 def _input_limit(variants: tuple[Variant, ...]) -> int | None:
-    """The input limit rows are checked against: the smallest of the job's models (None if unknown)."""
-    limits = [v.model_info.max_input_tokens for v in variants if v.model_info and v.model_info.max_input_tokens]
+    """The smallest input limit of the job's models (None if unknown)."""
+    limits = [limit for limit in _input_limits(variants).values() if limit]
     return min(limits) if limits else None
+
+
+def _input_limits(variants: tuple[Variant, ...]) -> dict[str, int | None]:
+    """Each model's input limit: a unit is checked against its own model's."""
+    return {v.model: v.model_info.max_input_tokens if v.model_info else None for v in variants}
 
 
 def _check_json_mode(plan: JobPlan) -> None:
@@ -196,11 +202,18 @@ def _prompt_source(spec: JobSpec) -> str:
 def over_long_message(spec: JobSpec, report: PreflightReport, listed: int | None = None) -> str:
     """One line naming the over-long rows by id (the first ``listed``, or all) and the fix."""
     rows = report.over_long if listed is None else report.over_long[:listed]
-    names = ", ".join(f"{row.row_id} ({row.input_tokens} tokens)" for row in rows)
+    models = {row.model for row in report.over_long if row.model}
+    if len(models) > 1:  # a sweep: each row against its own model's limit
+        names = ", ".join(f"{row.row_id} ({row.input_tokens} tokens, {row.model}: {row.limit})" for row in rows)
+        exceed = "exceed their model's input limit"
+    else:
+        model = next(iter(models), spec.model)
+        limit = max((row.limit for row in report.over_long), default=0) or report.max_input_tokens
+        names = ", ".join(f"{row.row_id} ({row.input_tokens} tokens)" for row in rows)
+        exceed = f"exceed {model}'s input limit of {limit} tokens"
     more = f" and {len(report.over_long) - len(rows)} more" if len(rows) < len(report.over_long) else ""
     return (
-        f"{spec.input.path}: {len(report.over_long)} row(s) exceed {spec.model}'s input limit of "
-        f"{report.max_input_tokens} tokens: {names}{more}; shorten them, or set "
+        f"{spec.input.path}: {len(report.over_long)} row(s) {exceed}: {names}{more}; shorten them, or set "
         "preflight.over_long: error to record them as row errors without sending them"
     )
 

@@ -27,6 +27,8 @@ class OverLongRow:
     index: int
     row_id: str
     input_tokens: int
+    model: str = ""
+    limit: int = 0
 
 
 @dataclass(slots=True)
@@ -68,6 +70,14 @@ class PreflightReport:
     to_send_reasoning_price: float | None = None
     # A sweep's units to send per variant number (sweep order); empty for a job of one variant.
     to_send_by_variant: tuple[VariantShare, ...] = ()
+    # Each model's own input limit (a sweep's models differ); ``max_input_tokens`` is the smallest.
+    input_limits: Mapping[str, int | None] | None = None
+
+    def input_limit_of(self, model: str) -> int | None:
+        """The input limit a unit of ``model`` is checked against."""
+        if self.input_limits is None:
+            return self.max_input_tokens
+        return self.input_limits.get(model, self.max_input_tokens)
 
     @property
     def to_send_max_reasoning_tokens(self) -> int:
@@ -161,6 +171,7 @@ def run_preflight(
     max_tokens: int = 0,
     reasoning_cap: int = 0,
     prices: Mapping[str, Price | None] | None = None,
+    input_limits: Mapping[str, int | None] | None = None,
 ) -> PreflightReport:
     """Count and check every rendered row; see PreflightReport.
 
@@ -171,7 +182,8 @@ def run_preflight(
     A thinking job's rows may also bill ``reasoning_cap`` reasoning tokens each: the maximum
     counts them at the thinking price (``to_send_reasoning_price`` sums it like the output's).
     With a cache, rows it would answer count as ``cached``, not as rows to send. ``prices``
-    maps each model of a sweep to its own price (``price`` is the first variant's).
+    maps each model of a sweep to its own price (``price`` is the first variant's), and
+    ``input_limits`` to its own input limit (``max_input_tokens`` is then the smallest).
     When ``resume.verified``, the finished rows are not in ``batches`` at all: they are
     counted from the resume index (each with ``max_tokens``), and not listed as over-long.
     """
@@ -196,9 +208,11 @@ def run_preflight(
             requests += 1
             tokens += item.input_tokens
             max_out += item.max_tokens
-            too_long = max_input_tokens is not None and item.input_tokens > max_input_tokens
+            model = item.model if type(item) is Request else ""  # a finished row: checked at the smallest
+            limit = max_input_tokens if input_limits is None else input_limits.get(model, max_input_tokens)
+            too_long = limit is not None and item.input_tokens > limit
             if too_long:
-                over_long.append(OverLongRow(item.index, item.row_id, item.input_tokens))
+                over_long.append(OverLongRow(item.index, item.row_id, item.input_tokens, model, limit or 0))
             if resume is not None and resume.is_finished(item.index):
                 if not resume.matches(item) and len(mismatched) < MAX_LISTED_MISMATCHES:
                     mismatched.append(item.row_id)
@@ -260,5 +274,6 @@ def run_preflight(
         mismatched_row_ids=tuple(mismatched),
         reasoning_cap=reasoning_cap,
         to_send_reasoning_price=reasoning_price if price is not None else None,
+        input_limits=input_limits,
         to_send_by_variant=tuple(shares.get(number, VariantShare()) for number in range(max(shares, default=-1) + 1)),
     )

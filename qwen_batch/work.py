@@ -32,7 +32,7 @@ def work_items(plan: JobPlan, cache: ServiceCache | None) -> Iterator[list[WorkI
     Rows an earlier run finished are skipped before rendering, and the token counts the
     preflight made are reused, so this second pass over the table is cheap.
     """
-    over_long_limit = plan.preflight.max_input_tokens
+    limit_of = plan.preflight.input_limit_of
     json_mode = asks_json(plan.spec)
     needs_json_word = refuses_rows(plan.spec, emulate=plan.options.emulate)
     batches = rendered(
@@ -46,8 +46,8 @@ def work_items(plan: JobPlan, cache: ServiceCache | None) -> Iterator[list[WorkI
         for item in batch:
             if isinstance(item, RowProblem):
                 items.append(_problem_outcome(item))
-            elif over_long_limit is not None and item.input_tokens > over_long_limit:
-                items.append(_over_long_outcome(item, over_long_limit))
+            elif (limit := limit_of(item.model)) is not None and item.input_tokens > limit:
+                items.append(_over_long_outcome(item, limit))
             elif needs_json_word and not has_json_word(item.messages):
                 items.append(_no_json_word_outcome(item))
             else:

@@ -84,6 +84,26 @@ def test_over_long_rows_become_row_errors_without_being_sent(tmp_path: Path, job
     assert all(entry["input_tokens"] < 6000 for entry in emulator.ledger)
 
 
+def test_each_model_of_a_sweep_checks_a_row_against_its_own_input_limit(
+    tmp_path: Path, job_env: dict, emulator: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """6,100 tokens: over qwen-turbo's 6,000, under qwen-plus's 30,000."""
+    sweep = {"model": ["qwen-turbo", "qwen-plus"]}
+    (tmp_path / "strict").mkdir()
+    strict = sentences_job(tmp_path / "strict", ["short", OVER_LONG_TEXT], sweep=sweep)
+    assert main(["run", str(strict), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "1 row(s) exceed qwen-turbo's input limit of 6000 tokens: r001" in err
+    assert emulator.ledger == []
+    job = sentences_job(tmp_path, ["short", OVER_LONG_TEXT], sweep=sweep, preflight={"over_long": "error"})
+    assert main(["run", str(job), "--quiet"]) == 1
+    frame = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    assert frame["model"].to_list() == ["qwen-turbo", "qwen-plus", "qwen-turbo", "qwen-plus"]
+    assert frame["status"].to_list() == ["ok", "ok", "error", "ok"]
+    assert "Range of input length should be [1, 6000]" in frame["error_message"][2]
+    assert sorted(entry["model"] for entry in emulator.ledger) == ["qwen-plus", "qwen-plus", "qwen-turbo"]
+
+
 def test_model_limits_in_the_spec_override_the_catalog(tmp_path: Path, job_env: dict, emulator: Any) -> None:
     job = sentences_job(tmp_path, ["a somewhat longer row of text to count", "hi"], model_limits={"max_input_tokens": 25})
     assert main(["run", str(job), "--quiet"]) == 2
