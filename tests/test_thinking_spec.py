@@ -187,7 +187,10 @@ def _log(records: list[dict[str, Any]], drop: tuple[str, ...] = ()) -> pl.LazyFr
 
 
 def _plan(rows: int, price: Price | None) -> Any:
-    return SimpleNamespace(rows=rows, price=price, spec=SimpleNamespace(name="j", model="m", parameters=SimpleNamespace(response_format=None)), output_path=Path("o.parquet"))
+    spec = SimpleNamespace(name="j", model="m", parameters=SimpleNamespace(response_format=None))
+    return SimpleNamespace(
+        rows=rows, units=rows, units_per_row=1, samples=1, variants=(), price=price, spec=spec, output_path=Path("o.parquet")
+    )
 
 
 STATS = RunStatistics(3, 3, 3, 0, {}, 0, 0.0, 0, 0, 0.0, 0, 0, 0, 1.0)
