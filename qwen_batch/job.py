@@ -309,13 +309,18 @@ async def execute(
                 )
             )
             wrote_output = True
-        # A local server has no price: the summary's cost is null, not the catalog's.
-        priced = plan if execution.price is plan.price else dataclasses.replace(plan, price=execution.price)
-        summary = build_summary(priced, log, statistics, stop_reason)
+        summary = build_summary(_as_billed(plan, execution), log, statistics, stop_reason)
         write_summary_json(plan.summary_path, summary)
         if wrote_output:
             _write_run_manifest(plan, new_run_id(started), started, executor.mode)
     return JobResult(statistics, summary, stop_reason, execution.stop_detail, wrote_output)
+
+
+def _as_billed(plan: JobPlan, execution: Execution) -> JobPlan:
+    """The plan priced as its execution billed it, each model of a sweep apart: a local server
+    has no price (the summary's cost is null, not the catalog's), the Batch API half."""
+    variants = tuple(dataclasses.replace(v, price=execution.prices.get(v.model, v.price)) for v in plan.variants)
+    return dataclasses.replace(plan, price=execution.price, variants=variants)
 
 
 def _write_run_manifest(plan: JobPlan, run_id: str, started: Any, mode: str) -> None:

@@ -226,7 +226,8 @@ def render_summary(summary: dict[str, Any], out: TextIO) -> None:
     table.add_column("what")
     table.add_column("value")
     rows = summary["rows"]
-    table.add_row("model", summary["model"])
+    models = list(summary["cost"].get("by_model") or [summary["model"]])
+    table.add_row("models" if len(models) > 1 else "model", ", ".join(models))
     table.add_row("rows", f"{rows['total']} total, {rows['ok']} ok, {rows['error']} error, {rows['not_done']} not done")
     for code, count in summary["errors_by_code"].items():
         table.add_row(f"  error {code}", str(count))
@@ -241,6 +242,10 @@ def render_summary(summary: dict[str, Any], out: TextIO) -> None:
         reasoning_cost = _money(cost["reasoning"], currency)
         table.add_row("  reasoning", f"{tokens['reasoning']} of the output tokens, costing {reasoning_cost}")
     table.add_row("cost", _money(cost["total"], currency))
+    by_variant = summary.get("by_variant") or {}
+    if len(by_variant) > 1:
+        for name, entry in by_variant.items():
+            table.add_row(f"  {name}", _variant_line(entry, currency))
     table.add_row("price source", cost["price_source"])
     cache = summary["cache"]
     if cache["hits"]:
@@ -259,6 +264,15 @@ def render_summary(summary: dict[str, Any], out: TextIO) -> None:
             "parameters.thinking_budget, then re-run them with --fresh",
             file=out,
         )
+
+
+def _variant_line(entry: dict[str, Any], currency: str) -> str:
+    """One variant of a sweep in the summary: its units, tokens and cost."""
+    rows, tokens = entry["rows"], entry["tokens"]
+    return (
+        f"{rows['ok']} ok, {rows['error']} error of {rows['total']}; "
+        f"{tokens['input']} in, {tokens['output']} out; {_money(entry['cost'], currency)}"
+    )
 
 
 def render_status(status: Any, out: TextIO) -> None:

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 
 COST_DECIMALS = 10  # sums of float costs, without binary noise like 0.03820000000000001
-SUMMARY_COLUMNS = ["index", "status", "error_code", "input_tokens", "output_tokens", "cost", "cached", "parse_status"]
+SUMMARY_COLUMNS = ["index", "status", "error_code", "input_tokens", "output_tokens", "cost", "cached", "parse_status", "model"]
 TRUNCATED_IN_THINKING = "truncated_in_thinking"
 ESTIMATED = "usage_estimated"
 PARSE_STATUSES = ("ok", "invalid_json", "schema_mismatch")
@@ -75,15 +75,17 @@ def build_summary(
     reasoning_tokens = int(paid["reasoning_tokens"].sum())
     price = plan.price
     cost = round(float(frame["cost"].fill_null(0.0).sum()), COST_DECIMALS) if price is not None else None
+    prices = _billed_prices(plan)
     saved = None
     if price is not None:
         saved = round(
             sum(
-                pricing.cost(price, i or 0, o or 0, r) or 0.0
-                for i, o, r in zip(
+                pricing.cost(prices.get(m, price), i or 0, o or 0, r) or 0.0
+                for i, o, r, m in zip(
                     cached["input_tokens"].to_list(),
                     cached["output_tokens"].to_list(),
                     cached["reasoning_tokens"].to_list(),
+                    cached["model"].to_list(),
                 )
             ),
             COST_DECIMALS,
@@ -118,7 +120,7 @@ def build_summary(
             "currency": price.currency if price else CURRENCY,
             "total": cost,
             "by_model": _cost_by_model(frame, plan) if len(plan.variants) > 1 else {model: cost},
-            "reasoning": _reasoning_cost(paid, price),
+            "reasoning": _reasoning_cost_by_model(paid, prices, price),
             "price_source": price.source if price else "unknown: no price for this model",
         },
         "cache": {"hits": cached.height, "saved_cost": saved},
@@ -204,6 +206,23 @@ def truncated_in_thinking() -> pl.Expr:
         & (pl.col("output_text").fill_null("") == "")
         & (pl.col("reasoning_tokens").fill_null(0) > 0)
     ).fill_null(False).alias(TRUNCATED_IN_THINKING)
+
+
+def _billed_prices(plan: JobPlan) -> dict[str, Price | None]:
+    """Each model's price as billed (job.py prices the plan as its execution billed it)."""
+    return {variant.model: variant.price for variant in plan.variants} or {plan.spec.model: plan.price}
+
+
+def _reasoning_cost_by_model(paid: pl.DataFrame, prices: dict[str, Price | None], price: Price | None) -> float | None:
+    """The reasoning cost of each model's rows at its own price, summed; None when unknown."""
+    import polars as pl
+
+    if price is None:
+        return None
+    if len(prices) < 2:
+        return _reasoning_cost(paid, price)
+    costs = [_reasoning_cost(paid.filter(pl.col("model") == model), each) for model, each in prices.items()]
+    return round(sum(cost or 0.0 for cost in costs), COST_DECIMALS)
 
 
 def _reasoning_cost(paid: pl.DataFrame, price: Price | None) -> float | None:

@@ -76,7 +76,7 @@ def test_a_sweep_of_two_models_two_temperatures_and_three_samples_gives_240_rows
 
 
 def test_the_summary_breaks_rows_tokens_and_cost_down_by_variant_and_model(
-    tmp_path: Path, job_env: dict, emulator: Any
+    tmp_path: Path, job_env: dict, emulator: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     job = sentences_job(tmp_path, _texts(5), samples=2, sweep={"model": ["qwen-plus", "qwen-turbo"]})
     assert main(["run", str(job), "--quiet"]) == 0
@@ -94,6 +94,14 @@ def test_the_summary_breaks_rows_tokens_and_cost_down_by_variant_and_model(
     assert summary["cost"]["by_model"] == pytest.approx(dict(by_model.iter_rows()))
     # Each model at its own price: the same tokens cost more on qwen-plus.
     assert summary["cost"]["by_model"]["qwen-plus"] > summary["cost"]["by_model"]["qwen-turbo"]
+    # Started over, every unit is answered from the cache: the saving is each model's own cost.
+    assert main(["run", str(job), "--fresh"]) == 0
+    shown = capsys.readouterr().out
+    assert "qwen-plus, qwen-turbo" in shown
+    assert all(f"{variant} " in shown and "10 ok, 0 error of 10" in shown for variant in summary["by_variant"])
+    again = read_summary(tmp_path / "out" / "result.parquet")
+    assert again["cache"]["hits"] == 20
+    assert again["cache"]["saved_cost"] == pytest.approx(summary["cost"]["total"])
 
 
 def test_samples_without_a_sweep_have_an_empty_variant_and_consecutive_seeds(

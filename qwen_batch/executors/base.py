@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Protocol
 
@@ -29,6 +29,10 @@ class Execution(Protocol):
     @property
     def price(self) -> Price | None:
         """The price this execution's rows are billed at (None: unknown, or a local server, which has none)."""
+
+    @property
+    def prices(self) -> Mapping[str, Price | None]:
+        """Each model's billed price, as ``price`` is the (first) model's: a sweep's models differ."""
 
     def statistics(self) -> RunStatistics: ...
 

@@ -135,7 +135,7 @@ class BatchExecution:
         self._spec = plan.spec.batch
         self.price: Price | None = batch_price(plan.price) if plan.price is not None else None
         # A sweep's models each have their price and mode; a unit's variant names them.
-        self._prices = {variant.model: _batch_price_or_none(variant.price) for variant in plan.variants}
+        self.prices = {variant.model: _batch_price_or_none(variant.price) for variant in plan.variants}
         self._thinking = tuple(variant.mode.thinking for variant in plan.variants) or (plan.mode.thinking,)
         self._units_per_row = (max(1, len(plan.variants)), plan.samples)
         self.rate_limits: tuple[float | None, float | None] = (None, None)  # the real-time limits do not apply
@@ -410,7 +410,7 @@ class BatchExecution:
 
     def _price_of(self, model: str) -> Price | None:
         """The batch price of a unit's model (the job's, without a sweep)."""
-        return self._prices.get(model, self.price)
+        return self.prices.get(model, self.price)
 
     def _thinks(self, index: int) -> bool:
         """Whether the unit's variant runs in thinking mode (its shard key: one mode per file)."""

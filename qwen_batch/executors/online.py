@@ -278,6 +278,7 @@ class OnlineExecution:
         self._base_url = base_url
         self.rate_limits = _rate_limits(plan, local)
         self.price: Price | None = None if local else plan.price
+        self.prices: dict[str, Price | None] = {v.model: None if local else v.price for v in plan.variants}
 
     @property
     def stop_reason(self) -> str | None:
