@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, overload
 
+from . import pricing
 from .catalog import Price
 from .render import Renderer, RowProblem
 from .resume import DoneRow, ResumeIndex
@@ -53,6 +54,10 @@ class PreflightReport:
     # price of one reasoning token summed over those rows, each at its own tier.
     reasoning_cap: int = 0
     to_send_reasoning_price: float | None = None
+    # JSON mode (issue 15): the re-asks a row may make (output.json_retries) and, if every row
+    # made them all, their input tokens at most (``to_send_cost_max`` includes their cost).
+    reasks_per_row: int = 0
+    to_send_reask_input_tokens_max: int = 0
 
     @property
     def to_send_max_reasoning_tokens(self) -> int:
@@ -146,6 +151,8 @@ def run_preflight(
     max_tokens: int = 0,
     reasoning_cap: int = 0,
     prices: Mapping[str, Price | None] | None = None,
+    reasks: int = 0,
+    reask_frame: int = 0,
 ) -> PreflightReport:
     """Count and check every rendered row; see PreflightReport.
 
@@ -159,9 +166,12 @@ def run_preflight(
     maps each model of a sweep to its own price (``price`` is the first variant's).
     When ``resume.verified``, the finished rows are not in ``batches`` at all: they are
     counted from the resume index (each with ``max_tokens``), and not listed as over-long.
+    A JSON-mode row may be asked again ``reasks`` times, each re-ask resending the
+    conversation grown by its answer (at most ``max_tokens``) and ``reask_frame`` tokens
+    (``structured.reask_frame_tokens``): the maximum counts every row making them all.
     """
     rows = requests = problems = tokens = max_out = cached = 0
-    to_send = to_send_tokens = to_send_max_out = 0
+    to_send = to_send_tokens = to_send_max_out = reask_tokens = 0
     cost_min = cost_max = output_price = reasoning_price = 0.0
     over_long: list[OverLongRow] = []
     mismatched: list[str] = []
@@ -207,6 +217,11 @@ def run_preflight(
                 cost_max += reasoning_cap * reasoning
                 output_price += tier.output_per_million / 1_000_000
                 reasoning_price += reasoning
+            for k in range(1, reasks + 1):
+                asked = item.input_tokens + k * (item.max_tokens + reask_frame)
+                reask_tokens += asked
+                if item_price is not None:
+                    cost_max += pricing.worst_case_cost(item_price, asked, item.max_tokens, reasoning_cap) or 0.0
     if resume is not None and resume.verified:
         finished = resume.count()
         rows += finished
@@ -232,4 +247,6 @@ def run_preflight(
         mismatched_row_ids=tuple(mismatched),
         reasoning_cap=reasoning_cap,
         to_send_reasoning_price=reasoning_price if price is not None else None,
+        reasks_per_row=reasks,
+        to_send_reask_input_tokens_max=reask_tokens,
     )
