@@ -16,11 +16,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .structured import REASK_ERROR_MAX_BYTES
+
 if TYPE_CHECKING:
     from .plan import JobPlan
+    from .preflight import PreflightReport
 
 MIN_DONE_FOR_MEAN = 20
 REASONING_BASIS = "assumption: every row thinks up to its cap (thinking length cannot be told from the prompt)"
+REASK_BASIS = (
+    "worst case: every row's answer fails to parse {n} time(s) (output.json_retries); each re-ask resends "
+    "the conversation with the answer (at most max_tokens) and the parse error (at most "
+    f"{REASK_ERROR_MAX_BYTES} bytes); the expected cost assumes none"
+)
 
 
 def expected_output_per_row(plan: JobPlan, done_mean: float | None, done_rows: int) -> tuple[float, str]:
@@ -44,6 +52,20 @@ def _batch_cost(online: dict[str, Any]) -> dict[str, Any]:
         key: None if online[key] is None else round(online[key] * BATCH_PRICE_FACTOR, 6) for key in ("min", "expected", "max")
     }
     return {**figures, "source": BATCH_PRICE_SOURCE if online["min"] is not None else online["source"]}
+
+
+def _reasks(report: PreflightReport) -> dict[str, Any] | None:
+    """A JSON-mode job's re-asks at most (None when it makes none): the cost maximum includes them."""
+    per_row = report.reasks_per_row
+    if not per_row:
+        return None
+    return {
+        "per_row_max": per_row,
+        "requests_max": per_row * report.to_send,
+        "input_tokens_max": report.to_send_reask_input_tokens_max,
+        "output_tokens_max": per_row * report.to_send_max_output_tokens,
+        "basis": REASK_BASIS.format(n=per_row),
+    }
 
 
 def build_estimate(
@@ -101,6 +123,7 @@ def build_estimate(
             "per_row_cap": report.reasoning_cap,
             "expected_basis": REASONING_BASIS if report.reasoning_cap else "the job does not think",
         },
+        "json_reasks": _reasks(report),
         "cost": cost,
         "time": {
             "requests_per_minute": requests_per_minute,

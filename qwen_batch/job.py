@@ -109,6 +109,7 @@ def prepare(
         cache=cache,
         max_tokens=renderer.max_tokens,
         reasoning_cap=mode.reasoning_cap,
+        **_reask_bounds(spec),
     )
     if report.mismatched_row_ids:
         raise InputError(
@@ -181,6 +182,17 @@ def _input_limit(variants: tuple[Variant, ...]) -> int | None:
 def _input_limits(variants: tuple[Variant, ...]) -> dict[str, int | None]:
     """Each model's input limit: a unit is checked against its own model's."""
     return {v.model: v.model_info.max_input_tokens if v.model_info else None for v in variants}
+
+
+def _reask_bounds(spec: JobSpec) -> dict[str, int]:
+    """The preflight's JSON-mode arguments: a row's re-asks and what each adds besides its answer."""
+    from .jsonmode import asks_json
+
+    if not asks_json(spec) or spec.output.json_retries == 0:
+        return {}
+    from .structured import reask_frame_tokens
+
+    return {"reasks": spec.output.json_retries, "reask_frame": reask_frame_tokens(spec.model)}
 
 
 def _check_json_mode(plan: JobPlan) -> None:

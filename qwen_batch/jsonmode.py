@@ -22,13 +22,18 @@ def asks_json(spec: JobSpec) -> bool:
     return fmt is not None and fmt.type in JSON_MODES
 
 
-def json_mode_of(spec: JobSpec) -> JsonMode | None:
+def json_mode_of(spec: JobSpec, *, emulate: bool = False) -> JsonMode | None:
     """The JSON mode of ``spec``'s requests, or None when it asks for text (the usual case)."""
+    from .servers import format_tokens
+
     fmt = spec.parameters.response_format
     if fmt is None or fmt.type not in JSON_MODES:
         return None
     schema = fmt.json_schema.schema_ if fmt.json_schema is not None else None
-    return JsonMode(fmt.type, schema, retries=spec.output.json_retries, protocol=spec.api.protocol)
+    return JsonMode(
+        fmt.type, schema, retries=spec.output.json_retries, protocol=spec.api.protocol,
+        format_tokens=format_tokens(spec, emulate=emulate),
+    )
 
 
 def refusal(plan: JobPlan, *, server: str | None = None) -> str | None:

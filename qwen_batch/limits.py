@@ -131,6 +131,22 @@ class RequestRateLimiter:
         """Return when one more request may be sent."""
         await self._limiter.acquire(1)
 
+    def has_room(self) -> bool:
+        """Whether one more request may be sent now, without waiting."""
+        return self._limiter.has_capacity(1)
+
+    def take(self) -> None:
+        """Charge one request now; only right after ``has_room`` said yes."""
+        _charge(self._limiter, 1.0)
+
+
+def _charge(limiter: AsyncLimiter, amount: float) -> None:
+    """What ``AsyncLimiter.acquire`` does once it has capacity, without its coroutine: the
+    hot path charges every request, nearly always with room to spare. ``_level`` and
+    ``_wake_next`` as in ``_RefundableLimiter``."""
+    limiter._level += amount
+    limiter._wake_next()
+
 
 class _RefundableLimiter(AsyncLimiter):
     """An AsyncLimiter that can give capacity back.
@@ -175,8 +191,22 @@ class TokenRateLimiter:
 
     async def acquire(self, tokens: int) -> float:
         """Wait until ``tokens`` may be charged, charge them; return the amount charged."""
-        amount = min(float(max(tokens, 0)), self.bucket)
+        amount = self.charge_of(tokens)
         await self._limiter.acquire(amount)
+        return amount
+
+    def charge_of(self, tokens: int) -> float:
+        """What ``acquire(tokens)`` charges (clamped to the bucket)."""
+        return min(float(max(tokens, 0)), self.bucket)
+
+    def has_room(self, tokens: int) -> bool:
+        """Whether ``tokens`` may be charged now, without waiting."""
+        return self._limiter.has_capacity(self.charge_of(tokens))
+
+    def take(self, tokens: int) -> float:
+        """Charge ``tokens`` now and return the amount; only right after ``has_room`` said yes."""
+        amount = self.charge_of(tokens)
+        _charge(self._limiter, amount)
         return amount
 
     def refund(self, tokens: float) -> None:
@@ -368,6 +398,26 @@ class AdaptiveThrottle:
             if epoch == self._epoch and now >= self._cooldown_until:
                 break
             # A 429 arrived while we waited: our slot was planned at the old rate.
+        self._count_sent(now, tokens)
+
+    def turn_now(self, tokens: int = 0) -> bool:
+        """``wait_turn`` when it would not wait (no cool-down, no paced slot ahead), without its
+        coroutine: True when the turn was taken, False (nothing changed) when it must wait."""
+        now = self._clock()
+        if now < self._cooldown_until:
+            return False
+        requests, token_rate = self._requests, self._tokens
+        paces_tokens = token_rate.rate is not None and tokens > 0
+        if (requests.rate is not None and requests.next_slot > now) or (paces_tokens and token_rate.next_slot > now):
+            return False
+        if requests.rate is not None:
+            requests.next_slot = now + 1.0 / requests.rate
+        if paces_tokens:
+            token_rate.next_slot = now + tokens / token_rate.rate  # type: ignore[operator]
+        self._count_sent(now, tokens)
+        return True
+
+    def _count_sent(self, now: float, tokens: int) -> None:
         sample = self._sample
         if sample.sent == 0 and sample.answers == 0:
             # A sample's sending time starts with its first request: the first one's would
@@ -823,6 +873,23 @@ class Limits:
 
     def __repr__(self) -> str:
         return f"Limits(requests={self.requests!r}, tokens={self.tokens!r}, throttle={self.throttle!r})"
+
+    def send_now(self, tokens: int) -> bool:
+        """Charge one request worth ``tokens`` if every limit has room now (the common case,
+        without a coroutine); False, with nothing charged, when it must ``wait_to_send``."""
+        requests, token_limit = self.requests, self.tokens
+        if requests is not None and not requests.has_room():
+            return False
+        if token_limit is not None and not token_limit.has_room(tokens):
+            return False
+        if not self.throttle.turn_now(tokens):
+            return False
+        # No await since the checks: the room they saw is still there.
+        if requests is not None:
+            requests.take()
+        if token_limit is not None:
+            token_limit.take(tokens)
+        return True
 
     async def wait_to_send(self, tokens: int) -> None:
         """Wait until one request worth ``tokens`` may be sent, and charge it."""

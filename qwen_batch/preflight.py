@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, overload
 
+from . import pricing
 from .catalog import Price
 from .render import Renderer, RowProblem
 from .resume import DoneRow, ResumeIndex
@@ -78,6 +79,10 @@ class PreflightReport:
         if self.input_limits is None:
             return self.max_input_tokens
         return self.input_limits.get(model, self.max_input_tokens)
+    # JSON mode (issue 15): the re-asks a row may make (output.json_retries) and, if every row
+    # made them all, their input tokens at most (``to_send_cost_max`` includes their cost).
+    reasks_per_row: int = 0
+    to_send_reask_input_tokens_max: int = 0
 
     @property
     def to_send_max_reasoning_tokens(self) -> int:
@@ -172,6 +177,8 @@ def run_preflight(
     reasoning_cap: int = 0,
     prices: Mapping[str, Price | None] | None = None,
     input_limits: Mapping[str, int | None] | None = None,
+    reasks: int = 0,
+    reask_frame: int = 0,
 ) -> PreflightReport:
     """Count and check every rendered row; see PreflightReport.
 
@@ -186,9 +193,12 @@ def run_preflight(
     ``input_limits`` to its own input limit (``max_input_tokens`` is then the smallest).
     When ``resume.verified``, the finished rows are not in ``batches`` at all: they are
     counted from the resume index (each with ``max_tokens``), and not listed as over-long.
+    A JSON-mode row may be asked again ``reasks`` times, each re-ask resending the
+    conversation grown by its answer (at most ``max_tokens``) and ``reask_frame`` tokens
+    (``structured.reask_frame_tokens``): the maximum counts every row making them all.
     """
     rows = requests = problems = tokens = max_out = cached = 0
-    to_send = to_send_tokens = to_send_max_out = 0
+    to_send = to_send_tokens = to_send_max_out = reask_tokens = 0
     cost_min = cost_max = output_price = reasoning_price = 0.0
     over_long: list[OverLongRow] = []
     mismatched: list[str] = []
@@ -249,6 +259,14 @@ def run_preflight(
                     share.cost_max += unit_max
                     share.output_price += tier.output_per_million / 1_000_000
                     share.reasoning_price += reasoning
+            for k in range(1, reasks + 1):
+                asked = item.input_tokens + k * (item.max_tokens + reask_frame)
+                reask_tokens += asked
+                if item_price is not None:
+                    reask_max = pricing.worst_case_cost(item_price, asked, item.max_tokens, reasoning_cap) or 0.0
+                    cost_max += reask_max
+                    if share is not None:
+                        share.cost_max += reask_max
     if resume is not None and resume.verified:
         finished = resume.count()
         rows += finished
@@ -276,4 +294,6 @@ def run_preflight(
         to_send_reasoning_price=reasoning_price if price is not None else None,
         input_limits=input_limits,
         to_send_by_variant=tuple(shares.get(number, VariantShare()) for number in range(max(shares, default=-1) + 1)),
+        reasks_per_row=reasks,
+        to_send_reask_input_tokens_max=reask_tokens,
     )

@@ -89,7 +89,8 @@ class Renderer:
     nor ``model_limits.max_output_tokens`` is set. ``reasoning_cap`` is the most reasoning
     tokens a request may bill on top of its answer (``modes.Mode.reasoning_cap``), carried by
     every request for the budget's worst case; ``thinking`` says the requests think, so an
-    unset ``result_format`` is "message" whatever the model's default.
+    unset ``result_format`` is "message" whatever the model's default. ``format_tokens`` is
+    what the service adds to every request's input for its json mode (``jsonmode.format_tokens``).
     """
 
     def __init__(
@@ -104,6 +105,7 @@ class Renderer:
         sample: int = 0,
         slot: int = 0,
         units_per_row: int = 1,
+        format_tokens: int = 0,
     ) -> None:
         check_against_model(spec, model_info)
         # Which unit of each row this renderer makes (variants.py): its dense index is
@@ -154,6 +156,7 @@ class Renderer:
             else 0
         )
         self._count_message = message_counter(self.model)
+        self._format_tokens = format_tokens
 
     @property
     def parameters(self) -> dict[str, Any]:
@@ -182,9 +185,11 @@ class Renderer:
         model = self.model
         if input_tokens is None:
             if content is None:
-                input_tokens = count_messages(messages, model)
+                input_tokens = count_messages(messages, model) + self._format_tokens
             else:
-                input_tokens = self._system_tokens + GENERATION_PROMPT_TOKENS + self._count_message("user", content)
+                input_tokens = (
+                    self._system_tokens + GENERATION_PROMPT_TOKENS + self._count_message("user", content) + self._format_tokens
+                )
         return Request(
             index=index,
             row_id=row_id,

@@ -321,6 +321,14 @@ def render_estimate(estimate: dict[str, Any], out: TextIO) -> None:
             f"0 .. {reasoning['max']} (expected {reasoning['expected']}, at most {reasoning['per_row_cap']} a row)",
         )
         table.add_row("  expected from", reasoning["expected_basis"])
+    reasks = estimate["json_reasks"]
+    if reasks is not None:
+        table.add_row(
+            "JSON re-asks",
+            f"0 .. {reasks['requests_max']} requests ({reasks['per_row_max']} a row at most), "
+            f"0 .. {reasks['input_tokens_max']} input and 0 .. {reasks['output_tokens_max']} output tokens",
+        )
+        table.add_row("  at most", reasks["basis"])
     if cost["min"] is None:
         table.add_row("cost", "unknown (no price for this model)")
     else:

@@ -354,7 +354,8 @@ class Runner:
             begun += 1
             if begun > 1:
                 counters.retries += 1
-            await limits.wait_to_send(charge)
+            if not limits.send_now(charge):
+                await limits.wait_to_send(charge)
             if events is not None:
                 events.attempt_started()
                 on_wire = True

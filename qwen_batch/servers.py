@@ -132,6 +132,17 @@ def dashscope_rules_bind(spec: JobSpec, *, emulate: bool) -> bool:
     return api.server == "auto" and is_dashscope_host(base_url)
 
 
+def format_tokens(spec: JobSpec, *, emulate: bool) -> int:
+    """Input tokens the service adds to each of ``spec``'s requests for its json mode: DashScope's
+    for ``json_object`` (``tokens.JSON_OBJECT_INPUT_TOKENS``) where its rules bind, else 0."""
+    from .tokens import response_format_tokens
+
+    fmt = spec.parameters.response_format
+    if fmt is None or not dashscope_rules_bind(spec, emulate=emulate):
+        return 0
+    return response_format_tokens(fmt.type)
+
+
 def server_of_models(body: Any) -> str | None:
     """The server a ``GET /models`` body names by its first model's ``owned_by``, or None."""
     try:

@@ -764,6 +764,7 @@ def load_spec(path: Path, catalog: Catalog | None = None) -> JobSpec:
     if not isinstance(data, dict):
         kind = "empty" if data is None else f"a {type(data).__name__}, not a mapping of keys"
         raise SpecError(f"{path}: the job file is {kind}; it must be a YAML mapping with model, input and prompt")
+    _read_schema_file(data, path)
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:
@@ -773,6 +774,53 @@ def load_spec(path: Path, catalog: Catalog | None = None) -> JobSpec:
 
     check_against_model(spec, resolve_model(spec, catalog or for_job(spec.catalog)))
     return spec
+
+
+SCHEMA_KEY = "parameters.response_format.json_schema.schema"
+SCHEMA_MAX_BYTES = 1024 * 1024  # a schema is a page of JSON; anything larger is a mistake
+
+
+def _read_schema_file(data: dict[str, Any], path: Path) -> None:
+    """A schema given as a path (a string, relative to the job file's folder) becomes the JSON
+    object its file holds, in ``data``, before validation: the rest of the job, its
+    fingerprints included, sees the schema itself. A file that is missing, unreadable, not
+    JSON or not a JSON Schema is a SpecError naming the key and the file."""
+    from .paths import expanded, read_bounded, resolved
+
+    parameters = data.get("parameters")
+    response_format = parameters.get("response_format") if isinstance(parameters, dict) else None
+    json_schema = response_format.get("json_schema") if isinstance(response_format, dict) else None
+    if not isinstance(json_schema, dict) or not isinstance(json_schema.get("schema"), str):
+        return
+    raw = json_schema["schema"]
+    file = resolved(resolved(path, "job file", SpecError).parent / expanded(raw), SCHEMA_KEY, SpecError)
+    try:
+        text = read_bounded(file, "schema file", "the path", SCHEMA_MAX_BYTES, SpecError)
+    except SpecError as exc:
+        raise SpecError(f"{path}: {SCHEMA_KEY}: {exc}") from None
+    json_schema["schema"] = _schema_of_file(text, file, path)
+
+
+def _schema_of_file(text: bytes, file: Path, path: Path) -> dict[str, Any]:
+    """The JSON Schema a schema file holds; a SpecError naming the key and ``file`` otherwise."""
+    import json
+
+    from .structured import schema_problem
+
+    where = f"{path}: {SCHEMA_KEY}: {file}"
+    try:
+        schema = json.loads(text.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{where}: not UTF-8 text (byte {exc.start}); save the schema file as UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); fix the file") from None
+    if not isinstance(schema, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(schema), "a number")
+        raise SpecError(f"{where}: holds {kind}, not an object; a schema file holds one JSON Schema object")
+    problem = schema_problem(schema)
+    if problem is not None:
+        raise SpecError(f"{where}: not a valid JSON Schema ({problem}); fix the schema")
+    return schema
 
 
 def _read_job_file(path: Path) -> str:

@@ -29,6 +29,9 @@ ERROR_CODES: dict[str, str] = {"invalid_json": "InvalidJSON", "schema_mismatch":
 """The row's ``error_code`` when its last answer still does not parse, by parse status."""
 REASK_TEXT = "Correct your JSON ONLY RESPONSE, based on the following errors:\n{error}"
 """The re-ask turn, instructor's own wording (research-wave2 B.2)."""
+REASK_ERROR_MAX_BYTES = 500
+"""The most of a parse error a re-ask carries, in UTF-8 bytes: a schema error quotes the failing
+value, which can be the whole answer, and a bounded error turn bounds the worst case."""
 CUT_BY_LENGTH = " (the answer was cut at max_tokens, finish_reason length: not asked again; raise parameters.max_tokens)"
 JSON_WORD = "json"
 JSON_WORD_MISSING = (
@@ -125,8 +128,11 @@ class JsonMode:
     cache key; its input tokens are counted like a rendered request's.
     """
 
-    def __init__(self, kind: str, schema: dict[str, Any] | None, *, retries: int, protocol: str) -> None:
+    def __init__(
+        self, kind: str, schema: dict[str, Any] | None, *, retries: int, protocol: str, format_tokens: int = 0
+    ) -> None:
         self.kind = kind
+        self._format_tokens = format_tokens
         self.retries = retries
         self.check = AnswerCheck(schema)
         self._protocol = protocol
@@ -139,13 +145,13 @@ class JsonMode:
         messages = [
             *request.messages,
             {"role": "assistant", "content": answer},
-            {"role": "user", "content": REASK_TEXT.format(error=parsed.error)},
+            {"role": "user", "content": REASK_TEXT.format(error=reask_error(parsed.error or ""))},
         ]
         return replace(
             request,
             messages=messages,
             fingerprint=self._fingerprint(request, messages),
-            input_tokens=count_messages(messages, request.model),
+            input_tokens=count_messages(messages, request.model) + self._format_tokens,
         )
 
     def _fingerprint(self, request: Request, messages: Sequence[Mapping[str, Any]]) -> str:
@@ -158,6 +164,24 @@ class JsonMode:
         _, head, tail = self._frame
         text = head + ",".join(_message_json(m) for m in messages) + tail
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def reask_error(error: str) -> str:
+    """``error`` as a re-ask carries it: at most ``REASK_ERROR_MAX_BYTES``, cut at a character."""
+    data = error.encode("utf-8")
+    if len(data) <= REASK_ERROR_MAX_BYTES:
+        return error
+    return data[: REASK_ERROR_MAX_BYTES - len("…".encode())].decode("utf-8", "ignore") + "…"
+
+
+def reask_frame_tokens(model: str) -> int:
+    """What one re-ask adds to the conversation it resends, beyond the answer: the two turns'
+    framing, the re-ask's words and its error at most (a token is at least one byte), plus
+    one token for each joint a token may span (answer/framing, words/error)."""
+    from .tokens import GENERATION_PROMPT_TOKENS, count_messages
+
+    turns = [{"role": "assistant", "content": ""}, {"role": "user", "content": REASK_TEXT.format(error="")}]
+    return count_messages(turns, model) - GENERATION_PROMPT_TOKENS + REASK_ERROR_MAX_BYTES + 2
 
 
 def has_json_word(messages: Sequence[Mapping[str, Any]]) -> bool:

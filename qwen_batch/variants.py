@@ -168,7 +168,7 @@ def build_variants(spec: JobSpec, catalog: Any, *, emulate: bool) -> tuple[Varia
     from .errors import SpecError
     from .modes import mode_of
     from .render import Renderer
-    from .servers import dashscope_rules_bind
+    from .servers import dashscope_rules_bind, format_tokens
     from .spec import describe_validation_error, price_for, resolve_model
 
     combinations = sweep_settings(spec)
@@ -196,6 +196,7 @@ def build_variants(spec: JobSpec, catalog: Any, *, emulate: bool) -> tuple[Varia
                 sample=sample,
                 slot=number * samples + sample,
                 units_per_row=per_row,
+                format_tokens=format_tokens(derived, emulate=emulate),
             )
             for sample in range(samples)
         )

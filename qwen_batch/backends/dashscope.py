@@ -50,6 +50,7 @@ from ..wire import (
 )
 from .base import Event, Failed, Finished, ReasoningDelta, TextDelta, Usage, WholeReply
 from .errors import TRANSPORT_EXCEPTIONS, ErrorTranslator
+from .posting import fixed_headers, post
 from .streaming import stream_events
 
 _OTHER_PATH: dict[NativePath, NativePath] = {"text": "multimodal", "multimodal": "text"}
@@ -119,18 +120,18 @@ class DashScopeBackend:
             ("Content-Type", "application/json"),
             ("User-Agent", f"qwen-batch/{__version__}"),
         ]
-        self._headers = [*common, ("Accept", "application/json"), ("Accept-Encoding", "gzip, deflate")]
+        self._headers = fixed_headers([*common, ("Accept", "application/json"), ("Accept-Encoding", "gzip, deflate")])
         # The SDK's streaming headers (protocol reference section 1.4); no compression, so
         # each event can be read as it arrives.
-        self._stream_headers = [
+        self._stream_headers = fixed_headers([
             *common,
             ("Accept", "text/event-stream"),
             (SSE_HEADER, "enable"),
             ("X-Accel-Buffering", "no"),
             ("Accept-Encoding", "identity"),
-        ]
+        ])
         # Connect and each read wait; no pool wait (the runner's worker count bounds it).
-        self._timeout = {"connect": timeout_s, "read": timeout_s, "write": timeout_s, "pool": None}
+        self._extensions = {"timeout": {"connect": timeout_s, "read": timeout_s, "write": timeout_s, "pool": None}}
 
     def __repr__(self) -> str:
         return (
@@ -214,9 +215,7 @@ class DashScopeBackend:
 
     async def _post(self, body: bytes, path: NativePath) -> httpx.Response:
         """The response to one POST, its body read and its connection handed back."""
-        outgoing = httpx.Request(
-            "POST", self._urls[path], headers=self._headers, content=body, extensions={"timeout": self._timeout}
-        )
+        outgoing = post(self._urls[path], self._headers, body, self._extensions)
         response = await self._transport.handle_async_request(outgoing)
         try:
             await response.aread()
@@ -277,13 +276,7 @@ class DashScopeBackend:
         that a ``TruncatedReply``, so its partial text never counts.
         """
         errors = self._errors[path]
-        outgoing = httpx.Request(
-            "POST",
-            self._urls[path],
-            headers=self._stream_headers,
-            content=self._body(request, path, streamed=True),
-            extensions={"timeout": self._timeout},
-        )
+        outgoing = post(self._urls[path], self._stream_headers, self._body(request, path, streamed=True), self._extensions)
         return stream_events(
             self._transport,
             outgoing,

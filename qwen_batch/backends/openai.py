@@ -43,6 +43,7 @@ from ..wire import (
 )
 from .base import Event, Failed, Finished, ReasoningDelta, TextDelta, Usage, WholeReply
 from .errors import TRANSPORT_EXCEPTIONS, ErrorTranslator
+from .posting import fixed_headers, post
 from .streaming import stream_events
 
 _DONE = b"[DONE]"
@@ -121,9 +122,9 @@ class OpenAIBackend:
         common = [("Content-Type", "application/json"), ("User-Agent", f"qwen-batch/{__version__}")]
         if api_key is not None:
             common.insert(0, ("Authorization", f"Bearer {api_key}"))
-        self._headers = [*common, ("Accept", "application/json"), ("Accept-Encoding", "gzip, deflate")]
-        self._stream_headers = [*common, ("Accept", "text/event-stream"), ("Accept-Encoding", "identity")]
-        self._timeout = {"connect": timeout_s, "read": timeout_s, "write": timeout_s, "pool": None}
+        self._headers = fixed_headers([*common, ("Accept", "application/json"), ("Accept-Encoding", "gzip, deflate")])
+        self._stream_headers = fixed_headers([*common, ("Accept", "text/event-stream"), ("Accept-Encoding", "identity")])
+        self._extensions = {"timeout": {"connect": timeout_s, "read": timeout_s, "write": timeout_s, "pool": None}}
         # Every request of a run carries the same parameters dict: its dialect form is made once.
         self._parameters_of: tuple[Any, dict[str, Any]] = (None, {})
 
@@ -169,10 +170,7 @@ class OpenAIBackend:
         """POST ``request`` and return its Reply, or raise one ``BackendError``."""
         errors = self._errors
         error: BackendError
-        outgoing = httpx.Request(
-            "POST", self._url, headers=self._headers, content=self._body(request, streamed=False),
-            extensions={"timeout": self._timeout},
-        )
+        outgoing = post(self._url, self._headers, self._body(request, streamed=False), self._extensions)
         try:
             response = await self._transport.handle_async_request(outgoing)
             try:
@@ -237,10 +235,7 @@ class OpenAIBackend:
         """POST ``request`` for SSE and yield its events as they arrive; every failure is the last
         event, a ``Failed`` (see ``DashScopeBackend._stream_on``)."""
         errors = self._errors
-        outgoing = httpx.Request(
-            "POST", self._url, headers=self._stream_headers, content=self._body(request, streamed=True),
-            extensions={"timeout": self._timeout},
-        )
+        outgoing = post(self._url, self._stream_headers, self._body(request, streamed=True), self._extensions)
         return stream_events(
             self._transport,
             outgoing,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..catalog import Catalog, ModelInfo
+from ..tokens import response_format_tokens
 from ..wire import ERRORS
 from .models import Behaviour, NativePath, behaviour
 from .servers import Server
@@ -453,8 +454,9 @@ def check_response_format(
 
 
 def json_overhead(mode: str | None) -> int:
-    """json_object adds 2 input tokens on DashScope (PROTO §9: 25 vs 23); json_schema's is UNCONFIRMED (0)."""
-    return 2 if mode == "json_object" else 0
+    """json_object adds 2 input tokens on DashScope (PROTO §9: 25 vs 23); json_schema's is UNCONFIRMED (0).
+    The client's preflight counts the same (``tokens.response_format_tokens``)."""
+    return response_format_tokens(mode)
 
 
 # vLLM's over-long prompt (WAVE2 D.1, ``renderers/params.py``).

@@ -239,7 +239,7 @@ def _runner(
             variant.model: Limits.from_settings(*_rate_limits(plan, local, variant.rate_limits))
             for variant in plan.variants
         }
-    json_mode = json_mode_of(plan.spec)
+    json_mode = json_mode_of(plan.spec, emulate=plan.options.emulate)
     limits = Limits.from_settings(rpm, tpm)
     events = None
     if event_log is not None:
