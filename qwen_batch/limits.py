@@ -261,9 +261,14 @@ class AdaptiveThrottle:
     * A cut starts a trial; no other cut until it ends, so at most one per reaction window
       (``window_s``: the service's rate-limit window, the time a sliding window needs to
       forget what we sent before the cut). From ``EARLY_VERDICT`` of the window on, a
-      429 share clearly lower than the one that caused the cut ends it: the cut was right
-      and its rate is the ``knee``. Otherwise the verdict waits a whole window, until the
-      server's window holds nothing from before the cut: lower still, right; no different,
+      429 share clearly lower than the one that caused the cut and no longer in excess ends
+      it: the cut was right and its rate is the ``knee``. Otherwise the verdict waits a whole
+      window (a share still in excess is judged only once nothing we sent before the cut can
+      have caused it), until the server's window holds nothing from before the cut: lower still,
+      right (and a share still in excess there is what the lower rate could not remove:
+      refused whatever the rate, so it becomes the ``baseline`` at once; with nothing
+      learned yet, the sample that caused the cut was often just high by chance, and the
+      next ordinary one would otherwise cut and be judged right the same way); no different,
       the cut was wrong: the rate before it is restored and that share (over all the
       trial's answers) becomes the ``baseline`` (429s that do not depend on the rate thus
       cost one cut for one window, and can never push the rate to a floor); higher, the cut
@@ -730,9 +735,9 @@ class _RateController:
         self._ramp_factor = ramp_factor
 
     def _follow_trial(self, now: float, trial: _Trial, answers: int, refused: int) -> bool:
-        """Judge the cut under test. From half a window after it (the server's window has
-        forgotten most of what we sent before): right as soon as the 429 share is clearly
-        lower. Anything else is judged from a whole window after it (nothing from before is
+        """Judge the cut under test. From ``EARLY_VERDICT`` of a window after it (the server's window
+        has forgotten much of what we sent before): right as soon as the 429 share is clearly
+        lower and no longer in excess. Anything else is judged from a whole window after it (nothing from before is
         left there): still lower is right, no change is wrong, higher was too shallow. That
         verdict takes ``2 * SAMPLE_ANSWERS`` answers, or a second window when fewer come: a
         short window holds few answers, and a verdict on 20 of them restores too many cuts
@@ -749,8 +754,10 @@ class _RateController:
         before, n_before = trial.share_before, trial.answers_before
         trial.answers += answers
         trial.refused += refused
-        if trial.answers >= 2 * SAMPLE_ANSWERS and _differs(before, n_before, trial.refused / trial.answers, trial.answers) < 0:
-            return self._end_trial(now, -1, trial.refused / trial.answers)
+        share = trial.refused / trial.answers
+        if (trial.answers >= 2 * SAMPLE_ANSWERS and _differs(before, n_before, share, trial.answers) < 0
+                and not _excess(share, self.baseline, trial.answers)):
+            return self._end_trial(now, -1, share)
         if now <= trial.clean_from:
             return False
         trial.clean_answers += answers
@@ -768,10 +775,18 @@ class _RateController:
         assert trial is not None and self.rate is not None
         if verdict < 0:
             self.knee = self.rate
-            # Lower the rate-independent share only as far as the verdict's answers show it lower:
-            # a chance low share would make the next sample's random 429s look like excess.
             answers = trial.clean_answers or trial.answers
-            self.baseline = min(self.baseline, after + 2.0 * math.sqrt(after * (1.0 - after) / answers))
+            if _excess(after, self.baseline, answers):
+                # Lower, but still in excess a whole window after the cut (nothing from before it is
+                # left in the server's window): what a rate that lowered the share still has refused
+                # is refused whatever the rate. Learn it at once, from every answer of the trial as a
+                # restore does: left at the old share, the next ordinary sample would be excess again,
+                # cut, and be judged right against its own chance-high share (the winner's curse).
+                self.baseline = min(trial.refused / trial.answers, MAX_BASELINE)
+            else:
+                # Lower the rate-independent share only as far as the verdict's answers show it lower:
+                # a chance low share would make the next sample's random 429s look like excess.
+                self.baseline = min(self.baseline, after + 2.0 * math.sqrt(after * (1.0 - after) / answers))
         elif (verdict == 0 and trial.appeared and not trial.deep and self.rate > trial.base * self._decrease
               and _excess(after, self.baseline, trial.clean_answers or trial.answers)):
             # 429s that appeared at a rate that had none (another client started, say), that a

@@ -283,6 +283,28 @@ async def test_a_cut_that_lowers_the_429_share_stays_and_marks_the_limit() -> No
 
 
 @pytest.mark.anyio
+async def test_a_cut_that_lowers_the_share_but_leaves_it_in_excess_learns_what_is_left_after_a_window() -> None:
+    """Half refused at 100/s, a cut to 50/s, then a quarter refused there: lower, but still in
+    excess of nothing learned. Judged only a whole window after the cut (nothing from before it
+    left to blame), right, and the quarter is learned at once: a quarter refused at the knee then
+    cuts nothing (left at 0, the next sample would cut again and be judged right against its own
+    chance-high share)."""
+    throttle, clock = fake_throttle(request_rate=100.0, window_s=WINDOW_S)
+    await send(throttle, clock, 60, every=2, seconds=0.6)
+    cut_at, n = clock.now, 0
+    clock.now += 1.0
+    while throttle.statistics().request_limit_estimate is None:
+        await answer_one(throttle, clock, refused=n % 4 == 3)
+        n += 1
+    stats = throttle.statistics()
+    assert clock.now - cut_at >= WINDOW_S
+    assert (stats.decreases, stats.restores, stats.request_limit_estimate) == (1, 0, pytest.approx(50.0))
+    assert stats.baseline_share == pytest.approx(0.25, abs=0.01)
+    await send(throttle, clock, 3000, every=4, seconds=WINDOW_S)
+    assert throttle.statistics().decreases == 1
+
+
+@pytest.mark.anyio
 async def test_after_the_429s_stop_the_rate_returns_to_the_configured_rate_in_bounded_time() -> None:
     """Once the cut proved right, successes raise the rate additively back to the ceiling:
     slowly just above the limit it found, faster the longer no 429 comes."""
