@@ -278,8 +278,8 @@ class AdaptiveThrottle:
       ``decrease`` is tried for another trial before the share is learned (a cut judged
       right lowers ``baseline`` only as far as its answers show: a share learned low by
       chance would make random 429s look like excess). A *reconfirmation*, a cut that lands
-      back at the knee (no lower than ``RECONFIRM_FLOOR`` of it: a probe above it met the
-      limit again), needs less: the first whole sample after it without excess 429s shows the
+      back at the knee or above it (no lower than ``RECONFIRM_FLOOR`` of it: typically a probe
+      above it met the limit again), needs less: the first whole sample after it without excess 429s shows the
       knee still holds and ends the trial (waiting for the early verdict held the rate at the
       knee a third of a window each saw-tooth, the main delay in seeing another client stop).
     * Outside a trial, each success raises the rate linearly in time (additive increase),
@@ -411,7 +411,8 @@ class AdaptiveThrottle:
             sample.answers >= SAMPLE_ANSWERS
             or now - sample.start >= SAMPLE_TIME * self._window_s
             or (sample.refused_requests + sample.refused_tokens) * 4 > sample.answers * 3
-            or self._requests.overshoots(sample.answers, sample.refused_requests)
+            or (sample.refused_requests >= FAST_END_REFUSED  # cheap first: this runs on every answer
+                and self._requests.overshoots(sample.answers, sample.refused_requests))
         ):
             self._end_sample(now)
         self._sample.answers += 1
