@@ -73,6 +73,17 @@ STEADY_EXCESS_SIGMAS = 6.0
 # A sample refused at least this much met a full server window: what the window let through of
 # ours over its whole length is then exactly what is left for us, even early in a run.
 FULL_WINDOW_SHARE = 0.75
+# While probing at or above the knee, a sample ends as soon as it holds this many 429s in excess
+# by STEADY_EXCESS_SIGMAS: the probe has met the limit again, and each further answer at that
+# rate would be one more 429 in the saw-tooth.
+FAST_END_REFUSED = 2
+# A cut that lands at no less than this fraction of the knee (twice ESTIMATE_MARGIN under it)
+# went back to a limit already found: a reconfirmation, judged on one sample (see _follow_trial).
+RECONFIRM_FLOOR = (1.0 - ESTIMATE_MARGIN) ** 2
+# A probe past the peak (see _past_peak) ramps this many times faster than the ordinary ramp-up:
+# room that no probe at this knee found before is another client gone (a choice, not derived:
+# 3 brought case 5's climb back within a minute for seeds 0-49, BENCHMARKS.md).
+PAST_PEAK_SPEEDUP = 3.0
 
 
 def rate_window_s() -> float:
@@ -253,11 +264,14 @@ class AdaptiveThrottle:
     * ``baseline``: the 429 share it has learned to expect whatever the rate (0 at first).
     * ``knee``: the last rate a cut proved right, the estimate of the limit left for us.
     * a *trial*: after a cut, the rate before it and the 429 share that caused it.
+    * the *peak*: the highest rate cut from at this knee (see the ramp-up below).
 
     What moves it:
 
     * Answers are counted in *samples* (``SAMPLE_ANSWERS`` answers; fewer when the pool is
-      slow or nearly everything is refused). A sample whose 429 share is above ``baseline``
+      slow or nearly everything is refused, or when a probe at or above the knee meets
+      ``FAST_END_REFUSED`` 429s far in excess, ``STEADY_EXCESS_SIGMAS``: the limit found again,
+      where each further answer would be one more 429). A sample whose 429 share is above ``baseline``
       by more than its noise (``MIN_EXCESS`` and ``EXCESS_SIGMAS`` standard deviations),
       while the pool was really sending near its rate, is evidence: the rate is cut
       (multiplicative decrease), at most by ``decrease``, to 3% under the estimated limit.
@@ -277,9 +291,14 @@ class AdaptiveThrottle:
     * A cut starts a trial; no other cut until it ends, so at most one per reaction window
       (``window_s``: the service's rate-limit window, the time a sliding window needs to
       forget what we sent before the cut). From ``EARLY_VERDICT`` of the window on, a
-      429 share clearly lower than the one that caused the cut ends it: the cut was right
-      and its rate is the ``knee``. Otherwise the verdict waits a whole window, until the
-      server's window holds nothing from before the cut: lower still, right; no different,
+      429 share clearly lower than the one that caused the cut and no longer in excess ends
+      it: the cut was right and its rate is the ``knee``. Otherwise the verdict waits a whole
+      window (a share still in excess is judged only once nothing we sent before the cut can
+      have caused it), until the server's window holds nothing from before the cut: lower still,
+      right (and a share still in excess there is what the lower rate could not remove:
+      refused whatever the rate, so it becomes the ``baseline`` at once; with nothing
+      learned yet, the sample that caused the cut was often just high by chance, and the
+      next ordinary one would otherwise cut and be judged right the same way); no different,
       the cut was wrong: the rate before it is restored and that share (over all the
       trial's answers) becomes the ``baseline`` (429s that do not depend on the rate thus
       cost one cut for one window, and can never push the rate to a floor); higher, the cut
@@ -288,18 +307,23 @@ class AdaptiveThrottle:
       not move and that is still in excess may be larger than that cut, so the whole
       ``decrease`` is tried for another trial before the share is learned (a cut judged
       right lowers ``baseline`` only as far as its answers show: a share learned low by
-      chance would make random 429s look like excess).
+      chance would make random 429s look like excess). A *reconfirmation*, a cut that lands
+      back at the knee or above it (no lower than ``RECONFIRM_FLOOR`` of it: typically a probe
+      above it met the limit again), needs less: the first whole sample after it without excess 429s shows the
+      knee still holds and ends the trial (waiting for the early verdict held the rate at the
+      knee a third of a window each saw-tooth, the main delay in seeing another client stop).
     * Outside a trial, each success raises the rate linearly in time (additive increase),
       back to the ceiling within ``ramp_s``. At or above the ``knee`` it first probes at
       ``PROBE_FRACTION`` of the knee per ``ramp_s``, doubling every ``PROBE_DOUBLING``
       window without a cut: gently near a real limit (few 429s per saw-tooth), quickly back
       when another client stops. A whole window at or above the knee without a cut raises
       the knee to the rate. At a rate that proved right, the share still refused is
-      learned into ``baseline`` slowly (``BASELINE_LEARNING`` per sample). Known limit: the
-      probe's period (a trial plus the climb until the window refuses it, about 70 s at a
-      minute) is also the longest wait for evidence that another client stopped, so a cut
-      just before it stops can delay the climb back to about 1.5 windows (BENCHMARKS.md,
-      issue 12's fourth follow-up, has the figures over seeds 0-49 and what was tried).
+      learned into ``baseline`` slowly (``BASELINE_LEARNING`` per sample). The *peak* is the
+      highest rate a cut came from since the last cut that was not a reconfirmation: as far as
+      a probe gets at this knee before the window refuses it. A probe that passes the peak by
+      ``ESTIMATE_MARGIN`` with no excess 429s since the verdict has found room no probe found
+      before (another client stopped, say): it ramps ``PAST_PEAK_SPEEDUP`` times the full
+      speed of the ramp-up, not the probe's.
     * The pool pauses as a whole (a shared cool-down: nobody sends, and requests already
       waiting their turn queue again behind it) on a ``Retry-After`` (always honoured), on a
       cut (``default_cooldown_s``), and on a 429 during a trial before any success since
@@ -437,6 +461,8 @@ class AdaptiveThrottle:
             sample.answers >= SAMPLE_ANSWERS
             or now - sample.start >= SAMPLE_TIME * self._window_s
             or (sample.refused_requests + sample.refused_tokens) * 4 > sample.answers * 3
+            or (sample.refused_requests >= FAST_END_REFUSED  # cheap first: this runs on every answer
+                and self._requests.overshoots(sample.answers, sample.refused_requests))
         ):
             self._end_sample(now)
         self._sample.answers += 1
@@ -563,6 +589,7 @@ class _Trial:
     clean_from: float  # a whole window after the cut
     base: float  # the rate the cut was made from
     appeared: bool  # the 429s came after a sample without excess: something changed
+    reconfirm: bool = False  # the cut went back to the knee (see RECONFIRM_FLOOR)
     deep: bool = False  # the second, deeper cut of an appeared share that a shallow cut did not move
     answers: int = 0  # since early_from
     refused: int = 0
@@ -623,7 +650,7 @@ class _RateController:
     __slots__ = (
         "ceiling", "rate", "next_slot", "knee", "baseline", "decreases", "restores", "_decrease", "_floor",
         "_window_s", "_trial", "_admitted", "_last_increase", "_probe_start", "_knee_since", "_step", "_largest_cut",
-        "_ramp_factor", "_quiet", "_steady_rate",
+        "_ramp_factor", "_quiet", "_steady_rate", "_peak_rate", "_excess_since_verdict",
     )
 
     def __init__(self, ceiling: float | None, now: float, *, decrease: float, floor: float, window_s: float) -> None:
@@ -648,6 +675,10 @@ class _RateController:
         self._quiet = False  # a sample without excess 429s since the start or the last restore
         # The rate of the last such sample when no cool-down came since (else None).
         self._steady_rate: float | None = None
+        # The highest rate cut from since the last cut that was not a reconfirmation (None before
+        # a knee): as far as a probe gets at this knee before the window refuses it.
+        self._peak_rate: float | None = None
+        self._excess_since_verdict = False  # a sample with excess 429s since the last verdict
 
     @property
     def in_trial(self) -> bool:
@@ -656,6 +687,14 @@ class _RateController:
     def admitted(self, now: float, amount: int) -> None:
         """``amount`` (one request, or its tokens) went through the server's window."""
         self._admitted.add(now, amount)
+
+    def overshoots(self, answers: int, refused: int) -> bool:
+        """Whether a probe at or above the knee has met the limit again: ``refused`` of ``answers``
+        so far are ``FAST_END_REFUSED`` or more and far in excess (``STEADY_EXCESS_SIGMAS``)."""
+        knee, rate = self.knee, self.rate
+        return (refused >= FAST_END_REFUSED and self._trial is None and knee is not None and rate is not None
+                and rate >= knee * (1.0 - ESTIMATE_MARGIN)
+                and _excess(refused / answers, self.baseline, answers, STEADY_EXCESS_SIGMAS))
 
     def judge(
         self, now: float, answers: int, refused: int, sent_rate: float, busy_fraction: float,
@@ -681,6 +720,7 @@ class _RateController:
                 # is refused whatever the rate: learn it, slowly.
                 self.baseline += BASELINE_LEARNING * (min(share, MAX_BASELINE) - self.baseline)
             return False
+        self._excess_since_verdict = True
         if self.rate is not None and sent_rate < busy_fraction * self.rate:
             return False  # not sending near the rate: these 429s are not about the rate
         self._cut(now, share, answers, sent_rate, paused_since, ramp_factor)
@@ -719,6 +759,14 @@ class _RateController:
             # window is still full of ours), so cut by the whole decrease; a verdict of no change
             # restores. (Across a pause the window's count does show it.)
             rate, trial.deep = max(self._floor, base * self._decrease), True
+        knee = self.knee
+        trial.reconfirm = knee is not None and before is not None and rate >= knee * RECONFIRM_FLOOR
+        if knee is None or before is None:
+            self._peak_rate = None
+        elif trial.reconfirm and self._peak_rate is not None:
+            self._peak_rate = max(self._peak_rate, base)
+        else:
+            self._peak_rate = base
         self._start_trial(now, trial, rate, ramp_factor)
 
     def _start_trial(self, now: float, trial: _Trial, rate: float, ramp_factor: float) -> None:
@@ -738,21 +786,29 @@ class _RateController:
         self._ramp_factor = ramp_factor
 
     def _follow_trial(self, now: float, trial: _Trial, answers: int, refused: int) -> bool:
-        """Judge the cut under test. From half a window after it (the server's window has
-        forgotten most of what we sent before): right as soon as the 429 share is clearly
-        lower. Anything else is judged from a whole window after it (nothing from before is
+        """Judge the cut under test. From ``EARLY_VERDICT`` of a window after it (the server's window
+        has forgotten much of what we sent before): right as soon as the 429 share is clearly
+        lower and no longer in excess. Anything else is judged from a whole window after it (nothing from before is
         left there): still lower is right, no change is wrong, higher was too shallow. That
         verdict takes ``2 * SAMPLE_ANSWERS`` answers, or a second window when fewer come: a
         short window holds few answers, and a verdict on 20 of them restores too many cuts
         that were right (and learns their 429s as the rate-independent share). True when it cut
-        deeper (see ``_end_trial``)."""
+        deeper (see ``_end_trial``). A reconfirmation needs less: the first whole sample without
+        excess 429s shows that the knee holds (the 429s that caused it were the probe's overshoot,
+        as every time before at this knee)."""
+        if trial.reconfirm and answers >= SAMPLE_ANSWERS and not _excess(refused / answers, self.baseline, answers):
+            self.knee = self.rate
+            self._close_trial(now)
+            return False
         if now <= trial.early_from:
             return False
         before, n_before = trial.share_before, trial.answers_before
         trial.answers += answers
         trial.refused += refused
-        if trial.answers >= 2 * SAMPLE_ANSWERS and _differs(before, n_before, trial.refused / trial.answers, trial.answers) < 0:
-            return self._end_trial(now, -1, trial.refused / trial.answers)
+        share = trial.refused / trial.answers
+        if (trial.answers >= 2 * SAMPLE_ANSWERS and _differs(before, n_before, share, trial.answers) < 0
+                and not _excess(share, self.baseline, trial.answers)):
+            return self._end_trial(now, -1, share)
         if now <= trial.clean_from:
             return False
         trial.clean_answers += answers
@@ -770,10 +826,18 @@ class _RateController:
         assert trial is not None and self.rate is not None
         if verdict < 0:
             self.knee = self.rate
-            # Lower the rate-independent share only as far as the verdict's answers show it lower:
-            # a chance low share would make the next sample's random 429s look like excess.
             answers = trial.clean_answers or trial.answers
-            self.baseline = min(self.baseline, after + 2.0 * math.sqrt(after * (1.0 - after) / answers))
+            if _excess(after, self.baseline, answers):
+                # Lower, but still in excess a whole window after the cut (nothing from before it is
+                # left in the server's window): what a rate that lowered the share still has refused
+                # is refused whatever the rate. Learn it at once, from every answer of the trial as a
+                # restore does: left at the old share, the next ordinary sample would be excess again,
+                # cut, and be judged right against its own chance-high share (the winner's curse).
+                self.baseline = min(trial.refused / trial.answers, MAX_BASELINE)
+            else:
+                # Lower the rate-independent share only as far as the verdict's answers show it lower:
+                # a chance low share would make the next sample's random 429s look like excess.
+                self.baseline = min(self.baseline, after + 2.0 * math.sqrt(after * (1.0 - after) / answers))
         elif (verdict == 0 and trial.appeared and not trial.deep and self.rate > trial.base * self._decrease
               and _excess(after, self.baseline, trial.clean_answers or trial.answers)):
             # 429s that appeared at a rate that had none (another client started, say), that a
@@ -794,9 +858,14 @@ class _RateController:
             self._quiet, self._steady_rate = False, None  # the share learned is the one to be quiet against now
         # else the share rose though the rate fell: the cut was not deep enough (the window
         # was still filling). Keep it; the next sample with excess 429s cuts again.
+        self._close_trial(now)
+        return False
+
+    def _close_trial(self, now: float) -> None:
+        """End the trial: the ramp-up and the probe's doubling start again from now."""
         self._trial = None
         self._last_increase = self._knee_since = self._probe_start = now
-        return False
+        self._excess_since_verdict = False
 
     def increase(self, now: float, ramp_s: float) -> None:
         rate = self.rate
@@ -815,9 +884,19 @@ class _RateController:
             if now - self._knee_since >= self._window_s:
                 # A whole window since the knee was set, without a cut: the server takes this rate.
                 self.knee, self._knee_since = rate, now
-            doublings = (now - self._probe_start) / (PROBE_DOUBLING * self._window_s)
-            step = min(step, knee * PROBE_FRACTION * 2.0 ** min(doublings, 30.0))
+            if self._past_peak(rate):
+                ramp_s /= PAST_PEAK_SPEEDUP
+            else:
+                doublings = (now - self._probe_start) / (PROBE_DOUBLING * self._window_s)
+                step = min(step, knee * PROBE_FRACTION * 2.0 ** min(doublings, 30.0))
         self.rate = min(self.ceiling, rate + step * elapsed / (ramp_s * self._ramp_factor))
+
+    def _past_peak(self, rate: float) -> bool:
+        """Whether a probe has passed, by ``ESTIMATE_MARGIN``, the highest rate it was cut from at
+        this knee without excess 429s since the verdict: there is room no probe found before
+        (another client stopped, say), so the ramp-up goes ``PAST_PEAK_SPEEDUP`` times its full speed."""
+        peak = self._peak_rate
+        return peak is not None and not self._excess_since_verdict and rate > peak * (1.0 + ESTIMATE_MARGIN)
 
 
 @dataclass(frozen=True, slots=True)

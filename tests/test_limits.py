@@ -8,7 +8,16 @@ import anyio
 import pytest
 
 from qwen_batch.errors import RateLimited
-from qwen_batch.limits import AdaptiveThrottle, Limits, RequestRateLimiter, TokenRateLimiter
+from qwen_batch.limits import (
+    ESTIMATE_MARGIN,
+    PAST_PEAK_SPEEDUP,
+    RECONFIRM_FLOOR,
+    SAMPLE_ANSWERS,
+    AdaptiveThrottle,
+    Limits,
+    RequestRateLimiter,
+    TokenRateLimiter,
+)
 
 
 @pytest.fixture
@@ -274,6 +283,28 @@ async def test_a_cut_that_lowers_the_429_share_stays_and_marks_the_limit() -> No
 
 
 @pytest.mark.anyio
+async def test_a_cut_that_lowers_the_share_but_leaves_it_in_excess_learns_what_is_left_after_a_window() -> None:
+    """Half refused at 100/s, a cut to 50/s, then a quarter refused there: lower, but still in
+    excess of nothing learned. Judged only a whole window after the cut (nothing from before it
+    left to blame), right, and the quarter is learned at once: a quarter refused at the knee then
+    cuts nothing (left at 0, the next sample would cut again and be judged right against its own
+    chance-high share)."""
+    throttle, clock = fake_throttle(request_rate=100.0, window_s=WINDOW_S)
+    await send(throttle, clock, 60, every=2, seconds=0.6)
+    cut_at, n = clock.now, 0
+    clock.now += 1.0
+    while throttle.statistics().request_limit_estimate is None:
+        await answer_one(throttle, clock, refused=n % 4 == 3)
+        n += 1
+    stats = throttle.statistics()
+    assert clock.now - cut_at >= WINDOW_S
+    assert (stats.decreases, stats.restores, stats.request_limit_estimate) == (1, 0, pytest.approx(50.0))
+    assert stats.baseline_share == pytest.approx(0.25, abs=0.01)
+    await send(throttle, clock, 3000, every=4, seconds=WINDOW_S)
+    assert throttle.statistics().decreases == 1
+
+
+@pytest.mark.anyio
 async def test_after_the_429s_stop_the_rate_returns_to_the_configured_rate_in_bounded_time() -> None:
     """Once the cut proved right, successes raise the rate additively back to the ceiling:
     slowly just above the limit it found, faster the longer no 429 comes."""
@@ -289,6 +320,79 @@ async def test_after_the_429s_stop_the_rate_returns_to_the_configured_rate_in_bo
     assert rates == sorted(rates)
     assert rates[-1] == 100.0
     assert rates.index(100.0) < 100  # within 100 s
+
+
+async def answer_one(throttle: AdaptiveThrottle, clock: FakeClock, *, refused: bool = False) -> None:
+    await send(throttle, clock, 1, every=1 if refused else 0, seconds=0.0)
+
+
+async def knee_at_half(throttle: AdaptiveThrottle, clock: FakeClock) -> float:
+    """Half of 100/s refused: a cut to 50/s, then clean answers, one at a time, until the verdict
+    (right) marks the knee. The next sample starts with the answer after it."""
+    await send(throttle, clock, 60, every=2, seconds=0.6)
+    clock.now += 1.0
+    while throttle.statistics().request_limit_estimate is None:
+        await answer_one(throttle, clock)
+    knee = throttle.statistics().request_limit_estimate
+    assert knee == pytest.approx(50.0)
+    return knee
+
+
+@pytest.mark.anyio
+async def test_a_probe_at_the_knee_ends_its_sample_at_the_first_two_429s_far_in_excess() -> None:
+    """Each further answer at a rate the window refuses is one more 429: no waiting for 50."""
+    throttle, clock = fake_throttle(request_rate=100.0, window_s=WINDOW_S)
+    await knee_at_half(throttle, clock)
+    for i in range(22):
+        await answer_one(throttle, clock, refused=i >= 20)
+    assert throttle.statistics().decreases == 1
+    await answer_one(throttle, clock)  # the 23rd answer of the sample ends it
+    assert throttle.statistics().decreases == 2
+
+
+async def probe_cut_back_to_the_knee(throttle: AdaptiveThrottle, clock: FakeClock) -> tuple[float, float]:
+    """From the knee (50/s), clean answers until the probe is 8% above it, then a 429 every tenth
+    answer until the cut: back to the knee's neighbourhood. Returns (knee, rate after the cut)."""
+    knee = await knee_at_half(throttle, clock)
+    while (throttle.statistics().request_rate or 0.0) < 1.08 * knee:
+        await answer_one(throttle, clock)
+    decreases, n = throttle.statistics().decreases, 0
+    while throttle.statistics().decreases == decreases:
+        await answer_one(throttle, clock, refused=n % 10 == 9)
+        n += 1
+    assert n <= SAMPLE_ANSWERS // 2  # the sample ended at its second 429 far in excess
+    rate = throttle.statistics().request_rate
+    assert rate is not None and RECONFIRM_FLOOR * knee <= rate < knee
+    return knee, rate
+
+
+@pytest.mark.anyio
+async def test_a_cut_back_to_the_knee_is_reconfirmed_by_one_clean_sample() -> None:
+    """A probe met the limit it found before: one whole sample without excess at the knee ends the
+    trial (the rate ramps again at once, from the new knee), instead of a third of a window."""
+    throttle, clock = fake_throttle(request_rate=100.0, window_s=WINDOW_S)
+    _, rate = await probe_cut_back_to_the_knee(throttle, clock)
+    cut_at, n = clock.now, 0
+    while throttle.statistics().request_rate == rate:
+        await answer_one(throttle, clock)
+        n += 1
+    assert n <= SAMPLE_ANSWERS + 1 and clock.now - cut_at < 0.1 * WINDOW_S
+    assert throttle.statistics().request_limit_estimate == rate
+
+
+@pytest.mark.anyio
+async def test_a_probe_past_the_rate_it_was_cut_from_climbs_to_the_ceiling_fast() -> None:
+    """Past the peak (plus ESTIMATE_MARGIN) without excess 429s there is room no probe found at
+    this knee (another client stopped): the full ramp-up, PAST_PEAK_SPEEDUP times faster (30 s /
+    3 for all of the cut), where the probe's own pace from there takes several times as long."""
+    throttle, clock = fake_throttle(request_rate=100.0, window_s=WINDOW_S, ramp_s=30.0)
+    knee, _ = await probe_cut_back_to_the_knee(throttle, clock)
+    while (throttle.statistics().request_rate or 0.0) <= 1.08 * knee * (1.0 + ESTIMATE_MARGIN):
+        await answer_one(throttle, clock)
+    passed = clock.now
+    while throttle.statistics().request_rate != 100.0:
+        await answer_one(throttle, clock)
+    assert clock.now - passed <= 30.0 / PAST_PEAK_SPEEDUP + 1.0
 
 
 @pytest.mark.anyio
