@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from .argtypes import ArgumentParser, number, whole_number
 from .errors import ConfigError, QwenBatchError, UsageError
+from .sharding import MAX_SHARDS
 from .spec import MAX_CONCURRENCY
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         redo=args.redo,
     )
     reporter = Reporter(quiet=args.quiet)
+    _check_engine(args)
     plan = prepare(Path(args.job), options)
     mode = args.mode or plan.spec.execution.mode
     if mode != "batch" and (args.no_wait or args.dry_run):
@@ -65,6 +67,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{flag} is for batch mode: add --mode batch (or set execution.mode: batch in {args.job})")
     if args.dry_run:
         return _dry_run(plan, reporter)
+    if args.engine == "ray":
+        return _run_on_ray(args, plan, reporter, mode)
     executor = None
     if mode == "batch":
         from .executors.batch import BatchExecutor
@@ -80,6 +84,36 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         write_report(plan.output_path, quiet=args.quiet)
     return result.exit_code
+
+
+def _check_engine(args: argparse.Namespace) -> None:
+    """The Ray flags go with ``--engine ray``, which runs the online pool on every shard, resumably."""
+    if args.engine != "ray":
+        flag = "--ray-address" if args.ray_address else "--ray-workers" if args.ray_workers else None
+        if flag:
+            raise ConfigError(f"{flag} is for the Ray engine: add --engine ray")
+        return
+    refused = [flag for flag, given in (("--redo", args.redo), ("--mode batch", args.mode == "batch"),
+                                        ("--no-wait", args.no_wait), ("--dry-run", args.dry_run)) if given]
+    if refused:
+        raise ConfigError(f"--engine ray runs the online pool on each shard: drop {refused[0]}")
+
+
+def _run_on_ray(args: argparse.Namespace, plan: JobPlan, reporter: Reporter, mode: str) -> int:
+    """``run --engine ray``: the shards on Ray workers, then the job's output from their parts."""
+    from .engines.ray_engine import DEFAULT_WORKERS, run_on_ray
+
+    if mode == "batch":
+        raise ConfigError(f"--engine ray runs the online pool on each shard: set execution.mode: online in {args.job}")
+    workers = args.ray_workers or DEFAULT_WORKERS
+    code = run_on_ray(
+        Path(args.job), plan, address=args.ray_address, workers=workers, reporter=reporter, command=_resume_command(args)
+    )
+    if args.report and code in (0, 1):
+        from .run_report.command import write_report
+
+        write_report(plan.output_path, quiet=args.quiet)
+    return code
 
 
 def _dry_run(plan: JobPlan, reporter: Reporter) -> int:
@@ -129,6 +163,12 @@ def _resume_command(args: argparse.Namespace) -> str:
         argv += ["--mode", args.mode]
     if args.no_wait:
         argv.append("--no-wait")
+    if args.engine == "ray":
+        argv += ["--engine", "ray"]
+        if args.ray_address:
+            argv += ["--ray-address", args.ray_address]
+        if args.ray_workers:
+            argv += ["--ray-workers", str(args.ray_workers)]
     return shlex.join(argv)
 
 
@@ -379,6 +419,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="batch mode: submit and exit 75; run the same command again to collect")
     run.add_argument("--dry-run", action="store_true",
                      help="batch mode: send up to 100 lines to the free batch-test-model through the whole chain; write nothing")
+    run.add_argument("--engine", choices=("local", "ray"), default="local",
+                     help="local: this process (default); ray: the job's shards on Ray workers, one shared rate limit "
+                     "(pip install 'qwen-batch[ray]')")
+    run.add_argument("--ray-address", metavar="ADDRESS",
+                     help="--engine ray: join this Ray cluster (e.g. 10.0.0.5:6379, or auto) instead of starting a local Ray")
+    run.add_argument("--ray-workers", type=whole_number(1, MAX_SHARDS), metavar="K",
+                     help="--engine ray: shards, one worker each (default 2); keep the same K to resume")
 
     validate = add("validate", cmd_validate)
     validate.add_argument("job", help="the job spec (YAML)")
