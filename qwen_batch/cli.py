@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .executors import Execution
     from .plan import JobPlan
     from .report import Reporter
+    from .sharding import Shard
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 70  # sysexits EX_SOFTWARE: a bug, not the user's input nor the service
@@ -57,6 +58,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         no_cache=args.no_cache,
         max_cost=args.max_cost,
         redo=args.redo,
+        shard=_shard(args),
     )
     reporter = Reporter(quiet=args.quiet)
     _check_engine(args)
@@ -94,9 +96,10 @@ def _check_engine(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} is for the Ray engine: add --engine ray")
         return
     refused = [flag for flag, given in (("--redo", args.redo), ("--mode batch", args.mode == "batch"),
-                                        ("--no-wait", args.no_wait), ("--dry-run", args.dry_run)) if given]
+                                        ("--no-wait", args.no_wait), ("--dry-run", args.dry_run),
+                                        ("--shard", args.shard)) if given]
     if refused:
-        raise ConfigError(f"--engine ray runs the online pool on each shard: drop {refused[0]}")
+        raise ConfigError(f"--engine ray runs the online pool on each shard it plans: drop {refused[0]}")
 
 
 def _run_on_ray(args: argparse.Namespace, plan: JobPlan, reporter: Reporter, mode: str) -> int:
@@ -114,6 +117,18 @@ def _run_on_ray(args: argparse.Namespace, plan: JobPlan, reporter: Reporter, mod
 
         write_report(plan.output_path, quiet=args.quiet)
     return code
+
+
+def _shard(args: argparse.Namespace) -> Shard | None:
+    """``--shard I/N`` as a Shard; a bad value is exit 2 with Shard.parse's one line."""
+    from .sharding import Shard, ShardError
+
+    if args.shard is None:
+        return None
+    try:
+        return Shard.parse(args.shard)
+    except ShardError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _dry_run(plan: JobPlan, reporter: Reporter) -> int:
@@ -159,6 +174,8 @@ def _resume_command(args: argparse.Namespace) -> str:
         argv += ["--output", args.output]
     if args.limit:
         argv += ["--limit", str(args.limit)]
+    if args.shard:
+        argv += ["--shard", args.shard]
     if args.mode:
         argv += ["--mode", args.mode]
     if args.no_wait:
@@ -192,7 +209,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from .job import over_long_message, prepare
     from .plan import JobOptions
 
-    plan = prepare(Path(args.job), JobOptions(limit=args.limit), check_over_long=False)
+    plan = prepare(Path(args.job), JobOptions(limit=args.limit, shard=_shard(args)), check_over_long=False)
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     report = plan.preflight
@@ -234,7 +251,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from .plan import JobOptions
     from .spec import load_spec
 
-    options = JobOptions(limit=args.limit, output=args.output, no_cache=args.no_cache)
+    options = JobOptions(limit=args.limit, output=args.output, no_cache=args.no_cache, shard=_shard(args))
     spec = load_spec(Path(args.job))
     shared = None
     if spec.cache.enabled and not args.no_cache:
@@ -264,6 +281,25 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
         render_estimate(estimate, sys.stdout)
     return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Join the parts of a sharded job (run --shard I/N) into the job's output, summary and manifest.
+
+    Every unit must be in exactly one part; sends nothing.
+    example: qwen-batch merge jobs/translate.yaml
+    """
+    from .job import prepare
+    from .merge import merge_parts, part_count
+    from .plan import JobOptions
+
+    plan = prepare(Path(args.job), JobOptions(limit=args.limit, output=args.output), check_over_long=False)
+    result = merge_parts(plan, part_count(plan))
+    print(
+        f"{result.output_path}: {result.units} rows merged from {len(result.parts)} parts "
+        f"({result.ok} ok, {result.errors} errors)"
+    )
+    return 1 if result.errors else 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -412,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-cache", action="store_true", help="neither read nor write the response cache")
     run.add_argument("--max-cost", type=number(0, low_open=True),
                      help="budget cap in the price currency, > 0 (overrides budget.max_cost)")
+    run.add_argument("--shard", metavar="I/N", help="only shard I of N (0 <= I < N): the units whose row id hashes there; writes <output>.parts/part-I-of-N.parquet")
     run.add_argument("--report", action="store_true", help="write the run report (as `qwen-batch report`) when the run ends")
     run.add_argument("--mode", choices=("online", "batch"),
                      help="online: the worker pool; batch: DashScope's Batch API at half price (overrides execution.mode)")
@@ -430,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate = add("validate", cmd_validate)
     validate.add_argument("job", help="the job spec (YAML)")
     validate.add_argument("--limit", type=positive_int, help="only the first N rows")
+    validate.add_argument("--shard", metavar="I/N", help="only shard I of N's units (as run --shard)")
 
     estimate = add("estimate", cmd_estimate)
     estimate.add_argument("job", help="the job spec (YAML)")
@@ -438,6 +476,12 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--limit", type=positive_int, help="only the first N rows")
     estimate.add_argument("--output", help="output Parquet path (overrides output.path)")
     estimate.add_argument("--no-cache", action="store_true", help="do not count rows the cache would answer")
+    estimate.add_argument("--shard", metavar="I/N", help="only shard I of N's units, at its share of the limits")
+
+    merge = add("merge", cmd_merge)
+    merge.add_argument("job", help="the job spec (YAML)")
+    merge.add_argument("--output", help="output Parquet path (overrides output.path); the parts are beside it")
+    merge.add_argument("--limit", type=positive_int, help="only the first N rows (as the shards ran with --limit)")
 
     status = add("status", cmd_status)
     status.add_argument("job", help="the job spec (YAML)")

@@ -37,6 +37,7 @@ from .work import BATCH_ROWS, CheckpointAndCacheSink, work_items
 
 if TYPE_CHECKING:
     from .executors import Execution, Executor
+    from .sharding import Shard
     from .output import UnitSlot
 
 # Started beside a running execution, cancelled when it ends (the CLI's signal handler is one).
@@ -86,12 +87,14 @@ def prepare(
     checkpoint_dir = checkpoint_dir_for(output_path)
     identity = input_identity(spec.input.path)
     units = rows * len(renderers)
+    held = _shard_units(spec, table, rows, variants, options.shard) if options.shard is not None else None
     redo = None
     if options.redo is not None:
         from .redo import prepare_redo
 
         resume, previous_cost, redo = prepare_redo(
-            spec, checkpoint_dir, output_path, options.redo, units, len(renderers), identity
+            spec, checkpoint_dir, output_path, options.redo, units, len(renderers), identity,
+            output_units=held.count(1) if held is not None else None,
         )
     else:
         resume, previous_cost = resume_state(
@@ -99,7 +102,7 @@ def prepare(
         )
     batches = table.iter_batches(batch_size=BATCH_ROWS, limit=rows)
     report = run_preflight(
-        rendered(renderers, batches, resume, skip_finished=resume.verified),
+        rendered(renderers, batches, resume, skip_finished=resume.verified, held=held),
         max_input_tokens=_input_limit(variants),
         resume=resume,
         over_long_is_error=spec.preflight.over_long == "error",
@@ -144,9 +147,18 @@ def prepare(
         variants=variants,
         samples=spec.samples,
         redo=redo,
+        held=held,
     )
     _check_json_mode(plan)
     return plan
+
+
+def _shard_units(spec: JobSpec, table: Any, rows: int, variants: tuple[Variant, ...], shard: Shard) -> bytearray:
+    """Which units ``run --shard`` sends: one pass over the row ids, never over the prompts."""
+    from .sharding import shard_mask, table_row_ids
+
+    slots = [(variant.id, sample) for variant in variants for sample in range(spec.samples)]
+    return shard_mask(table_row_ids(table, spec.input.id_column, rows), slots, shard)
 
 
 def _model_warnings(spec: JobSpec, variants: tuple[Variant, ...]) -> list[str]:
@@ -293,6 +305,7 @@ async def execute(
                     seed=plan.spec.parameters.seed,
                     missing=missing,
                     slots=unit_slots(plan),
+                    held=plan.held,
                 )
             )
             wrote_output = True

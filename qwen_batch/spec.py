@@ -582,6 +582,25 @@ class ModelLimitsSpec(BaseModel):
     max_output_tokens: PositiveInt | None = None
 
 
+class ShardLimitsSpec(BaseModel):
+    """A shard's own RPM and TPM (``shards[i].execution``), in place of a share of the job's."""
+
+    model_config = _CONFIG
+
+    requests_per_minute: Annotated[float, _in_range(0, None, low_open=True)] | None = None
+    tokens_per_minute: Annotated[float, _in_range(0, None, low_open=True)] | None = None
+
+
+class ShardSpec(BaseModel):
+    """One entry of ``shards:``: the ``api`` keys this shard sends with (another account or
+    region) over the job's, and its own limits. Checked whole in ``JobSpec.for_shard``."""
+
+    model_config = _CONFIG
+
+    api: dict[str, Any] = Field(default_factory=dict)
+    execution: ShardLimitsSpec = Field(default_factory=ShardLimitsSpec)
+
+
 class JobSpec(BaseModel):
     """A whole job. Build it with ``load_spec`` so paths are resolved and defaults filled.
 
@@ -608,8 +627,11 @@ class JobSpec(BaseModel):
     # Issue 17 (variants.py): results per row, and a matrix of models/seeds/parameters.
     samples: PositiveInt = 1
     sweep: SweepSpec | None = None
+    # Issue 19 (sharding.py): per-shard accounts and limits for ``run --shard I/N``, N entries.
+    shards: Annotated[list[ShardSpec], Field(min_length=1)] | None = None
 
     _path: Path | None = PrivateAttr(default=None)
+    _job: JobSpec | None = PrivateAttr(default=None)  # the job's spec, when this is one shard's (for_shard)
 
     @model_validator(mode="after")
     def _safe_batch_url(self) -> JobSpec:
@@ -629,6 +651,11 @@ class JobSpec(BaseModel):
     def where(self) -> str:
         """How messages name this spec: its file, or ``job spec`` when built in code."""
         return str(self._path) if self._path is not None else "job spec"
+
+    @property
+    def job(self) -> JobSpec:
+        """The whole job's spec: this one, or the one a shard's was made from (``for_shard``)."""
+        return self._job if self._job is not None else self
 
 
 # --- base URL safety ---------------------------------------------------------------------

@@ -212,8 +212,8 @@ def _rate_limits(
     DashScope quota, so only the spec's own apply."""
     if local:
         execution = plan.spec.execution
-        return execution.requests_per_minute, execution.tokens_per_minute
-    return plan.rate_limits if model_limits is None else model_limits
+        return plan.shared((execution.requests_per_minute, execution.tokens_per_minute))
+    return plan.rate_limits if model_limits is None else plan.shared(model_limits)
 
 
 def _runner(
@@ -259,7 +259,7 @@ def _runner(
         price=None if local else plan.price,
         prices=None if local or len(plan.variants) < 2 else model_prices(plan.variants),
         limits_by_model=limits_by_model,
-        rows_total=plan.units,
+        rows_total=plan.own_units,
         budget=Budget(max_cost, spent=plan.previous_cost) if max_cost is not None else None,
         max_error_rate=plan.spec.execution.max_error_rate,
         json_mode=json_mode,

@@ -1,0 +1,147 @@
+"""`run --shard I/N` and `merge` end to end: the real CLI over loopback against the emulator."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from qwen_batch.cli import main
+from qwen_batch.sharding import Shard
+
+from .conftest import read_summary, sentences_job
+
+VOLATILE = ["request_id", "latency_s", "first_token_s"]
+# The run's own timing: the only figures of a summary that differ between two runs of a job.
+TIMING = ("wall_time_s", "rows_per_second")
+
+
+def texts(n: int) -> list[str]:
+    return [f"row {i}: 请把这句话翻译成英文 {i}" for i in range(n)]
+
+
+def output_of(job: Path) -> Path:
+    return job.parent / "out" / "result.parquet"
+
+
+def results(path: Path) -> pl.DataFrame:
+    return pl.read_parquet(path).drop(VOLATILE)
+
+
+def without_timing(summary: dict[str, Any]) -> dict[str, Any]:
+    summary = json.loads(json.dumps(summary))
+    for section in (summary, summary["this_run"]):
+        for key in TIMING:
+            section.pop(key)
+    summary.pop("output")
+    return summary
+
+
+def single_run(tmp_path: Path, rows: int, **overrides: Any) -> Path:
+    """The same job run in one process, without the cache: what a merge must equal."""
+    folder = tmp_path / "single"
+    folder.mkdir()
+    job = sentences_job(folder, texts(rows), **overrides)
+    assert main(["run", str(job), "--quiet", "--no-cache"]) in (0, 1)
+    return output_of(job)
+
+
+def sharded_job(tmp_path: Path, rows: int, **overrides: Any) -> Path:
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    return sentences_job(folder, texts(rows), **overrides)
+
+
+def test_four_shards_merge_into_what_one_run_writes(tmp_path: Path, job_env: dict, emulator: Any) -> None:
+    """Each shard sends only its units and writes its part; merge joins them in input order,
+    equal to a single run's output and summary."""
+    reference = single_run(tmp_path, 60)
+    job = sharded_job(tmp_path, 60)
+    sent_before = len(emulator.ledger)
+    for index in range(4):
+        assert main(["run", str(job), "--quiet", "--no-cache", "--shard", f"{index}/4"]) == 0
+    assert len(emulator.ledger) - sent_before == 60  # every unit sent once, by one shard
+    output = output_of(job)
+    assert not output.exists()
+    parts = [Shard(i, 4).part_path(output) for i in range(4)]
+    for shard, part in zip((Shard(i, 4) for i in range(4)), parts, strict=True):
+        ids = pl.read_parquet(part)["id"].to_list()
+        assert ids and all(shard.holds(row_id) for row_id in ids)
+        assert read_summary(part)["rows"]["total"] == len(ids)
+    assert sum(pl.read_parquet(part).height for part in parts) == 60
+
+    assert main(["merge", str(job)]) == 0
+    assert_frame_equal(results(output), results(reference))
+    assert without_timing(read_summary(output)) == without_timing(read_summary(reference))
+    manifest = json.loads(output.with_name(output.name + ".manifest.json").read_text())
+    assert [part["shard"]["index"] for part in manifest["parts"]] == [0, 1, 2, 3]
+    assert manifest["input"]["rows"] == 60 and "shard" not in manifest
+
+
+def test_a_missing_shard_makes_merge_exit_2_naming_it(
+    tmp_path: Path, job_env: dict, emulator: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = sharded_job(tmp_path, 30)
+    for index in (0, 2):
+        assert main(["run", str(job), "--quiet", "--shard", f"{index}/4"]) == 0
+    output = output_of(job)
+    output.parent.mkdir(exist_ok=True)
+    output.write_bytes(b"an earlier output")
+    capsys.readouterr()
+    assert main(["merge", str(job)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert "part-1-of-4" in err and "part-3-of-4" in err and "part-0-of-4" not in err
+    assert output.read_bytes() == b"an earlier output"
+
+
+def test_a_unit_in_two_parts_is_refused_naming_its_row(
+    tmp_path: Path, job_env: dict, emulator: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A part whose rows were also written into another (a hand-copied file) is named, and nothing is written."""
+    job = sharded_job(tmp_path, 20)
+    for index in range(2):
+        assert main(["run", str(job), "--quiet", "--shard", f"{index}/2"]) == 0
+    first, second = (Shard(i, 2).part_path(output_of(job)) for i in range(2))
+    doubled = pl.concat([pl.read_parquet(second), pl.read_parquet(first).head(1)]).sort("__qwen_batch_unit__")
+    doubled.write_parquet(second)
+    capsys.readouterr()
+    assert main(["merge", str(job)]) == 2
+    err = capsys.readouterr().err
+    row_id = pl.read_parquet(first)["id"][0]
+    assert f"row id {row_id!r} is in part-0-of-2 and part-1-of-2" in err
+    assert not output_of(job).exists()
+
+
+def test_a_bad_shard_is_exit_2_and_sends_nothing(
+    tmp_path: Path, job_env: dict, emulator: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = sharded_job(tmp_path, 5)
+    for bad, message in (("4/4", "--shard 4/4: shards are numbered 0 to N-1"), ("1of4", "--shard '1of4': expected I/N")):
+        for command in ("run", "validate", "estimate"):
+            assert main([command, str(job), "--shard", bad]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: {message}") and err.count("\n") == 1
+    assert emulator.ledger == []
+    assert not (job.parent / "out").exists()
+
+
+def test_validate_and_estimate_count_the_shards_share(tmp_path: Path, job_env: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    job = sharded_job(tmp_path, 40, execution={"requests_per_minute": 600, "tokens_per_minute": 80000})
+    held = [sum(Shard(i, 4).holds(f"r{row:03d}") for row in range(40)) for i in range(4)]
+    for index in range(4):
+        assert main(["validate", str(job), "--shard", f"{index}/4"]) == 0
+        assert f"ok: {held[index]} rows" in capsys.readouterr().out
+    assert main(["estimate", str(job), "--shard", "1/4", "--json"]) == 0
+    estimate = json.loads(capsys.readouterr().out)
+    assert estimate["requests_to_send"] == held[1]
+    assert (estimate["time"]["requests_per_minute"], estimate["time"]["tokens_per_minute"]) == (150, 20000)
+
+
+def body_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
