@@ -261,3 +261,24 @@ def test_batch_mode_runs_per_shard_and_merges_as_online_would(
     merged, single = results(output), results(reference)
     assert_frame_equal(merged.drop("cost"), single.drop("cost"))
     assert merged["cost"].to_list() == pytest.approx([cost / 2 for cost in single["cost"].to_list()])
+
+
+def test_status_reports_each_shard_and_the_missing_ones(
+    tmp_path: Path, job_env: dict, emulator: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = sharded_job(tmp_path, 30, execution={"concurrency": 1})
+    sizes = [sum(Shard(i, 3).holds(f"r{row:03d}") for row in range(30)) for i in range(3)]
+    assert main(["run", str(job), "--quiet", "--shard", "0/3"]) == 0
+    before = len(emulator.ledger)
+    assert main(["run", str(job), "--quiet", "--shard", "1/3", "--max-cost", "0.002"]) == 3
+    stopped_after = len(emulator.ledger) - before
+    capsys.readouterr()
+    assert main(["status", str(job)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "test-job: 30 rows in the input"
+    assert lines[1].startswith(f"  part-0-of-3: {sizes[0]} done ({sizes[0]} ok, 0 error), 0 remaining, ")
+    assert lines[1].endswith("; part written")
+    assert lines[2].startswith(f"  part-1-of-3: {stopped_after} done ({stopped_after} ok, 0 error), "
+                               f"{sizes[1] - stopped_after} remaining, ")
+    assert lines[3] == f"  part-2-of-3: missing (not started; run with --shard 2/3): {sizes[2]} units"
+    assert len(emulator.ledger) == before + stopped_after  # status sent nothing
