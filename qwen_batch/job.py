@@ -60,6 +60,8 @@ def prepare(
     from .configuration import check_native_path
 
     spec = load_spec(spec_path)
+    if options.shard is not None:
+        spec = spec.for_shard(options.shard.index, options.shard.count)
     catalog = for_job(spec.catalog)
     if not options.emulate:
         # The URL is checked for secrets and shape before any message quotes it.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 import anyio
@@ -265,8 +266,10 @@ def render_status(status: Any, out: TextIO) -> None:
     """``qwen-batch status``: how far the job got."""
     done = status.done
     print(f"{status.name}: {status.rows} rows in the input", file=out)
+    _render_parts(status.parts, status.currency, out)
     if done is None:
-        print("  not started: no checkpoint yet", file=out)
+        if not status.parts:
+            print("  not started: no checkpoint yet", file=out)
         return
     print(f"  done:      {done.rows_done} ({done.ok} ok, {done.errors} error, {done.cached} from cache)", file=out)
     for code, count in done.errors_by_code.items():
@@ -281,6 +284,24 @@ def render_status(status: Any, out: TextIO) -> None:
         print("  the spec changed since this checkpoint (a run will refuse; --fresh starts over):", file=out)
         for change in status.spec_changed:
             print(f"    {change}", file=out)
+
+
+def _render_parts(parts: Sequence[Any], currency: str, out: TextIO) -> None:
+    """One line per shard of a sharded job: done, errors and remaining, or that it is missing."""
+    for part in parts:
+        shard = part.shard
+        name = f"part-{shard.index}-of-{shard.count}"
+        if not part.started:
+            print(f"  {name}: missing (not started; run with --shard {shard}): {part.units} units", file=out)
+            continue
+        done = part.done
+        line = (
+            f"{done.rows_done} done ({done.ok} ok, {done.errors} error), {part.remaining} remaining, "
+            f"{done.cost:.4f} {currency}"
+            if done is not None
+            else f"0 done, {part.remaining} remaining"
+        )
+        print(f"  {name}: {line}; part {'written' if part.written else 'not written yet'}", file=out)
 
 
 def render_estimate(estimate: dict[str, Any], out: TextIO) -> None:

@@ -124,3 +124,15 @@ def found_parts(output: Path) -> dict[Shard, Path]:
             except ShardError:
                 continue
     return found
+
+
+_PART_OR_CHECKPOINT = re.compile(r"part-[0-9]+-of-([0-9]+)\.parquet(?:\.checkpoint)?")
+
+
+def shard_counts(output: Path) -> list[int]:
+    """Every N that a part or a part's checkpoint beside ``output`` is of (a shard started)."""
+    folder = parts_dir(output)
+    if not folder.is_dir():
+        return []
+    found = {int(m.group(1)) for m in map(_PART_OR_CHECKPOINT.fullmatch, (p.name for p in folder.iterdir())) if m}
+    return sorted(count for count in found if 1 <= count <= MAX_SHARDS)

@@ -12,7 +12,9 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from qwen_batch.cli import main
+from qwen_batch.emulator import EmulatorConfig
 from qwen_batch.sharding import Shard
+from qwen_batch.testing import EmulatorThread
 
 from .conftest import read_summary, sentences_job
 
@@ -145,3 +147,138 @@ def test_validate_and_estimate_count_the_shards_share(tmp_path: Path, job_env: d
 
 def body_digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_shards_with_their_own_accounts_send_each_to_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``shards:`` gives each shard its base URL and key: each account sees only its shard's
+    units, at the shard's own limit (not half the job's), and the merge equals one run."""
+    monkeypatch.delenv("DASHSCOPE_HTTP_BASE_URL", raising=False)
+    monkeypatch.setenv("QWEN_BATCH_CACHE_DIR", str(tmp_path / "cache"))
+    with EmulatorThread(EmulatorConfig(api_key="sk-account-a-0001")) as first, \
+            EmulatorThread(EmulatorConfig(api_key="sk-account-b-0002")) as second:
+        monkeypatch.setenv("KEY_A", first.api_key)
+        monkeypatch.setenv("KEY_B", second.api_key)
+        monkeypatch.setenv("DASHSCOPE_API_KEY", first.api_key)
+        shards = [
+            {"api": {"base_url": first.base_url, "key_env": "KEY_A"}, "execution": {"requests_per_minute": 60000}},
+            {"api": {"base_url": second.base_url, "key_env": "KEY_B"}},
+        ]
+        reference_folder = tmp_path / "single"
+        reference_folder.mkdir()
+        reference = sentences_job(reference_folder, texts(24), api={"base_url": first.base_url})
+        assert main(["run", str(reference), "--quiet", "--no-cache"]) == 0
+        sent_to_first = len(first.ledger)
+        job = sharded_job(tmp_path, 24, shards=shards, api={"base_url": first.base_url})
+        for index in range(2):
+            assert main(["run", str(job), "--quiet", "--no-cache", "--shard", f"{index}/2"]) == 0
+        output = output_of(job)
+        for index, emu, ledger_start in ((0, first, sent_to_first), (1, second, 0)):
+            part = pl.read_parquet(Shard(index, 2).part_path(output))
+            assert len(emu.ledger) - ledger_start == part.height
+            manifest = json.loads(Shard(index, 2).part_path(output).with_suffix(".parquet.manifest.json").read_text())
+            assert manifest["spec"]["api"]["key_env"] == ("KEY_A", "KEY_B")[index]
+        assert main(["run", str(job), "--shard", "0/3"]) == 2
+        assert "shards: lists 2 shards, but --shard 0/3 is one of 3" in capsys.readouterr().err
+        assert main(["estimate", str(job), "--shard", "1/2", "--json"]) == 0
+        # Shard 1 has no limit of its own: the job's in full (one account each), not half of it.
+        assert json.loads(capsys.readouterr().out)["time"]["requests_per_minute"] == 600000
+        assert main(["merge", str(job)]) == 0
+    assert_frame_equal(results(output), results(reference_folder / "out" / "result.parquet"))
+
+
+def test_a_shard_stopped_by_its_budget_resumes_from_its_own_checkpoint(
+    tmp_path: Path, job_env: dict, emulator: Any
+) -> None:
+    reference = single_run(tmp_path, 40)
+    job = sharded_job(tmp_path, 40, execution={"concurrency": 1})
+    output = output_of(job)
+    held = pl.read_parquet(reference).filter(
+        pl.col("id").map_elements(lambda row_id: Shard(1, 2).holds(row_id), return_dtype=pl.Boolean)
+    ).height
+    before = len(emulator.ledger)
+    assert main(["run", str(job), "--quiet", "--no-cache", "--shard", "1/2", "--max-cost", "0.002"]) == 3
+    paid_first = len(emulator.ledger) - before
+    assert 0 < paid_first < held
+    part = Shard(1, 2).part_path(output)
+    assert read_summary(part)["rows"]["not_done"] == held - paid_first
+    assert (part.parent / (part.name + ".checkpoint")).is_dir()
+    assert main(["run", str(job), "--quiet", "--no-cache", "--shard", "1/2"]) == 0
+    assert len(emulator.ledger) - before == held  # the rerun paid only what the first left
+    assert main(["run", str(job), "--quiet", "--no-cache", "--shard", "0/2"]) == 0
+    assert main(["merge", str(job)]) == 0
+    assert_frame_equal(results(output), results(reference))
+
+
+def test_redo_fresh_and_limit_work_per_shard(tmp_path: Path, job_env: dict, emulator: Any) -> None:
+    job = sharded_job(tmp_path, 30)
+    output = output_of(job)
+    for index in range(2):
+        assert main(["run", str(job), "--quiet", "--no-cache", "--shard", f"{index}/2"]) == 0
+    first, second = (Shard(i, 2).part_path(output) for i in range(2))
+    kept = second.read_bytes()
+    row_id = pl.read_parquet(first)["id"][3]
+    sent = len(emulator.ledger)
+    assert main(["run", str(job), "--quiet", "--no-cache", "--shard", "0/2", "--redo", f"id = '{row_id}'"]) == 0
+    assert len(emulator.ledger) == sent + 1
+    assert pl.read_parquet(first).height == read_summary(first)["rows"]["total"]
+    assert main(["run", str(job), "--quiet", "--no-cache", "--shard", "0/2", "--fresh"]) == 0
+    assert len(emulator.ledger) == sent + 1 + pl.read_parquet(first).height  # sent again, all of shard 0's
+    assert second.read_bytes() == kept  # another shard's part is never touched
+    assert main(["merge", str(job)]) == 0
+    assert pl.read_parquet(output)["id"].to_list() == [f"r{i:03d}" for i in range(30)]
+
+    (tmp_path / "limited").mkdir()
+    limited = sharded_job(tmp_path / "limited", 30)
+    for index in range(3):
+        assert main(["run", str(limited), "--quiet", "--no-cache", "--shard", f"{index}/3", "--limit", "12"]) == 0
+    assert main(["merge", str(limited)]) == 2  # the parts cover 12 rows, the job 30
+    assert main(["merge", str(limited), "--limit", "12"]) == 0
+    assert pl.read_parquet(output_of(limited))["id"].to_list() == [f"r{i:03d}" for i in range(12)]
+
+
+def test_batch_mode_runs_per_shard_and_merges_as_online_would(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each shard submits its own units' batches (its own batch state in its checkpoint); the
+    merge equals a single online run but for the half price."""
+    fast = {"batch_validating_s": 0.02, "batch_finalizing_s": 0.02, "batch_line_s": 0.001}
+    with EmulatorThread(EmulatorConfig(**fast)) as emu:
+        for name, value in {"DASHSCOPE_API_KEY": emu.api_key, "DASHSCOPE_HTTP_BASE_URL": emu.base_url,
+                            "QWEN_BATCH_CACHE_DIR": str(tmp_path / "cache")}.items():
+            monkeypatch.setenv(name, value)
+        reference = single_run(tmp_path, 14)
+        job = sharded_job(tmp_path, 14, batch={"max_requests_per_file": 3, "poll_interval_s": 0.05},
+                          execution={"mode": "batch"})
+        output = output_of(job)
+        for index in range(2):
+            billed_before = sum(1 for e in emu.ledger if e["endpoint"] == "batch" and e.get("billable"))
+            assert main(["run", str(job), "--quiet", "--no-cache", "--shard", f"{index}/2"]) == 0
+            billed = sum(1 for e in emu.ledger if e["endpoint"] == "batch" and e.get("billable")) - billed_before
+            assert billed == pl.read_parquet(Shard(index, 2).part_path(output)).height
+        assert main(["merge", str(job)]) == 0
+    merged, single = results(output), results(reference)
+    assert_frame_equal(merged.drop("cost"), single.drop("cost"))
+    assert merged["cost"].to_list() == pytest.approx([cost / 2 for cost in single["cost"].to_list()])
+
+
+def test_status_reports_each_shard_and_the_missing_ones(
+    tmp_path: Path, job_env: dict, emulator: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = sharded_job(tmp_path, 30, execution={"concurrency": 1})
+    sizes = [sum(Shard(i, 3).holds(f"r{row:03d}") for row in range(30)) for i in range(3)]
+    assert main(["run", str(job), "--quiet", "--shard", "0/3"]) == 0
+    before = len(emulator.ledger)
+    assert main(["run", str(job), "--quiet", "--shard", "1/3", "--max-cost", "0.002"]) == 3
+    stopped_after = len(emulator.ledger) - before
+    capsys.readouterr()
+    assert main(["status", str(job)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "test-job: 30 rows in the input"
+    assert lines[1].startswith(f"  part-0-of-3: {sizes[0]} done ({sizes[0]} ok, 0 error), 0 remaining, ")
+    assert lines[1].endswith("; part written")
+    assert lines[2].startswith(f"  part-1-of-3: {stopped_after} done ({stopped_after} ok, 0 error), "
+                               f"{sizes[1] - stopped_after} remaining, ")
+    assert lines[3] == f"  part-2-of-3: missing (not started; run with --shard 2/3): {sizes[2]} units"
+    assert len(emulator.ledger) == before + stopped_after  # status sent nothing
