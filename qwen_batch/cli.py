@@ -104,13 +104,13 @@ def _check_engine(args: argparse.Namespace) -> None:
 
 def _run_on_ray(args: argparse.Namespace, plan: JobPlan, reporter: Reporter, mode: str) -> int:
     """``run --engine ray``: the shards on Ray workers, then the job's output from their parts."""
-    from .engines.ray_engine import DEFAULT_WORKERS, run_on_ray
+    from .engines.ray_engine import run_on_ray
 
     if mode == "batch":
         raise ConfigError(f"--engine ray runs the online pool on each shard: set execution.mode: online in {args.job}")
-    workers = args.ray_workers or DEFAULT_WORKERS
     code = run_on_ray(
-        Path(args.job), plan, address=args.ray_address, workers=workers, reporter=reporter, command=_resume_command(args)
+        Path(args.job), plan, address=args.ray_address, workers=args.ray_workers, reporter=reporter,
+        command=_resume_command(args),
     )
     if args.report and code in (0, 1):
         from .run_report.command import write_report
@@ -462,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ray-address", metavar="ADDRESS",
                      help="--engine ray: join this Ray cluster (e.g. 10.0.0.5:6379, or auto) instead of starting a local Ray")
     run.add_argument("--ray-workers", type=whole_number(1, MAX_SHARDS), metavar="K",
-                     help="--engine ray: shards, one worker each (default 2); keep the same K to resume")
+                     help="--engine ray: shards, one worker each (default: the spec's shards: list, else 2); keep the same K to resume")
 
     validate = add("validate", cmd_validate)
     validate.add_argument("job", help="the job spec (YAML)")

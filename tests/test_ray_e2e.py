@@ -7,6 +7,7 @@ rates over wall-clock windows: they run alone, after the parallel tests (pyproje
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,12 @@ def _single_run(tmp_path: Path, texts: list[str]) -> pl.DataFrame:
     return pl.read_parquet(tmp_path / "single" / "out" / "result.parquet").drop(VOLATILE)
 
 
+def _report(text: str) -> None:
+    """The figures behind the assertions, for BENCHMARKS.md (``QWEN_BATCH_BENCH_PRINT=1 pytest -s``)."""
+    if os.environ.get("QWEN_BATCH_BENCH_PRINT"):
+        print(f"\n{text}")
+
+
 def _busiest_second(times: list[float]) -> int:
     """The most requests in any one-second window starting at a request."""
     times = sorted(times)
@@ -80,9 +87,12 @@ def test_a_killed_worker_is_resumed_and_the_output_equals_a_single_run(tmp_path:
     assert done.returncode == 0, done.stderr
     assert "shard 1/4: worker died; resuming it from its checkpoint" in done.stderr
     paid = Counter(entry["body_sha256"] for entry in ledger if entry["status"] == 200)
-    assert len(paid) == ROWS
-    assert sum(count - 1 for count in paid.values()) <= CONCURRENCY  # the dead worker's in flight
+    paid_twice = sum(count - 1 for count in paid.values())
     busiest = _busiest_second([entry["time"] for entry in ledger])
+    span = ledger[-1]["time"] - ledger[0]["time"]
+    _report(f"ray run: {len(ledger)} requests over {span:.1f} s, {paid_twice} paid twice, busiest second {busiest}")
+    assert len(paid) == ROWS
+    assert paid_twice <= CONCURRENCY  # the dead worker's in flight
     assert busiest <= PER_SECOND * 1.1, f"{busiest} requests in one second, limit {PER_SECOND}"
     output = pl.read_parquet(tmp_path / "ray" / "out" / "result.parquet").drop(VOLATILE)
     assert_frame_equal(output, reference)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, RunAborted
+from ..report import PLAIN_REFRESH_S, TTY_REFRESH_S
 from ..runner import STOP_INTERRUPTED, RunStatistics
 from ..sharding import Shard
 from .ray_limiter import SharedLimits
@@ -37,8 +38,10 @@ from .ray_worker import ShardOutcome, ShardProgress, ShardTask, ShardWorker
 
 if TYPE_CHECKING:
     from ..limits import LimitsStatistics
-    from ..plan import JobOptions, JobPlan
+    from ..plan import JobPlan
     from ..report import Reporter
+    from ..spec import JobSpec
+    from ..variants import Variant
 
 DEFAULT_WORKERS = 2
 """Workers when ``--ray-workers`` is not given: one machine's single process already fills an
@@ -56,24 +59,33 @@ KILL_ENV = "QWEN_BATCH_RAY_KILL"
 """Test hook ``I:N``: shard I's first worker exits (``os._exit``) once N of its rows are durable."""
 NAMESPACE = "qwen-batch"
 PROGRESS_S = 0.5
+"""How often the driver asks every worker for its figures."""
 WAIT_S = 0.25
 
 
 def run_on_ray(
-    job: Path, plan: JobPlan, *, address: str | None, workers: int, reporter: Reporter, command: str
+    job: Path, plan: JobPlan, *, address: str | None, workers: int | None, reporter: Reporter, command: str
 ) -> int:
     """Run every shard of ``plan`` (prepared from ``job``) on Ray, then write the job's output;
-    the exit code of ``run``."""
-    ray = start_ray(address, workers)
+    the exit code of ``run``. ``workers``: the shards (default: the spec's ``shards:``, else 2)."""
+    count = workers if workers is not None else len(plan.spec.shards or ()) or DEFAULT_WORKERS
+    accounts, limits = account_limits(plan, count)  # a shards: list of another length is exit 2 here
+    if plan.options.fresh:
+        from ..checkpoint import set_aside
+        from ..manifest import manifest_path_for
+
+        # As a single run's --fresh does; each worker sets its own shard's files aside.
+        set_aside([plan.output_path, plan.summary_path, manifest_path_for(plan.output_path)])
+    ray = start_ray(address, count)
     try:
-        limiters = start_limiters(ray, plan)
-        tasks = shard_tasks(job, plan, workers, limiters)
-        rpm, tpm = plan.variants[0].rate_limits if plan.variants else plan.rate_limits
-        reporter.start(plan, rpm, tpm)
-        outcomes = ShardDriver(ray, tasks, reporter, rows_total=plan.units).run()
+        limiters = start_limiters(ray, limits, plan)
+        tasks = shard_tasks(job, plan, count, [_of_account(limiters, account) for account in accounts])
+        reporter.start(plan, *plan.variants[0].rate_limits)
+        driver = ShardDriver(ray, tasks, reporter, rows_total=plan.units)
+        outcomes = driver.run()
     finally:
         ray.shutdown()
-    return finish(plan, outcomes, workers, reporter, command)
+    return finish(plan, outcomes, count, driver.statistics(), reporter, command)
 
 
 def start_ray(address: str | None, workers: int) -> Any:
@@ -113,20 +125,58 @@ def start_ray(address: str | None, workers: int) -> Any:
     return ray
 
 
-def job_limits(plan: JobPlan) -> dict[str, tuple[float | None, float | None]]:
-    """Each model's RPM and TPM for the whole job (a local server has only the spec's own)."""
-    execution = plan.spec.execution
-    own = (execution.requests_per_minute, execution.tokens_per_minute)
-    local = plan.spec.api.names_local_server
-    return {variant.model: own if local else variant.rate_limits for variant in plan.variants}
+Account = tuple[str, str | None]
+"""Whose quota a request spends: the base URL and the name of the key's variable (never the key)."""
+Rates = tuple[float | None, float | None]
 
 
-def start_limiters(ray: Any, plan: JobPlan) -> dict[str, tuple[Any, LimitsStatistics]]:
-    """One ``SharedLimits`` actor per model of the job's account, with its first snapshot.
+def account_limits(plan: JobPlan, count: int) -> tuple[list[Account], dict[tuple[Account, str], Rates]]:
+    """Each shard's account, and each (account, model)'s RPM and TPM: what the shards that spend that
+    quota would keep to together as ``run --shard I/count`` processes (the job's whole limits when
+    the spec has no ``shards:``; with one, each entry's own, added up per account)."""
+    specs = [plan.spec.for_shard(index, count) for index in range(count)]
+    accounts = [_account(spec, plan.options.emulate) for spec in specs]
+    models = {variant.model: variant for variant in plan.variants}
+    # Without shards: every shard spends the one quota whose limits the job gives.
+    spending = list(zip(specs, accounts, strict=True)) if plan.spec.shards else [(specs[0], accounts[0])]
+    limits: dict[tuple[Account, str], Rates] = {}
+    for spec, account in spending:
+        for model, variant in models.items():
+            key = (account, model)
+            rates = _rates(spec, variant)
+            limits[key] = _sum(limits[key], rates) if key in limits else rates
+    return accounts, limits
 
-    The account is the base URL and the name of the key's variable (never the key): every worker
-    of the job sends with the same, so one limiter per model holds the account's quota for them all.
-    """
+
+def _account(spec: JobSpec, emulate: bool) -> Account:
+    from ..endpoint import configured_base_url
+
+    return ("emulator", None) if emulate else (configured_base_url(spec), spec.api.key_env)
+
+
+def _rates(spec: JobSpec, variant: Variant) -> Rates:
+    """One shard's RPM and TPM for a variant's model (a local server has only the spec's own)."""
+    from ..variants import rate_limits_for
+
+    execution = spec.execution
+    if spec.api.names_local_server:
+        return execution.requests_per_minute, execution.tokens_per_minute
+    return rate_limits_for(spec, variant.model_info)
+
+
+def _sum(a: Rates, b: Rates) -> Rates:
+    """Two shards' limits on one quota; None (no limit) wins."""
+
+    def add(x: float | None, y: float | None) -> float | None:
+        return x + y if x is not None and y is not None else None
+
+    return add(a[0], b[0]), add(a[1], b[1])
+
+
+def start_limiters(
+    ray: Any, limits: dict[tuple[Account, str], Rates], plan: JobPlan
+) -> dict[tuple[Account, str], tuple[Any, LimitsStatistics]]:
+    """One ``SharedLimits`` actor per (account, model), with its first snapshot."""
     from ..limits import rate_window_s
 
     actor = ray.remote(SharedLimits).options(
@@ -137,23 +187,30 @@ def start_limiters(ray: Any, plan: JobPlan) -> dict[str, tuple[Any, LimitsStatis
         max_concurrency=max(1000, 4 * plan.workers * plan.units_per_row),
     )
     window_s = rate_window_s()
-    handles = {model: actor.remote(rpm, tpm, window_s) for model, (rpm, tpm) in job_limits(plan).items()}
+    handles = {key: actor.remote(rpm, tpm, window_s) for key, (rpm, tpm) in limits.items()}
     snapshots = ray.get([handle.statistics.remote() for handle in handles.values()])
-    return {model: (handle, snapshot) for (model, handle), snapshot in zip(handles.items(), snapshots)}
+    return {key: (handle, snapshot) for (key, handle), snapshot in zip(handles.items(), snapshots, strict=True)}
+
+
+def _of_account(
+    limiters: dict[tuple[Account, str], tuple[Any, LimitsStatistics]], account: Account
+) -> dict[str, tuple[Any, LimitsStatistics]]:
+    """The limiters a shard sends through: its account's, by model."""
+    return {model: limiter for (owner, model), limiter in limiters.items() if owner == account}
 
 
 def shard_tasks(
-    job: Path, plan: JobPlan, count: int, limiters: dict[str, tuple[Any, LimitsStatistics]]
+    job: Path, plan: JobPlan, count: int, limiters: Sequence[dict[str, tuple[Any, LimitsStatistics]]]
 ) -> list[ShardTask]:
-    """Shard i's task for i in 0..count-1, each with absolute paths (a worker's working folder is
-    its own) and the kill hook for the shard it names."""
+    """Shard i's task for i in 0..count-1 (``limiters[i]``: its account's), each with absolute paths
+    (a worker's working folder is its own) and the kill hook for the shard it names."""
     output = plan.output_path.resolve()
     kill_shard, kill_after = _kill_hook()
     return [
         ShardTask(
             job.resolve(),
             dataclasses.replace(plan.options, output=output, shard=Shard(index, count)),
-            limiters,
+            limiters[index],
             exit_after=kill_after if index == kill_shard else None,
         )
         for index in range(count)
@@ -191,7 +248,9 @@ class ShardDriver:
         self._progress: dict[int, ShardProgress] = {}
         self._errors: list[BaseException] = []
         self._interrupts = 0
+        self._passed = 0
         self._started = time.monotonic()
+        self._draw_every = TTY_REFRESH_S if reporter.interactive else PLAIN_REFRESH_S
 
     def run(self) -> dict[int, ShardOutcome]:
         """Each shard's outcome by shard index; a shard whose worker died while the run was
@@ -199,12 +258,17 @@ class ShardDriver:
         with self._signals():
             for index in range(len(self._tasks)):
                 self._start(index)
-            last_progress = 0.0
+            polled = drawn = 0.0
             while self._pending:
                 self._collect()
-                if time.monotonic() - last_progress >= PROGRESS_S:
+                self._pass_interrupts()
+                now = time.monotonic()
+                if now - polled >= PROGRESS_S:
                     self._poll_progress()
-                    last_progress = time.monotonic()
+                    polled = now
+                if not self._reporter.quiet and now - drawn >= self._draw_every:
+                    self._reporter.draw(self.statistics())
+                    drawn = now
         if self._errors:
             raise self._errors[0]
         return self._outcomes
@@ -269,19 +333,25 @@ class ShardDriver:
                 continue  # that worker died: _collect sees it
             if report is not None:
                 self._progress[refs[ref]] = report
-        self._reporter.draw(self.statistics())
 
     def _stop_all(self, *, at_once: bool) -> None:
         for worker in self._workers.values():
             worker.stop.remote(at_once)
 
     def _interrupted(self, signum: int, frame: Any) -> None:
+        # Counted only: Ray is called from the loop, never from inside a signal handler.
         self._interrupts += 1
-        if self._interrupts == 1:
+
+    def _pass_interrupts(self) -> None:
+        """Ctrl-C: every worker finishes what it has in flight; a second one: abandons it."""
+        if self._interrupts == self._passed:
+            return
+        self._passed = self._interrupts
+        if self._passed == 1:
             self._reporter.stopping("interrupted: finishing the requests in flight (Ctrl-C again to stop at once)")
         else:
             self._reporter.stopping("second interrupt: abandoning the requests in flight")
-        self._stop_all(at_once=self._interrupts > 1)
+        self._stop_all(at_once=self._passed > 1)
 
     @contextmanager
     def _signals(self) -> Iterator[None]:
@@ -324,22 +394,32 @@ def combined(parts: Sequence[ShardProgress], rows_total: int, elapsed_s: float) 
     )
 
 
-def finish(plan: JobPlan, outcomes: dict[int, ShardOutcome], count: int, reporter: Reporter, command: str) -> int:
+def finish(
+    plan: JobPlan, outcomes: dict[int, ShardOutcome], count: int, statistics: RunStatistics, reporter: Reporter,
+    command: str,
+) -> int:
     """Write the job's output when every shard finished; the exit code either way."""
+    from ..result import JobResult
+
     stopped = [outcome for outcome in outcomes.values() if outcome.stop_reason is not None]
+    if not reporter.quiet and (stopped or len(outcomes) < count):
+        reporter.draw(statistics, final=True)
     if len(outcomes) < count or any(outcome.stop_reason == STOP_INTERRUPTED for outcome in stopped):
         print(f"interrupted: finished rows are saved; resume with: {command}", file=sys.stderr, flush=True)
         return 130
     if stopped:
         first = stopped[0]
-        print(f"stopped: {first.stop_reason}: {first.stop_detail}; re-run to continue: {command}", file=sys.stderr)
+        print(f"stopped: {first.stop_detail or first.stop_reason}; re-run to continue: {command}", file=sys.stderr)
         return first.exit_code
-    return write_output(plan, count, reporter)
+    summary = write_output(plan, count)
+    result = JobResult(statistics, summary, None, None, wrote_output=True)
+    reporter.finish(result, plan, command)
+    return result.exit_code
 
 
-def write_output(plan: JobPlan, count: int, reporter: Reporter) -> int:
-    """THE LAST STEP: the job's output, summary and manifest from the shards' parts, by ``merge``'s code."""
+def write_output(plan: JobPlan, count: int) -> dict[str, Any]:
+    """THE LAST STEP: the job's output, summary and manifest from the shards' parts, by ``merge``'s
+    code (``merge_parts``); the summary it wrote."""
     from ..merge import merge_parts
 
-    result = merge_parts(plan, count)
-    return int(getattr(result, "exit_code", 0))
+    return merge_parts(plan, count).summary

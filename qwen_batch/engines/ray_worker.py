@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,8 +60,6 @@ class ShardOutcome:
     stop_detail: str | None
     exit_code: int
     statistics: RunStatistics
-    done_before: int = 0
-    summary: dict[str, Any] = field(default_factory=dict)
 
 
 class ShardWorker:
@@ -84,17 +82,15 @@ class ShardWorker:
         if task.exit_after is not None:
             executor = _ExitAfter(executor, task.exit_after)
         result = await execute(plan, executor=executor, watch=[self._follow])
-        return ShardOutcome(
-            result.stop_reason, result.stop_detail, result.exit_code, result.statistics, self._done_before, result.summary
-        )
+        return ShardOutcome(result.stop_reason, result.stop_detail, result.exit_code, result.statistics)
 
-    def progress(self) -> ShardProgress | None:
+    async def progress(self) -> ShardProgress | None:
         """The shard's figures now; None before it started sending."""
         if self._execution is None:
             return None
         return ShardProgress(self._execution.statistics(), self._done_before)
 
-    def stop(self, at_once: bool = False) -> None:
+    async def stop(self, at_once: bool = False) -> None:
         """Ctrl-C at the driver: send nothing new (``at_once``: abandon what is in flight too)."""
         self._stop = at_once or bool(self._stop)
         if self._execution is not None:
