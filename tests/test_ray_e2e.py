@@ -8,6 +8,10 @@ rates over wall-clock windows: they run alone, after the parallel tests (pyproje
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -121,3 +125,33 @@ def test_a_429_that_one_worker_sees_pauses_every_worker(tmp_path: Path) -> None:
         during = [entry for entry in ledger if when + 0.2 < entry["time"] < when + 0.8]
         assert during == [], f"{len(during)} requests went out during the pause after a 429"
     assert Counter(entry["status"] for entry in ledger)[200] == rows
+
+
+def test_ctrl_c_stops_every_worker_with_its_checkpoint_whole_and_the_same_command_resumes(tmp_path: Path) -> None:
+    """SIGINT to the driver: every worker finishes its requests in flight and records them, so the
+    resumed run sends each row that was paid for never again."""
+    rows = 600
+    job = _job(tmp_path / "stopped", [f"row {i}" for i in range(rows)], 60)
+    with EmulatorThread(EmulatorConfig()) as emu:
+        env = _env(emu, tmp_path, "stopped")
+        command = [sys.executable, "-m", "qwen_batch", "run", str(job), "--engine", "ray", "--ray-workers", str(WORKERS)]
+        driver = subprocess.Popen(command, env={**os.environ, **env}, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 200
+            while emu.stats()["billable"] < 100 and driver.poll() is None and time.monotonic() < deadline:
+                emu.wait_for_request(timeout=1.0)
+            driver.send_signal(signal.SIGINT)
+            _, stderr = driver.communicate(timeout=120)
+        finally:
+            driver.kill()
+        assert driver.returncode == 130, stderr
+        assert "interrupted: finishing the requests in flight" in stderr
+        assert "resume with: qwen-batch run" in stderr and "--engine ray --ray-workers 4" in stderr
+        stopped_at = len(emu.ledger)
+        assert stopped_at < rows
+        resumed = run_subprocess(command[3:], env, timeout=300)
+        assert resumed.returncode == 0, resumed.stderr
+        paid = Counter(entry["body_sha256"] for entry in emu.ledger if entry["status"] == 200)
+    assert len(paid) == rows
+    assert max(paid.values()) == 1  # whatever was in flight at Ctrl-C was recorded, not sent again
+    assert pl.read_parquet(tmp_path / "stopped" / "out" / "result.parquet").height == rows
