@@ -17,7 +17,6 @@ import asyncio
 import datetime as dt
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import harness as h  # noqa: E402
 from qwen_batch.emulator import EmulatorConfig  # noqa: E402
 from qwen_batch.testing import EmulatorThread  # noqa: E402
 
@@ -109,16 +109,6 @@ def timed_run(folder: Path, args: list[str], rows: int, per_second: float, concu
             "sent_per_s": round(len(times) / span, 1), "rows_per_s_wall": round(rows / wall, 1)}
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=4000)
@@ -143,8 +133,7 @@ def main() -> int:
         "ray_to_one_process_sent_per_s": round(ray["sent_per_s"] / single["sent_per_s"], 2),
         "rows": args.rows, "per_second": args.per_second, "workers": args.workers, "concurrency": args.concurrency,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"nproc": os.cpu_count(), "cpu": _cpu_model(), "python": platform.python_version(),
-                    "load_average_at_end": os.getloadavg()},
+        "machine": h.machine() | {"load_average_at_end": os.getloadavg()},
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
     RESULT_PATH.parent.mkdir(parents=True, exist_ok=True)

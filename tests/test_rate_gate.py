@@ -109,12 +109,17 @@ def _gate(shared: SharedLimits) -> tuple[RemoteGate, DirectEndpoint]:
     return RemoteGate(endpoint, shared._limits.statistics()), endpoint
 
 
-@pytest.mark.anyio
-async def test_answers_ride_with_the_next_request_and_a_429_goes_at_once() -> None:
-    gate, endpoint = _gate(SharedLimits(None, None))
+async def _one_answered(gate: RemoteGate) -> None:
+    """One attempt as the runner makes it: its slot, then its answer (30 tokens charged, 15 used)."""
     await gate.wait_to_send(30)
     gate.settle(30, 15)
     gate.on_success()
+
+
+@pytest.mark.anyio
+async def test_answers_ride_with_the_next_request_and_a_429_goes_at_once() -> None:
+    gate, endpoint = _gate(SharedLimits(None, None))
+    await _one_answered(gate)
     assert endpoint.records == []  # no message of their own
     await gate.wait_to_send(30)
     assert endpoint.requests == [[], [(SETTLE, 30, 15), (SUCCESS,)]]
@@ -126,9 +131,7 @@ async def test_answers_ride_with_the_next_request_and_a_429_goes_at_once() -> No
 @pytest.mark.anyio
 async def test_answers_of_a_quiet_worker_go_on_their_own_soon() -> None:
     gate, endpoint = _gate(SharedLimits(None, None))
-    await gate.wait_to_send(30)
-    gate.settle(30, 15)
-    gate.on_success()
+    await _one_answered(gate)
     with anyio.fail_after(2):
         await endpoint.recorded.wait()
     assert endpoint.records == [[(SETTLE, 30, 15), (SUCCESS,)]]

@@ -103,3 +103,15 @@ def test_ray_flags_out_of_place_are_exit_2_before_anything_is_sent(
     assert message in capsys.readouterr().err
     assert emulator.ledger == []
     assert not (tmp_path / "out").exists()
+
+
+def test_another_worker_count_than_the_earlier_runs_is_refused_before_ray_starts(
+    tmp_path: Path, job_env: dict[str, str], emulator: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = sentences_job(tmp_path, ["a", "b"])
+    earlier = tmp_path / "out" / "result.parquet.parts" / "part-1-of-3.parquet.checkpoint"
+    earlier.mkdir(parents=True)
+    assert main(["run", str(job), "--engine", "ray", "--ray-workers", "4"]) == 2
+    assert "an earlier run has 3 shards; resume with --ray-workers 3" in capsys.readouterr().err
+    assert emulator.ledger == []
+    assert [path.name for path in earlier.parent.iterdir()] == [earlier.name]

@@ -69,6 +69,7 @@ def run_on_ray(
     """Run every shard of ``plan`` (prepared from ``job``) on Ray, then write the job's output;
     the exit code of ``run``. ``workers``: the shards (default: the spec's ``shards:``, else 2)."""
     count = workers if workers is not None else len(plan.spec.shards or ()) or DEFAULT_WORKERS
+    check_shard_count(plan, count)
     accounts, limits = account_limits(plan, count)  # a shards: list of another length is exit 2 here
     if plan.options.fresh:
         from ..checkpoint import set_aside
@@ -86,6 +87,18 @@ def run_on_ray(
     finally:
         ray.shutdown()
     return finish(plan, outcomes, count, driver.statistics(), reporter, command)
+
+
+def check_shard_count(plan: JobPlan, count: int) -> None:
+    """Refuse another K than an earlier run's: its shards would start over, every row paid again."""
+    from ..sharding import parts_dir, shard_counts
+
+    earlier = [n for n in shard_counts(plan.output_path) if n != count]
+    if earlier and not plan.options.fresh:
+        raise ConfigError(
+            f"{parts_dir(plan.output_path)}: an earlier run has {earlier[0]} shards; resume with --ray-workers "
+            f"{earlier[0]} ({count} shards would send every row again), or start over with --fresh"
+        )
 
 
 def start_ray(address: str | None, workers: int) -> Any:
