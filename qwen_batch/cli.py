@@ -293,7 +293,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .merge import merge_parts, part_count
     from .plan import JobOptions
 
-    plan = prepare(Path(args.job), JobOptions(limit=args.limit, output=args.output), check_over_long=False)
+    plan = prepare(Path(args.job), JobOptions(limit=args.limit, output=args.output), render=False)
     result = merge_parts(plan, part_count(plan))
     print(
         f"{result.output_path}: {result.units} rows merged from {len(result.parts)} parts "

@@ -30,7 +30,7 @@ from .result import JobResult
 from .resume import checkpoint_dir_for, input_identity, record_input_identity, request_manifest, resume_state
 from .runner import STOP_BUDGET
 from .spec import JobSpec, check_base_url, load_spec
-from .table import open_table
+from .table import Table, open_table
 from .user_catalog import for_job
 from .variants import Variant, all_renderers, build_variants, model_prices
 from .work import BATCH_ROWS, CheckpointAndCacheSink, work_items
@@ -50,12 +50,14 @@ def prepare(
     cache: ServiceCache | None = None,
     *,
     check_over_long: bool = True,
+    render: bool = True,
 ) -> JobPlan:
     """Load and check the spec and the whole input; read the checkpoint. Sends nothing.
 
     With ``cache``, the preflight also counts the rows the response cache would answer.
     Over-long rows raise InputError when the spec's policy is ``fail``, unless
-    ``check_over_long`` is false (``validate`` lists them itself).
+    ``check_over_long`` is false (``validate`` lists them itself). With ``render`` false no
+    row is rendered and no checkpoint read (``merge`` writes from the parts, which did that).
     """
     from .configuration import check_native_path
 
@@ -100,9 +102,10 @@ def prepare(
         )
     else:
         resume, previous_cost = resume_state(
-            checkpoint_dir, manifest, units, identity, fresh=options.fresh, retry_errors=options.retry_errors
+            checkpoint_dir, manifest, units if render else 0, identity, fresh=options.fresh or not render,
+            retry_errors=options.retry_errors,
         )
-    batches = table.iter_batches(batch_size=BATCH_ROWS, limit=rows)
+    batches = table.iter_batches(batch_size=BATCH_ROWS, limit=rows) if render else iter(())
     report = run_preflight(
         rendered(renderers, batches, resume, skip_finished=resume.verified, held=held),
         max_input_tokens=_input_limit(variants),
@@ -155,7 +158,7 @@ def prepare(
     return plan
 
 
-def _shard_units(spec: JobSpec, table: Any, rows: int, variants: tuple[Variant, ...], shard: Shard) -> bytearray:
+def _shard_units(spec: JobSpec, table: Table, rows: int, variants: tuple[Variant, ...], shard: Shard) -> bytearray:
     """Which units ``run --shard`` sends: one pass over the row ids, never over the prompts."""
     from .sharding import shard_mask, table_row_ids
 

@@ -126,12 +126,17 @@ class Reporter:
         execution = plan.spec.execution
         info = plan.model_info
         if info is not None and info.rate_limits is not None:
+            of = "" if plan.rate_share == 1.0 else f"this shard's {plan.rate_share:.4g} of "
             if execution.requests_per_minute is None and rpm is not None:
-                self.note(f"requests_per_minute not set: using {rpm:g}, {info.name}'s documented default ({info.rate_limits.source})")
+                self.note(f"requests_per_minute not set: using {rpm:g}, {of}{info.name}'s documented default ({info.rate_limits.source})")
             if execution.tokens_per_minute is None and tpm is not None:
-                self.note(f"tokens_per_minute not set: using {tpm:g}, {info.name}'s documented default ({info.rate_limits.source})")
+                self.note(f"tokens_per_minute not set: using {tpm:g}, {of}{info.name}'s documented default ({info.rate_limits.source})")
         elif rpm is None and tpm is None:
             self.note("no rate limits known for this model: running with the concurrency limit alone")
+        shard = plan.options.shard
+        if shard is not None:
+            share = "its own rate limits (shards:)" if plan.spec.shards else f"1/{shard.count} of the job's rate limits"
+            self.note(f"shard {shard}: {plan.own_units} of the job's {plan.units} units, at {share}")
         report = plan.preflight
         done = plan.resume.count()
         self._done_before = done

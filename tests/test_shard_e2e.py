@@ -83,6 +83,25 @@ def test_four_shards_merge_into_what_one_run_writes(tmp_path: Path, job_env: dic
     manifest = json.loads(output.with_name(output.name + ".manifest.json").read_text())
     assert [part["shard"]["index"] for part in manifest["parts"]] == [0, 1, 2, 3]
     assert manifest["input"]["rows"] == 60 and "shard" not in manifest
+    assert main(["verify", str(output)]) == 0  # the merged output checks out as one run's does
+
+
+def test_a_sweep_with_samples_spreads_a_rows_units_over_shards_and_merges_in_unit_order(
+    tmp_path: Path, job_env: dict, emulator: Any
+) -> None:
+    sweep = {"sweep": {"parameters": {"temperature": [0.2, 0.9]}}, "samples": 2}
+    reference = single_run(tmp_path, 12, **sweep)
+    job = sharded_job(tmp_path, 12, **sweep)
+    for index in range(3):
+        assert main(["run", str(job), "--quiet", "--no-cache", "--shard", f"{index}/3"]) == 0
+    parts = [pl.read_parquet(Shard(i, 3).part_path(output_of(job))) for i in range(3)]
+    for index, part in enumerate(parts):
+        assert all(Shard(index, 3).holds(*unit) for unit in part.select("id", "variant", "sample").iter_rows())
+    # Units of one row land in different shards: the hash is of the unit, not of the row.
+    assert any(len({i for i, part in enumerate(parts) if row_id in part["id"].to_list()}) > 1 for row_id in ("r000", "r001"))
+    assert main(["merge", str(job)]) == 0
+    assert_frame_equal(results(output_of(job)), results(reference))
+    assert without_timing(read_summary(output_of(job))) == without_timing(read_summary(reference))
 
 
 def test_a_missing_shard_makes_merge_exit_2_naming_it(
