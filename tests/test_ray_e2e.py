@@ -104,7 +104,10 @@ def test_a_killed_worker_is_resumed_and_the_output_equals_a_single_run(tmp_path:
 
 def test_a_429_that_one_worker_sees_pauses_every_worker(tmp_path: Path) -> None:
     """Rows of shard 0 alone are refused once with ``Retry-After: 1``: the shared limiter pauses the
-    whole job for that second, so no worker sends in it (limiters of their own would go on)."""
+    whole job for that second, so no worker sends in it (limiters of their own would go on: 96
+    requests in such a window, measured). Slots granted before the 429 reached the limiter may still
+    go out at its start (delivery takes up to a few hundred ms on a loaded 2-core machine), so the
+    window looked at is the pause's second half."""
     rows = 1_200
     storm = [next(i for i in range(start, rows) if unit_shard(f"r{i:03d}", "", 0, WORKERS) == 0) for start in (300, 600, 900)]
     texts = [
@@ -122,8 +125,9 @@ def test_a_429_that_one_worker_sees_pauses_every_worker(tmp_path: Path) -> None:
     refused = [entry["time"] for entry in ledger if entry["status"] == 429]
     assert len(refused) == len(storm) == 3
     for when in refused:
-        during = [entry for entry in ledger if when + 0.2 < entry["time"] < when + 0.8]
-        assert during == [], f"{len(during)} requests went out during the pause after a 429"
+        during = [entry for entry in ledger if when + 0.5 < entry["time"] < when + 0.95]
+        offsets = [round(entry["time"] - when, 3) for entry in during]
+        assert during == [], f"{len(during)} requests went out during the pause after a 429, at +{offsets} s"
     assert Counter(entry["status"] for entry in ledger)[200] == rows
 
 
