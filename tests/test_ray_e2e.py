@@ -105,7 +105,7 @@ def test_a_killed_worker_is_resumed_and_the_output_equals_a_single_run(tmp_path:
 def test_a_429_that_one_worker_sees_pauses_every_worker(tmp_path: Path) -> None:
     """Rows of shard 0 alone are refused once with ``Retry-After: 1``: the shared limiter pauses the
     whole job for that second, so no worker sends in it (limiters of their own would go on: 96
-    requests in such a window, measured). Slots granted before the 429 reached the limiter may still
+    requests in 0.6 s of it, measured). Slots granted before the 429 reached the limiter may still
     go out at its start (delivery takes up to a few hundred ms on a loaded 2-core machine), so the
     window looked at is the pause's second half."""
     rows = 1_200
