@@ -19,12 +19,14 @@ from typing import TYPE_CHECKING
 
 from .argtypes import ArgumentParser, number, whole_number
 from .errors import ConfigError, QwenBatchError, UsageError
+from .sharding import MAX_SHARDS
 from .spec import MAX_CONCURRENCY
 
 if TYPE_CHECKING:
     from .executors import Execution
     from .plan import JobPlan
     from .report import Reporter
+    from .sharding import Shard
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 70  # sysexits EX_SOFTWARE: a bug, not the user's input nor the service
@@ -56,8 +58,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         no_cache=args.no_cache,
         max_cost=args.max_cost,
         redo=args.redo,
+        shard=_shard(args),
     )
     reporter = Reporter(quiet=args.quiet)
+    _check_engine(args)
     plan = prepare(Path(args.job), options)
     mode = args.mode or plan.spec.execution.mode
     if mode != "batch" and (args.no_wait or args.dry_run):
@@ -65,6 +69,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{flag} is for batch mode: add --mode batch (or set execution.mode: batch in {args.job})")
     if args.dry_run:
         return _dry_run(plan, reporter)
+    if args.engine == "ray":
+        return _run_on_ray(args, plan, reporter, mode)
     executor = None
     if mode == "batch":
         from .executors.batch import BatchExecutor
@@ -80,6 +86,49 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         write_report(plan.output_path, quiet=args.quiet)
     return result.exit_code
+
+
+def _check_engine(args: argparse.Namespace) -> None:
+    """The Ray flags go with ``--engine ray``, which runs the online pool on every shard, resumably."""
+    if args.engine != "ray":
+        flag = "--ray-address" if args.ray_address else "--ray-workers" if args.ray_workers else None
+        if flag:
+            raise ConfigError(f"{flag} is for the Ray engine: add --engine ray")
+        return
+    refused = [flag for flag, given in (("--redo", args.redo), ("--mode batch", args.mode == "batch"),
+                                        ("--no-wait", args.no_wait), ("--dry-run", args.dry_run),
+                                        ("--shard", args.shard)) if given]
+    if refused:
+        raise ConfigError(f"--engine ray runs the online pool on each shard it plans: drop {refused[0]}")
+
+
+def _run_on_ray(args: argparse.Namespace, plan: JobPlan, reporter: Reporter, mode: str) -> int:
+    """``run --engine ray``: the shards on Ray workers, then the job's output from their parts."""
+    from .engines.ray_engine import run_on_ray
+
+    if mode == "batch":
+        raise ConfigError(f"--engine ray runs the online pool on each shard: set execution.mode: online in {args.job}")
+    code = run_on_ray(
+        Path(args.job), plan, address=args.ray_address, workers=args.ray_workers, reporter=reporter,
+        command=_resume_command(args),
+    )
+    if args.report and code in (0, 1):
+        from .run_report.command import write_report
+
+        write_report(plan.output_path, quiet=args.quiet)
+    return code
+
+
+def _shard(args: argparse.Namespace) -> Shard | None:
+    """``--shard I/N`` as a Shard; a bad value is exit 2 with Shard.parse's one line."""
+    from .sharding import Shard, ShardError
+
+    if args.shard is None:
+        return None
+    try:
+        return Shard.parse(args.shard)
+    except ShardError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _dry_run(plan: JobPlan, reporter: Reporter) -> int:
@@ -125,10 +174,18 @@ def _resume_command(args: argparse.Namespace) -> str:
         argv += ["--output", args.output]
     if args.limit:
         argv += ["--limit", str(args.limit)]
+    if args.shard:
+        argv += ["--shard", args.shard]
     if args.mode:
         argv += ["--mode", args.mode]
     if args.no_wait:
         argv.append("--no-wait")
+    if args.engine == "ray":
+        argv += ["--engine", "ray"]
+        if args.ray_address:
+            argv += ["--ray-address", args.ray_address]
+        if args.ray_workers:
+            argv += ["--ray-workers", str(args.ray_workers)]
     return shlex.join(argv)
 
 
@@ -152,7 +209,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from .job import over_long_message, prepare
     from .plan import JobOptions
 
-    plan = prepare(Path(args.job), JobOptions(limit=args.limit), check_over_long=False)
+    plan = prepare(Path(args.job), JobOptions(limit=args.limit, shard=_shard(args)), check_over_long=False)
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     report = plan.preflight
@@ -194,7 +251,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from .plan import JobOptions
     from .spec import load_spec
 
-    options = JobOptions(limit=args.limit, output=args.output, no_cache=args.no_cache)
+    options = JobOptions(limit=args.limit, output=args.output, no_cache=args.no_cache, shard=_shard(args))
     spec = load_spec(Path(args.job))
     shared = None
     if spec.cache.enabled and not args.no_cache:
@@ -224,6 +281,25 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
         render_estimate(estimate, sys.stdout)
     return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Join the parts of a sharded job (run --shard I/N) into the job's output, summary and manifest.
+
+    Every unit must be in exactly one part; sends nothing.
+    example: qwen-batch merge jobs/translate.yaml
+    """
+    from .job import prepare
+    from .merge import merge_parts, part_count
+    from .plan import JobOptions
+
+    plan = prepare(Path(args.job), JobOptions(limit=args.limit, output=args.output), render=False)
+    result = merge_parts(plan, part_count(plan))
+    print(
+        f"{result.output_path}: {result.units} rows merged from {len(result.parts)} parts "
+        f"({result.ok} ok, {result.errors} errors)"
+    )
+    return 1 if result.errors else 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -372,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-cache", action="store_true", help="neither read nor write the response cache")
     run.add_argument("--max-cost", type=number(0, low_open=True),
                      help="budget cap in the price currency, > 0 (overrides budget.max_cost)")
+    run.add_argument("--shard", metavar="I/N", help="only shard I of N (0 <= I < N): the units whose row id hashes there; writes <output>.parts/part-I-of-N.parquet")
     run.add_argument("--report", action="store_true", help="write the run report (as `qwen-batch report`) when the run ends")
     run.add_argument("--mode", choices=("online", "batch"),
                      help="online: the worker pool; batch: DashScope's Batch API at half price (overrides execution.mode)")
@@ -379,10 +456,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="batch mode: submit and exit 75; run the same command again to collect")
     run.add_argument("--dry-run", action="store_true",
                      help="batch mode: send up to 100 lines to the free batch-test-model through the whole chain; write nothing")
+    run.add_argument("--engine", choices=("local", "ray"), default="local",
+                     help="local: this process (default); ray: the job's shards on Ray workers, one shared rate limit "
+                     "(pip install 'qwen-batch[ray]')")
+    run.add_argument("--ray-address", metavar="ADDRESS",
+                     help="--engine ray: join this Ray cluster (e.g. 10.0.0.5:6379, or auto) instead of starting a local Ray")
+    run.add_argument("--ray-workers", type=whole_number(1, MAX_SHARDS), metavar="K",
+                     help="--engine ray: shards, one worker each (default: the spec's shards: list, else 2); keep the same K to resume")
 
     validate = add("validate", cmd_validate)
     validate.add_argument("job", help="the job spec (YAML)")
     validate.add_argument("--limit", type=positive_int, help="only the first N rows")
+    validate.add_argument("--shard", metavar="I/N", help="only shard I of N's units (as run --shard)")
 
     estimate = add("estimate", cmd_estimate)
     estimate.add_argument("job", help="the job spec (YAML)")
@@ -391,6 +476,12 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--limit", type=positive_int, help="only the first N rows")
     estimate.add_argument("--output", help="output Parquet path (overrides output.path)")
     estimate.add_argument("--no-cache", action="store_true", help="do not count rows the cache would answer")
+    estimate.add_argument("--shard", metavar="I/N", help="only shard I of N's units, at its share of the limits")
+
+    merge = add("merge", cmd_merge)
+    merge.add_argument("job", help="the job spec (YAML)")
+    merge.add_argument("--output", help="output Parquet path (overrides output.path); the parts are beside it")
+    merge.add_argument("--limit", type=positive_int, help="only the first N rows (as the shards ran with --limit)")
 
     status = add("status", cmd_status)
     status.add_argument("job", help="the job spec (YAML)")

@@ -26,7 +26,7 @@ METRICS = ("input_tokens", "output_tokens", "cost", "latency_s")
 MOST_CHANGED = 10
 _POSITION = "__qwen_batch_position__"  # the reserved prefix: no input column is named so
 # Spec sections that decide where and how fast a run goes, never what it asks.
-_NOT_SETTINGS = ("name", "output", "execution", "cache", "budget", "preflight", "input", "catalog")
+_NOT_SETTINGS = ("name", "output", "execution", "cache", "budget", "preflight", "input", "catalog", "shards")
 
 
 def verdict(a: dict[str, Any], b: dict[str, Any]) -> tuple[str, list[str]]:

@@ -30,13 +30,14 @@ from .result import JobResult
 from .resume import checkpoint_dir_for, input_identity, record_input_identity, request_manifest, resume_state
 from .runner import STOP_BUDGET
 from .spec import JobSpec, check_base_url, load_spec
-from .table import open_table
+from .table import Table, open_table
 from .user_catalog import for_job
 from .variants import Variant, all_renderers, build_variants, model_prices
 from .work import BATCH_ROWS, CheckpointAndCacheSink, work_items
 
 if TYPE_CHECKING:
     from .executors import Execution, Executor
+    from .sharding import Shard
     from .output import UnitSlot
 
 # Started beside a running execution, cancelled when it ends (the CLI's signal handler is one).
@@ -49,16 +50,20 @@ def prepare(
     cache: ServiceCache | None = None,
     *,
     check_over_long: bool = True,
+    render: bool = True,
 ) -> JobPlan:
     """Load and check the spec and the whole input; read the checkpoint. Sends nothing.
 
     With ``cache``, the preflight also counts the rows the response cache would answer.
     Over-long rows raise InputError when the spec's policy is ``fail``, unless
-    ``check_over_long`` is false (``validate`` lists them itself).
+    ``check_over_long`` is false (``validate`` lists them itself). With ``render`` false no
+    row is rendered and no checkpoint read (``merge`` writes from the parts, which did that).
     """
     from .configuration import check_native_path
 
     spec = load_spec(spec_path)
+    if options.shard is not None:
+        spec = spec.for_shard(options.shard.index, options.shard.count)
     catalog = for_job(spec.catalog)
     if not options.emulate:
         # The URL is checked for secrets and shape before any message quotes it.
@@ -86,20 +91,23 @@ def prepare(
     checkpoint_dir = checkpoint_dir_for(output_path)
     identity = input_identity(spec.input.path)
     units = rows * len(renderers)
+    held = _shard_units(spec, table, rows, variants, options.shard) if options.shard is not None else None
     redo = None
     if options.redo is not None:
         from .redo import prepare_redo
 
         resume, previous_cost, redo = prepare_redo(
-            spec, checkpoint_dir, output_path, options.redo, units, len(renderers), identity
+            spec, checkpoint_dir, output_path, options.redo, units, len(renderers), identity,
+            output_units=held.count(1) if held is not None else None,
         )
     else:
         resume, previous_cost = resume_state(
-            checkpoint_dir, manifest, units, identity, fresh=options.fresh, retry_errors=options.retry_errors
+            checkpoint_dir, manifest, units if render else 0, identity, fresh=options.fresh or not render,
+            retry_errors=options.retry_errors,
         )
-    batches = table.iter_batches(batch_size=BATCH_ROWS, limit=rows)
+    batches = table.iter_batches(batch_size=BATCH_ROWS, limit=rows) if render else iter(())
     report = run_preflight(
-        rendered(renderers, batches, resume, skip_finished=resume.verified),
+        rendered(renderers, batches, resume, skip_finished=resume.verified, held=held),
         max_input_tokens=_input_limit(variants),
         input_limits=_input_limits(variants),
         resume=resume,
@@ -146,9 +154,18 @@ def prepare(
         variants=variants,
         samples=spec.samples,
         redo=redo,
+        held=held,
     )
     _check_json_mode(plan)
     return plan
+
+
+def _shard_units(spec: JobSpec, table: Table, rows: int, variants: tuple[Variant, ...], shard: Shard) -> bytearray:
+    """Which units ``run --shard`` sends: one pass over the row ids, never over the prompts."""
+    from .sharding import shard_mask, table_row_ids
+
+    slots = [(variant.id, sample) for variant in variants for sample in range(spec.samples)]
+    return shard_mask(table_row_ids(table, spec.input.id_column, rows), slots, shard)
 
 
 def _model_warnings(spec: JobSpec, variants: tuple[Variant, ...]) -> list[str]:
@@ -318,6 +335,7 @@ async def execute(
                     seed=plan.spec.parameters.seed,
                     missing=missing,
                     slots=unit_slots(plan),
+                    held=plan.held,
                 )
             )
             wrote_output = True

@@ -22,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import anyio
 from aiolimiter import AsyncLimiter
@@ -906,6 +907,44 @@ class LimitsStatistics:
     requests_per_minute: float | None
     tokens_per_minute: float | None
     throttle: ThrottleStatistics
+
+
+class RateGate(Protocol):
+    """What the runner calls on its limits, once per attempt: ``Limits`` in one process, or a gate
+    that forwards to limits held elsewhere (the Ray engine's limiter actor, shared by every worker).
+
+    The runner's hot path calls these methods directly, so ``Limits`` meets the protocol as it is:
+    the local path pays nothing for the seam.
+    """
+
+    def send_now(self, tokens: int) -> bool:
+        """Charge one request worth ``tokens`` at once if it may go now (no coroutine); False,
+        with nothing charged, when the runner must ``await wait_to_send``."""
+
+    async def wait_to_send(self, tokens: int) -> None:
+        """Wait until one request worth ``tokens`` may be sent, and charge it."""
+
+    def settle(self, charged: int, used: int) -> None:
+        """The attempt got an answer (any answer) that used ``used`` of the ``charged`` tokens."""
+
+    def on_success(self) -> None:
+        """The attempt was answered successfully."""
+
+    def on_throttled(self, error: RateLimited) -> None:
+        """The attempt was answered 429."""
+
+    def statistics(self) -> LimitsStatistics:
+        """A snapshot (for progress lines and the run report; may be a moment old)."""
+
+
+GateFactory = Callable[[str, float | None, float | None], RateGate]
+"""The gate for one model's requests, from the model and the run's RPM and TPM for it (None: no such
+limit). The online executor's default builds ``Limits``; the Ray engine hands out its limiter's gate."""
+
+
+def local_gate(model: str, requests_per_minute: float | None, tokens_per_minute: float | None) -> Limits:
+    """The default ``GateFactory``: this process's own ``Limits``."""
+    return Limits.from_settings(requests_per_minute, tokens_per_minute)
 
 
 class Limits:

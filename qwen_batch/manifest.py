@@ -24,6 +24,7 @@ from .errors import InputError, StorageError
 if TYPE_CHECKING:
     from .modes import Mode
     from .plan import JobPlan
+    from .spec import JobSpec
 
 MANIFEST_FORMAT = 1
 GIT_TIMEOUT_S = 5.0
@@ -60,7 +61,7 @@ def build_manifest(
     spec = plan.spec
     resolved = spec.model_dump(mode="json")
     job_path = spec.path.resolve() if spec.path is not None else None
-    return {
+    manifest = {
         "format": MANIFEST_FORMAT,
         "run_id": run_id,
         "started_at": _iso(started),
@@ -84,6 +85,16 @@ def build_manifest(
         "output": {"path": str(plan.output_path.resolve())},
         "redone": read_redo_log(plan.checkpoint_dir),
     }
+    shard = plan.options.shard
+    if shard is not None:
+        # ``merge`` checks that every part is of the same N and the same job (sharding.py).
+        manifest["shard"] = {
+            "index": shard.index,
+            "count": shard.count,
+            "units": plan.own_units,
+            "job_spec_sha256": job_spec_sha256(spec),
+        }
+    return manifest
 
 
 def _variants(plan: JobPlan) -> list[dict[str, Any]]:
@@ -187,6 +198,11 @@ def canonical_sha256(value: Any) -> str:
     """sha256 of ``value`` as canonical JSON (sorted keys, no spaces): the same dict, the same hash."""
     text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def job_spec_sha256(spec: JobSpec) -> str:
+    """The sha256 of the job's spec: the same in every shard's manifest, whatever its ``shards:`` entry."""
+    return canonical_sha256(spec.job.model_dump(mode="json"))
 
 
 def write_manifest(output_path: Path, manifest: dict[str, Any]) -> Path:

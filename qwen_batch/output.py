@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -76,6 +77,8 @@ READ_ROWS = 100_000
 # Row group size of the staged records: small, so a window's range filter reads little.
 STAGE_ROW_GROUP = 20_000
 
+# A shard's part holds some of the job's units: this column gives each its dense index in the job.
+PART_UNIT = "__qwen_batch_unit__"
 _ROW = "__qwen_batch_row__"
 _MISSING = "__qwen_batch_missing__"
 _PREFIX = "__qwen_batch_rec_"
@@ -298,6 +301,7 @@ def write_results(
     missing: tuple[str, str] | None = None,
     batch_rows: int = BATCH_ROWS,
     slots: list[UnitSlot] | None = None,
+    held: bytearray | None = None,
 ) -> WriteStats:
     """Write one output row per input row, in input order, atomically replacing ``out_path``.
 
@@ -312,66 +316,93 @@ def write_results(
     InputError if an input column is named like a result column, StorageError if the disk
     refuses. ``slots`` are the units of each row (variants x samples, in output order; unit
     ``j`` of row ``r`` has index ``r * len(slots) + j``); one, ``("", 0)``, by default.
+    ``held`` (``run --shard``) keeps only the units it marks, each with its dense index in
+    a last column, PART_UNIT, from which ``merge`` puts the parts back in order.
     """
     out_path = Path(out_path)
     input_columns = input_frame.collect_schema().names()
     check_input_columns(input_columns)
     schema = output_schema(input_frame.collect_schema())
     columns = _result_columns(input_columns, missing=missing)
+    if held is not None:
+        schema = schema.append(pa.field(PART_UNIT, pa.int64()))
+        columns.insert(-1, pl.col(_ROW).alias(PART_UNIT))
     slots = slots or [UnitSlot("", 0, model, seed)]
     per_row = len(slots)
     slot_frame = _slot_frame(slots)
+    staged_path = out_path.with_name(f".{out_path.name}.records-{os.getpid()}.parquet")
+    units = rows = ok = missing_rows = 0
+    with atomic_parquet(out_path, schema, "results") as writer:
+        try:
+            staged = _stage_records(records, staged_path)
+            release_memory()
+            for batch in _input_batches(input_frame, batch_rows):
+                start, end = units, units + batch.height * per_row
+                joined = (
+                    batch.lazy()
+                    .with_row_index(_ROW, offset=start // per_row)
+                    .join(slot_frame, how="cross", maintain_order="left_right")
+                    .with_columns((pl.col(_ROW).cast(pl.Int64) * per_row + pl.col(_SLOT)).alias(_ROW))
+                    # maintain_order="left" keeps the input order: a hash join may not.
+                    .join(_window(staged, start, end), on=_ROW, how="left", maintain_order="left", validate="m:1")
+                    .select(columns)
+                    .collect()
+                )
+                units = end
+                if held is not None:
+                    joined = joined.filter(_held_window(held, start, end))
+                batch_missing = int(joined[_MISSING].sum())
+                if batch_missing and missing is None:
+                    first = start + int(joined[_MISSING].arg_true()[0])
+                    raise ValueError(
+                        f"{batch_missing} row(s) from row {first} on have no result in the "
+                        "checkpoint, and no 'missing' status was given for them"
+                    )
+                table = joined.drop(_MISSING).to_arrow().cast(schema)
+                writer.write_table(table, row_group_size=max(batch_rows, table.num_rows))
+                rows += table.num_rows
+                ok += int((joined["status"] == "ok").sum())
+                missing_rows += batch_missing
+        finally:
+            staged_path.unlink(missing_ok=True)
+    release_memory()
+    size = out_path.stat().st_size
+    return WriteStats(path=out_path, rows=rows, ok=ok, errors=rows - ok, missing=missing_rows, bytes=size)
+
+
+def _held_window(held: bytearray, start: int, end: int) -> pl.Series:
+    """Which units of ``[start, end)`` a shard holds, as a boolean mask (no Python loop over them)."""
+    window = pa.Array.from_buffers(pa.uint8(), end - start, [None, pa.py_buffer(bytes(held[start:end]))])
+    return pl.Series(window).cast(pl.Boolean)
+
+
+@contextmanager
+def atomic_parquet(out_path: Path, schema: pa.Schema, what: str) -> Iterator[pq.ParquetWriter]:
+    """A Parquet writer whose file replaces ``out_path`` only once complete: written to a
+    temporary file beside it, fsynced, then ``os.replace``'d; removed if anything fails.
+
+    A kill at any moment leaves the previous file or the complete new one. Raises
+    StorageError (naming ``what`` is written) if the disk refuses.
+    """
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StorageError(f"{out_path.parent}: cannot create the output folder ({exc.strerror})") from None
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    staged_path = out_path.with_name(f".{out_path.name}.records-{os.getpid()}.parquet")
-    rows = ok = missing_rows = 0
     try:
-        staged = _stage_records(records, staged_path)
-        release_memory()
         with open(tmp, "wb") as f:
             with pq.ParquetWriter(f, schema, compression=COMPRESSION) as writer:
-                for batch in _input_batches(input_frame, batch_rows):
-                    start, end = rows, rows + batch.height * per_row
-                    joined = (
-                        batch.lazy()
-                        .with_row_index(_ROW, offset=start // per_row)
-                        .join(slot_frame, how="cross", maintain_order="left_right")
-                        .with_columns((pl.col(_ROW).cast(pl.Int64) * per_row + pl.col(_SLOT)).alias(_ROW))
-                        # maintain_order="left" keeps the input order: a hash join may not.
-                        .join(_window(staged, start, end), on=_ROW, how="left", maintain_order="left", validate="m:1")
-                        .select(columns)
-                        .collect()
-                    )
-                    batch_missing = int(joined[_MISSING].sum())
-                    if batch_missing and missing is None:
-                        first = start + int(joined[_MISSING].arg_true()[0])
-                        raise ValueError(
-                            f"{batch_missing} row(s) from row {first} on have no result in the "
-                            "checkpoint, and no 'missing' status was given for them"
-                        )
-                    table = joined.drop(_MISSING).to_arrow().cast(schema)
-                    writer.write_table(table, row_group_size=max(batch_rows, table.num_rows))
-                    rows = end
-                    ok += int((joined["status"] == "ok").sum())
-                    missing_rows += batch_missing
+                yield writer
             f.flush()
             os.fsync(f.fileno())
-        size = tmp.stat().st_size
         os.replace(tmp, out_path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise StorageError(f"{out_path}: cannot write the results ({exc.strerror or exc})") from None
+        raise StorageError(f"{out_path}: cannot write the {what} ({exc.strerror or exc})") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    finally:
-        staged_path.unlink(missing_ok=True)
-    release_memory()
     fsync_dir(out_path.parent)
-    return WriteStats(path=out_path, rows=rows, ok=ok, errors=rows - ok, missing=missing_rows, bytes=size)
 
 
 def write_summary_json(path: Path, summary: dict[str, Any]) -> None:

@@ -52,7 +52,11 @@ def checked_paths(spec: JobSpec, options: JobOptions) -> JobPaths:
         cache = spec.cache.path
         if cache is None:
             cache, label = default_cache_path(), "the response cache"
-    return job_paths(spec, options.output, cache=cache, cache_label=label)
+    paths = job_paths(spec, options.output, cache=cache, cache_label=label)
+    if options.shard is None:
+        return paths
+    # A shard writes its part, with the part's own checkpoint, summary and manifest beside it.
+    return job_paths(spec, options.shard.part_path(paths.output), cache=cache, cache_label=label)
 
 
 
@@ -82,6 +86,8 @@ class JobPlan:
     variants: tuple[Variant, ...] = ()
     samples: int = 1
     redo: Redo | None = None  # ``run --redo``: the units sent again (redo.py)
+    # ``run --shard I/N``: 1 for each unit (dense order) of this shard, 0 for the others (sharding.py).
+    held: bytearray | None = None
 
     @property
     def renderers(self) -> tuple[Renderer, ...]:
@@ -98,6 +104,26 @@ class JobPlan:
     def units(self) -> int:
         """Units of work: rows x variants x samples (types.UnitKey numbers them densely)."""
         return self.rows * self.units_per_row
+
+    @property
+    def own_units(self) -> int:
+        """The units this run is for: the shard's under ``--shard``, else all of them."""
+        return self.units if self.held is None else self.held.count(1)
+
+    @property
+    def rate_share(self) -> float:
+        """The part of the job's RPM and TPM this run may use: 1/N for ``--shard I/N``, unless
+        the spec's ``shards:`` gives each shard limits (and an account) of its own."""
+        shard = self.options.shard
+        return 1.0 if shard is None or self.spec.shards else 1.0 / shard.count
+
+    def shared(self, limits: tuple[float | None, float | None]) -> tuple[float | None, float | None]:
+        """``limits`` (RPM, TPM) scaled to this run's ``rate_share``."""
+        share = self.rate_share
+        if share == 1.0:
+            return limits
+        rpm, tpm = limits
+        return (rpm * share if rpm is not None else None, tpm * share if tpm is not None else None)
 
     @property
     def summary_path(self) -> Path:
@@ -120,10 +146,11 @@ class JobPlan:
 
     @property
     def rate_limits(self) -> tuple[float | None, float | None]:
-        """The spec's RPM and TPM, else the catalog's documented defaults for the (first) model."""
+        """The spec's RPM and TPM, else the catalog's documented defaults for the (first) model,
+        this run's share of them (``rate_share``)."""
         from .variants import rate_limits_for
 
-        return rate_limits_for(self.spec, self.model_info)
+        return self.shared(rate_limits_for(self.spec, self.model_info))
 
     def requests(self) -> Iterator[Request]:
         """The request of every row that renders to one, in input order: rendered again, sent nowhere."""

@@ -97,6 +97,7 @@ def rendered(
     resume: ResumeIndex | None = None,
     *,
     skip_finished: Literal[True],
+    held: bytearray | None = None,
 ) -> Iterator[Sequence[Request | RowProblem]]: ...
 @overload
 def rendered(
@@ -105,6 +106,7 @@ def rendered(
     resume: ResumeIndex | None = None,
     *,
     skip_finished: bool = False,
+    held: bytearray | None = None,
 ) -> Iterator[Sequence[Request | RowProblem | DoneRow]]: ...
 def rendered(
     renderer: Renderer | Sequence[Renderer],
@@ -112,17 +114,21 @@ def rendered(
     resume: ResumeIndex | None = None,
     *,
     skip_finished: bool = False,
+    held: bytearray | None = None,
 ) -> Iterator[Sequence[Request | RowProblem | DoneRow]]:
     """Render each batch of rows into its units: one per renderer (variant x sample), in order.
 
     A unit's index is dense: ``position * len(renderers) + slot`` (the row's position for a
     single renderer). With ``resume``, token counts it already knows are reused, and units an
     earlier run finished are either left out (``skip_finished``, without rendering them) or,
-    when their token count is known, checked by fingerprint only (``DoneRow``).
+    when their token count is known, checked by fingerprint only (``DoneRow``). With ``held``
+    (``run --shard``, with ``resume``), only the units it marks are rendered at all.
     """
     units = (renderer,) if isinstance(renderer, Renderer) else tuple(renderer)
     per_row = len(units)
     position = 0
+    if held is not None and resume is None:
+        raise ValueError("held units are rendered with a resume index")
     if resume is None:
         if per_row == 1:
             render = units[0].render
@@ -146,6 +152,9 @@ def rendered(
         for row in batch:
             index = position * per_row
             for unit in units:
+                if held is not None and not held[index]:
+                    index += 1
+                    continue
                 if finished[index]:
                     if skip_finished:
                         index += 1

@@ -64,6 +64,8 @@ def prepare_redo(
     units: int,
     per_row: int,
     identity: dict[str, Any],
+    *,
+    output_units: int | None = None,
 ) -> tuple[ResumeIndex, float, Redo]:
     """What the earlier run finished, less the units ``where`` selects; sends and writes nothing.
 
@@ -83,7 +85,7 @@ def prepare_redo(
             f"--redo: {spec.input.path} changed since {output_path} was written: the rows kept would not match it; "
             "run with --fresh to start over (old results are kept aside)"
         )
-    redo = select_units(spec, output_path, where, units, per_row)
+    redo = select_units(spec, output_path, where, units if output_units is None else output_units, per_row)
     old_manifest = Checkpoint.open_readonly(checkpoint_dir).manifest
     resume, previous_cost = resume_state(
         checkpoint_dir, old_manifest, units, identity, fresh=False, retry_errors=False
@@ -108,7 +110,9 @@ def select_units(spec: JobSpec, output_path: Path, where: str, units: int, per_r
         )
     names = frame.collect_schema().names()
     id_column = spec.input.id_column
-    context = pl.SQLContext(output=frame.with_row_index(_UNIT), eager=False)
+    # A shard's part names each of its units' dense index in this column (sharding.py).
+    numbered = frame if _UNIT in names else frame.with_row_index(_UNIT)
+    context = pl.SQLContext(output=numbered, eager=False)
     try:
         chosen = context.execute(f"SELECT * FROM output WHERE {where}").collect()
     except (pl.exceptions.PolarsError, ValueError) as error:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 import anyio
@@ -125,12 +126,17 @@ class Reporter:
         execution = plan.spec.execution
         info = plan.model_info
         if info is not None and info.rate_limits is not None:
+            of = "" if plan.rate_share == 1.0 else f"this shard's {plan.rate_share:.4g} of "
             if execution.requests_per_minute is None and rpm is not None:
-                self.note(f"requests_per_minute not set: using {rpm:g}, {info.name}'s documented default ({info.rate_limits.source})")
+                self.note(f"requests_per_minute not set: using {rpm:g}, {of}{info.name}'s documented default ({info.rate_limits.source})")
             if execution.tokens_per_minute is None and tpm is not None:
-                self.note(f"tokens_per_minute not set: using {tpm:g}, {info.name}'s documented default ({info.rate_limits.source})")
+                self.note(f"tokens_per_minute not set: using {tpm:g}, {of}{info.name}'s documented default ({info.rate_limits.source})")
         elif rpm is None and tpm is None:
             self.note("no rate limits known for this model: running with the concurrency limit alone")
+        shard = plan.options.shard
+        if shard is not None:
+            share = "its own rate limits (shards:)" if plan.spec.shards else f"1/{shard.count} of the job's rate limits"
+            self.note(f"shard {shard}: {plan.own_units} of the job's {plan.units} units, at {share}")
         report = plan.preflight
         done = plan.resume.count()
         self._done_before = done
@@ -279,8 +285,10 @@ def render_status(status: Any, out: TextIO) -> None:
     """``qwen-batch status``: how far the job got."""
     done = status.done
     print(f"{status.name}: {status.rows} rows in the input", file=out)
+    _render_parts(status.parts, status.currency, out)
     if done is None:
-        print("  not started: no checkpoint yet", file=out)
+        if not status.parts:
+            print("  not started: no checkpoint yet", file=out)
         return
     print(f"  done:      {done.rows_done} ({done.ok} ok, {done.errors} error, {done.cached} from cache)", file=out)
     for code, count in done.errors_by_code.items():
@@ -295,6 +303,24 @@ def render_status(status: Any, out: TextIO) -> None:
         print("  the spec changed since this checkpoint (a run will refuse; --fresh starts over):", file=out)
         for change in status.spec_changed:
             print(f"    {change}", file=out)
+
+
+def _render_parts(parts: Sequence[Any], currency: str, out: TextIO) -> None:
+    """One line per shard of a sharded job: done, errors and remaining, or that it is missing."""
+    for part in parts:
+        shard = part.shard
+        name = f"part-{shard.index}-of-{shard.count}"
+        if not part.started:
+            print(f"  {name}: missing (not started; run with --shard {shard}): {part.units} units", file=out)
+            continue
+        done = part.done
+        line = (
+            f"{done.rows_done} done ({done.ok} ok, {done.errors} error), {part.remaining} remaining, "
+            f"{done.cost:.4f} {currency}"
+            if done is not None
+            else f"0 done, {part.remaining} remaining"
+        )
+        print(f"  {name}: {line}; part {'written' if part.written else 'not written yet'}", file=out)
 
 
 def render_estimate(estimate: dict[str, Any], out: TextIO) -> None:

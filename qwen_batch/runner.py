@@ -24,7 +24,7 @@ from .backends.base import Backend, collect
 from .budget import Budget
 from .catalog import Price
 from .errors import AuthError, BackendError, ConfigurationRefused, RateLimited
-from .limits import Limits
+from .limits import RateGate
 from .retry import RetryPolicy, call_with_retries
 from .run_events import RunEvents
 from .types import Outcome, Reply, Request
@@ -118,7 +118,7 @@ class Runner:
         sink: OutcomeSink,
         *,
         concurrency: int,
-        limits: Limits,
+        limits: RateGate,
         retry_policy: RetryPolicy,
         price: Price | None,
         rows_total: int,
@@ -131,7 +131,7 @@ class Runner:
         events: RunEvents | None = None,
         event_sink: EventSink | None = None,
         prices: Mapping[str, Price | None] | None = None,
-        limits_by_model: Mapping[str, Limits] | None = None,
+        limits_by_model: Mapping[str, RateGate] | None = None,
     ) -> None:
         self._backend = backend
         # JSON mode parses every answer and asks again (structured.py); ``replies`` is the
@@ -429,7 +429,7 @@ class Runner:
     def _cooling_down_s(self) -> float:
         """The longest cool-down of any model's limiter (a sweep's models each have one)."""
         every = [self._limits, *(self._limits_by_model or {}).values()]
-        return max(limits.throttle.statistics().cooling_down_s for limits in every)
+        return max(limits.statistics().throttle.cooling_down_s for limits in every)
 
     def _price_of(self, model: str | None) -> Price | None:
         prices = self._prices

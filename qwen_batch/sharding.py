@@ -12,8 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .table import Table
 
 _SHARD = re.compile(r"([0-9]+)/([0-9]+)")
 MAX_SHARDS = 65_536
@@ -67,3 +72,67 @@ def unit_shard(row_id: str, variant_id: str, sample: int, count: int) -> int:
 def parts_dir(output: Path) -> Path:
     """The folder of a sharded job's parts, next to the output they merge into."""
     return output.with_name(output.name + ".parts")
+
+
+def unit_shards(row_ids: Iterable[str], slots: Sequence[tuple[str, int]], count: int) -> Iterator[int]:
+    """The shard of every unit, in dense unit order: each row's ``slots`` (variant id, sample) in turn."""
+    for row_id in row_ids:
+        for variant_id, sample in slots:
+            yield unit_shard(row_id, variant_id, sample, count)
+
+
+def shard_mask(row_ids: Iterable[str], slots: Sequence[tuple[str, int]], shard: Shard) -> bytearray:
+    """1 for each unit (dense order) that ``shard`` holds, 0 for the others: what a part sends and writes.
+
+    One byte a unit, computed once per run, so the hot path only indexes it.
+    """
+    index = shard.index
+    return bytearray(held == index for held in unit_shards(row_ids, slots, shard.count))
+
+
+def shard_sizes(row_ids: Iterable[str], slots: Sequence[tuple[str, int]], count: int) -> list[int]:
+    """How many units each of ``count`` shards holds."""
+    sizes = [0] * count
+    for held in unit_shards(row_ids, slots, count):
+        sizes[held] += 1
+    return sizes
+
+
+def table_row_ids(table: Table, id_column: str | None, rows: int) -> Iterator[str]:
+    """The first ``rows`` row ids of ``table`` as units are named by them (``Renderer.row_id``)."""
+    if id_column is None:
+        yield from map(str, range(rows))
+        return
+    for batch in table.iter_batches(columns=[id_column], batch_size=50_000, limit=rows):
+        yield from (str(row.get(id_column)) for row in batch)
+
+
+PART_NAME = re.compile(r"part-([0-9]+)-of-([0-9]+)\.parquet")
+
+
+def found_parts(output: Path) -> dict[Shard, Path]:
+    """The parts written so far next to ``output`` (any N), by shard."""
+    folder = parts_dir(output)
+    if not folder.is_dir():
+        return {}
+    found: dict[Shard, Path] = {}
+    for path in sorted(folder.iterdir()):
+        match = PART_NAME.fullmatch(path.name)
+        if match is not None and path.is_file():
+            try:
+                found[Shard(int(match.group(1)), int(match.group(2)))] = path
+            except ShardError:
+                continue
+    return found
+
+
+_PART_OR_CHECKPOINT = re.compile(r"part-[0-9]+-of-([0-9]+)\.parquet(?:\.checkpoint)?")
+
+
+def shard_counts(output: Path) -> list[int]:
+    """Every N that a part or a part's checkpoint beside ``output`` is of (a shard started)."""
+    folder = parts_dir(output)
+    if not folder.is_dir():
+        return []
+    found = {int(m.group(1)) for m in map(_PART_OR_CHECKPOINT.fullmatch, (p.name for p in folder.iterdir())) if m}
+    return sorted(count for count in found if 1 <= count <= MAX_SHARDS)

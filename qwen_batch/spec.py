@@ -582,6 +582,34 @@ class ModelLimitsSpec(BaseModel):
     max_output_tokens: PositiveInt | None = None
 
 
+class ShardLimitsSpec(BaseModel):
+    """A shard's own RPM and TPM (``shards[i].execution``), in place of a share of the job's."""
+
+    model_config = _CONFIG
+
+    requests_per_minute: Annotated[float, _in_range(0, None, low_open=True)] | None = None
+    tokens_per_minute: Annotated[float, _in_range(0, None, low_open=True)] | None = None
+
+
+class ShardSpec(BaseModel):
+    """One entry of ``shards:``: the ``api`` keys this shard sends with (another account or
+    region) over the job's, and its own limits. The ``api`` keys are checked laid over the
+    job's, as ``ApiSpec`` (``JobSpec._check_shards``)."""
+
+    model_config = _CONFIG
+
+    api: dict[str, Any] = Field(default_factory=dict)
+    execution: ShardLimitsSpec = Field(default_factory=ShardLimitsSpec)
+
+
+class _ShardApi(BaseModel):
+    """A shard's ``api`` section, the job's with its entry's keys over it: errors say ``api.KEY``."""
+
+    model_config = _CONFIG
+
+    api: ApiSpec
+
+
 class JobSpec(BaseModel):
     """A whole job. Build it with ``load_spec`` so paths are resolved and defaults filled.
 
@@ -608,8 +636,11 @@ class JobSpec(BaseModel):
     # Issue 17 (variants.py): results per row, and a matrix of models/seeds/parameters.
     samples: PositiveInt = 1
     sweep: SweepSpec | None = None
+    # Issue 19 (sharding.py): per-shard accounts and limits for ``run --shard I/N``, N entries.
+    shards: Annotated[list[ShardSpec], Field(min_length=1)] | None = None
 
     _path: Path | None = PrivateAttr(default=None)
+    _job: JobSpec | None = PrivateAttr(default=None)  # the job's spec, when this is one shard's (for_shard)
 
     @model_validator(mode="after")
     def _safe_batch_url(self) -> JobSpec:
@@ -620,6 +651,40 @@ class JobSpec(BaseModel):
                 raise PydanticCustomError("bad_url", "{why}", {"why": problem, "key": "batch.base_url"})
         return self
 
+    @model_validator(mode="after")
+    def _check_shards(self) -> JobSpec:
+        for number in range(len(self.shards or ())):
+            self._shard_api(number)
+        return self
+
+    def _shard_api(self, number: int) -> ApiSpec:
+        """Shard ``number``'s api section: the job's, its ``shards:`` entry's keys over it."""
+        assert self.shards is not None
+        merged = {**self.api.model_dump(exclude_unset=True), **self.shards[number].api}
+        try:
+            return _ShardApi.model_validate({"api": merged}).api
+        except ValidationError as exc:
+            why = f"shards[{number}].{describe_validation_error(exc)}"
+            raise PydanticCustomError("bad_shard", "{why}", {"why": why}) from None
+
+    def for_shard(self, index: int, count: int) -> JobSpec:
+        """The spec shard ``index`` of ``count`` runs with: its ``shards:`` entry's api keys and
+        limits over the job's (this spec, without ``shards:``). SpecError unless ``count`` is
+        the number of entries."""
+        if self.shards is None:
+            return self
+        if count != len(self.shards):
+            raise SpecError(
+                f"{self.where}: shards: lists {len(self.shards)} shards, but --shard {index}/{count} is one of "
+                f"{count}; run --shard I/{len(self.shards)}, or list {count} entries under shards"
+            )
+        limits = self.shards[index].execution.model_dump(exclude_none=True)
+        shard = self.model_copy(
+            update={"api": self._shard_api(index), "execution": self.execution.model_copy(update=limits)}
+        )
+        shard._path, shard._job = self._path, self.job
+        return shard
+
     @property
     def path(self) -> Path | None:
         """The job file this spec was read from."""
@@ -629,6 +694,11 @@ class JobSpec(BaseModel):
     def where(self) -> str:
         """How messages name this spec: its file, or ``job spec`` when built in code."""
         return str(self._path) if self._path is not None else "job spec"
+
+    @property
+    def job(self) -> JobSpec:
+        """The whole job's spec: this one, or the one a shard's was made from (``for_shard``)."""
+        return self._job if self._job is not None else self
 
 
 # --- base URL safety ---------------------------------------------------------------------
@@ -969,7 +1039,9 @@ def _clean_loc(loc: tuple[int | str, ...]) -> tuple[str, ...]:
     """Drop pydantic's union/validator branch names so the path reads like the YAML keys."""
     out: list[str] = []
     for part in loc:
-        if isinstance(part, int):
+        if isinstance(part, int) and out == ["shards"]:
+            out[-1] = f"shards[{part}]"  # an entry as the README names it: shards[i].KEY
+        elif isinstance(part, int):
             out.append(str(part))
         elif part in _BRANCH_LABELS or part.startswith(("function-", "lax-", "strict-")) or "[" in part:
             continue
@@ -996,7 +1068,7 @@ def _quoted(text: str) -> str:
 def _model_of(annotation: object) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
-    if typing.get_origin(annotation) in (Union, types.UnionType):
+    if typing.get_origin(annotation) in (Union, types.UnionType, typing.Annotated, list):  # list: shards[i]
         for arg in typing.get_args(annotation):
             found = _model_of(arg)
             if found is not None:
@@ -1008,6 +1080,6 @@ def _keys_at(loc: tuple[str, ...]) -> list[str]:
     """The valid keys of the section at ``loc`` (for did-you-mean suggestions)."""
     model: type[BaseModel] | None = JobSpec
     for part in loc:
-        field = model.model_fields.get(part) if model is not None else None
+        field = model.model_fields.get(part.split("[")[0]) if model is not None else None
         model = _model_of(field.annotation) if field is not None else None
     return [field.alias or name for name, field in model.model_fields.items()] if model is not None else []

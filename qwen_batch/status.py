@@ -14,9 +14,10 @@ from .plan import JobOptions, JobPlan, checked_paths
 from .render import Renderer
 from .resume import checkpoint_dir_for, request_manifest
 from .servers import dashscope_rules_bind
+from .sharding import Shard
 from .modes import mode_of
-from .spec import load_spec, price_for, resolve_model
-from .table import open_table
+from .spec import JobSpec, load_spec, price_for, resolve_model
+from .table import Table, open_table
 from .user_catalog import for_job
 
 
@@ -26,6 +27,24 @@ def checkpoint_status(plan: JobPlan) -> CheckpointSummary | None:
         return None
     with Checkpoint.open_readonly(plan.checkpoint_dir) as checkpoint:
         return checkpoint.summary()
+
+
+@dataclass(frozen=True)
+class PartStatus:
+    """How far one shard of a sharded job got (``run --shard I/N``), from its own checkpoint."""
+
+    shard: Shard
+    units: int
+    done: CheckpointSummary | None
+    written: bool
+
+    @property
+    def remaining(self) -> int:
+        return max(self.units - (self.done.rows_done if self.done else 0), 0)
+
+    @property
+    def started(self) -> bool:
+        return self.done is not None or self.written
 
 
 @dataclass(frozen=True)
@@ -39,6 +58,7 @@ class JobStatus:
     done: CheckpointSummary | None
     currency: str
     spec_changed: list[str]
+    parts: tuple[PartStatus, ...] = ()  # the shards of every N started beside the output
 
     @property
     def remaining(self) -> int:
@@ -74,4 +94,32 @@ def job_status(spec_path: Path, options: JobOptions) -> JobStatus:
         done=done,
         currency=price.currency if price else catalog_module.CURRENCY,
         spec_changed=changed,
+        parts=part_statuses(spec, table, output_path, emulate=options.emulate),
     )
+
+
+def part_statuses(spec: JobSpec, table: Table, output_path: Path, *, emulate: bool) -> tuple[PartStatus, ...]:
+    """Each shard of every N that was started beside the output: its units, its checkpoint, its part."""
+    from .sharding import shard_counts, shard_sizes, table_row_ids
+    from .variants import build_variants
+
+    counts = shard_counts(output_path)
+    if not counts:
+        return ()
+    variants = build_variants(spec, for_job(spec.catalog), emulate=emulate)
+    slots = [(variant.id, sample) for variant in variants for sample in range(spec.samples)]
+    parts: list[PartStatus] = []
+    for count in counts:
+        sizes = shard_sizes(table_row_ids(table, spec.input.id_column, table.num_rows), slots, count)
+        for index, units in enumerate(sizes):
+            shard = Shard(index, count)
+            part = shard.part_path(output_path)
+            parts.append(PartStatus(shard, units, _summary_of(checkpoint_dir_for(part)), part.exists()))
+    return tuple(parts)
+
+
+def _summary_of(checkpoint_dir: Path) -> CheckpointSummary | None:
+    if not checkpoint_dir.exists():
+        return None
+    with Checkpoint.open_readonly(checkpoint_dir) as checkpoint:
+        return checkpoint.summary()

@@ -93,10 +93,10 @@ def build_summary(
     by_code = errors.group_by("error_code").len().sort("error_code")
     model = plan.spec.model
     rows = {
-        "total": plan.units,
+        "total": plan.own_units,
         "ok": ok.height,
         "error": errors.height,
-        "not_done": plan.units - frame.height,
+        "not_done": plan.own_units - frame.height,
         TRUNCATED_IN_THINKING: int(ok[TRUNCATED_IN_THINKING].sum()),
     }
     if asks_json(plan.spec):
@@ -171,12 +171,20 @@ def _by_variant(frame: pl.DataFrame, plan: JobPlan) -> dict[str, dict[str, Any]]
         out[variant.id] = (
             {
                 "model": variant.model,
-                "rows": {"total": plan.rows * plan.samples, "ok": int(row.get("ok", 0)), "error": int(row.get("error", 0))},
+                "rows": {"total": _variant_units(plan, variant.index), "ok": int(row.get("ok", 0)), "error": int(row.get("error", 0))},
                 "tokens": {"input": int(row.get("input", 0)), "output": int(row.get("output", 0))},
                 "cost": round(float(row.get("cost", 0.0)), COST_DECIMALS) if priced else None,
             }
         )
     return out
+
+
+def _variant_units(plan: JobPlan, number: int) -> int:
+    """The units of variant ``number`` this run is for (a shard holds some of each)."""
+    if plan.held is None:
+        return plan.rows * plan.samples
+    per_row, first = plan.units_per_row, number * plan.samples
+    return sum(plan.held[first + sample :: per_row].count(1) for sample in range(plan.samples))
 
 
 def _cost_by_model(frame: pl.DataFrame, plan: JobPlan) -> dict[str, float | None]:

@@ -40,6 +40,7 @@ def work_items(plan: JobPlan, cache: ServiceCache | None) -> Iterator[list[WorkI
         plan.table.iter_batches(batch_size=BATCH_ROWS, limit=plan.rows),
         plan.resume,
         skip_finished=True,
+        held=plan.held,
     )
     for batch in batches:
         items: list[WorkItem] = []

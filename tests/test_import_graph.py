@@ -159,9 +159,10 @@ def test_nothing_imports_the_cli_but_the_entry_point(graph: dict[str, set[str]])
     assert importers == {"qwen_batch.__main__"}
 
 
-def test_only_the_cli_and_the_public_api_import_the_composition_root(graph: dict[str, set[str]]) -> None:
+def test_only_the_cli_the_public_api_and_the_ray_worker_import_the_composition_root(graph: dict[str, set[str]]) -> None:
+    """The Ray worker runs ``prepare`` and ``execute`` on its shard, as the CLI does in one process."""
     importers = {name for name, targets in graph.items() if "qwen_batch.job" in targets}
-    assert importers == {"qwen_batch", "qwen_batch.cli"}
+    assert importers == {"qwen_batch", "qwen_batch.cli", "qwen_batch.engines.ray_worker"}
 
 
 def test_nothing_below_the_public_api_imports_the_package_itself(graph: dict[str, set[str]]) -> None:

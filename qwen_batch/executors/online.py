@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from ..catalog import Price
     from ..emulator.servers import ServerName
     from ..errors import ConfigurationRefused
+    from ..limits import GateFactory
     from ..plan import JobPlan
     from ..run_events import EventLog
     from ..runner import OutcomeSink, RunStatistics, WorkItem
@@ -36,14 +37,19 @@ class OnlineExecutor:
     """Sends each request as it comes, ``plan.workers`` at a time, through one backend.
 
     ``backend``: send through this instead of the DashScope client (a test seam; its replies
-    are cached apart from every real service's, under ``service``).
+    are cached apart from every real service's, under ``service``). ``gate_factory``: where each
+    model's rate gate comes from (the Ray engine's shared limiter); by default this process's own
+    ``Limits``.
     """
 
     mode = "online"
 
-    def __init__(self, backend: Backend | None = None, *, service: str = INJECTED_SERVICE) -> None:
+    def __init__(
+        self, backend: Backend | None = None, *, service: str = INJECTED_SERVICE, gate_factory: GateFactory | None = None
+    ) -> None:
         self._backend = backend
         self._injected_service = service
+        self._gate_factory = gate_factory
 
     def __repr__(self) -> str:
         return f"OnlineExecutor(backend={self._backend!r})"
@@ -69,7 +75,7 @@ class OnlineExecutor:
             event_log = _event_log(plan)
             if event_log is not None:
                 stack.callback(event_log.close)
-            runner = _runner(plan, backend, sink, local=local, event_log=event_log)
+            runner = _runner(plan, backend, sink, local=local, event_log=event_log, gate_factory=self._gate_factory)
             yield OnlineExecution(plan, runner, base_url, local=local)
 
 
@@ -218,35 +224,41 @@ def _rate_limits(
     DashScope quota, so only the spec's own apply."""
     if local:
         execution = plan.spec.execution
-        return execution.requests_per_minute, execution.tokens_per_minute
-    return plan.rate_limits if model_limits is None else model_limits
+        return plan.shared((execution.requests_per_minute, execution.tokens_per_minute))
+    return plan.rate_limits if model_limits is None else plan.shared(model_limits)
 
 
 def _runner(
-    plan: JobPlan, backend: Backend, sink: OutcomeSink, *, local: bool = False, event_log: EventLog | None = None
+    plan: JobPlan,
+    backend: Backend,
+    sink: OutcomeSink,
+    *,
+    local: bool = False,
+    event_log: EventLog | None = None,
+    gate_factory: GateFactory | None = None,
 ) -> Runner:
     from ..jsonmode import json_mode_of
     from ..variants import model_prices
-    from ..limits import Limits
+    from ..limits import local_gate
     from ..retry import RetryPolicy
     from ..run_events import RunEvents, segment_header
 
+    gate = gate_factory if gate_factory is not None else local_gate
     rpm, tpm = _rate_limits(plan, local)
     max_cost = plan.max_cost
     limits_by_model = None
     if len({variant.model for variant in plan.variants}) > 1:
         limits_by_model = {
-            variant.model: Limits.from_settings(*_rate_limits(plan, local, variant.rate_limits))
+            variant.model: gate(variant.model, *_rate_limits(plan, local, variant.rate_limits))
             for variant in plan.variants
         }
     json_mode = json_mode_of(plan.spec, emulate=plan.options.emulate)
-    limits = Limits.from_settings(rpm, tpm)
+    limits = gate(plan.variants[0].model if plan.variants else plan.spec.model, rpm, tpm)
     events = None
     if event_log is not None:
-        throttle = limits.throttle
 
         def rates() -> tuple[float | None, float | None]:
-            pacing = throttle.statistics()
+            pacing = limits.statistics().throttle
             return pacing.request_rate, pacing.token_rate
 
         events = RunEvents(segment_header(plan, "online", rpm, tpm), segment=event_log.segments, rates=rates)
@@ -259,7 +271,7 @@ def _runner(
         price=None if local else plan.price,
         prices=None if local or len(plan.variants) < 2 else model_prices(plan.variants),
         limits_by_model=limits_by_model,
-        rows_total=plan.units,
+        rows_total=plan.own_units,
         budget=Budget(max_cost, spent=plan.previous_cost) if max_cost is not None else None,
         max_error_rate=plan.spec.execution.max_error_rate,
         json_mode=json_mode,
