@@ -139,6 +139,24 @@ def test_a_unit_in_two_parts_is_refused_naming_its_row(
     assert not output_of(job).exists()
 
 
+def test_a_unit_missing_from_its_part_is_refused_naming_its_row_and_part(
+    tmp_path: Path, job_env: dict, emulator: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = sharded_job(tmp_path, 20)
+    for index in range(2):
+        assert main(["run", str(job), "--quiet", "--shard", f"{index}/2"]) == 0
+    output = output_of(job)
+    output.write_bytes(b"an earlier output")
+    second = Shard(1, 2).part_path(output)
+    part = pl.read_parquet(second)
+    part.filter(pl.int_range(pl.len()) != 2).write_parquet(second)
+    capsys.readouterr()
+    assert main(["merge", str(job)]) == 2
+    err = capsys.readouterr().err
+    assert f"row id {part['id'][2]!r} is missing from part-1-of-2: rerun " in err and err.count("\n") == 1
+    assert output.read_bytes() == b"an earlier output"
+
+
 def test_a_bad_shard_is_exit_2_and_sends_nothing(
     tmp_path: Path, job_env: dict, emulator: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
