@@ -121,13 +121,19 @@ def test_a_missing_shard_makes_merge_exit_2_naming_it(
     assert output.read_bytes() == b"an earlier output"
 
 
+def two_shards_run(tmp_path: Path) -> Path:
+    """A 20-row job run as shards 0/2 and 1/2: both parts written."""
+    job = sharded_job(tmp_path, 20)
+    for index in range(2):
+        assert main(["run", str(job), "--quiet", "--shard", f"{index}/2"]) == 0
+    return job
+
+
 def test_a_unit_in_two_parts_is_refused_naming_its_row(
     tmp_path: Path, job_env: dict, emulator: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A part whose rows were also written into another (a hand-copied file) is named, and nothing is written."""
-    job = sharded_job(tmp_path, 20)
-    for index in range(2):
-        assert main(["run", str(job), "--quiet", "--shard", f"{index}/2"]) == 0
+    job = two_shards_run(tmp_path)
     first, second = (Shard(i, 2).part_path(output_of(job)) for i in range(2))
     doubled = pl.concat([pl.read_parquet(second), pl.read_parquet(first).head(1)]).sort("__qwen_batch_unit__")
     doubled.write_parquet(second)
@@ -142,9 +148,7 @@ def test_a_unit_in_two_parts_is_refused_naming_its_row(
 def test_a_unit_missing_from_its_part_is_refused_naming_its_row_and_part(
     tmp_path: Path, job_env: dict, emulator: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    job = sharded_job(tmp_path, 20)
-    for index in range(2):
-        assert main(["run", str(job), "--quiet", "--shard", f"{index}/2"]) == 0
+    job = two_shards_run(tmp_path)
     output = output_of(job)
     output.write_bytes(b"an earlier output")
     second = Shard(1, 2).part_path(output)
