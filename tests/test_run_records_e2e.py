@@ -80,7 +80,9 @@ def test_every_run_writes_a_manifest_of_what_it_was(tmp_path: Path, job_env: dic
     assert manifest["input"]["sha256"] == hashlib.sha256((tmp_path / "input.csv").read_bytes()).hexdigest()
     assert manifest["input"]["rows"] == len(TEXTS)
     assert manifest["prompt"]["template"] == "Say something about: {text}"
-    assert manifest["service"] == {"protocol": "dashscope", "base_url": emulator.base_url, "emulated": False}
+    assert manifest["service"] == {
+        "protocol": "dashscope", "mode": "online", "base_url": emulator.base_url, "emulated": False
+    }
     [variant] = manifest["variants"]
     assert variant["service_defaults"] == {}  # qwen-turbo without thinking: none documented
     # Defaults the spec left out are resolved: the model's result_format, the seed.

@@ -189,7 +189,8 @@ def _log(records: list[dict[str, Any]], drop: tuple[str, ...] = ()) -> pl.LazyFr
 def _plan(rows: int, price: Price | None) -> Any:
     spec = SimpleNamespace(name="j", model="m", parameters=SimpleNamespace(response_format=None))
     return SimpleNamespace(
-        rows=rows, units=rows, units_per_row=1, samples=1, variants=(), price=price, spec=spec, output_path=Path("o.parquet")
+        rows=rows, units=rows, own_units=rows, units_per_row=1, samples=1, variants=(), price=price, spec=spec,
+        output_path=Path("o.parquet"),
     )
 
 
