@@ -17,7 +17,8 @@ import hashlib
 import os
 import sqlite3
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import StorageError
@@ -88,19 +89,40 @@ class ResponseCache:
         except sqlite3.Error as exc:
             raise self._error(f"cannot open it ({exc})") from None
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
+            self._while_locked(lambda: self._db.execute("PRAGMA journal_mode=WAL"))
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute(_SCHEMA)
+            self._while_locked(lambda: self._db.execute(_SCHEMA))
             self._check_columns()
         except sqlite3.Error as exc:
             self._db.close()
             raise self._error(f"it is not a usable cache ({exc})") from None
 
+    @staticmethod
+    def _while_locked(step: Callable[[], object]) -> None:
+        """Run ``step``, again while another process holds the new file's lock (processes that open
+        one new cache together race to make it WAL, and SQLite answers that race at once with
+        "database is locked", not after its busy timeout), for at most ``BUSY_TIMEOUT_S``."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        pause = 0.005
+        while True:
+            try:
+                step()
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.2)
+
     def _prepare_files(self) -> None:
         directory = self.path.parent
         if not directory.exists():
-            directory.mkdir(mode=DIR_MODE, parents=True)
-            directory.chmod(DIR_MODE)
+            try:
+                directory.mkdir(mode=DIR_MODE, parents=True)
+            except FileExistsError:
+                pass  # another process (a shard, a Ray worker) made it at the same moment
+            else:
+                directory.chmod(DIR_MODE)
         # Create the file ourselves so it is 0600 from the start; SQLite gives its -wal and
         # -shm files the database file's permissions.
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)

@@ -156,3 +156,28 @@ def test_one_writer_thread_and_one_reader_thread(tmp_path: Path) -> None:
         assert not errors
         assert len(cache) == 1000
         assert len(cache.get_many([f"fp{b}-0" for b in range(50)])) == 50
+
+
+def test_processes_that_open_a_new_cache_at_the_same_moment_all_get_it(tmp_path: Path) -> None:
+    """Shards or Ray workers started together open the same new cache: the folder one of them
+    makes between another's look and its mkdir is not an error."""
+    import threading
+
+    for round_ in range(30):
+        path = tmp_path / f"round-{round_}" / "nested" / "responses.sqlite3"
+        barrier = threading.Barrier(8)
+        errors: list[BaseException] = []
+
+        def open_it() -> None:
+            barrier.wait(timeout=10)
+            try:
+                ResponseCache(path).close()
+            except BaseException as exc:  # noqa: BLE001 - the test collects every failure
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_it) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert errors == []
