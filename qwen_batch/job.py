@@ -339,10 +339,11 @@ async def execute(
                 )
             )
             wrote_output = True
-        summary = build_summary(_as_billed(plan, execution), log, statistics, stop_reason)
+        billed = _as_billed(plan, execution)
+        summary = build_summary(billed, log, statistics, stop_reason)
         write_summary_json(plan.summary_path, summary)
         if wrote_output:
-            _write_run_manifest(plan, new_run_id(started), started, executor.mode)
+            _write_run_manifest(billed, new_run_id(started), started, executor.mode)
     return JobResult(statistics, summary, stop_reason, execution.stop_detail, wrote_output)
 
 

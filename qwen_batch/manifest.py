@@ -79,7 +79,7 @@ def build_manifest(
         "samples": plan.samples,
         "units_per_row": plan.units_per_row,
         "variants": _variants(plan),
-        "catalog": _catalog_entries(plan, batch=execution_mode == "batch"),
+        "catalog": _catalog_entries(plan),
         "versions": _versions(),
         "service": _service(plan, execution_mode),
         "output": {"path": str(plan.output_path.resolve())},
@@ -150,17 +150,14 @@ def _service(plan: JobPlan, execution_mode: str) -> dict[str, Any]:
     }
 
 
-def _catalog_entries(plan: JobPlan, *, batch: bool = False) -> dict[str, Any]:
+def _catalog_entries(plan: JobPlan) -> dict[str, Any]:
     """The catalog entry (limits, prices, their sources) and the price used, per model the run asked
-    (``batch``: the Batch API's, a fraction of the real-time price)."""
-    from .catalog import batch_price
-
+    (a run's plan comes priced as billed: the Batch API's half, none on a local server)."""
     used = [(v.model, v.model_info, v.price) for v in plan.variants] or [(plan.spec.model, plan.model_info, plan.price)]
     entries: dict[str, Any] = {}
     for model, info, price in used:
         entry: dict[str, Any] = dataclasses.asdict(info) if info is not None else {"name": model, "known": False}
-        billed = batch_price(price) if batch and price is not None else price
-        entry["price_used"] = dataclasses.asdict(billed) if billed is not None else None
+        entry["price_used"] = dataclasses.asdict(price) if price is not None else None
         entries[model] = entry
     return entries
 

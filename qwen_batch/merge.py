@@ -267,7 +267,9 @@ def _write_merged_manifest(
     from .manifest import build_manifest, write_manifest
 
     manifest = build_manifest(plan, run_id=run_id, started=started, ended=ended)
+    # How and at what price the parts were sent is theirs (online or batch), not the plan's.
     manifest["service"] = manifests[0].get("service", manifest["service"])
+    manifest["catalog"] = manifests[0].get("catalog", manifest["catalog"])
     manifest["redone"] = [record for part in manifests for record in part.get("redone") or []]
     manifest["parts"] = [
         {

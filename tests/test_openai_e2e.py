@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +88,8 @@ def test_a_keyless_local_vllm_server_detected_estimated_and_unpriced(tmp_path: P
     assert all(tokens > 0 for tokens in frame["output_tokens"].to_list())
     assert result.summary["cost"]["total"] is None
     assert result.summary["tokens"]["estimated_rows"] == 3 and "exact" in result.summary["tokens"]["estimate"]
+    manifest = json.loads((tmp_path / "out" / "result.parquet.manifest.json").read_text(encoding="utf-8"))
+    assert manifest["catalog"]["qwen-plus"]["price_used"] is None  # nothing was billed at the catalog's price
 
 
 def test_vllms_reasoning_field_becomes_reasoning_text(tmp_path: Path, monkeypatch: Any) -> None:

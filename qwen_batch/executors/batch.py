@@ -133,7 +133,7 @@ class BatchExecution:
         self._wait = wait
         self._notes = notes
         self._spec = plan.spec.batch
-        self.price: Price | None = batch_price(plan.price) if plan.price is not None else None
+        self.price: Price | None = _batch_price_or_none(plan.price)
         # A sweep's models each have their price and mode; a unit's variant names them.
         self.prices = {variant.model: _batch_price_or_none(variant.price) for variant in plan.variants}
         self._thinking = tuple(variant.mode.thinking for variant in plan.variants) or (plan.mode.thinking,)
