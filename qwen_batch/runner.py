@@ -19,7 +19,7 @@ import anyio
 from anyio.abc import ObjectSendStream
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from . import pricing
+from . import collector, pricing
 from .backends.base import Backend, collect
 from .budget import Budget
 from .catalog import Price
@@ -211,6 +211,15 @@ class Runner:
         batch_send, batch_receive = anyio.create_memory_object_stream[Sequence[WorkItem]](1)
         feed = _Feed(batch_receive, workers=self._concurrency)
         commits = _GroupCommit()
+        with collector.sending_phase():
+            await self._run_pool(batches, batch_send, feed, commits)
+        if self._events is not None and self._event_sink is not None:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._event_sink.append, self._events.finish())
+        return self.statistics()
+
+    async def _run_pool(self, batches: Iterator[Sequence[WorkItem]], batch_send: ObjectSendStream[Sequence[WorkItem]],
+                        feed: _Feed, commits: _GroupCommit) -> None:
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._write_outcomes, commits)
             try:
@@ -222,10 +231,6 @@ class Runner:
             finally:
                 feed.close()
                 commits.close()
-        if self._events is not None and self._event_sink is not None:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self._event_sink.append, self._events.finish())
-        return self.statistics()
 
     async def _produce(self, batches: Iterator[Sequence[WorkItem]], send: ObjectSendStream[Sequence[WorkItem]]) -> None:
         async with send:
