@@ -26,6 +26,15 @@ class ArgumentParser(argparse.ArgumentParser):
         message = message.removeprefix("argument ")
         self.exit(2, f"error: {self.prog}: {message}; see {self.prog} --help\n")
 
+    def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> object:
+        # Python 3.11's argparse drops a "--" even from "--flag=--", leaving a one-value flag
+        # the value [] instead of its type's error; the text "--" is the flag's value here.
+        if action.nargs is None and arg_strings == ["--"]:
+            value = self._get_value(action, "--")
+            self._check_value(action, value)
+            return value
+        return super()._get_values(action, arg_strings)
+
 
 def _shown(text: str) -> str:
     return repr(text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "...")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import qwen_batch
@@ -125,6 +125,7 @@ def parse_run_flag(flag: str, text: str) -> Any:
 
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(st.text(max_size=12), st.integers(-10, 10_000).map(str)))
+@example("--")  # Python 3.11's argparse once turned "--flag=--" into the value []
 def test_concurrency_is_accepted_exactly_when_it_is_a_whole_number_within_the_spec_bounds(text: str) -> None:
     # str.strip and int() disagree on some whitespace ("\x1f"): the number is the stripped text's.
     valid = re.fullmatch(r"[-+]?[0-9]+", text.strip()) is not None and 1 <= int(text.strip()) <= MAX_CONCURRENCY
@@ -133,6 +134,7 @@ def test_concurrency_is_accepted_exactly_when_it_is_a_whole_number_within_the_sp
 
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(st.text(max_size=12), st.floats().map(repr), st.integers(-5, 5).map(str)))
+@example("--")
 def test_max_cost_is_accepted_exactly_when_it_is_a_finite_positive_decimal(text: str) -> None:
     decimal = re.fullmatch(r"[-+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?", text.strip()) is not None
     # str.strip and float() disagree on some whitespace ("0\x1f"): such text is no number.
